@@ -1,0 +1,99 @@
+"""Per-parameter layout metadata: which slice of the global tensor a rank holds, and over which
+groups its gradient is summed (DESIGN.md §4).
+
+Layers attach a :class:`ParamSpec` to every parameter they create. Gradient sync, the global
+gradient norm, layout-independent checkpoints and HF conversion all read it, so none of them needs
+to know which layer a parameter came from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+_ATTR = "_megatron_ext_spec"
+
+
+@dataclass(frozen=True)
+class Split:
+    """Along ``dim`` the global tensor is cut into ``chunks`` equal pieces; this rank holds ``index``."""
+
+    dim: int
+    chunks: int
+    index: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.chunks:
+            raise ValueError(f"split index {self.index} out of range for {self.chunks} chunks")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """Where a local parameter sits in its global tensor and how its gradient is synced.
+
+    * ``global_shape`` and ``splits``: the local tensor is the slice given by the splits (a tensor
+      with no splits is replicated).
+    * ``grad_sync``: axes of :class:`ParallelGroups` over which the gradient is summed after
+      backward (``attn_dp_cp`` for dense parameters, ``moe_dp`` for experts, ``stage`` for
+      replicated parameters whose gradient is partial per rank, plus ``embedding`` for tied weights
+      across pipeline stages).
+    * ``shard_axis``: the axis whose ranks hold the distinct pieces (``attn_tp``, ``moe_shard``,
+      or ``None``): the global gradient norm sums over it once and skips replicas.
+    """
+
+    global_shape: tuple[int, ...]
+    splits: tuple[Split, ...] = ()
+    grad_sync: tuple[str, ...] = ("attn_dp_cp",)
+    shard_axis: Optional[str] = None
+    name: Optional[str] = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        for split in self.splits:
+            if self.global_shape[split.dim] % split.chunks:
+                raise ValueError(f"dim {split.dim} of global shape {self.global_shape} does not "
+                                 f"split into {split.chunks} chunks")
+
+    @property
+    def local_shape(self) -> tuple[int, ...]:
+        shape = list(self.global_shape)
+        for split in self.splits:
+            shape[split.dim] //= split.chunks
+        return tuple(shape)
+
+    def global_slices(self) -> tuple[slice, ...]:
+        """The slices of the global tensor that this rank's local tensor holds."""
+        slices = [slice(0, n) for n in self.global_shape]
+        for split in self.splits:
+            size = self.global_shape[split.dim] // split.chunks
+            slices[split.dim] = slice(split.index * size, (split.index + 1) * size)
+        return tuple(slices)
+
+    @property
+    def distinct_pieces(self) -> int:
+        """How many distinct local pieces make up the global tensor."""
+        n = 1
+        for split in self.splits:
+            n *= split.chunks
+        return n
+
+    def take_local(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's piece of the global tensor ``full`` (shape checked, names the tensor)."""
+        if tuple(full.shape) != self.global_shape:
+            raise ValueError(f"tensor {self.name or '?'}: expected global shape "
+                             f"{self.global_shape}, got {tuple(full.shape)}")
+        return full[self.global_slices()]
+
+
+def set_spec(param: torch.Tensor, spec: ParamSpec) -> torch.Tensor:
+    if tuple(param.shape) != spec.local_shape:
+        raise ValueError(f"parameter {spec.name or '?'} has shape {tuple(param.shape)} but its "
+                         f"spec says local shape {spec.local_shape}")
+    setattr(param, _ATTR, spec)
+    return param
+
+
+def get_spec(param: torch.Tensor) -> ParamSpec:
+    """The parameter's spec; a parameter without one is a replicated dense parameter."""
+    spec = getattr(param, _ATTR, None)
+    return spec if spec is not None else ParamSpec(tuple(param.shape))

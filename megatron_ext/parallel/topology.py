@@ -1,0 +1,315 @@
+"""Pure rank math for megatron_ext's two layouts inside a pipeline stage (DESIGN.md §2).
+
+``world = pp × S``; inside a stage the same ``S`` ranks are tiled twice:
+
+* attention: ``S = attn_dp × attn_cp × attn_tp``, local rank ``s = a + A·(c + C·d)``;
+* MoE:       ``S = moe_dp × moe_ep × moe_tp``,    local rank ``s = m + M·(e + E·q)``.
+
+Global rank ``= s + S·p``. Nothing here touches ``torch.distributed``: every rank list can be
+checked (and printed by the CLI, ``python -m megatron_ext.parallel.topology``) before a launch.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+# Axes whose groups are created, in this order, on every rank (gloo needs one order everywhere).
+GROUP_AXES: tuple[str, ...] = (
+    "attn_tp", "attn_cp", "attn_dp", "attn_dp_cp", "attn_tp_cp",
+    "moe_tp", "moe_ep", "moe_dp", "moe_shard", "moe_cp",
+    "stage", "pp", "embedding", "model",
+)
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+    if value < 1:
+        raise ValueError(f"{name}={value} must be >= 1")
+
+
+@dataclass(frozen=True)
+class RankCoords:
+    """Where one global rank sits in both layouts."""
+
+    rank: int
+    pp: int          # pipeline stage p
+    stage_rank: int  # s
+    attn_tp: int     # a
+    attn_cp: int     # c
+    attn_dp: int     # d
+    moe_tp: int      # m
+    moe_ep: int      # e
+    moe_dp: int      # q (= MoE shard index)
+    token_group_rank: int  # j: position inside the MOE_FULL token group
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Validated parallel sizes. Sizes left as ``None`` are derived where unambiguous.
+
+    Derivation rules: ``world`` defaults to the product of the given sizes; ``attn_tp`` and
+    ``attn_cp`` default to 1 and ``attn_dp`` fills the stage; of the MoE sizes, one missing size is
+    derived from the other two; with two or three missing, ``moe_ep`` defaults to 1 and then
+    ``moe_tp`` to ``attn_tp`` (Megatron's default expert-TP), the last one fills the stage.
+    """
+
+    world: Optional[int] = None
+    pp: int = 1
+    attn_tp: Optional[int] = None
+    attn_cp: Optional[int] = None
+    attn_dp: Optional[int] = None
+    moe_tp: Optional[int] = None
+    moe_ep: Optional[int] = None
+    moe_dp: Optional[int] = None
+    _derived: tuple = field(default=(), repr=False, compare=False)
+
+    # ------------------------------------------------------------------ validation
+    def __post_init__(self) -> None:
+        given = {k: getattr(self, k) for k in
+                 ("world", "pp", "attn_tp", "attn_cp", "attn_dp", "moe_tp", "moe_ep", "moe_dp")}
+        for name, value in given.items():
+            if value is not None:
+                _check_positive_int(name, value)
+        derived: list[str] = []
+        world, pp = given["world"], given["pp"]
+
+        attn = {k: given[k] for k in ("attn_tp", "attn_cp", "attn_dp")}
+        moe = {k: given[k] for k in ("moe_tp", "moe_ep", "moe_dp")}
+        if world is None:
+            full = next((sizes for sizes in (attn, moe) if None not in sizes.values()), None)
+            if full is None:
+                raise ValueError(
+                    "world is not given and cannot be derived: give world, or every attention "
+                    f"size (attn_tp, attn_cp, attn_dp) or every MoE size (moe_tp, moe_ep, moe_dp); "
+                    f"got {', '.join(f'{k}={v}' for k, v in given.items() if v is not None)}")
+            world = pp
+            for v in full.values():
+                world *= v
+            derived.append("world")
+        if world % pp:
+            raise ValueError(f"pp={pp} must divide world={world}")
+        stage = world // pp
+
+        # attention layout
+        if attn["attn_dp"] is not None and (attn["attn_tp"] is None) != (attn["attn_cp"] is None):
+            missing = "attn_tp" if attn["attn_tp"] is None else "attn_cp"
+            other = "attn_cp" if missing == "attn_tp" else "attn_tp"
+            denom = attn[other] * attn["attn_dp"]
+            if stage % denom:
+                raise ValueError(f"{other}*attn_dp={denom} must divide world/pp={stage} "
+                                 f"to derive {missing}")
+            attn[missing] = stage // denom
+            derived.append(missing)
+        for k in ("attn_tp", "attn_cp"):
+            if attn[k] is None:
+                attn[k] = 1
+                derived.append(k)
+        tp_cp = attn["attn_tp"] * attn["attn_cp"]
+        if attn["attn_dp"] is None:
+            if stage % tp_cp:
+                raise ValueError(f"attn_tp*attn_cp={tp_cp} must divide world/pp={stage} "
+                                 f"(attn_tp={attn['attn_tp']}, attn_cp={attn['attn_cp']}, "
+                                 f"world={world}, pp={pp})")
+            attn["attn_dp"] = stage // tp_cp
+            derived.append("attn_dp")
+        if tp_cp * attn["attn_dp"] != stage:
+            raise ValueError(
+                f"attn_tp*attn_cp*attn_dp={tp_cp * attn['attn_dp']} must equal world/pp={stage} "
+                f"(attn_tp={attn['attn_tp']}, attn_cp={attn['attn_cp']}, "
+                f"attn_dp={attn['attn_dp']}, world={world}, pp={pp})")
+
+        # MoE layout
+        missing = [k for k, v in moe.items() if v is None]
+        if len(missing) >= 2 and moe["moe_ep"] is None:
+            moe["moe_ep"] = 1
+            derived.append("moe_ep")
+            missing.remove("moe_ep")
+        if len(missing) == 2:  # moe_tp and moe_dp
+            moe["moe_tp"] = attn["attn_tp"]
+            derived.append("moe_tp")
+            missing.remove("moe_tp")
+        if len(missing) == 1:
+            name = missing[0]
+            denom = 1
+            for k, v in moe.items():
+                if k != name:
+                    denom *= v
+            if stage % denom:
+                others = ", ".join(f"{k}={v}" for k, v in moe.items() if k != name)
+                raise ValueError(f"the product of {others} ({denom}) must divide world/pp={stage} "
+                                 f"to derive {name}")
+            moe[name] = stage // denom
+            derived.append(name)
+        product = moe["moe_tp"] * moe["moe_ep"] * moe["moe_dp"]
+        if product != stage:
+            raise ValueError(
+                f"moe_tp*moe_ep*moe_dp={product} must equal world/pp={stage} "
+                f"(moe_tp={moe['moe_tp']}, moe_ep={moe['moe_ep']}, moe_dp={moe['moe_dp']})")
+        dp_cp = attn["attn_dp"] * attn["attn_cp"]
+        if dp_cp % moe["moe_dp"]:
+            raise ValueError(
+                f"moe_dp={moe['moe_dp']} must divide attn_dp*attn_cp={dp_cp}: an MoE shard "
+                f"(moe_ep*moe_tp={moe['moe_ep'] * moe['moe_tp']} ranks) must cover whole "
+                f"attention-TP groups (attn_tp={attn['attn_tp']})")
+
+        object.__setattr__(self, "world", world)
+        for k, v in {**attn, **moe}.items():
+            object.__setattr__(self, k, v)
+        object.__setattr__(self, "_derived", tuple(derived))
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def stage_size(self) -> int:
+        """S: ranks in one pipeline stage."""
+        return self.world // self.pp
+
+    @property
+    def moe_shard_size(self) -> int:
+        """E·M: ranks holding one full copy of the experts."""
+        return self.moe_ep * self.moe_tp
+
+    @property
+    def token_group_size(self) -> int:
+        """k = E·M / A: attention groups whose tokens one MoE shard processes together."""
+        return self.moe_shard_size // self.attn_tp
+
+    @property
+    def uses_moe_full(self) -> bool:
+        return self.token_group_size > 1
+
+    @property
+    def derived(self) -> tuple[str, ...]:
+        return self._derived
+
+    # ------------------------------------------------------------------ coordinates
+    def coords(self, rank: int) -> RankCoords:
+        if not 0 <= rank < self.world:
+            raise ValueError(f"rank={rank} out of range for world={self.world}")
+        S, A, C, M, E = self.stage_size, self.attn_tp, self.attn_cp, self.moe_tp, self.moe_ep
+        p, s = divmod(rank, S)
+        a, rest = s % A, s // A
+        c, d = rest % C, rest // C
+        m, rest = s % M, s // M
+        e, q = rest % E, rest // E
+        j = (s - q * self.moe_shard_size) // A
+        return RankCoords(rank, p, s, a, c, d, m, e, q, j)
+
+    def _attn_rank(self, p: int, a: int, c: int, d: int) -> int:
+        return a + self.attn_tp * (c + self.attn_cp * d) + self.stage_size * p
+
+    def _moe_rank(self, p: int, m: int, e: int, q: int) -> int:
+        return m + self.moe_tp * (e + self.moe_ep * q) + self.stage_size * p
+
+    # ------------------------------------------------------------------ groups
+    def group_lists(self, axis: str) -> list[list[int]]:
+        """Every rank list of ``axis`` (each list in group-rank order), sorted by first rank."""
+        if axis not in GROUP_AXES:
+            raise ValueError(f"unknown axis {axis!r}; known: {', '.join(GROUP_AXES)}")
+        return sorted(self._lists(axis), key=lambda r: r[0])
+
+    def _lists(self, axis: str) -> Iterator[list[int]]:
+        A, C, D = self.attn_tp, self.attn_cp, self.attn_dp
+        M, E, Q = self.moe_tp, self.moe_ep, self.moe_dp
+        S, P = self.stage_size, self.pp
+        k = self.token_group_size
+        if axis == "pp":
+            yield from ([s + S * p for p in range(P)] for s in range(S))
+            return
+        if axis == "embedding":
+            # first and last stage of each pipeline (tied embedding / LM head)
+            yield from (sorted({s, s + S * (P - 1)}) for s in range(S))
+            return
+        if axis == "model":  # tp x pp: one copy of the dense model (Megatron's "mp")
+            for c in range(C):
+                for d in range(D):
+                    yield [self._attn_rank(p, a, c, d) for p in range(P) for a in range(A)]
+            return
+        for p in range(P):
+            if axis == "attn_tp":
+                yield from ([self._attn_rank(p, a, c, d) for a in range(A)]
+                            for c in range(C) for d in range(D))
+            elif axis == "attn_cp":
+                yield from ([self._attn_rank(p, a, c, d) for c in range(C)]
+                            for a in range(A) for d in range(D))
+            elif axis == "attn_dp":
+                yield from ([self._attn_rank(p, a, c, d) for d in range(D)]
+                            for a in range(A) for c in range(C))
+            elif axis == "attn_dp_cp":
+                yield from ([self._attn_rank(p, a, c, d) for d in range(D) for c in range(C)]
+                            for a in range(A))
+            elif axis == "attn_tp_cp":
+                yield from ([self._attn_rank(p, a, c, d) for c in range(C) for a in range(A)]
+                            for d in range(D))
+            elif axis == "moe_tp":
+                yield from ([self._moe_rank(p, m, e, q) for m in range(M)]
+                            for e in range(E) for q in range(Q))
+            elif axis == "moe_ep":
+                yield from ([self._moe_rank(p, m, e, q) for e in range(E)]
+                            for m in range(M) for q in range(Q))
+            elif axis == "moe_dp":
+                yield from ([self._moe_rank(p, m, e, q) for q in range(Q)]
+                            for m in range(M) for e in range(E))
+            elif axis == "moe_shard":
+                yield from ([self._moe_rank(p, m, e, q) for e in range(E) for m in range(M)]
+                            for q in range(Q))
+            elif axis == "moe_cp":
+                yield from ([q * E * M + a + A * j + S * p for j in range(k)]
+                            for q in range(Q) for a in range(A))
+            elif axis == "stage":
+                yield list(range(S * p, S * (p + 1)))
+
+    def group_of(self, axis: str, rank: int) -> list[int]:
+        """The rank list of ``axis`` that contains ``rank``."""
+        for ranks in self.group_lists(axis):
+            if rank in ranks:
+                return ranks
+        raise AssertionError(f"rank {rank} is in no {axis} group")  # pragma: no cover
+
+    def describe(self) -> str:
+        """A readable table of every rank and every group, for the CLI."""
+        lines = [
+            f"world={self.world} pp={self.pp} stage={self.stage_size} | attention: "
+            f"tp={self.attn_tp} cp={self.attn_cp} dp={self.attn_dp} | MoE: tp={self.moe_tp} "
+            f"ep={self.moe_ep} dp={self.moe_dp} | shard={self.moe_shard_size} ranks, "
+            f"token group k={self.token_group_size}"
+            + (" (MOE_FULL)" if self.uses_moe_full else ""),
+        ]
+        if self.derived:
+            lines.append("derived: " + ", ".join(f"{k}={getattr(self, k)}" for k in self.derived))
+        header = ("rank", "pp", "attn_tp", "attn_cp", "attn_dp", "moe_tp", "moe_ep", "moe_dp",
+                  "token_group", "shard")
+        rows = []
+        for r in range(self.world):
+            c = self.coords(r)
+            rows.append((r, c.pp, c.attn_tp, c.attn_cp, c.attn_dp, c.moe_tp, c.moe_ep, c.moe_dp,
+                         str(self.group_of("moe_cp", r)), str(self.group_of("moe_shard", r))))
+        widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+        fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+        lines += ["", fmt.format(*header)] + [fmt.format(*row) for row in rows] + [""]
+        for axis in GROUP_AXES:
+            lines.append(f"{axis:>11}: " + " ".join(str(g) for g in self.group_lists(axis)))
+        return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_ext.parallel.topology",
+        description="Print the rank layout and process-group lists of a megatron_ext launch.")
+    for name in ("world", "pp", "attn-tp", "attn-cp", "attn-dp", "moe-tp", "moe-ep", "moe-dp"):
+        parser.add_argument(f"--{name}", type=int, default=None)
+    args = parser.parse_args(argv)
+    sizes = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        topo = Topology(**sizes)
+    except ValueError as err:
+        print(f"invalid layout: {err}", file=sys.stderr)
+        return 2
+    print(topo.describe())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

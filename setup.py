@@ -1,0 +1,27 @@
+"""megatron_ext: attention context parallelism and MoE data parallelism as independent choices."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_ext",
+    version="0.1.0",
+    description="Megatron-style training and serving with decoupled attention CP and MoE DP",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_ext", "megatron_ext.*", "models", "models.*"]),
+    package_data={"megatron_ext": ["data/*.txt"]},
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core==0.16.1",
+        "einops",
+        "safetensors",
+        "pyyaml",
+        "tqdm",
+        "numpy",
+    ],
+    extras_require={
+        # The CPU path pins the CPU build that is on local disk, so no CUDA build is ever pulled.
+        "cpu": ["torch==2.13.0"],
+        "test": ["pytest", "pytest-timeout", "transformers>=4.51", "safetensors"],
+        "te": ["transformer-engine[pytorch]"],
+        "tb": ["tensorboard"],
+    },
+)
