@@ -82,6 +82,8 @@ class ParallelGroups:
         from megatron.core.process_groups_config import ProcessGroupCollection
 
         def pg(axis: AxisGroup):
+            if axis.group is None and axis.name == "embedding":
+                return None  # middle pipeline stages are in no embedding group (as in Megatron)
             if axis.group is None:
                 raise RuntimeError(f"axis {axis.name} has no process group (single-process groups)")
             return axis.group
@@ -119,6 +121,8 @@ def build_groups(topology: Topology, timeout_s: Optional[float] = None) -> Paral
                     created[key] = dist.new_group(list(key), **kwargs)
             if rank in key:
                 mine[axis] = AxisGroup(axis, key, key.index(rank), created[key])
+        # middle pipeline stages hold no tied embedding: a trivial axis, no group
+        mine.setdefault(axis, AxisGroup.single(axis, rank))
     return ParallelGroups(topology, rank, **mine)
 
 
