@@ -1,0 +1,76 @@
+"""Cross-entropy over vocab-parallel logits, without gathering the ``[tokens, V]`` logits.
+
+Forward (float32): every rank reduces its shard to a per-token log-sum-exp; the shards' LSEs are
+all-gathered (``[p, tokens]``, tiny) and merged, and the target logit is summed from the one rank
+whose range holds the label. Backward needs no collective: the per-token loss is identical on every
+rank, so each rank's logit gradient is ``(softmax - onehot) · dloss`` on its own columns.
+"""
+from __future__ import annotations
+
+import torch
+
+from megatron_ext.parallel.collectives import all_gather, all_reduce
+from megatron_ext.parallel.groups import AxisGroup
+
+
+def _check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    if labels.is_floating_point():
+        raise ValueError(f"labels must be integers, got {labels.dtype}")
+    valid = labels[labels != ignore_index]
+    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab_size):
+        bad = int(valid.min()) if int(valid.min()) < 0 else int(valid.max())
+        raise ValueError(f"label {bad} out of range for vocab_size={vocab_size} "
+                         f"(ignore_index={ignore_index})")
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, group: AxisGroup,
+                ignore_index: int) -> torch.Tensor:
+        shard = logits.shape[-1]
+        start = group.rank * shard
+        lf = logits.float()
+        local_lse = torch.logsumexp(lf, dim=-1)                                   # [N]
+        lse = torch.logsumexp(all_gather(local_lse.unsqueeze(0), group, dim=0), dim=0)
+        local_label = labels - start
+        mine = (local_label >= 0) & (local_label < shard) & (labels != ignore_index)
+        idx = torch.where(mine, local_label, torch.zeros_like(local_label))
+        target = torch.gather(lf, -1, idx.unsqueeze(-1)).squeeze(-1) * mine
+        target = all_reduce(target, group)
+        keep = labels != ignore_index
+        loss = (lse - target) * keep
+        softmax = torch.exp(lf - lse.unsqueeze(-1))
+        ctx.save_for_backward(softmax, idx, mine, keep)
+        ctx.dtype = logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError("vocab_parallel_cross_entropy: backward ran twice through the same "
+                               "graph; its saved softmax is reused in place (memory), so "
+                               "retain_graph double backward is not supported")
+        ctx.consumed = True
+        softmax, idx, mine, keep = ctx.saved_tensors
+        grad = softmax  # reused in place: [tokens, V/p] float32 is the largest buffer here
+        grad.scatter_add_(-1, idx.unsqueeze(-1), -mine.to(grad.dtype).unsqueeze(-1))
+        grad.mul_((grad_loss.float() * keep).unsqueeze(-1))
+        return grad.to(ctx.dtype), None, None, None
+
+
+def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, labels: torch.Tensor,
+                                 tp_group: AxisGroup, ignore_index: int = -100) -> torch.Tensor:
+    """Per-token loss (float32, shape ``labels.shape``; 0 where ``labels == ignore_index``) of
+    logits split over ``tp_group`` along the last dim (rank ``r`` holds columns
+    ``[r·V/p, (r+1)·V/p)``, as :class:`VocabParallelLMHead` yields). Equals
+    ``F.cross_entropy(full_logits, labels, reduction="none", ignore_index=...)`` in value and
+    gradient. Labels outside ``[0, V)`` (other than ``ignore_index``) raise before any collective.
+    """
+    if logits_shard.shape[:-1] != labels.shape:
+        raise ValueError(f"logits shard {tuple(logits_shard.shape)} does not match labels "
+                         f"{tuple(labels.shape)} (need logits [..., V/p] and labels [...])")
+    vocab_size = logits_shard.shape[-1] * tp_group.size
+    _check_labels(labels, vocab_size, ignore_index)
+    flat = logits_shard.reshape(-1, logits_shard.shape[-1])
+    loss = _VocabParallelCrossEntropy.apply(flat, labels.reshape(-1), tp_group, ignore_index)
+    return loss.reshape(labels.shape)

@@ -1,0 +1,155 @@
+"""Vocab-parallel input embedding and LM head (Megatron split of the vocabulary over a TP group).
+
+Each rank holds rows ``[r·V/p, (r+1)·V/p)`` of the ``[V, H]`` table. The embedding looks up the ids
+that fall in its range and zeroes the rest, so its output is a partial sum over the group: the
+communicator (or ``reduce_results=True``) completes it. The LM head is column-parallel over the
+vocabulary and yields this rank's logit shard, which :func:`vocab_parallel_cross_entropy` consumes
+without ever gathering the full ``[tokens, V]`` logits.
+
+The vocabulary must divide evenly over the group (no silent padding, so the global shape stays the
+HF shape); out-of-range token ids raise before any collective.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_ext.layers.linear import InitFn, default_init, shard_axis_name
+from megatron_ext.parallel.collectives import all_gather, all_reduce, copy_to_region
+from megatron_ext.parallel.groups import AxisGroup
+from megatron_ext.parallel.param_meta import ParamSpec, Split, set_spec
+
+
+def vocab_range(vocab_size: int, group: AxisGroup, what: str = "vocab") -> tuple[int, int]:
+    """``(start, end)`` of this rank's vocabulary rows."""
+    if vocab_size % group.size:
+        raise ValueError(f"{what}: vocab_size={vocab_size} must be divisible by the {group.name} "
+                         f"size {group.size} (pad the vocabulary in the checkpoint if needed)")
+    per = vocab_size // group.size
+    return group.rank * per, (group.rank + 1) * per
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """Raise if any id is outside ``[0, vocab_size)`` (one host sync; before any collective)."""
+    if ids.is_floating_point():
+        raise ValueError(f"token ids must be integers, got {ids.dtype}")
+    if ids.numel() == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"token id {bad} out of range for vocab_size={vocab_size} "
+                         f"(ids span [{lo}, {hi}])")
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token embedding with the table split over ``tp_group`` along the vocabulary.
+
+    ``forward(ids)`` returns the partial sum over the group (``reduce_results=False``, the default:
+    the caller fuses the reduction) or the complete embedding. Weight ParamSpec: global
+    ``[V, H]``, ``Split(0, p, r)``, ``grad_sync`` (default ``("attn_dp_cp",)``; add
+    ``"embedding"`` for weights tied across pipeline stages), ``shard_axis`` = the group's axis.
+    """
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp_group: AxisGroup, *,
+                 reduce_results: bool = False, check_ids: bool = True,
+                 grad_sync: tuple[str, ...] = ("attn_dp_cp",), shard_axis: Optional[str] = None,
+                 name: Optional[str] = None, init_method: InitFn = default_init,
+                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
+        super().__init__()
+        if hidden_size < 1:
+            raise ValueError(f"VocabParallelEmbedding hidden_size={hidden_size} must be >= 1")
+        self.start, self.end = vocab_range(vocab_size, tp_group, "VocabParallelEmbedding")
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        self.tp_group, self.reduce_results, self.check_ids = tp_group, reduce_results, check_ids
+        self.weight = nn.Parameter(torch.empty(self.end - self.start, hidden_size, dtype=dtype,
+                                               device=device))
+        init_method(self.weight)
+        parts = tp_group.size
+        split = (Split(0, parts, tp_group.rank),) if parts > 1 else ()
+        axis = shard_axis_name(tp_group, shard_axis) if parts > 1 else None
+        set_spec(self.weight, ParamSpec((vocab_size, hidden_size), split, tuple(grad_sync), axis,
+                                        f"{name}.weight" if name else None))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.check_ids:
+            check_token_ids(ids, self.vocab_size)
+        if self.tp_group.is_trivial:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.start) | (ids >= self.end)
+        local = torch.where(outside, torch.zeros_like(ids), ids - self.start)
+        out = F.embedding(local, self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return all_reduce(out, self.tp_group) if self.reduce_results else out
+
+    def extra_repr(self) -> str:
+        return (f"vocab={self.vocab_size} (rows {self.start}:{self.end}), hidden="
+                f"{self.hidden_size}, axis={self.tp_group.name}")
+
+
+class VocabParallelLMHead(nn.Module):
+    """LM head, column-parallel over the vocabulary: ``logits_shard = h @ W_r^T``.
+
+    The input ``h`` is replicated over ``tp_group`` (TP_ATTN_FULL); with ``sync_input_grad`` its
+    partial gradient is all-reduced over the group in backward (pass ``False`` when the caller's
+    gather already sums it). ``tied_embedding`` reuses that embedding's weight (HF
+    ``tie_word_embeddings``); the embedding must be split over the same group.
+    """
+
+    def __init__(self, hidden_size: int, vocab_size: int, tp_group: AxisGroup, *,
+                 tied_embedding: Optional[VocabParallelEmbedding] = None,
+                 sync_input_grad: bool = True, grad_sync: tuple[str, ...] = ("attn_dp_cp",),
+                 shard_axis: Optional[str] = None, name: Optional[str] = None,
+                 init_method: InitFn = default_init, dtype: Optional[torch.dtype] = None,
+                 device: Optional[torch.device] = None):
+        super().__init__()
+        self.start, self.end = vocab_range(vocab_size, tp_group, "VocabParallelLMHead")
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        self.tp_group, self.sync_input_grad = tp_group, sync_input_grad
+        self.tied = tied_embedding is not None
+        if tied_embedding is not None:
+            if (tied_embedding.vocab_size, tied_embedding.hidden_size) != (vocab_size, hidden_size):
+                raise ValueError(f"tied embedding is [{tied_embedding.vocab_size}, "
+                                 f"{tied_embedding.hidden_size}] but the LM head is "
+                                 f"[{vocab_size}, {hidden_size}]")
+            if tied_embedding.tp_group.ranks != tp_group.ranks:
+                raise ValueError(f"tied embedding is split over {tied_embedding.tp_group.name} "
+                                 f"{tied_embedding.tp_group.ranks} but the LM head over "
+                                 f"{tp_group.name} {tp_group.ranks}")
+            self._embedding = (tied_embedding,)  # a tuple: not registered twice as a submodule
+            self.register_parameter("weight", None)
+        else:
+            self._embedding = ()
+            self.weight = nn.Parameter(torch.empty(self.end - self.start, hidden_size, dtype=dtype,
+                                                   device=device))
+            init_method(self.weight)
+            parts = tp_group.size
+            split = (Split(0, parts, tp_group.rank),) if parts > 1 else ()
+            axis = shard_axis_name(tp_group, shard_axis) if parts > 1 else None
+            set_spec(self.weight, ParamSpec((vocab_size, hidden_size), split, tuple(grad_sync),
+                                            axis, f"{name}.weight" if name else None))
+
+    @property
+    def table(self) -> torch.Tensor:
+        return self._embedding[0].weight if self.tied else self.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This rank's logits ``[..., V/p]`` (vocab rows ``start:end``)."""
+        if hidden.shape[-1] != self.hidden_size:
+            raise ValueError(f"VocabParallelLMHead expects last dim {self.hidden_size}, got "
+                             f"shape {tuple(hidden.shape)}")
+        if self.sync_input_grad:
+            hidden = copy_to_region(hidden, self.tp_group)
+        return F.linear(hidden, self.table)
+
+    def gather_logits(self, logits_shard: torch.Tensor) -> torch.Tensor:
+        """Full ``[..., V]`` logits on every rank (inference / sampling). The gathered logits are
+        consumed identically on every rank, so the backward keeps own columns."""
+        return all_gather(logits_shard, self.tp_group, dim=-1, backward="own_rows")
+
+    def extra_repr(self) -> str:
+        return (f"hidden={self.hidden_size}, vocab={self.vocab_size} (rows {self.start}:"
+                f"{self.end}), axis={self.tp_group.name}, tied={self.tied}")
