@@ -1,0 +1,291 @@
+"""Layout-independent training checkpoints with ``torch.distributed.checkpoint`` (DCP).
+
+Every tensor is stored as its *global* tensor: each rank contributes the chunk its ``ParamSpec``
+says it holds (offsets from ``global_slices()``), DCP's global planning drops the duplicate chunks
+of replicas and checks that the chunks tile the tensor. Loading asks, per rank, for the chunk of the
+*current* layout, and DCP reads whichever saved chunks overlap it, so a checkpoint written with
+attn_tp 2 loads into pp 2 × attn_cp 2 or a single process. The planners below are the only glue:
+plain tensors plus a table of (global shape, offsets) — no DeviceMesh/DTensor, so the same code
+runs on gloo (CPU) and NCCL.
+
+A checkpoint holds parameters (``model/<name>``), Adam's moments (``optim/<name>/exp_avg``,
+``.../exp_avg_sq``), the training state (step, consumed samples, schedule, config; one pickled
+object) and each rank's RNG states (``rng/rank_<r>``; restored only when the same rank exists).
+
+Publishing is atomic: ranks write into ``step_<N>.partial/``; once DCP has written its metadata
+(after every rank finished writing), rank 0 renames the directory to ``step_<N>``. A crash at any
+point leaves either no ``step_<N>`` or a complete one; ``latest_checkpoint`` only considers
+complete ones, and leftovers are removed by the next save.
+"""
+from __future__ import annotations
+
+import io
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex,
+                                                   TensorProperties, TensorStorageMetadata)
+from torch.distributed.checkpoint.planner import (LoadItemType, LoadPlan, ReadItem, SavePlan,
+                                                  TensorWriteData, WriteItem, WriteItemType)
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+from megatron_ext.parallel.param_meta import ParamSpec, get_spec
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+PARTIAL_SUFFIX = ".partial"
+TRAIN_STATE_KEY = "train_state"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A local tensor and where it sits in its global tensor."""
+
+    tensor: torch.Tensor
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor, spec: ParamSpec) -> "Shard":
+        if tuple(tensor.shape) != spec.local_shape:
+            raise ValueError(f"tensor {spec.name or '?'} has shape {tuple(tensor.shape)}, its spec "
+                             f"says local shape {spec.local_shape}")
+        offsets = tuple(s.start for s in spec.global_slices())
+        return cls(tensor, tuple(spec.global_shape), offsets)
+
+    @property
+    def chunk(self) -> ChunkStorageMetadata:
+        return ChunkStorageMetadata(offsets=torch.Size(self.offsets),
+                                    sizes=torch.Size(self.tensor.shape))
+
+
+# ---------------------------------------------------------------------- planners
+class ShardSavePlanner(DefaultSavePlanner):
+    """Writes each :class:`Shard` as a chunk of its global tensor; other values as pickles."""
+
+    def __init__(self, shards: dict[str, Shard]) -> None:
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.shards = shards
+
+    def create_local_plan(self) -> SavePlan:
+        items = []
+        for fqn, obj in self.state_dict.items():
+            if fqn in self.shards:
+                shard = self.shards[fqn]
+                items.append(WriteItem(
+                    index=MetadataIndex(fqn, torch.Size(shard.offsets)),
+                    type=WriteItemType.SHARD,
+                    tensor_data=TensorWriteData(
+                        chunk=shard.chunk,
+                        properties=TensorProperties.create_from_tensor(shard.tensor),
+                        size=torch.Size(shard.global_shape))))
+            else:
+                items.append(WriteItem(index=MetadataIndex(fqn), type=WriteItemType.BYTE_IO))
+        self.plan = SavePlan(items)
+        return self.plan
+
+    def lookup_object(self, index: MetadataIndex) -> Any:
+        if index.fqn in self.shards:
+            return self.shards[index.fqn].tensor.detach().cpu().contiguous()
+        return self.state_dict[index.fqn]
+
+
+class ShardLoadPlanner(DefaultLoadPlanner):
+    """Reads, for each :class:`Shard`, the part of the saved global tensor the shard covers."""
+
+    def __init__(self, shards: dict[str, Shard]) -> None:
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.shards = shards
+
+    def create_local_plan(self) -> LoadPlan:
+        assert self.metadata is not None
+        saved = self.metadata.state_dict_metadata
+        requests: list[ReadItem] = []
+        for fqn in self.state_dict:
+            if fqn not in saved:
+                raise ValueError(f"checkpoint has no entry {fqn!r} (saved from another model?)")
+            md = saved[fqn]
+            if fqn in self.shards:
+                shard = self.shards[fqn]
+                if not isinstance(md, TensorStorageMetadata):
+                    raise ValueError(f"checkpoint entry {fqn!r} is not a tensor")
+                if tuple(md.size) != shard.global_shape:
+                    raise ValueError(f"checkpoint tensor {fqn!r} has global shape "
+                                     f"{tuple(md.size)}, the model expects {shard.global_shape}")
+                requests += create_read_items_for_chunk_list(fqn, md, [shard.chunk])
+            else:
+                index = MetadataIndex(fqn)
+                requests.append(ReadItem(type=LoadItemType.BYTE_IO, dest_index=index,
+                                         dest_offsets=torch.Size((0,)), storage_index=index,
+                                         storage_offsets=torch.Size((0,)),
+                                         lengths=torch.Size((0,))))
+        return LoadPlan(requests)
+
+    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
+        return self.shards[index.fqn].tensor
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        self.state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=False)
+
+
+# ---------------------------------------------------------------------- state
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def collect_shards(named_params: list[tuple[str, torch.nn.Parameter]],
+                   moments: Optional[dict[str, tuple[torch.nn.Parameter, torch.Tensor]]] = None
+                   ) -> dict[str, Shard]:
+    """``model/<name>`` for every parameter, ``optim/<name>/<moment>`` for Adam's state (laid out
+    like its parameter)."""
+    shards = {f"model/{name}": Shard.of(p.data, get_spec(p)) for name, p in named_params}
+    for key, (param, tensor) in (moments or {}).items():
+        shards[f"optim/{key}"] = Shard.of(tensor, get_spec(param))
+    return shards
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------- directories
+def checkpoint_path(root: str, step: int) -> str:
+    return os.path.join(root, f"step_{step:08d}")
+
+
+def complete_checkpoints(root: str) -> list[tuple[int, str]]:
+    """``(step, path)`` of every published checkpoint under ``root``, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        match = STEP_DIR.match(name)
+        path = os.path.join(root, name)
+        if match and os.path.isfile(os.path.join(path, ".metadata")):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str) -> Optional[str]:
+    found = complete_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def resolve_resume(resume: Optional[str], root: str) -> Optional[str]:
+    """``None``: start fresh; ``"latest"``: newest complete checkpoint under ``root`` (fresh when
+    there is none); else a checkpoint directory, which must be complete."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        return latest_checkpoint(root)
+    if not os.path.isfile(os.path.join(resume, ".metadata")):
+        raise ValueError(f"resume={resume!r} is not a complete checkpoint (no .metadata)")
+    return resume
+
+
+# ---------------------------------------------------------------------- save / load
+def save_checkpoint(root: str, step: int, shards: dict[str, Shard], train_state: dict,
+                    keep: int = 2, storage_writer: Optional[dcp.StorageWriter] = None) -> str:
+    """Write and publish ``step_<step>`` (collective over the world). Returns its path."""
+    final = checkpoint_path(root, step)
+    partial = final + PARTIAL_SUFFIX
+    rank = _rank()
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        for name in os.listdir(root):  # leftovers of interrupted saves
+            if name.endswith(PARTIAL_SUFFIX):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        os.makedirs(partial)
+    _barrier()
+    state_dict: dict[str, Any] = {k: s.tensor for k, s in shards.items()}
+    state_dict[TRAIN_STATE_KEY] = train_state
+    state_dict[f"rng/rank_{rank}"] = rng_state()
+    writer = storage_writer or dcp.FileSystemWriter(partial, single_file_per_rank=True)
+    dcp.save(state_dict, storage_writer=writer, planner=ShardSavePlanner(shards),
+             no_dist=not dist.is_initialized())
+    # dcp.save returns on every rank only after the coordinator wrote .metadata
+    if rank == 0:
+        if os.path.isdir(final):  # re-save of a published step (e.g. resumed at it): replace
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _fsync_dir(root)
+        for _, old in complete_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str, shards: dict[str, Shard]) -> dict:
+    """Load ``shards`` in place from the checkpoint at ``path`` (any layout) and restore this
+    rank's RNG state when the checkpoint has one for it. Returns the training state."""
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        raise ValueError(f"{path!r} is not a complete checkpoint (no .metadata)")
+    reader = dcp.FileSystemReader(path)
+    saved = reader.read_metadata().state_dict_metadata
+    rng_key = f"rng/rank_{_rank()}"
+    state_dict: dict[str, Any] = {k: s.tensor for k, s in shards.items()}
+    state_dict[TRAIN_STATE_KEY] = None
+    if rng_key in saved:
+        state_dict[rng_key] = None
+    with torch.no_grad():
+        dcp.load(state_dict, storage_reader=reader, planner=ShardLoadPlanner(shards),
+                 no_dist=not dist.is_initialized())
+    if state_dict.get(rng_key) is not None:
+        set_rng_state(state_dict[rng_key])
+    return state_dict[TRAIN_STATE_KEY]
+
+
+def read_train_state(path: str) -> dict:
+    """The training state of a checkpoint, read in one process (no collectives)."""
+    state_dict: dict[str, Any] = {TRAIN_STATE_KEY: None}
+    dcp.load(state_dict, storage_reader=dcp.FileSystemReader(path),
+             planner=ShardLoadPlanner({}), no_dist=True)
+    return state_dict[TRAIN_STATE_KEY]
+
+
+def load_global_tensors(path: str) -> dict[str, torch.Tensor]:
+    """Every saved tensor as a full global tensor (one process; for tests and conversion)."""
+    reader = dcp.FileSystemReader(path)
+    metadata = reader.read_metadata().state_dict_metadata
+    shards = {k: Shard(torch.empty(tuple(md.size), dtype=md.properties.dtype), tuple(md.size),
+                       (0,) * len(md.size))
+              for k, md in metadata.items() if isinstance(md, TensorStorageMetadata)}
+    state_dict: dict[str, Any] = {k: s.tensor for k, s in shards.items()}
+    dcp.load(state_dict, storage_reader=reader, planner=ShardLoadPlanner(shards), no_dist=True)
+    return {k: s.tensor for k, s in shards.items()}

@@ -1,0 +1,257 @@
+"""Training configuration: one validated dataclass, filled from defaults < a YAML file < flags.
+
+Everything that can be checked without a process group is checked here (sizes, schedule, batch
+divisibility against the layout, data path), so a bad launch fails on every rank with the same
+message before any collective could hang.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+from megatron_ext.parallel.topology import Topology
+
+LAYOUT_FIELDS = ("pp", "attn_tp", "attn_cp", "attn_dp", "moe_tp", "moe_ep", "moe_dp")
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """All settings of a pretraining run (``examples/pretrain.py --help`` lists them)."""
+
+    # layout (data parallel derived by Topology)
+    pp: int = _help("pipeline stages", default=1)
+    attn_tp: Optional[int] = _help("attention tensor parallel size", default=None)
+    attn_cp: Optional[int] = _help("attention context parallel size", default=None)
+    attn_dp: Optional[int] = _help("attention data parallel size (default: derived)", default=None)
+    moe_tp: Optional[int] = _help("expert tensor parallel size", default=None)
+    moe_ep: Optional[int] = _help("expert parallel size", default=None)
+    moe_dp: Optional[int] = _help("expert data parallel size", default=None)
+    # model
+    model: str = _help("models/ preset name, HF directory or config.json", default="tiny-qwen3-moe")
+    model_overrides: dict = _help("ModelConfig fields to change (YAML mapping or key=value flags)",
+                                  default_factory=dict)
+    init_from_hf: bool = _help("load HF weights when --model is a directory with safetensors",
+                               default=True)
+    cp_comm: str = _help("CP attention K/V exchange: all_gather or p2p", default="all_gather")
+    # data
+    data: Optional[str] = _help("prepared dataset prefix (examples/prepare_data.py); "
+                                "default: the embedded corpus", default=None)
+    tokenizer: str = _help("'byte' or a local HF tokenizer directory", default="byte")
+    seq_len: int = _help("tokens per sample", default=128)
+    micro_batch_size: int = _help("samples per micro-batch per data-parallel rank", default=1)
+    global_batch_size: int = _help("samples per optimizer step (all ranks)", default=8)
+    shuffle: bool = _help("shuffle samples (seeded, layout independent)", default=True)
+    # optimisation
+    train_steps: int = _help("optimizer steps", default=40)
+    lr: float = _help("peak learning rate", default=3e-3)
+    min_lr: float = _help("final learning rate of the cosine decay", default=3e-4)
+    warmup_steps: int = _help("linear warmup steps", default=4)
+    weight_decay: float = _help("AdamW weight decay (matrices only)", default=0.1)
+    adam_beta1: float = _help("AdamW beta1", default=0.9)
+    adam_beta2: float = _help("AdamW beta2", default=0.95)
+    adam_eps: float = _help("AdamW epsilon", default=1e-8)
+    clip_grad: float = _help("clip the global gradient norm to this (0: off)", default=1.0)
+    grad_bucket_mb: float = _help("gradient all-reduce bucket size in MiB", default=25.0)
+    seed: int = _help("seed of initialisation and data order", default=1234)
+    dtype: str = _help("auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16", default="auto")
+    device: str = _help("auto, cpu or cuda", default="auto")
+    pp_schedule: str = _help("pipeline schedule: 1f1b or gpipe", default="1f1b")
+    # output, checkpoints, logs
+    output_dir: str = _help("run directory (checkpoints/, metrics.jsonl, tensorboard/)",
+                            default="runs/pretrain")
+    save_interval: int = _help("save every N steps (0: only at the end)", default=20)
+    save_at_end: bool = _help("save after the last step", default=True)
+    keep_checkpoints: int = _help("complete checkpoints kept (older ones deleted)", default=2)
+    resume: Optional[str] = _help("'latest' (newest complete checkpoint in output_dir, if any) "
+                                  "or a checkpoint directory", default=None)
+    log_interval: int = _help("print / log metrics every N steps", default=1)
+    progress: bool = _help("tqdm progress bar on rank 0", default=True)
+    tensorboard: bool = _help("TensorBoard scalars when tensorboard is importable", default=True)
+    dist_timeout_s: float = _help("collective timeout: a dead rank fails the others after this",
+                                  default=120.0)
+    inject_nan_at_step: Optional[int] = _help("testing aid: make the loss NaN at this step",
+                                              default=None)
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "micro_batch_size", "global_batch_size", "train_steps",
+                     "keep_checkpoints", "log_interval", "pp"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        for name in ("save_interval", "warmup_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r} must be a non-negative integer")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len={self.seq_len} must be >= 2")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size={self.micro_batch_size} must divide "
+                             f"global_batch_size={self.global_batch_size}")
+        if self.warmup_steps > self.train_steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be <= "
+                             f"train_steps={self.train_steps}")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr={self.min_lr} must be in [0, lr={self.lr}]")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if not self.adam_eps > 0:
+            raise ValueError(f"adam_eps={self.adam_eps} must be > 0")
+        if self.weight_decay < 0 or self.clip_grad < 0:
+            raise ValueError(f"weight_decay={self.weight_decay} and clip_grad={self.clip_grad} "
+                             f"must be >= 0")
+        if not self.grad_bucket_mb > 0:
+            raise ValueError(f"grad_bucket_mb={self.grad_bucket_mb} must be > 0")
+        if not self.dist_timeout_s > 0:
+            raise ValueError(f"dist_timeout_s={self.dist_timeout_s} must be > 0")
+        choices = {"dtype": ("auto", "fp32", "bf16"), "device": ("auto", "cpu", "cuda"),
+                   "pp_schedule": ("1f1b", "gpipe"), "cp_comm": ("all_gather", "p2p")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be one of {allowed}")
+        if not isinstance(self.model_overrides, dict):
+            raise ValueError(f"model_overrides={self.model_overrides!r} must be a mapping")
+        if self.data is not None:
+            prefix = self.data.rsplit(".", 1)[0] if self.data.endswith((".bin", ".json")) \
+                else self.data
+            if not os.path.isfile(prefix + ".json") or not os.path.isfile(prefix + ".bin"):
+                raise ValueError(f"data={self.data!r}: {prefix}.bin / {prefix}.json not found "
+                                 f"(write them with examples/prepare_data.py)")
+        if self.resume not in (None, "latest") and not os.path.isdir(self.resume):
+            raise ValueError(f"resume={self.resume!r} is neither 'latest' nor a checkpoint "
+                             f"directory")
+
+    # ------------------------------------------------------------------ layout
+    def topology(self, world: int) -> Topology:
+        """The validated layout for ``world`` ranks, checked against the batch sizes. With no
+        layout setting at all, :func:`default_layout` picks one."""
+        sizes = {k: getattr(self, k) for k in LAYOUT_FIELDS if getattr(self, k) is not None}
+        if sizes == {"pp": 1}:
+            sizes = default_layout(world)
+        topo = Topology(world=world, **sizes)
+        per_dp = topo.attn_dp * self.micro_batch_size
+        if self.global_batch_size % per_dp:
+            raise ValueError(f"global_batch_size={self.global_batch_size} must be divisible by "
+                             f"attn_dp*micro_batch_size={topo.attn_dp}*{self.micro_batch_size}")
+        if topo.pp > 1 and self.num_microbatches(topo) < 1:  # pragma: no cover - implied above
+            raise ValueError("pipeline parallelism needs at least one micro-batch")
+        return topo
+
+    def num_microbatches(self, topo: Topology) -> int:
+        """Micro-batches each data-parallel rank runs per step."""
+        return self.global_batch_size // (topo.attn_dp * self.micro_batch_size)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return os.path.join(self.output_dir, "checkpoints")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------------ YAML / flags
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(sorted(known))}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str) -> "TrainConfig":
+        return cls.from_dict(load_yaml(path), source=path)
+
+    @classmethod
+    def from_args(cls, argv: Optional[list[str]] = None) -> "TrainConfig":
+        """Defaults, then ``--config file.yaml``, then flags (flags win)."""
+        parser = build_parser()
+        args = vars(parser.parse_args(argv))
+        yaml_path = args.pop("config", None)
+        values = load_yaml(yaml_path) if yaml_path else {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{yaml_path}: expected a mapping of settings")
+        overrides = args.pop("model_override", None)
+        values.update({k: v for k, v in args.items() if v is not None})
+        if overrides:
+            merged = dict(values.get("model_overrides") or {})
+            merged.update(_parse_overrides(overrides))
+            values["model_overrides"] = merged
+        return cls.from_dict(values, source=yaml_path or "flags")
+
+
+def default_layout(world: int) -> dict:
+    """The seed layout (attention TP 2 x CP 2, one MoE shard of moe_tp = stage size) repeated over
+    attention DP when ``world`` is a multiple of 4; attention TP 2 on 2 ranks; else pure DP."""
+    if world % 4 == 0:
+        return {"pp": 1, "attn_tp": 2, "attn_cp": 2, "moe_dp": 1}
+    if world == 2:
+        return {"pp": 1, "attn_tp": 2, "moe_dp": 1}
+    return {"pp": 1}
+
+
+def load_yaml(path: str) -> dict:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ValueError(f"config file {path!r} does not exist")
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of settings, got {type(values).__name__}")
+    return {k.replace("-", "_"): v for k, v in values.items()}
+
+
+def _parse_overrides(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--model-override {item!r} must look like key=value")
+        key, value = item.split("=", 1)
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+def _bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pretrain.py", description="Pretrain a megatron_ext model (launch with torchrun).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="YAML file of settings (flags override it)")
+    hints = {"int": int, "float": float, "str": str}
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if f.name == "model_overrides":
+            parser.add_argument("--model-override", action="append", metavar="KEY=VALUE",
+                                help=help_text)
+            continue
+        type_name = str(f.type).replace("Optional[", "").rstrip("]")
+        if type_name == "bool":
+            parser.add_argument(flag, type=_bool, nargs="?", const=True, default=None,
+                                metavar="BOOL", help=help_text)
+        elif f.name == "resume":
+            parser.add_argument(flag, nargs="?", const="latest", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=hints.get(type_name, str), default=None,
+                                help=help_text)
+    return parser
