@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from megatron_ext.parallel.comm_counter import record
 from megatron_ext.parallel.symm_mem import (NCCL, SYMM_DTYPES, SymmMemAllReduce,
                                             all_reduce_sum)
 
@@ -209,6 +210,7 @@ class _ReduceAddRMSNorm(torch.autograd.Function):
         rows = partial.numel() // cols
         res2 = None if residual is None else residual.reshape(rows, cols).contiguous()
         if method == FUSED:
+            record("all_reduce", reducer.axis.name, partial.numel() * partial.element_size())
             staged = reducer.stage_in_buffer(partial.contiguous())
             y, h = _launch(None, res2, weight.contiguous(), eps, rows, cols, partial.dtype,
                            partial.device, reducer=reducer, staged=staged.view(rows, cols))

@@ -33,6 +33,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_ext.parallel.comm_counter import record
 from megatron_ext.parallel.groups import AxisGroup
 
 ONE_SHOT = "one_shot"
@@ -264,6 +265,9 @@ class SymmMemAllReduce:
         method = method or self.method_for(nbytes, tensor.dtype)
         if method == LOCAL:
             return tensor
+        record("all_reduce", self.axis.name, nbytes)
+        if tensor.numel() == 0:
+            return tensor.clone()
         if method == NCCL:
             out = tensor.contiguous().clone()
             dist.all_reduce(out, group=self.axis.group)

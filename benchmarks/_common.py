@@ -1,0 +1,117 @@
+"""Shared bits of the GPU benchmarks: torchrun init, device-event timing, tables, result files."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def init_nccl() -> tuple[int, int, torch.device]:
+    """Initialise NCCL from torchrun's environment; returns (rank, world, device)."""
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local)
+    device = torch.device("cuda", local)
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29511")
+        dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
+    return rank, world, device
+
+
+def time_eager(fn: Callable[[], object], iters: int = 50, repeats: int = 5,
+               warmup: int = 5, group=None) -> float:
+    """Median over ``repeats`` of the mean time per call (µs) of ``iters`` back-to-back calls,
+    timed with CUDA events (ranks aligned by a barrier before each repeat)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        if dist.is_initialized():
+            dist.barrier(group=group)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1000.0 / iters)
+    return statistics.median(samples)
+
+
+def time_graph(fn: Callable[[], object], iters: int = 20, repeats: int = 5,
+               group=None) -> Optional[float]:
+    """Like :func:`time_eager` but replaying a CUDA graph of ``iters`` calls (no launch gaps).
+    ``None`` if capture fails."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(iters):
+                fn()
+        graph.replay()
+        torch.cuda.synchronize()
+    except Exception as exc:  # noqa: BLE001 - report, don't abort the whole benchmark
+        if dist.is_initialized():
+            dist.barrier(group=group)
+        print(f"[graph capture failed: {type(exc).__name__}: {str(exc)[:120]}]", flush=True)
+        return None
+    samples = []
+    for _ in range(repeats):
+        if dist.is_initialized():
+            dist.barrier(group=group)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1000.0 / iters)
+    del graph
+    return statistics.median(samples)
+
+
+def fmt_bytes(n: int) -> str:
+    for unit, scale in (("MB", 2**20), ("KB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:g} {unit}"
+    return f"{n} B"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table (pasteable into BENCHMARKS.md)."""
+    def cell(v: object) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, payload: dict) -> None:
+    """JSON under $OUT (the device tool's output folder) or ./bench_results."""
+    out = os.environ.get("OUT") or "bench_results"
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.json"), "w") as fh:
+        json.dump(payload, fh, indent=1, default=str)
+
+
+def device_name() -> str:
+    return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
