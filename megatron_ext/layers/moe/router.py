@@ -98,7 +98,7 @@ class TopKRouter(nn.Module):
         with torch.no_grad():
             counts = torch.zeros(self.num_experts, dtype=torch.float32, device=x.device)
             counts.index_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.float32)
-                              if flat_w is None else flat_w)
+                              if flat_w is None else flat_w.float())
         return RouterOutput(logits, weights, top_ids, RouterStats(counts, prob_sum, num_tokens))
 
 

@@ -1,0 +1,272 @@
+"""MoE layer tests.
+
+* Single process vs ``transformers``' ``Qwen3MoeSparseMoeBlock`` / ``Qwen2MoeSparseMoeBlock``
+  (weights copied in): forward, input and parameter gradients, the load-balancing loss.
+* Multi-rank (one 4-rank spawn, many layouts): the parallel MoE (``local`` dispatcher on MOE_FULL
+  inputs, ``all_to_all`` dispatcher on SCATTERED inputs, with uneven token counts) vs the
+  single-process layer on the same global weights and all tokens — forward, aux loss, input grads,
+  and every parameter's gradient after summing over its ParamSpec ``grad_sync`` axes.
+* Bad inputs raise clear errors.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_ext.layers.moe import MoELayer, load_balancing_loss
+from megatron_ext.layers.moe.grouped_gemm import grouped_mm
+from megatron_ext.parallel.collectives import all_reduce
+from megatron_ext.parallel.comm_counter import count_collectives
+from megatron_ext.parallel.groups import ParallelGroups, build_groups
+from megatron_ext.parallel.topology import Topology
+from tests.multirank import run_ranks
+from tests.parallel_check import assert_grads_match, load_from_reference, sum_over
+
+H, I, E = 16, 8, 8
+SINGLE = ParallelGroups.single_process()
+
+
+def _hf_block(kind: str, top_k: int, norm_topk_prob: bool):
+    if kind == "qwen3":
+        from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+        cfg = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E,
+                             num_experts_per_tok=top_k, norm_topk_prob=norm_topk_prob)
+        cfg._experts_implementation = "eager"
+        return Qwen3MoeSparseMoeBlock(cfg), 0
+    from transformers.models.qwen2_moe.configuration_qwen2_moe import Qwen2MoeConfig
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+
+    cfg = Qwen2MoeConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E,
+                         num_experts_per_tok=top_k, norm_topk_prob=norm_topk_prob,
+                         shared_expert_intermediate_size=12)
+    cfg._experts_implementation = "eager"
+    return Qwen2MoeSparseMoeBlock(cfg), 12
+
+
+def _copy_from_hf(ours: MoELayer, hf) -> None:
+    with torch.no_grad():
+        ours.gate.weight.copy_(hf.gate.weight)
+        ours.experts.gate_proj.copy_(hf.experts.gate_up_proj[:, :I])
+        ours.experts.up_proj.copy_(hf.experts.gate_up_proj[:, I:])
+        ours.experts.down_proj.copy_(hf.experts.down_proj)
+        if ours.shared_expert is not None:
+            for n in ("gate_proj", "up_proj", "down_proj"):
+                getattr(ours.shared_expert.mlp, n).weight.copy_(getattr(hf.shared_expert, n).weight)
+            ours.shared_expert.gate.weight.copy_(hf.shared_expert_gate.weight)
+
+
+@pytest.mark.parametrize("kind,top_k,norm", [("qwen3", 2, True), ("qwen3", 3, False),
+                                             ("qwen2", 4, False), ("qwen2", 2, True)])
+def test_moe_block_matches_transformers(kind, top_k, norm):
+    torch.manual_seed(0)
+    hf, shared = _hf_block(kind, top_k, norm)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.3)
+    ours = MoELayer(H, E, top_k, I, SINGLE, norm_topk_prob=norm,
+                    shared_expert_intermediate_size=shared, shared_expert_gate=bool(shared))
+    _copy_from_hf(ours, hf)
+    x = torch.randn(2, 7, H)
+    x_hf, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref = hf(x_hf)
+    out, stats = ours(x_ours)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(ref)
+    (ref * grad).sum().backward()
+    (out * grad).sum().backward()
+    torch.testing.assert_close(x_ours.grad, x_hf.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.gate.weight.grad, hf.gate.weight.grad, atol=1e-5, rtol=1e-5)
+    gate_up = torch.cat([ours.experts.gate_proj.grad, ours.experts.up_proj.grad], dim=1)
+    torch.testing.assert_close(gate_up, hf.experts.gate_up_proj.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.experts.down_proj.grad, hf.experts.down_proj.grad,
+                               atol=1e-5, rtol=1e-5)
+    if shared:
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            torch.testing.assert_close(getattr(ours.shared_expert.mlp, n).weight.grad,
+                                       getattr(hf.shared_expert, n).weight.grad,
+                                       atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.shared_expert.gate.weight.grad,
+                                   hf.shared_expert_gate.weight.grad, atol=1e-5, rtol=1e-5)
+    # routing identical to HF's router
+    logits, weights, ids = hf.gate(x.reshape(-1, H))
+    routing = ours.gate(x.reshape(-1, H))
+    assert torch.equal(routing.experts, ids)
+    torch.testing.assert_close(routing.weights, weights, atol=1e-6, rtol=1e-6)
+    assert stats.counts.sum().item() == x.shape[0] * x.shape[1] * top_k
+
+
+def test_load_balancing_loss_matches_transformers():
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    torch.manual_seed(1)
+    ours = [MoELayer(H, E, 2, I, SINGLE) for _ in range(3)]
+    x = torch.randn(2, 6, H)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    logits, stats, masked = [], [], []
+    for layer in ours:
+        logits.append(layer.gate(x.reshape(-1, H)).logits.detach())
+        stats.append(layer(x).router_stats)
+        masked.append(layer(x, token_mask=mask).router_stats)
+    ref = load_balancing_loss_func(tuple(logits), E, 2)
+    torch.testing.assert_close(load_balancing_loss(stats), ref, atol=1e-6, rtol=1e-6)
+    ref_m = load_balancing_loss_func(tuple(logits), E, 2, attention_mask=mask)
+    torch.testing.assert_close(load_balancing_loss(masked), ref_m, atol=1e-6, rtol=1e-6)
+    # differentiable w.r.t. the router weights
+    load_balancing_loss(stats).backward()
+    assert all(layer.gate.weight.grad is not None and layer.gate.weight.grad.abs().sum() > 0
+               for layer in ours)
+
+
+def test_grouped_mm_fallback_exact_with_empty_groups():
+    torch.manual_seed(2)
+    w = torch.randn(4, 6, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    counts = [3, 0, 4, 0]
+    out = grouped_mm(x, w, counts)
+    ref = torch.cat([x[:3] @ w[0], x[3:] @ w[2]])
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    out.sum().backward()
+    assert w.grad is not None and torch.equal(w.grad[1], torch.zeros(6, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="counts sum to 6"):
+        grouped_mm(x, w, [3, 0, 3, 0])
+    with pytest.raises(ValueError, match="3 counts for 4 groups"):
+        grouped_mm(x, w, [3, 0, 4])
+
+
+def test_moe_bad_inputs():
+    with pytest.raises(ValueError, match="top_k=9 must be in"):
+        MoELayer(H, E, 9, I, SINGLE)
+    with pytest.raises(ValueError, match="dispatcher='ring'"):
+        MoELayer(H, E, 2, I, SINGLE, dispatcher="ring")
+    with pytest.raises(ValueError, match="shared_expert_gate=True needs"):
+        MoELayer(H, E, 2, I, SINGLE, shared_expert_gate=True)
+    layer = MoELayer(H, E, 2, I, SINGLE)
+    with pytest.raises(ValueError, match="expects last dim 16"):
+        layer(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="token_mask shape"):
+        layer(torch.randn(3, H), token_mask=torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="token_counts is only used"):
+        layer(torch.randn(3, H), token_counts=[3])
+    with pytest.raises(ValueError, match="at least one layer"):
+        load_balancing_loss([])
+
+
+# ------------------------------------------------------------------------------ multi-rank
+LAYOUTS = [  # (moe_ep, moe_tp, moe_dp) on 4 ranks
+    (2, 2, 1), (4, 1, 1), (1, 4, 1), (2, 1, 2), (1, 2, 2),
+]
+CONFIGS = [  # (top_k, norm_topk_prob, shared_intermediate, gated)
+    (2, True, 0, False), (3, False, 16, True),
+]
+AUX_COEF = 0.7
+
+
+def _reference(cfg, seed):
+    top_k, norm, shared, gated = cfg
+    torch.manual_seed(seed)
+    ref = MoELayer(H, E, top_k, I, SINGLE, norm_topk_prob=norm,
+                   shared_expert_intermediate_size=shared, shared_expert_gate=gated,
+                   dtype=torch.float64)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0.0, 0.4)
+    return ref
+
+
+def _check_local(groups, cfg, seed, sync_input_grad):
+    """MOE_FULL: every shard rank holds its shard's tokens; shards hold distinct tokens."""
+    top_k, norm, shared, gated = cfg
+    topo = groups.topology
+    n_shards, tokens = topo.moe_dp, 6
+    g = torch.Generator().manual_seed(seed + 1)
+    x_all = torch.randn(n_shards, tokens, H, generator=g, dtype=torch.float64)
+    gy_all = torch.randn(n_shards, tokens, H, generator=g, dtype=torch.float64)
+    ref = _reference(cfg, seed)
+    xr = x_all.reshape(-1, H).clone().requires_grad_()
+    out_r, stats_r = ref(xr)
+    aux_r = load_balancing_loss([stats_r])
+    ((out_r * gy_all.reshape(-1, H)).sum() + AUX_COEF * aux_r).backward()
+
+    layer = MoELayer(H, E, top_k, I, groups, norm_topk_prob=norm,
+                     shared_expert_intermediate_size=shared, shared_expert_gate=gated,
+                     sync_input_grad=sync_input_grad, dtype=torch.float64)
+    load_from_reference(layer, ref)
+    q = groups.coords.moe_dp
+    x = x_all[q].clone().requires_grad_()
+    with count_collectives() as log:
+        partial, stats = layer(x)
+    assert len(log) == 0, f"local dispatcher issued collectives: {log.records}"
+    out = all_reduce(partial, groups.moe_shard)        # the communicator's single reduction
+    aux = load_balancing_loss([stats], sum_groups=(groups.stage,))
+    ((out * gy_all[q]).sum() + AUX_COEF * aux).backward()
+    what = f"local {topo} cfg={cfg}"
+    torch.testing.assert_close(out, out_r[q * tokens:(q + 1) * tokens], atol=1e-10, rtol=0,
+                               msg=lambda m: f"{what} forward: {m}")
+    torch.testing.assert_close(sum_over(aux, "stage", groups), aux_r.detach(), atol=1e-12,
+                               rtol=0, msg=lambda m: f"{what} aux: {m}")
+    dx = x.grad if sync_input_grad else sum_over(x.grad, "moe_shard", groups)
+    torch.testing.assert_close(dx, xr.grad[q * tokens:(q + 1) * tokens], atol=1e-10, rtol=0,
+                               msg=lambda m: f"{what} input grad: {m}")
+    assert_grads_match(layer, ref, groups, atol=1e-10, what=what)
+
+
+def _check_all_to_all(groups, cfg, seed, counts):
+    """SCATTERED: every stage rank holds distinct tokens (``counts[s]`` of them)."""
+    top_k, norm, shared, gated = cfg
+    topo = groups.topology
+    s = groups.stage.rank
+    g = torch.Generator().manual_seed(seed + 2)
+    total = sum(counts)
+    x_all = torch.randn(total, H, generator=g, dtype=torch.float64)
+    gy_all = torch.randn(total, H, generator=g, dtype=torch.float64)
+    mask_all = torch.rand(total, generator=g) > 0.2
+    start = sum(counts[:s])
+    mine = slice(start, start + counts[s])
+    ref = _reference(cfg, seed)
+    xr = x_all.clone().requires_grad_()
+    out_r, stats_r = ref(xr, token_mask=mask_all)
+    aux_r = load_balancing_loss([stats_r])
+    ((out_r * gy_all).sum() + AUX_COEF * aux_r).backward()
+
+    layer = MoELayer(H, E, top_k, I, groups, norm_topk_prob=norm,
+                     shared_expert_intermediate_size=shared, shared_expert_gate=gated,
+                     dispatcher="all_to_all", dtype=torch.float64)
+    load_from_reference(layer, ref)
+    x = x_all[mine].clone().requires_grad_()
+    shard = groups.moe_shard
+    first = groups.stage.rank - shard.rank
+    shard_counts = counts[first:first + shard.size]
+    out, stats = layer(x, token_mask=mask_all[mine], token_counts=shard_counts)
+    aux = load_balancing_loss([stats], sum_groups=(groups.stage,))
+    ((out * gy_all[mine]).sum() + AUX_COEF * aux).backward()
+    what = f"all_to_all {topo} cfg={cfg} counts={counts}"
+    torch.testing.assert_close(out, out_r[mine], atol=1e-10, rtol=0,
+                               msg=lambda m: f"{what} forward: {m}")
+    torch.testing.assert_close(sum_over(aux, "stage", groups), aux_r.detach(), atol=1e-12,
+                               rtol=0, msg=lambda m: f"{what} aux: {m}")
+    torch.testing.assert_close(x.grad, xr.grad[mine], atol=1e-10, rtol=0,
+                               msg=lambda m: f"{what} input grad: {m}")
+    assert_grads_match(layer, ref, groups, atol=1e-10, what=what)
+
+
+def _moe_ranks(rank: int, world: int) -> int:
+    torch.manual_seed(0)
+    checked = 0
+    for li, (ep, tp, dp) in enumerate(LAYOUTS):
+        groups = build_groups(Topology(world=world, moe_ep=ep, moe_tp=tp, moe_dp=dp))
+        for ci, cfg in enumerate(CONFIGS):
+            seed = 100 * li + ci
+            _check_local(groups, cfg, seed, sync_input_grad=(li + ci) % 2 == 1)
+            counts = [5, 3, 0, 6] if li % 2 == 0 else [4, 4, 4, 4]
+            _check_all_to_all(groups, cfg, seed, counts)
+            checked += 2
+    return checked
+
+
+def test_moe_parallel_layouts_match_single_process():
+    results = run_ranks(_moe_ranks, 4, timeout=120)
+    assert results == [2 * len(LAYOUTS) * len(CONFIGS)] * 4
