@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from megatron_ext.parallel.comm_counter import record
-from megatron_ext.parallel.symm_mem import (NCCL, SYMM_DTYPES, SymmMemAllReduce,
+from megatron_ext.parallel.symm_mem import (SymmMemAllReduce,
                                             all_reduce_sum)
 
 FUSED = "fused"
@@ -175,8 +175,7 @@ def choose_method(partial: torch.Tensor, reducer: Optional[SymmMemAllReduce],
         raise ValueError(f"unknown fused-norm method {method!r}; use one of {METHODS}")
     cuda_triton = triton_available(partial.device) and partial.shape[-1] <= MAX_TRITON_HIDDEN
     nbytes = partial.numel() * partial.element_size()
-    fits = (reducer is not None and reducer.enabled and partial.dtype in SYMM_DTYPES and
-            reducer.method_for(nbytes, partial.dtype) != NCCL)
+    fits = reducer is not None and reducer.fits_slot(nbytes, partial.dtype)
     if method == AUTO:
         if not cuda_triton:
             return REFERENCE
@@ -202,23 +201,28 @@ def _check(partial: torch.Tensor, residual: Optional[torch.Tensor], weight: torc
 
 
 # ---------------------------------------------------------------------- autograd wrapper
+def _forward(partial, residual, weight, eps, reducer, method):
+    """Forward of the CUDA methods (no autograd): returns ``(y, h)`` shaped like ``partial``."""
+    shape = partial.shape
+    cols = shape[-1]
+    rows = partial.numel() // cols
+    res2 = None if residual is None else residual.reshape(rows, cols).contiguous()
+    if method == FUSED:
+        record("all_reduce", reducer.axis.name, partial.numel() * partial.element_size())
+        staged = reducer.stage_in_buffer(partial.contiguous())
+        y, h = _launch(None, res2, weight.contiguous(), eps, rows, cols, partial.dtype,
+                       partial.device, reducer=reducer, staged=staged.view(rows, cols))
+    else:  # COMPOSED
+        summed = partial if reducer is None else reducer.all_reduce(partial)
+        y, h = _launch(summed.reshape(rows, cols).contiguous(), res2, weight.contiguous(),
+                       eps, rows, cols, partial.dtype, partial.device)
+    return y.view(shape), h.view(shape)
+
+
 class _ReduceAddRMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, partial, residual, weight, eps, reducer, method):
-        shape = partial.shape
-        cols = shape[-1]
-        rows = partial.numel() // cols
-        res2 = None if residual is None else residual.reshape(rows, cols).contiguous()
-        if method == FUSED:
-            record("all_reduce", reducer.axis.name, partial.numel() * partial.element_size())
-            staged = reducer.stage_in_buffer(partial.contiguous())
-            y, h = _launch(None, res2, weight.contiguous(), eps, rows, cols, partial.dtype,
-                           partial.device, reducer=reducer, staged=staged.view(rows, cols))
-        else:  # COMPOSED
-            summed = partial if reducer is None else reducer.all_reduce(partial)
-            y, h = _launch(summed.reshape(rows, cols).contiguous(), res2, weight.contiguous(),
-                           eps, rows, cols, partial.dtype, partial.device)
-        y, h = y.view(shape), h.view(shape)
+        y, h = _forward(partial, residual, weight, eps, reducer, method)
         ctx.save_for_backward(h, weight)
         ctx.eps, ctx.has_residual = eps, residual is not None
         return y, h
@@ -250,7 +254,10 @@ def reduce_add_rms_norm(partial: torch.Tensor, residual: Optional[torch.Tensor],
     if method == REFERENCE:
         summed = partial if reducer is None else all_reduce_sum(partial, reducer)
         return add_rms_norm_reference(summed, residual, weight, eps)
-    return _ReduceAddRMSNorm.apply(partial, residual, weight, eps, reducer, method)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (partial, residual, weight)):
+        return _ReduceAddRMSNorm.apply(partial, residual, weight, eps, reducer, method)
+    return _forward(partial, residual, weight, eps, reducer, method)  # inference: no graph
 
 
 def add_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,

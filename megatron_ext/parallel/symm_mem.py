@@ -27,6 +27,7 @@ opening barrier, which every peer reaches only after it finished reading that sl
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -156,8 +157,10 @@ class SymmMemAllReduce:
             import torch.distributed._symmetric_memory as symm_mem
 
             group_name = self.axis.group.group_name
-            if hasattr(symm_mem, "enable_symm_mem_for_group"):
-                symm_mem.enable_symm_mem_for_group(group_name)
+            if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed before torch 2.9
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    symm_mem.enable_symm_mem_for_group(group_name)
             buf = symm_mem.empty(2 * self.config.slot_bytes, dtype=torch.uint8, device=self.device)
             handle = symm_mem.rendezvous(buf, group_name)
         except Exception as exc:  # noqa: BLE001 - fall back to NCCL, say why
@@ -178,11 +181,16 @@ class SymmMemAllReduce:
     def rank(self) -> int:
         return self.axis.rank
 
+    def fits_slot(self, nbytes: int, dtype: torch.dtype) -> bool:
+        """Whether a tensor of ``nbytes`` bytes of ``dtype`` can live in one symmetric slot."""
+        return self.enabled and dtype in SYMM_DTYPES and nbytes <= self.config.slot_bytes
+
     def method_for(self, nbytes: int, dtype: torch.dtype = torch.bfloat16) -> str:
         """Which path reduces a tensor of ``nbytes`` bytes (per rank) of ``dtype``."""
         if self.axis.is_trivial:
             return LOCAL
-        if not self.enabled or dtype not in SYMM_DTYPES or nbytes > self.config.slot_bytes:
+        # torch's kernels need whole 4-byte words (an odd count of bf16 elements goes to NCCL)
+        if not self.fits_slot(nbytes, dtype) or nbytes % 4:
             return NCCL
         if nbytes <= self.config.one_shot_max_bytes:
             return ONE_SHOT
@@ -208,7 +216,7 @@ class SymmMemAllReduce:
         for s in shape:
             numel *= s
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        if not self.enabled or dtype not in SYMM_DTYPES or nbytes > self.config.slot_bytes:
+        if not self.fits_slot(nbytes, dtype):
             return torch.empty(shape, dtype=dtype, device=self.device)
         return self._slot(self._take_slot(), nbytes).view(dtype).view(shape)
 
