@@ -1,0 +1,221 @@
+"""Block attention that returns its log-sum-exp, forward and backward.
+
+Context-parallel attention splits one causal attention into *blocks*: a set of query tokens
+against a set of key/value tokens. Each block is computed on its own and the partial results are
+merged by log-sum-exp (:func:`merge_partial`). The backward of a block needs only the *final*
+(merged) output and log-sum-exp: with ``P = exp(S - lse_final)`` the block's share of the
+gradients is exact, so no per-block state has to be kept.
+
+A block has one of four mask kinds (decided by the caller's plan):
+
+* ``SKIP``    — nothing visible, not computed;
+* ``FULL``    — every key visible to every query (no mask);
+* ``CAUSAL``  — the block's queries and keys are the same tokens in increasing order: key ``j``
+  visible to query ``i`` iff ``j <= i``;
+* ``GENERAL`` — an explicit boolean mask ``[b, s_q, s_k]``.
+
+Kernels: on CUDA with fp16/bf16, ``FULL`` and ``CAUSAL`` blocks run torch's flash-attention ops
+(``aten._scaled_dot_product_flash_attention`` and its backward, which take an external ``out``
+and ``logsumexp``). Everything else (CPU, float32/float64, ``GENERAL`` masks) runs a plain torch
+implementation in float32 (float64 for float64 inputs), chunked over queries to bound memory.
+Layout everywhere: ``q [b, s_q, hq, d]``, ``k, v [b, s_k, hkv, d]`` with ``hq % hkv == 0``
+(query head ``h`` uses key/value head ``h // (hq // hkv)``); ``lse [b, hq, s_q]``.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from typing import Optional
+
+import torch
+
+# Bound on score-matrix elements the math path materialises at once (b * hq * chunk * s_k).
+MATH_CHUNK_ELEMENTS = 1 << 26
+
+_FLASH_GQA_NATIVE: Optional[bool] = None  # learnt on first GQA flash call (older builds lack it)
+
+
+class MaskKind(enum.Enum):
+    SKIP = "skip"
+    FULL = "full"
+    CAUSAL = "causal"
+    GENERAL = "general"
+
+
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for partial outputs and gradients."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def uses_flash(q: torch.Tensor, kind: MaskKind) -> bool:
+    """Whether a block of this kind runs the CUDA flash kernel."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
+            and q.shape[-1] <= 256 and kind in (MaskKind.FULL, MaskKind.CAUSAL))
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+# --------------------------------------------------------------------------------- math kernel
+def _allowed(kind: MaskKind, mask: Optional[torch.Tensor], sq: int, sk: int,
+             device: torch.device) -> Optional[torch.Tensor]:
+    """Boolean visibility broadcastable to ``[b, 1, 1, sq, sk]`` (None = everything visible)."""
+    if kind == MaskKind.FULL:
+        return None
+    if kind == MaskKind.CAUSAL:
+        if sq != sk:
+            raise ValueError(f"a CAUSAL block needs as many queries as keys, got {sq} and {sk}")
+        return torch.ones(sq, sk, dtype=torch.bool, device=device).tril()
+    if kind == MaskKind.GENERAL:
+        if mask is None or mask.shape[-2:] != (sq, sk):
+            raise ValueError(f"a GENERAL block needs a mask [b, {sq}, {sk}], got "
+                             f"{None if mask is None else tuple(mask.shape)}")
+        return mask[:, None, None]
+    raise ValueError(f"block kind {kind} is not computed")
+
+
+def _heads_first(q: torch.Tensor, hkv: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[b, s, hq, d]`` -> ``[b, hkv, g, s, d]``."""
+    b, s, hq, d = q.shape
+    return q.to(dtype).view(b, s, hkv, hq // hkv, d).permute(0, 2, 3, 1, 4)
+
+
+def _heads_last(x: torch.Tensor) -> torch.Tensor:
+    """``[b, hkv, g, s, d]`` -> ``[b, s, hkv * g, d]``."""
+    b, hkv, g, s, d = x.shape
+    return x.permute(0, 3, 1, 2, 4).reshape(b, s, hkv * g, d)
+
+
+def _q_chunks(b: int, hq: int, sq: int, sk: int) -> list[tuple[int, int]]:
+    step = max(1, MATH_CHUNK_ELEMENTS // max(1, b * hq * sk))
+    return [(i, min(sq, i + step)) for i in range(0, sq, step)]
+
+
+def _math_forward(q, k, v, scale, kind, mask):
+    acc = accum_dtype(q.dtype)
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    allowed = _allowed(kind, mask, sq, sk, q.device)
+    kh = k.to(acc).permute(0, 2, 1, 3).unsqueeze(2)  # [b, hkv, 1, sk, d]
+    vh = v.to(acc).permute(0, 2, 1, 3).unsqueeze(2)
+    outs, lses = [], []
+    for a, e in _q_chunks(b, hq, sq, sk):
+        qh = _heads_first(q[:, a:e], hkv, acc)
+        s = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # [b, hkv, g, c, sk]
+        if allowed is not None:
+            s = s.masked_fill(~allowed[..., a:e, :], float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)  # -inf where a query sees nothing
+        p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))
+        outs.append(_heads_last(torch.matmul(p, vh)))
+        lses.append(lse.reshape(b, hq, e - a))
+    return torch.cat(outs, 1), torch.cat(lses, -1)
+
+
+def _math_backward(dout, q, k, v, out, lse, scale, kind, mask):
+    acc = accum_dtype(q.dtype)
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    allowed = _allowed(kind, mask, sq, sk, q.device)
+    kh = k.to(acc).permute(0, 2, 1, 3).unsqueeze(2)
+    vh = v.to(acc).permute(0, 2, 1, 3).unsqueeze(2)
+    dk = torch.zeros(b, hkv, sk, d, dtype=acc, device=q.device)
+    dv = torch.zeros_like(dk)
+    dqs = []
+    for a, e in _q_chunks(b, hq, sq, sk):
+        qh = _heads_first(q[:, a:e], hkv, acc)
+        doh = _heads_first(dout[:, a:e], hkv, acc)
+        oh = _heads_first(out[:, a:e], hkv, acc)
+        l = lse[..., a:e].to(acc).reshape(b, hkv, g, e - a, 1)
+        s = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+        p = torch.exp(s - torch.where(torch.isinf(l), 0.0, l))
+        p = torch.where(torch.isinf(l), 0.0, p)
+        if allowed is not None:
+            p = p.masked_fill(~allowed[..., a:e, :], 0.0)
+        dv += torch.matmul(p.transpose(-1, -2), doh).sum(2)
+        dp = torch.matmul(doh, vh.transpose(-1, -2))
+        delta = (doh * oh).sum(-1, keepdim=True)
+        ds = p * (dp - delta)
+        dqs.append(_heads_last(torch.matmul(ds, kh) * scale))
+        dk += torch.matmul(ds.transpose(-1, -2), qh).sum(2) * scale
+    return torch.cat(dqs, 1), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+# -------------------------------------------------------------------------------- flash kernel
+def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=2)
+
+
+def _flash_forward(q, k, v, scale, causal):
+    global _FLASH_GQA_NATIVE
+    g = q.shape[2] // k.shape[2]
+    if g > 1 and _FLASH_GQA_NATIVE is not False:
+        try:
+            res = torch.ops.aten._scaled_dot_product_flash_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, False,
+                scale=scale)
+            _FLASH_GQA_NATIVE = True
+            return res[0].transpose(1, 2), res[1], (res[6], res[7])
+        except RuntimeError:
+            _FLASH_GQA_NATIVE = False
+    k, v = _expand_kv(k, g), _expand_kv(v, g)
+    res = torch.ops.aten._scaled_dot_product_flash_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, False, scale=scale)
+    return res[0].transpose(1, 2), res[1], (res[6], res[7])
+
+
+def _flash_backward(dout, q, k, v, out, lse, scale, causal, rng):
+    g = q.shape[2] // k.shape[2]
+    native = g == 1 or _FLASH_GQA_NATIVE
+    ke, ve = (k, v) if native else (_expand_kv(k, g), _expand_kv(v, g))
+    seed, offset = rng
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        dout.transpose(1, 2), q.transpose(1, 2), ke.transpose(1, 2), ve.transpose(1, 2),
+        out.transpose(1, 2), lse.contiguous(), None, None, q.shape[1], k.shape[1], 0.0, causal,
+        seed, offset, scale=scale)
+    dq, dk, dv = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+    if not native:
+        b, sk, _, d = dk.shape
+        dk = dk.reshape(b, sk, k.shape[2], g, d).sum(3)
+        dv = dv.reshape(b, sk, k.shape[2], g, d).sum(3)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------- interface
+def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  kind: MaskKind, mask: Optional[torch.Tensor] = None):
+    """Attention of one block. Returns ``(out [b, sq, hq, d], lse [b, hq, sq], aux)``; ``aux``
+    is the flash kernel's RNG state (needed by its backward) or None. Queries that see no key get
+    ``out = 0`` and ``lse = -inf``."""
+    if uses_flash(q, kind):
+        return _flash_forward(q, k, v, scale, kind == MaskKind.CAUSAL)
+    out, lse = _math_forward(q, k, v, scale, kind, mask)
+    return out, lse, None
+
+
+def block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   out: torch.Tensor, lse: torch.Tensor, scale: float, kind: MaskKind,
+                   mask: Optional[torch.Tensor] = None, aux=None):
+    """This block's share of ``(dq, dk, dv)`` given the *final* ``out`` and ``lse`` of its
+    queries (after merging every block). ``dout`` and ``out`` are in the query's dtype."""
+    if uses_flash(q, kind):
+        if aux is None:
+            aux = (torch.empty((), dtype=torch.long), torch.empty((), dtype=torch.long))
+        return _flash_backward(dout, q, k, v, out, lse, scale, kind == MaskKind.CAUSAL, aux)
+    return _math_backward(dout, q, k, v, out, lse, scale, kind, mask)
+
+
+def merge_partial(acc_out: Optional[torch.Tensor], acc_lse: Optional[torch.Tensor],
+                  out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge a block's ``(out, lse)`` into the running ``(acc_out, acc_lse)`` by log-sum-exp.
+    ``acc_out`` is kept in the accumulation dtype; ``-inf`` (nothing seen yet) is handled."""
+    dtype = accum_dtype(out.dtype)
+    lse = lse.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    if acc_out is None:
+        return out.to(dtype), lse.clone()
+    new_lse = torch.logaddexp(acc_lse, lse)
+    safe = torch.where(torch.isinf(new_lse), 0.0, new_lse)
+    w_old = torch.exp(acc_lse - safe).transpose(1, 2).unsqueeze(-1).to(dtype)
+    w_new = torch.exp(lse - safe).transpose(1, 2).unsqueeze(-1).to(dtype)
+    return acc_out * w_old + out.to(dtype) * w_new, new_lse
