@@ -108,19 +108,12 @@ class ShardLoadPlanner(DefaultLoadPlanner):
     def create_local_plan(self) -> LoadPlan:
         assert self.metadata is not None
         saved = self.metadata.state_dict_metadata
+        check_loadable(saved, self.shards, [k for k in self.state_dict if k not in self.shards])
         requests: list[ReadItem] = []
         for fqn in self.state_dict:
-            if fqn not in saved:
-                raise ValueError(f"checkpoint has no entry {fqn!r} (saved from another model?)")
-            md = saved[fqn]
             if fqn in self.shards:
-                shard = self.shards[fqn]
-                if not isinstance(md, TensorStorageMetadata):
-                    raise ValueError(f"checkpoint entry {fqn!r} is not a tensor")
-                if tuple(md.size) != shard.global_shape:
-                    raise ValueError(f"checkpoint tensor {fqn!r} has global shape "
-                                     f"{tuple(md.size)}, the model expects {shard.global_shape}")
-                requests += create_read_items_for_chunk_list(fqn, md, [shard.chunk])
+                requests += create_read_items_for_chunk_list(fqn, saved[fqn],
+                                                             [self.shards[fqn].chunk])
             else:
                 index = MetadataIndex(fqn)
                 requests.append(ReadItem(type=LoadItemType.BYTE_IO, dest_index=index,
@@ -134,6 +127,21 @@ class ShardLoadPlanner(DefaultLoadPlanner):
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         self.state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=False)
+
+
+def check_loadable(saved: dict, shards: dict[str, "Shard"], objects: list[str]) -> None:
+    """``ValueError`` naming the entry if the checkpoint lacks one or its global shape differs
+    (checked before DCP starts reading, so the message is not buried in a DCP exception)."""
+    for fqn in list(shards) + list(objects):
+        if fqn not in saved:
+            raise ValueError(f"checkpoint has no entry {fqn!r} (saved from another model?)")
+    for fqn, shard in shards.items():
+        md = saved[fqn]
+        if not isinstance(md, TensorStorageMetadata):
+            raise ValueError(f"checkpoint entry {fqn!r} is not a tensor")
+        if tuple(md.size) != shard.global_shape:
+            raise ValueError(f"checkpoint tensor {fqn!r} has global shape {tuple(md.size)}, the "
+                             f"model expects {shard.global_shape}")
 
 
 # ---------------------------------------------------------------------- state
@@ -263,6 +271,7 @@ def load_checkpoint(path: str, shards: dict[str, Shard]) -> dict:
     state_dict[TRAIN_STATE_KEY] = None
     if rng_key in saved:
         state_dict[rng_key] = None
+    check_loadable(saved, shards, [TRAIN_STATE_KEY])
     with torch.no_grad():
         dcp.load(state_dict, storage_reader=reader, planner=ShardLoadPlanner(shards),
                  no_dist=not dist.is_initialized())

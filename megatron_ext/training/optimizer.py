@@ -77,7 +77,7 @@ def global_grad_norm(named_params: Iterable[tuple[str, torch.nn.Parameter]],
     for weight, grads in by_weight.items():
         norms = torch.stack(torch._foreach_norm(grads)).double()
         total += norms.pow(2).sum() * weight
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if groups.topology.world > 1:  # the groups' world (a one-process run reduces nothing)
         if dist.get_backend() == "nccl" and total.device.type != "cuda":
             total = total.cuda()
         dist.all_reduce(total)

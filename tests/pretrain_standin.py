@@ -1,0 +1,65 @@
+"""A stand-in model for the training-infrastructure tests: parameters laid out like the real layers
+(vocab-parallel embedding, attention-TP sharded linears, replicated norms, stage-synced router,
+experts split over moe_ep x moe_tp), split over pipeline stages, built from global tensors drawn
+from a seed, so every layout holds slices of the same global model.
+"""
+from __future__ import annotations
+
+import torch
+
+from megatron_ext.parallel.groups import ParallelGroups
+from megatron_ext.parallel.param_meta import ParamSpec, Split, set_spec
+
+H, V, E, M, LAYERS = 8, 16, 4, 8, 4
+
+
+def global_param_specs(groups: ParallelGroups) -> dict[str, ParamSpec]:
+    """Name -> spec of every parameter this rank holds (names are layout independent)."""
+    a, ep, mt = groups.attn_tp, groups.moe_ep, groups.moe_tp
+    topo, stage = groups.topology, groups.coords.pp
+    tp_axis = "attn_tp" if a.size > 1 else None
+    shard_axis = "moe_shard" if ep.size * mt.size > 1 else None
+
+    def tp_split(dim: int) -> tuple[Split, ...]:
+        return (Split(dim, a.size, a.rank),) if a.size > 1 else ()
+
+    expert_splits = tuple(s for s in (Split(0, ep.size, ep.rank), Split(2, mt.size, mt.rank))
+                          if s.chunks > 1)
+    specs: dict[str, ParamSpec] = {}
+    per_stage = LAYERS // topo.pp
+    if stage == 0:
+        specs["embed.weight"] = ParamSpec((V, H), tp_split(0), ("attn_dp_cp",), tp_axis)
+    for layer in range(stage * per_stage, (stage + 1) * per_stage):
+        p = f"layers.{layer}."
+        specs[p + "norm.weight"] = ParamSpec((H,), (), ("attn_dp_cp",))
+        specs[p + "scattered_norm.weight"] = ParamSpec((H,), (), ("attn_dp_cp", "attn_tp"))
+        specs[p + "qkv.weight"] = ParamSpec((3 * H, H), tp_split(0), ("attn_dp_cp",), tp_axis)
+        specs[p + "o_proj.weight"] = ParamSpec((H, 3 * H), tp_split(1), ("attn_dp_cp",), tp_axis)
+        specs[p + "router.weight"] = ParamSpec((E, H), (), ("stage",))
+        specs[p + "experts.w"] = ParamSpec((E, H, M), expert_splits, ("moe_dp",), shard_axis)
+    if stage == topo.pp - 1:
+        specs["final_norm.weight"] = ParamSpec((H,), (), ("attn_dp_cp",))
+        specs["lm_head.weight"] = ParamSpec((V, H), tp_split(0), ("attn_dp_cp",), tp_axis)
+    return specs
+
+
+def all_global_shapes() -> dict[str, tuple[int, ...]]:
+    """Every parameter of the full model (what a one-process run holds)."""
+    return {n: s.global_shape for n, s in
+            global_param_specs(ParallelGroups.single_process()).items()}
+
+
+def global_tensor(name: str, seed: int) -> torch.Tensor:
+    """The global tensor ``name`` for ``seed`` (identical on every rank and in every layout)."""
+    shape = all_global_shapes()[name]
+    gen = torch.Generator().manual_seed(seed * 1000003 + sum(map(ord, name)) * 7919 + len(name))
+    return torch.randn(shape, generator=gen, dtype=torch.float64).float()
+
+
+def build_params(groups: ParallelGroups, seed: int) -> list[tuple[str, torch.nn.Parameter]]:
+    """This rank's parameters: slices of ``global_tensor(name, seed)`` with their specs."""
+    out = []
+    for name, spec in global_param_specs(groups).items():
+        p = torch.nn.Parameter(spec.take_local(global_tensor(name, seed)).clone())
+        out.append((name, set_spec(p, spec)))
+    return out
