@@ -42,7 +42,7 @@ MAX_TRITON_HIDDEN = 16384
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """HF ``Qwen3RMSNorm``: fp32 statistics, normalised value cast back before the weight."""
     dtype = x.dtype
-    xf = x.float()
+    xf = x.to(torch.promote_types(dtype, torch.float32))
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(dtype)
 
@@ -57,12 +57,13 @@ def add_rms_norm_reference(x: torch.Tensor, residual: Optional[torch.Tensor],
 def rms_norm_backward(grad_y: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of :func:`rms_norm_reference` w.r.t. its input and weight."""
-    hf = h.float()
+    compute = torch.promote_types(h.dtype, torch.float32)
+    hf = h.to(compute)
     rstd = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
     xhat = hf * rstd
-    gy = grad_y.float()
-    dw = (gy * xhat.to(h.dtype).float()).reshape(-1, h.shape[-1]).sum(0)
-    g = gy * weight.float()
+    gy = grad_y.to(compute)
+    dw = (gy * xhat.to(h.dtype).to(compute)).reshape(-1, h.shape[-1]).sum(0)
+    g = gy * weight.to(compute)
     dh = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
     return dh.to(h.dtype), dw.to(weight.dtype)
 
