@@ -156,23 +156,23 @@ def _flash_forward(q, k, v, scale, causal):
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, False,
                 scale=scale)
             _FLASH_GQA_NATIVE = True
-            return res[0].transpose(1, 2), res[1], (res[6], res[7])
+            return res[0].transpose(1, 2), res[1], (res[2], res[3], res[6], res[7])
         except RuntimeError:
             _FLASH_GQA_NATIVE = False
     k, v = _expand_kv(k, g), _expand_kv(v, g)
     res = torch.ops.aten._scaled_dot_product_flash_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, False, scale=scale)
-    return res[0].transpose(1, 2), res[1], (res[6], res[7])
+    return res[0].transpose(1, 2), res[1], (res[2], res[3], res[6], res[7])
 
 
 def _flash_backward(dout, q, k, v, out, lse, scale, causal, rng):
     g = q.shape[2] // k.shape[2]
     native = g == 1 or _FLASH_GQA_NATIVE
     ke, ve = (k, v) if native else (_expand_kv(k, g), _expand_kv(v, g))
-    seed, offset = rng
+    cum_q, cum_k, seed, offset = rng  # as the forward returned them (dropout is off)
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
         dout.transpose(1, 2), q.transpose(1, 2), ke.transpose(1, 2), ve.transpose(1, 2),
-        out.transpose(1, 2), lse.contiguous(), None, None, q.shape[1], k.shape[1], 0.0, causal,
+        out.transpose(1, 2), lse.contiguous(), cum_q, cum_k, q.shape[1], k.shape[1], 0.0, causal,
         seed, offset, scale=scale)
     dq, dk, dv = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
     if not native:
@@ -186,7 +186,8 @@ def _flash_backward(dout, q, k, v, out, lse, scale, causal, rng):
 def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                   kind: MaskKind, mask: Optional[torch.Tensor] = None):
     """Attention of one block. Returns ``(out [b, sq, hq, d], lse [b, hq, sq], aux)``; ``aux``
-    is the flash kernel's RNG state (needed by its backward) or None. Queries that see no key get
+    is the flash kernel's extra outputs its backward takes (dropout is off, so any flash call's
+    will do) or None. Queries that see no key get
     ``out = 0`` and ``lse = -inf``."""
     if uses_flash(q, kind):
         return _flash_forward(q, k, v, scale, kind == MaskKind.CAUSAL)
@@ -201,7 +202,7 @@ def block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     queries (after merging every block). ``dout`` and ``out`` are in the query's dtype."""
     if uses_flash(q, kind):
         if aux is None:
-            aux = (torch.empty((), dtype=torch.long), torch.empty((), dtype=torch.long))
+            raise ValueError("a flash block's backward needs the aux state of a flash forward")
         return _flash_backward(dout, q, k, v, out, lse, scale, kind == MaskKind.CAUSAL, aux)
     return _math_backward(dout, q, k, v, out, lse, scale, kind, mask)
 
@@ -209,11 +210,11 @@ def block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
 def merge_partial(acc_out: Optional[torch.Tensor], acc_lse: Optional[torch.Tensor],
                   out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge a block's ``(out, lse)`` into the running ``(acc_out, acc_lse)`` by log-sum-exp.
-    ``acc_out`` is kept in the accumulation dtype; ``-inf`` (nothing seen yet) is handled."""
+    Merged outputs are in the accumulation dtype; ``-inf`` (nothing seen yet) is handled."""
     dtype = accum_dtype(out.dtype)
-    lse = lse.to(torch.float64 if dtype == torch.float64 else torch.float32)
-    if acc_out is None:
-        return out.to(dtype), lse.clone()
+    lse = lse.to(dtype)
+    if acc_out is None:  # first block: kept as is (upcast happens at the first real merge)
+        return out, lse
     new_lse = torch.logaddexp(acc_lse, lse)
     safe = torch.where(torch.isinf(new_lse), 0.0, new_lse)
     w_old = torch.exp(acc_lse - safe).transpose(1, 2).unsqueeze(-1).to(dtype)

@@ -137,7 +137,7 @@ def _backward_all_gather(bwd: _Backward, k, v, plan, group):
     dkv_all = torch.zeros((plan.cp_size, 2) + tuple(k.shape), dtype=acc, device=k.device)
     if group.is_trivial:
         bwd.grads(k, v, me, dkv_all[0])
-        return dkv_all[0]
+        return dkv_all[0].to(k.dtype)
     gathered, pending = all_gather_async(torch.stack([k, v]), group)
     bwd.grads(k, v, me, dkv_all[me])
     pending.wait()
