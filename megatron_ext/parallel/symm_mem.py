@@ -283,6 +283,11 @@ class SymmMemAllReduce:
         if not self.enabled:
             raise ValueError(f"method {method!r} needs symmetric memory, which is off: "
                              f"{self.reason}")
+        if not self.fits_slot(nbytes, tensor.dtype) or nbytes % 4:
+            raise ValueError(f"method {method!r} needs a {'/'.join(map(str, SYMM_DTYPES))} "
+                             f"tensor of whole 4-byte words within one slot "
+                             f"({self.config.slot_bytes} bytes); got {nbytes} bytes of "
+                             f"{tensor.dtype}")
         src = tensor.contiguous()
         out = torch.empty_like(src)
         if method == ONE_SHOT:
