@@ -101,11 +101,13 @@ class AttentionBlock(nn.Module):
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, *,
                 token_index: Optional[torch.Tensor] = None,
-                segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                segment_ids: Optional[torch.Tensor] = None, plan=None) -> torch.Tensor:
         """``hidden`` ``[b, s_local, H]`` (TP_ATTN_FULL), ``positions`` ``[b, s_local]`` or
         ``[s_local]`` (RoPE positions of this rank's tokens). ``token_index`` (causal order in the
         full sequence; default ``positions``) and ``segment_ids`` (packed documents) go to
-        :func:`context_parallel_attention`. Returns the partial sum over ``attn_tp``."""
+        :func:`context_parallel_attention`, with ``plan`` (a ``plan_cp_attention`` result shared by
+        all layers of a step). Pass the CP split's ``token_index`` whenever the batch is padded or
+        packed. Returns the partial sum over ``attn_tp``."""
         from megatron_ext.layers.cp_attention import context_parallel_attention
 
         if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
@@ -125,5 +127,6 @@ class AttentionBlock(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = context_parallel_attention(
             q, k, v, self.cp_group, token_index=positions if token_index is None else token_index,
-            segment_ids=segment_ids, strategy=self.cp_strategy, softmax_scale=self.softmax_scale)
+            segment_ids=segment_ids, strategy=self.cp_strategy, softmax_scale=self.softmax_scale,
+            plan=plan)
         return self.o_proj(out.reshape(b, s, self.local_heads * self.head_dim))

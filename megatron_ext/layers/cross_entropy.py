@@ -1,6 +1,6 @@
 """Cross-entropy over vocab-parallel logits, without gathering the ``[tokens, V]`` logits.
 
-Forward (float32): every rank reduces its shard to a per-token log-sum-exp; the shards' LSEs are
+Forward (float32, or float64 for float64 logits): every rank reduces its shard to a per-token log-sum-exp; the shards' LSEs are
 all-gathered (``[p, tokens]``, tiny) and merged, and the target logit is summed from the one rank
 whose range holds the label. Backward needs no collective: the per-token loss is identical on every
 rank, so each rank's logit gradient is ``(softmax - onehot) · dloss`` on its own columns.
@@ -29,7 +29,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
                 ignore_index: int) -> torch.Tensor:
         shard = logits.shape[-1]
         start = group.rank * shard
-        lf = logits.float()
+        lf = logits.to(torch.promote_types(logits.dtype, torch.float32))
         local_lse = torch.logsumexp(lf, dim=-1)                                   # [N]
         lse = torch.logsumexp(all_gather(local_lse.unsqueeze(0), group, dim=0), dim=0)
         local_label = labels - start
@@ -54,13 +54,13 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         softmax, idx, mine, keep = ctx.saved_tensors
         grad = softmax  # reused in place: [tokens, V/p] float32 is the largest buffer here
         grad.scatter_add_(-1, idx.unsqueeze(-1), -mine.to(grad.dtype).unsqueeze(-1))
-        grad.mul_((grad_loss.float() * keep).unsqueeze(-1))
+        grad.mul_((grad_loss.to(grad.dtype) * keep).unsqueeze(-1))
         return grad.to(ctx.dtype), None, None, None
 
 
 def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, labels: torch.Tensor,
                                  tp_group: AxisGroup, ignore_index: int = -100) -> torch.Tensor:
-    """Per-token loss (float32, shape ``labels.shape``; 0 where ``labels == ignore_index``) of
+    """Per-token loss (float32 or wider, shape ``labels.shape``; 0 where ``labels == ignore_index``) of
     logits split over ``tp_group`` along the last dim (rank ``r`` holds columns
     ``[r·V/p, (r+1)·V/p)``, as :class:`VocabParallelLMHead` yields). Equals
     ``F.cross_entropy(full_logits, labels, reduction="none", ignore_index=...)`` in value and
