@@ -94,7 +94,7 @@ def ours(S: int, hq: int, hkv: int, d: int, group: AxisGroup, strategy: str):
         q.grad = k.grad = v.grad = None
 
     nbytes = sum(t.numel() * t.element_size() for t in (q, k, v, dout))
-    return step, nbytes, contextlib.nullcontext()
+    return step, nbytes, contextlib.ExitStack()
 
 
 def sdpa_single(S: int, hq: int, hkv: int, d: int):
@@ -114,7 +114,7 @@ def sdpa_single(S: int, hq: int, hkv: int, d: int):
         q.grad = k.grad = v.grad = None
 
     nbytes = sum(t.numel() * t.element_size() for t in (q, k, v, dout))
-    return step, nbytes, contextlib.nullcontext()
+    return step, nbytes, contextlib.ExitStack()
 
 
 def torch_cp(S: int, hq: int, hkv: int, d: int, mesh, rotate: str, expand_kv: bool):
