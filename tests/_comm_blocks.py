@@ -187,7 +187,7 @@ class Stack(nn.Module):
     shard; the only collectives are the communicators'."""
 
     def __init__(self, w, spec: StackSpec, groups: ParallelGroups, modes: list[LayerScatterModes],
-                 dispatcher: str = "local"):
+                 dispatcher: str = "local", fused_reduce_add_norm=None):
         super().__init__()
         self.groups, self.spec, self.modes = groups, spec, modes
         self.embed = tp_param(w, "embed", 1, groups)
@@ -203,7 +203,8 @@ class Stack(nn.Module):
             self.in_norms.append(Norm(w, f"{l}.in_norm"))
             self.post_norms.append(Norm(w, f"{l}.post_norm"))
             self.comms.append(LayerCommunicator(modes[l], groups, self.in_norms[l],
-                                                self.post_norms[l]))
+                                                self.post_norms[l],
+                                                fused_reduce_add_norm=fused_reduce_add_norm))
 
     def forward(self, x_cols: torch.Tensor, layout: TokenLayout,
                 logs: Optional[dict] = None, probe: Optional[list] = None) -> torch.Tensor:

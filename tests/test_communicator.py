@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ext.communicator import LayerCommunicator
+from megatron_ext.parallel import collectives as C
 from megatron_ext.parallel.comm_counter import count_collectives
 from megatron_ext.parallel.groups import ParallelGroups, build_groups
 from megatron_ext.parallel.param_meta import get_spec
@@ -34,14 +35,14 @@ class Case:
     topo: dict
     counts: tuple          # tokens per attention group
     grad: bool             # False: inference (uneven attention-DP batches), forward only
-    configs: tuple         # (allow_reduce_scatter, defer_reductions, dispatcher)
+    configs: tuple         # (allow_reduce_scatter, defer_reductions, dispatcher[, fused hook])
 
 
 BOTH = ((True, True, "local"), (False, True, "local"))
 CASES_4 = (
     Case("seed: tp2 cp2 moe_dp1 (moe_tp4, k=2)", dict(world=4, attn_tp=2, attn_cp=2, moe_dp=1),
          (5, 5), True, BOTH + ((True, False, "local"), (False, False, "local"),
-                               (False, True, "all_to_all"))),
+                               (False, True, "all_to_all"), (False, True, "local", True))),
     Case("tp2 dp2, moe_ep2 x moe_tp2 (k=2), uneven", dict(world=4, attn_tp=2, attn_dp=2,
                                                           moe_ep=2, moe_tp=2, moe_dp=1),
          (6, 3), True, BOTH),
@@ -122,16 +123,28 @@ def backward_counter(ops, trivial) -> Counter:
 
 
 # ------------------------------------------------------------------ one layout, one config
+def _plain_fused_hook(calls: list):
+    """A stand-in for the fused all-reduce + add + RMSNorm kernel (same math, records calls)."""
+    def hook(partial, residual, norm, group):
+        calls.append(group.name)
+        h = C.all_reduce(partial, group)
+        h = h if residual is None else h + residual
+        return norm(h), h
+    return hook
+
+
 def _check(groups: ParallelGroups, case: Case, allow_rs: bool, defer: bool, dispatcher: str,
-           seed: int) -> None:
+           fused: bool = False, *, seed: int) -> None:
     topo, me = groups.topology, groups.coords
-    what = f"[{case.name} | reduce_scatter={allow_rs} defer={defer} {dispatcher}]"
+    what = f"[{case.name} | reduce_scatter={allow_rs} defer={defer} {dispatcher} fused={fused}]"
     counts = list(case.counts)
     layout = TokenLayout.from_counts(groups, counts)
     w = B.global_weights(seed, SPEC)
     modes = LayerScatterModes.for_stack(SPEC.num_layers, SPEC.sparse_layers, topo, allow_rs,
                                         dispatcher, defer)
-    model = B.Stack(w, SPEC, groups, modes, dispatcher)
+    hook_calls: list = []
+    model = B.Stack(w, SPEC, groups, modes, dispatcher,
+                    _plain_fused_hook(hook_calls) if fused else None)
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(sum(counts), B.DIN, generator=gen, dtype=B.DT)
     target = torch.randn(sum(counts), B.VOCAB, generator=gen, dtype=B.DT)
@@ -166,12 +179,19 @@ def _check(groups: ParallelGroups, case: Case, allow_rs: bool, defer: bool, disp
             assert residual.shape[0] == layout.rows(modes[l].layer_output_mode), what
             if modes[l].mlp_mode is MF:
                 assert hidden.partial.shape[0] == layout.moe_full_tokens, what
+            with torch.no_grad():  # what a pipeline send would do
+                assert model.comms[l].flush(hidden).shape == residual.shape, what
         else:
             assert isinstance(hidden, torch.Tensor) and hidden.shape == residual.shape, what
+            assert model.comms[l].flush(hidden) is hidden, what
 
     # exact collectives per step (forward) and in total (backward)
     trivial = {ax for ax in ("attn_tp", "moe_shard", "moe_cp") if groups.axis(ax).is_trivial}
     expect = expected_ops(modes, topo.token_group_size)
+    if fused:  # every plain all-reduce completed by a prepare step went through the hook
+        plain = sum(op == ("all_reduce", "attn_tp") for key, ops in expect.items()
+                    if key[1] in ("prepare_attn", "prepare_mlp") for op in ops)
+        assert hook_calls == ["attn_tp"] * plain and plain > 0, (what, hook_calls)
     assert set(logs) == set(expect), what
     for key, ops in expect.items():
         got = logs[key].by_kind_axis()
@@ -211,8 +231,8 @@ def _run_cases(rank: int, world: int, cases: tuple) -> int:
     checked = 0
     for i, case in enumerate(cases):
         groups = build_groups(Topology(**case.topo), timeout_s=60)
-        for j, (allow_rs, defer, dispatcher) in enumerate(case.configs):
-            _check(groups, case, allow_rs, defer, dispatcher, seed=100 * i + j)
+        for j, config in enumerate(case.configs):
+            _check(groups, case, *config, seed=100 * i + j)
             checked += 1
     # serving: ranks only know their own count; one exchange builds the same layout everywhere
     counts = tuple(range(1, world // 2 + 1))

@@ -28,7 +28,7 @@ Rules shared by every function:
 * Backend: NCCL uses the native ``all_gather_single`` / ``reduce_scatter_single`` (or their older
   ``*_into_tensor`` / ``*_tensor`` names); gloo uses ``all_gather`` on a list and implements
   reduce-scatter as all-reduce + own slice (gloo builds without a native reduce-scatter exist).
-* Every collective is logged through :func:`megatron_ext.parallel.comm_counter.record` with the
+* Every collective is logged (``nbytes`` includes the padding of variable-size pieces) through :func:`megatron_ext.parallel.comm_counter.record` with the
   group's axis name, so tests can count them.
 * Bad shapes/sizes raise ``ValueError`` before any collective is issued (no hang).
 """
@@ -91,6 +91,12 @@ def _is_nccl(group: AxisGroup) -> bool:
     return dist.get_backend(group.group) == "nccl"
 
 
+def _use_native(group: AxisGroup) -> bool:
+    """Single-tensor all-gather / reduce-scatter (NCCL); gloo takes the portable path. Tests
+    force the native path on gloo (torch >= 2.6 gloo has both ops) to cover its padding logic."""
+    return _is_nccl(group)
+
+
 # ------------------------------------------------------------------------------ raw collectives
 # All raw ops work along dim 0 of a contiguous tensor; the autograd wrappers move ``dim`` there.
 def _to_dim0(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -113,7 +119,7 @@ def _raw_all_gather(x0: torch.Tensor, group: AxisGroup, sizes: Optional[tuple[in
     out = x0.new_empty((n * rows,) + tuple(x0.shape[1:]))
     record("all_gather", group.name, _nbytes(out), phase)
     if out.numel():
-        if _is_nccl(group):
+        if _use_native(group):
             _gather_single(out, x0, group=group.group)
         else:
             dist.all_gather(list(out.chunk(n)), x0, group=group.group)
@@ -126,7 +132,7 @@ def _raw_reduce_scatter(x0: torch.Tensor, group: AxisGroup, sizes: Optional[tupl
                         phase: str) -> torch.Tensor:
     start, length = _own_range(x0.shape[0], group, sizes, f"reduce_scatter over {group.name}")
     record("reduce_scatter", group.name, _nbytes(x0), phase)
-    if not _is_nccl(group):  # gloo: all-reduce + own slice
+    if not _use_native(group):  # gloo: all-reduce + own slice
         full = x0.clone()
         if full.numel():
             dist.all_reduce(full, group=group.group)
