@@ -304,3 +304,38 @@ def test_backend_selection_reports_torch_without_te():
     assert backend_name(q) == "torch"
     with pytest.raises(ValueError, match="backend='te' is not usable"):
         context_parallel_attention(q, q, q, AxisGroup.single("attn_cp"), backend="te")
+
+
+def test_block_math_split_and_merge_equals_one_block():
+    """Two key blocks merged by log-sum-exp == one block; block backward (given the final out
+    and lse) summed over blocks == autograd of the reference; queries seeing nothing give 0."""
+    from megatron_ext.layers.attention_math import block_backward, block_forward, merge_partial
+
+    gen = torch.Generator().manual_seed(5)
+    b, sq, sk, hq, hkv, d = 2, 6, 9, 4, 2, 8
+    q = torch.randn(b, sq, hq, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(b, sk, hkv, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(b, sk, hkv, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(b, sq, sk, generator=gen) > 0.4
+    mask[0, 2] = False  # a query that sees nothing
+    mask[1, 3] = True
+    scale = d ** -0.5
+    ks, vs = k.repeat_interleave(2, 2), v.repeat_interleave(2, 2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, ks) * scale
+    p = torch.nan_to_num(s.masked_fill(~mask[:, None], float("-inf")).softmax(-1))
+    ref = torch.einsum("bhqk,bkhd->bqhd", p, vs)
+    dout = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    (ref * dout).sum().backward()
+    cut = 4
+    o1, l1, _ = block_forward(q, k[:, :cut], v[:, :cut], scale, MaskKind.GENERAL, mask[..., :cut])
+    o2, l2, _ = block_forward(q, k[:, cut:], v[:, cut:], scale, MaskKind.GENERAL, mask[..., cut:])
+    out, lse = merge_partial(*merge_partial(None, None, o1, l1), o2, l2)
+    assert (out - ref).abs().max() < TOL
+    assert torch.isinf(lse[0, :, 2]).all() and (out[0, 2] == 0).all()
+    g1 = block_backward(dout, q, k[:, :cut], v[:, :cut], out, lse, scale, MaskKind.GENERAL,
+                        mask[..., :cut])
+    g2 = block_backward(dout, q, k[:, cut:], v[:, cut:], out, lse, scale, MaskKind.GENERAL,
+                        mask[..., cut:])
+    assert (g1[0] + g2[0] - q.grad).abs().max() < TOL
+    assert (torch.cat([g1[1], g2[1]], 1) - k.grad).abs().max() < TOL
+    assert (torch.cat([g1[2], g2[2]], 1) - v.grad).abs().max() < TOL

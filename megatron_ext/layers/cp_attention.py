@@ -200,7 +200,8 @@ class _ContextParallelAttention(torch.autograd.Function):
         fwd = _STRATEGY[strategy][0](q, k, v, plan, group, scale)
         out, lses = fwd.result()
         ctx.save_for_backward(q, k, v, out, *lses)
-        ctx.plan, ctx.group, ctx.strategy, ctx.scale, ctx.aux = plan, group, strategy, scale, fwd.aux
+        ctx.plan, ctx.group, ctx.strategy = plan, group, strategy
+        ctx.scale, ctx.aux = scale, fwd.aux
         return out
 
     @staticmethod
