@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ext.layers.moe import MoELayer, load_balancing_loss
-from megatron_ext.layers.moe.grouped_gemm import grouped_mm
+from megatron_ext.layers.moe.grouped_gemm import grouped_mm, grouped_mm_available
 from megatron_ext.parallel.collectives import all_reduce
 from megatron_ext.parallel.comm_counter import count_collectives
 from megatron_ext.parallel.groups import ParallelGroups, build_groups
@@ -135,6 +135,57 @@ def test_grouped_mm_fallback_exact_with_empty_groups():
         grouped_mm(x, w, [3, 0, 3, 0])
     with pytest.raises(ValueError, match="3 counts for 4 groups"):
         grouped_mm(x, w, [3, 0, 4])
+
+
+@pytest.mark.gpu
+def test_grouped_mm_kernel_and_moe_layer_on_cuda():
+    """The CUDA path (``torch._grouped_mm`` in bf16): the kernel alone against the float32 loop
+    (forward, gradients, an empty group), and a whole bf16 MoE layer with the kernel against the
+    same layer with the loop."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    dev, bf16 = torch.device("cuda"), torch.bfloat16
+    torch.manual_seed(0)
+    w = torch.randn(4, 64, 32, device=dev)
+    x = torch.randn(50, 64, device=dev)
+    counts = torch.tensor([10, 0, 25, 15], device=dev)
+    wb, xb = w.to(bf16).requires_grad_(), x.to(bf16).requires_grad_()
+    wf, xf = wb.detach().float().requires_grad_(), xb.detach().float().requires_grad_()
+    assert grouped_mm_available(xb, wb)
+    out = grouped_mm(xb, wb.transpose(1, 2).contiguous().transpose(1, 2), counts)
+    ref = grouped_mm(xf, wf, counts.tolist(), use_kernel=False)
+    torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=2e-2)
+    g = torch.randn_like(ref)
+    (out.float() * g).sum().backward()
+    (ref * g).sum().backward()
+    torch.testing.assert_close(xb.grad.float(), xf.grad, atol=0.1, rtol=2e-2)
+    torch.testing.assert_close(wb.grad.float(), wf.grad, atol=0.2, rtol=2e-2)
+    assert torch.count_nonzero(wb.grad[1]) == 0
+
+    # whole layer, kernel vs loop on the same bf16 routing (the loop is exact on CPU above)
+    layer = MoELayer(64, 8, 2, 32, SINGLE, norm_topk_prob=True,
+                     shared_expert_intermediate_size=64, shared_expert_gate=True,
+                     dtype=bf16, device=dev)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0.0, 0.2)
+    x = torch.randn(300, 64, device=dev, dtype=bf16)
+    g = torch.randn(300, 64, device=dev, dtype=bf16)
+    results = []
+    for use_kernel in (True, False):
+        layer.zero_grad()
+        layer.experts.use_kernel = use_kernel
+        xi = x.clone().requires_grad_()
+        out, _ = layer(xi)
+        (out * g).sum().backward()
+        results.append((out.float(), xi.grad.float(),
+                        [p.grad.float() for p in layer.parameters()]))
+    (o1, dx1, g1), (o2, dx2, g2) = results
+    torch.testing.assert_close(o1, o2, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(dx1, dx2, atol=2e-2, rtol=2e-2)
+    for (name, _), a_, b_ in zip(layer.named_parameters(), g1, g2):
+        err = (a_ - b_).norm() / b_.norm().clamp_min(1e-6)
+        assert err < 1e-2, f"{name}: kernel vs loop relative grad error {err:.3g}"
 
 
 def test_moe_bad_inputs():

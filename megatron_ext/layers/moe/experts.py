@@ -35,7 +35,8 @@ class RoutedExperts(nn.Module):
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
-                 groups: ParallelGroups, *, name: Optional[str] = "experts",
+                 groups: ParallelGroups, *, use_kernel: bool = True,
+                 name: Optional[str] = "experts",
                  dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
         super().__init__()
         ep, tp = groups.moe_ep, groups.moe_tp
@@ -45,6 +46,7 @@ class RoutedExperts(nn.Module):
             raise ValueError(f"moe_intermediate_size={intermediate_size} must be divisible by "
                              f"moe_tp={tp.size}")
         self.num_experts, self.hidden_size = num_experts, hidden_size
+        self.use_kernel = use_kernel  # False: always the matmul loop (kernel A/B checks)
         self.intermediate_size = intermediate_size
         self.num_local = num_experts // ep.size
         self.first_expert = ep.rank * self.num_local
@@ -72,9 +74,10 @@ class RoutedExperts(nn.Module):
         if x_sorted.dim() != 2 or x_sorted.shape[-1] != self.hidden_size:
             raise ValueError(f"RoutedExperts expects x [N, {self.hidden_size}], got "
                              f"{tuple(x_sorted.shape)}")
-        gate = grouped_mm(x_sorted, self.gate_proj.transpose(1, 2), counts)
-        up = grouped_mm(x_sorted, self.up_proj.transpose(1, 2), counts)
-        return grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), counts)
+        k = self.use_kernel
+        gate = grouped_mm(x_sorted, self.gate_proj.transpose(1, 2), counts, k)
+        up = grouped_mm(x_sorted, self.up_proj.transpose(1, 2), counts, k)
+        return grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), counts, k)
 
     def extra_repr(self) -> str:
         return (f"experts {self.first_expert}:{self.first_expert + self.num_local} of "
