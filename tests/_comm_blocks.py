@@ -31,11 +31,17 @@ class StackSpec:
     sparse_layers: frozenset
 
 
+def rand(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    """Seeded on the CPU, then moved to the default device (CUDA in the NCCL script)."""
+    return torch.randn(*shape, generator=gen, dtype=DT, device="cpu").to(
+        torch.get_default_device())
+
+
 def global_weights(seed: int, spec: StackSpec) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device="cpu").manual_seed(seed)
 
     def rnd(*shape, scale=0.4):
-        return torch.randn(*shape, generator=g, dtype=DT) * scale
+        return rand(g, *shape) * scale
 
     w = {"embed": rnd(H, DIN), "final_norm": 1 + rnd(H, scale=0.1), "lm_head": rnd(VOCAB, H)}
     for l in range(spec.num_layers):
