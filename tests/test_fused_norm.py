@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_ext.layers.fused_norm import (COMPOSED, FUSED, REFERENCE, add_rms_norm,
+from megatron_ext.layers.fused_norm import (COMPOSED, FUSED, REFERENCE, SymmMemReduceAddNorm,
+                                            add_rms_norm,
                                             add_rms_norm_reference, choose_method,
                                             reduce_add_rms_norm, rms_norm_backward,
                                             rms_norm_reference)
@@ -107,6 +108,15 @@ def _two_rank_reduce_norm(rank, world):
     with count_collectives() as log:
         y, h = reduce_add_rms_norm(partial, residual, weight, EPS, reducer)
     torch.autograd.backward((y, h), (gy, gh))
+    # the communicator hook (no symmetric group on CPU: NCCL/gloo reducer made on demand)
+    from megatron_ext.layers.norm import RMSNorm
+    norm = RMSNorm(16, EPS, dtype=torch.float64)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+    hook = SymmMemReduceAddNorm()
+    y_hook, h_hook = hook(partial.detach(), residual.detach(), norm, reducer.axis)
+    assert hook.symmetric_groups == []
+    assert torch.equal(y_hook, y.detach()) and torch.equal(h_hook, h.detach())
     return _by_value(dict(partial=partial.detach(), residual=residual.detach(), weight=weight.detach(),
                 gy=gy, gh=gh, y=y.detach(), h=h.detach(), d_partial=partial.grad,
                 d_residual=residual.grad, d_weight=weight.grad, log=log.by_kind_axis()))

@@ -22,13 +22,13 @@ RMSNorm backward is computed with torch ops from the saved new residual.
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from megatron_ext.parallel.comm_counter import record
-from megatron_ext.parallel.symm_mem import (SymmMemAllReduce,
-                                            all_reduce_sum)
+from megatron_ext.parallel.groups import AxisGroup, ParallelGroups
+from megatron_ext.parallel.symm_mem import SymmMemAllReduce, SymmMemConfig, all_reduce_sum
 
 FUSED = "fused"
 COMPOSED = "composed"
@@ -265,3 +265,50 @@ def add_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torc
                  eps: float, method: str = AUTO) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual add + RMSNorm of a whole (already reduced) tensor: ``(rms_norm(h), h)``."""
     return reduce_add_rms_norm(x, residual, weight, eps, None, method)
+
+
+# ---------------------------------------------------------------------- communicator hook
+class SymmMemReduceAddNorm:
+    """``LayerCommunicator(fused_reduce_add_norm=...)``: completes a pending plain all-reduce
+    (``PendingReduction.plain_all_reduce_group``) with :func:`reduce_add_rms_norm`, through the
+    symmetric-memory reducer whose group has the same ranks, or NCCL for any other group.
+
+    With ``k == 1`` the MoE shard's groups are the attention-TP groups (same ranks, same tokens),
+    so the MoE layer's pending sum uses the attention-TP buffers too.
+    """
+
+    def __init__(self, reducers: Sequence[SymmMemAllReduce] = (), method: str = AUTO):
+        if method not in METHODS:
+            raise ValueError(f"unknown fused-norm method {method!r}; use one of {METHODS}")
+        self.method = method
+        self._by_ranks = {r.axis.ranks: r for r in reducers}
+        self._nccl: dict = {}
+
+    @property
+    def symmetric_groups(self) -> list[tuple[int, ...]]:
+        """Rank lists whose reductions go through symmetric memory."""
+        return [ranks for ranks, r in self._by_ranks.items() if r.enabled]
+
+    def reducer_for(self, group: AxisGroup, device: torch.device) -> SymmMemAllReduce:
+        reducer = self._by_ranks.get(group.ranks)
+        if reducer is None:
+            reducer = self._nccl.get(group.ranks)
+            if reducer is None:  # uniform_tokens=False: NCCL only, no collective to build it
+                reducer = SymmMemAllReduce(group, device, uniform_tokens=False)
+                self._nccl[group.ranks] = reducer
+        return reducer
+
+    def __call__(self, partial: torch.Tensor, residual: Optional[torch.Tensor], norm,
+                 group: AxisGroup) -> tuple[torch.Tensor, torch.Tensor]:
+        reducer = self.reducer_for(group, partial.device)
+        return reduce_add_rms_norm(partial, residual, norm.weight, norm.eps, reducer, self.method)
+
+
+def build_symm_mem_reduce_add_norm(groups: ParallelGroups, device=None,
+                                   config: SymmMemConfig = SymmMemConfig(),
+                                   method: str = AUTO) -> SymmMemReduceAddNorm:
+    """The communicator hook for ``groups`` (collective over every rank of the world when
+    ``attn_tp > 1`` on CUDA: the symmetric buffers are set up here, once)."""
+    reducers = [] if groups.attn_tp.is_trivial else [SymmMemAllReduce(groups.attn_tp, device,
+                                                                       config)]
+    return SymmMemReduceAddNorm(reducers, method)
