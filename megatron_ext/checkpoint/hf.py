@@ -317,12 +317,13 @@ class _ShardWriter:
                 if entry[0].global_shape != spec.global_shape:
                     raise ValueError(f"parameter {name}: ranks disagree on its global shape "
                                      f"({entry[0].global_shape} vs {spec.global_shape})")
-                entry[2].setdefault(spec.global_slices(), tensor)
+                key = tuple((s.start, s.stop) for s in spec.global_slices())  # slices: unhashable
+                entry[2].setdefault(key, tensor)
         for name, (spec, source, pieces) in by_name.items():
             full = torch.empty(spec.global_shape, dtype=self.dtype)
             covered = 0
-            for slices, tensor in pieces.items():
-                full[slices] = tensor.to(self.dtype)
+            for bounds, tensor in pieces.items():
+                full[tuple(slice(a, b) for a, b in bounds)] = tensor.to(self.dtype)
                 covered += tensor.numel()
             if covered != full.numel():
                 raise ValueError(f"parameter {name}: the pieces sent cover {covered} of "
