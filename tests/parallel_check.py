@@ -13,6 +13,24 @@ from megatron_ext.parallel.groups import ParallelGroups
 from megatron_ext.parallel.param_meta import get_spec
 
 
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float = 0.0,
+                 what: str = "") -> None:
+    """``|actual - expected| <= atol + rtol·|expected|`` elementwise, same shape and dtype.
+
+    Used inside spawned ranks instead of ``torch.testing.assert_close``, whose first call imports
+    sympy (seconds per rank on a 2-core machine)."""
+    if actual.shape != expected.shape or actual.dtype != expected.dtype:
+        raise AssertionError(f"{what}: got {tuple(actual.shape)} {actual.dtype}, expected "
+                             f"{tuple(expected.shape)} {expected.dtype}")
+    diff = (actual.detach() - expected.detach()).abs()
+    bound = atol + rtol * expected.detach().abs()
+    if not bool((diff <= bound).all()):
+        worst = int(torch.argmax(diff - bound))
+        raise AssertionError(f"{what}: {int((diff > bound).sum())}/{diff.numel()} elements differ; "
+                             f"max abs diff {float(diff.max()):.3g} (atol={atol}, rtol={rtol}) at "
+                             f"flat index {worst}")
+
+
 def load_from_reference(layer: nn.Module, reference: nn.Module) -> None:
     """Copy every parameter's slice of the reference's (global) tensor into ``layer``."""
     ref = dict(reference.named_parameters())
@@ -45,8 +63,7 @@ def assert_grads_match(layer: nn.Module, reference: nn.Module, groups: ParallelG
         r = ref[name].grad
         expect = torch.zeros_like(ref[name]) if r is None else r
         expect = expect[get_spec(p).global_slices()]
-        torch.testing.assert_close(got, expect, atol=atol, rtol=rtol,
-                                   msg=lambda m: f"{what} grad of {name}: {m}")
+        assert_close(got, expect, atol=atol, rtol=rtol, what=f"{what} grad of {name}")
 
 
 def sum_over(t: torch.Tensor, group_axis: Optional[str], groups: ParallelGroups) -> torch.Tensor:

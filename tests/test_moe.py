@@ -2,9 +2,9 @@
 
 * Single process vs ``transformers``' ``Qwen3MoeSparseMoeBlock`` / ``Qwen2MoeSparseMoeBlock``
   (weights copied in): forward, input and parameter gradients, the load-balancing loss.
-* Multi-rank (one 4-rank spawn, many layouts): the parallel MoE (``local`` dispatcher on MOE_FULL
-  inputs, ``all_to_all`` dispatcher on SCATTERED inputs, with uneven token counts) vs the
-  single-process layer on the same global weights and all tokens — forward, aux loss, input grads,
+* Multi-rank (one 8-rank spawn, six layouts; code in ``tests/moe_rank_checks.py``): the parallel
+  MoE (``local`` dispatcher on MOE_FULL inputs, ``all_to_all`` dispatcher on SCATTERED inputs,
+  with uneven token counts) vs the single-process layer on the same global weights and all tokens — forward, aux loss, input grads,
   and every parameter's gradient after summing over its ParamSpec ``grad_sync`` axes.
 * Bad inputs raise clear errors.
 """
@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from megatron_ext.layers.moe import MoELayer, load_balancing_loss
 from megatron_ext.layers.moe.grouped_gemm import grouped_mm, grouped_mm_available
-from megatron_ext.parallel.collectives import all_reduce
-from megatron_ext.parallel.comm_counter import count_collectives
-from megatron_ext.parallel.groups import ParallelGroups, build_groups
-from megatron_ext.parallel.topology import Topology
+from megatron_ext.parallel.groups import ParallelGroups
+from tests import moe_rank_checks
 from tests.multirank import run_ranks
-from tests.parallel_check import assert_grads_match, load_from_reference, sum_over
 
 H, I, E = 16, 8, 8
 SINGLE = ParallelGroups.single_process()
@@ -207,117 +203,8 @@ def test_moe_bad_inputs():
 
 
 # ------------------------------------------------------------------------------ multi-rank
-LAYOUTS = [  # (moe_ep, moe_tp, moe_dp) on 4 ranks
-    (2, 2, 1), (4, 1, 1), (1, 4, 1), (2, 1, 2), (1, 2, 2),
-]
-CONFIGS = [  # (top_k, norm_topk_prob, shared_intermediate, gated)
-    (2, True, 0, False), (3, False, 16, True),
-]
-AUX_COEF = 0.7
-
-
-def _reference(cfg, seed):
-    top_k, norm, shared, gated = cfg
-    torch.manual_seed(seed)
-    ref = MoELayer(H, E, top_k, I, SINGLE, norm_topk_prob=norm,
-                   shared_expert_intermediate_size=shared, shared_expert_gate=gated,
-                   dtype=torch.float64)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0.0, 0.4)
-    return ref
-
-
-def _check_local(groups, cfg, seed, sync_input_grad):
-    """MOE_FULL: every shard rank holds its shard's tokens; shards hold distinct tokens."""
-    top_k, norm, shared, gated = cfg
-    topo = groups.topology
-    n_shards, tokens = topo.moe_dp, 6
-    g = torch.Generator().manual_seed(seed + 1)
-    x_all = torch.randn(n_shards, tokens, H, generator=g, dtype=torch.float64)
-    gy_all = torch.randn(n_shards, tokens, H, generator=g, dtype=torch.float64)
-    ref = _reference(cfg, seed)
-    xr = x_all.reshape(-1, H).clone().requires_grad_()
-    out_r, stats_r = ref(xr)
-    aux_r = load_balancing_loss([stats_r])
-    ((out_r * gy_all.reshape(-1, H)).sum() + AUX_COEF * aux_r).backward()
-
-    layer = MoELayer(H, E, top_k, I, groups, norm_topk_prob=norm,
-                     shared_expert_intermediate_size=shared, shared_expert_gate=gated,
-                     sync_input_grad=sync_input_grad, dtype=torch.float64)
-    load_from_reference(layer, ref)
-    q = groups.coords.moe_dp
-    x = x_all[q].clone().requires_grad_()
-    with count_collectives() as log:
-        partial, stats = layer(x)
-    assert len(log) == 0, f"local dispatcher issued collectives: {log.records}"
-    out = all_reduce(partial, groups.moe_shard)        # the communicator's single reduction
-    aux = load_balancing_loss([stats], sum_groups=(groups.stage,))
-    ((out * gy_all[q]).sum() + AUX_COEF * aux).backward()
-    what = f"local {topo} cfg={cfg}"
-    torch.testing.assert_close(out, out_r[q * tokens:(q + 1) * tokens], atol=1e-10, rtol=0,
-                               msg=lambda m: f"{what} forward: {m}")
-    torch.testing.assert_close(sum_over(aux, "stage", groups), aux_r.detach(), atol=1e-12,
-                               rtol=0, msg=lambda m: f"{what} aux: {m}")
-    dx = x.grad if sync_input_grad else sum_over(x.grad, "moe_shard", groups)
-    torch.testing.assert_close(dx, xr.grad[q * tokens:(q + 1) * tokens], atol=1e-10, rtol=0,
-                               msg=lambda m: f"{what} input grad: {m}")
-    assert_grads_match(layer, ref, groups, atol=1e-10, what=what)
-
-
-def _check_all_to_all(groups, cfg, seed, counts):
-    """SCATTERED: every stage rank holds distinct tokens (``counts[s]`` of them)."""
-    top_k, norm, shared, gated = cfg
-    topo = groups.topology
-    s = groups.stage.rank
-    g = torch.Generator().manual_seed(seed + 2)
-    total = sum(counts)
-    x_all = torch.randn(total, H, generator=g, dtype=torch.float64)
-    gy_all = torch.randn(total, H, generator=g, dtype=torch.float64)
-    mask_all = torch.rand(total, generator=g) > 0.2
-    start = sum(counts[:s])
-    mine = slice(start, start + counts[s])
-    ref = _reference(cfg, seed)
-    xr = x_all.clone().requires_grad_()
-    out_r, stats_r = ref(xr, token_mask=mask_all)
-    aux_r = load_balancing_loss([stats_r])
-    ((out_r * gy_all).sum() + AUX_COEF * aux_r).backward()
-
-    layer = MoELayer(H, E, top_k, I, groups, norm_topk_prob=norm,
-                     shared_expert_intermediate_size=shared, shared_expert_gate=gated,
-                     dispatcher="all_to_all", dtype=torch.float64)
-    load_from_reference(layer, ref)
-    x = x_all[mine].clone().requires_grad_()
-    shard = groups.moe_shard
-    first = groups.stage.rank - shard.rank
-    shard_counts = counts[first:first + shard.size]
-    out, stats = layer(x, token_mask=mask_all[mine], token_counts=shard_counts)
-    aux = load_balancing_loss([stats], sum_groups=(groups.stage,))
-    ((out * gy_all[mine]).sum() + AUX_COEF * aux).backward()
-    what = f"all_to_all {topo} cfg={cfg} counts={counts}"
-    torch.testing.assert_close(out, out_r[mine], atol=1e-10, rtol=0,
-                               msg=lambda m: f"{what} forward: {m}")
-    torch.testing.assert_close(sum_over(aux, "stage", groups), aux_r.detach(), atol=1e-12,
-                               rtol=0, msg=lambda m: f"{what} aux: {m}")
-    torch.testing.assert_close(x.grad, xr.grad[mine], atol=1e-10, rtol=0,
-                               msg=lambda m: f"{what} input grad: {m}")
-    assert_grads_match(layer, ref, groups, atol=1e-10, what=what)
-
-
-def _moe_ranks(rank: int, world: int) -> int:
-    torch.manual_seed(0)
-    checked = 0
-    for li, (ep, tp, dp) in enumerate(LAYOUTS):
-        groups = build_groups(Topology(world=world, moe_ep=ep, moe_tp=tp, moe_dp=dp))
-        for ci, cfg in enumerate(CONFIGS):
-            seed = 100 * li + ci
-            _check_local(groups, cfg, seed, sync_input_grad=(li + ci) % 2 == 1)
-            counts = [5, 3, 0, 6] if li % 2 == 0 else [4, 4, 4, 4]
-            _check_all_to_all(groups, cfg, seed, counts)
-            checked += 2
-    return checked
-
-
 def test_moe_parallel_layouts_match_single_process():
-    results = run_ranks(_moe_ranks, 4, timeout=120)
-    assert results == [2 * len(LAYOUTS) * len(CONFIGS)] * 4
+    """One 8-rank spawn: five 4-rank MoE layouts on two pipeline stages at once (ep2×tp2, ep4,
+    tp4, ep2×dp2, tp2×dp2), then ep2×tp2×dp2 on all 8 ranks."""
+    results = run_ranks(moe_rank_checks.run_layouts, 8, moe_rank_checks.LAYOUTS, timeout=180)
+    assert results == [2 * len(moe_rank_checks.LAYOUTS) * len(moe_rank_checks.CONFIGS)] * 8

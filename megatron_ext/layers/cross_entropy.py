@@ -1,9 +1,10 @@
 """Cross-entropy over vocab-parallel logits, without gathering the ``[tokens, V]`` logits.
 
-Forward (float32, or float64 for float64 logits): every rank reduces its shard to a per-token log-sum-exp; the shards' LSEs are
-all-gathered (``[p, tokens]``, tiny) and merged, and the target logit is summed from the one rank
-whose range holds the label. Backward needs no collective: the per-token loss is identical on every
-rank, so each rank's logit gradient is ``(softmax - onehot) · dloss`` on its own columns.
+Forward (float32, or float64 for float64 logits): every rank reduces its shard to a per-token
+log-sum-exp; the shards' LSEs are all-gathered (``[p, tokens]``, tiny) and merged, and the target
+logit is summed from the one rank whose range holds the label. Backward needs no collective: the
+per-token loss is identical on every rank, so each rank's logit gradient is
+``(softmax - onehot) · dloss`` on its own columns.
 """
 from __future__ import annotations
 
@@ -60,9 +61,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, labels: torch.Tensor,
                                  tp_group: AxisGroup, ignore_index: int = -100) -> torch.Tensor:
-    """Per-token loss (float32 or wider, shape ``labels.shape``; 0 where ``labels == ignore_index``) of
-    logits split over ``tp_group`` along the last dim (rank ``r`` holds columns
-    ``[r·V/p, (r+1)·V/p)``, as :class:`VocabParallelLMHead` yields). Equals
+    """Per-token loss (float32 or wider, shape ``labels.shape``; 0 where
+    ``labels == ignore_index``) of logits split over ``tp_group`` along the last dim (rank ``r``
+    holds columns ``[r·V/p, (r+1)·V/p)``, as :class:`VocabParallelLMHead` yields). Equals
     ``F.cross_entropy(full_logits, labels, reduction="none", ignore_index=...)`` in value and
     gradient. Labels outside ``[0, V)`` (other than ``ignore_index``) raise before any collective.
     """

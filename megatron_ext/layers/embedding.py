@@ -1,7 +1,7 @@
 """Vocab-parallel input embedding and LM head (Megatron split of the vocabulary over a TP group).
 
-Each rank holds rows ``[r·V/p, (r+1)·V/p)`` of the ``[V, H]`` table. The embedding looks up the ids
-that fall in its range and zeroes the rest, so its output is a partial sum over the group: the
+Each rank holds rows ``[r·V/p, (r+1)·V/p)`` of the ``[V, H]`` table. The embedding looks up the
+ids that fall in its range and zeroes the rest, so its output is a partial sum over the group: the
 communicator (or ``reduce_results=True``) completes it. The LM head is column-parallel over the
 vocabulary and yields this rank's logit shard, which :func:`vocab_parallel_cross_entropy` consumes
 without ever gathering the full ``[tokens, V]`` logits.

@@ -18,7 +18,8 @@ def default_inv_freq(head_dim: int, rope_theta: float) -> torch.Tensor:
         raise ValueError(f"RoPE head_dim={head_dim} must be even")
     if rope_theta <= 0:
         raise ValueError(f"rope_theta={rope_theta} must be > 0")
-    return 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    return 1.0 / (rope_theta ** exponents)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -71,7 +71,8 @@ class AllToAllDispatch:
         self.recv_splits = recv_matrix.sum(1).tolist()
         local_ids = torch.repeat_interleave(
             torch.arange(self.num_local, device=flat.device).repeat(ep), recv_matrix.reshape(-1))
-        self.perm = torch.argsort(local_ids, stable=True)     # (source, expert) → (expert, source)
+        # (source, expert) order → (expert, source) order
+        self.perm = torch.argsort(local_ids, stable=True)
         self.inverse = torch.argsort(self.perm)
         self.local_counts = recv_matrix.sum(0)                 # [E_local]
 
