@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -26,14 +27,19 @@ class LocalAssignments:
     counts: torch.Tensor       # [E_local] assignments per local expert (int64)
 
 
-def local_dispatch(experts: torch.Tensor, first_expert: int, num_local: int) -> LocalAssignments:
+def local_dispatch(experts: torch.Tensor, first_expert: int, num_local: int,
+                   num_experts: Optional[int] = None) -> LocalAssignments:
     """Select and sort the assignments of ``experts`` ``[T, k]`` that fall in
-    ``[first_expert, first_expert + num_local)`` (a stable sort keeps token order per expert)."""
+    ``[first_expert, first_expert + num_local)`` (a stable sort keeps token order per expert).
+    When this rank holds every expert (``num_local == num_experts``) nothing is filtered, so no
+    host sync is needed (the CUDA grouped GEMM takes the counts as a device tensor)."""
     top_k = experts.shape[-1]
     local = experts.reshape(-1) - first_expert
-    sel = ((local >= 0) & (local < num_local)).nonzero().squeeze(1)
-    order = torch.argsort(local[sel], stable=True)
-    sel = sel[order]
+    if first_expert == 0 and num_local == num_experts:
+        sel = torch.argsort(local, stable=True)
+    else:
+        sel = ((local >= 0) & (local < num_local)).nonzero().squeeze(1)
+        sel = sel[torch.argsort(local[sel], stable=True)]
     counts = torch.bincount(local[sel], minlength=num_local)
     return LocalAssignments(sel, torch.div(sel, top_k, rounding_mode="floor"), counts)
 

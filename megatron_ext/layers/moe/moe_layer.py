@@ -99,7 +99,7 @@ class MoELayer(nn.Module):
             x = copy_to_region(x, self.groups.moe_shard)
         routing = self.gate(x, mask)
         assign = local_dispatch(routing.experts, self.experts.first_expert,
-                                self.experts.num_local)
+                                self.experts.num_local, self.num_experts)
         y = self.experts(x[assign.token_index], assign.counts)
         out = combine(y, routing.weights, assign, x.shape[0])
         if self.shared_expert is not None:
