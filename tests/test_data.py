@@ -139,7 +139,7 @@ def test_global_batch_split_over_dp_micro_batches_and_cp_rebuilds_the_batch(size
             assert torch.all(mb.labels[~real] == IGNORE_INDEX)
             assert torch.all(mb.input_ids[~real] == 257)
             local_tokens += mb.num_label_tokens
-            first_row = (c.attn_dp * len(step.micro_batches) + i) * mbs
+            first_row = (i * topo.attn_dp + c.attn_dp) * mbs  # interleaved over DP
             for r in range(mbs):
                 pos = mb.position_ids[r][real[r]]
                 assert torch.all(seen_inputs[first_row + r, pos] == -1), "token seen twice"

@@ -2,8 +2,11 @@
 ranks, consistently with the layers.
 
 A global batch of ``G`` samples is cut into ``G / micro_batch_size`` global micro-batches; attention
-DP rank ``d`` runs micro-batches ``d·n .. d·n+n-1`` (``n`` per rank); inside each, CP rank ``c``
-takes its load-balanced chunks (``parallel/cp_split.py``: chunks ``c`` and ``2cp-1-c``, positions
+DP rank ``d`` runs micro-batches ``i·D + d`` for ``i = 0 .. n-1`` (``D = attn_dp``, ``n`` per
+rank), so the ``D`` micro-batches a stage runs together at local step ``i`` are the consecutive
+samples ``i·D·mbs .. (i+1)·D·mbs-1`` — what a one-rank run with micro-batch ``D·mbs`` sees in its
+micro-batch ``i`` (the MoE load-balancing loss is computed over exactly those tokens). Inside each,
+CP rank ``c`` takes its load-balanced chunks (``parallel/cp_split.py``: chunks ``c`` and ``2cp-1-c``, positions
 travel with the tokens, lengths that don't divide are padded and masked). Every rank of an
 attention group (the ``attn_tp`` ranks) gets identical tensors.
 
@@ -67,9 +70,8 @@ def split_global_batch(samples: np.ndarray, topology: Topology, coords: RankCoor
     input_ids, labels = inputs_and_labels(samples)
     global_tokens = int((labels != IGNORE_INDEX).sum())
     n_local = g // per_rank
-    first = coords.attn_dp * n_local
     micro_batches = []
-    for m in range(first, first + n_local):
+    for m in range(coords.attn_dp, g // micro_batch_size, topology.attn_dp):
         rows = slice(m * micro_batch_size, (m + 1) * micro_batch_size)
         cp = split_batch_for_cp(input_ids[rows], labels[rows], topology.attn_cp, coords.attn_cp,
                                 pad_token_id=pad_token_id)

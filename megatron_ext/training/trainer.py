@@ -1,0 +1,362 @@
+"""The pretraining loop: model of this rank's pipeline stage, data, one step = forward/backward of
+every micro-batch, gradient sync, global-norm clipping, AdamW; logging, checkpoints, resume.
+
+``validate_launch`` checks everything that can be checked without a process group (layout, model
+fit, tokenizer vs vocabulary, data) and is called before ``torch.distributed`` starts, on every
+rank alike, so a bad launch is an error and never a hang. ``Trainer`` then runs on the groups.
+
+The loss is the mean over every real label token of the global batch: each micro-batch adds
+``sum(per-token loss) / global label tokens`` (computed from the global batch, which every rank
+reads), and gradients are summed (``GradSync``).
+
+The MoE load-balancing loss is ``router_aux_loss_coef`` times the mean over MoE layers of each
+layer's Switch/HF loss ``E·Σ f_e·P_e`` (over the tokens of the stage micro-batch), averaged over
+micro-batches; each rank back-propagates its share. Per layer, not pooled over layers as in
+``transformers``' ``load_balancing_loss_func``: pooling couples every layer with every other, so
+a pipeline stage could not compute its part before the later stages ran; the per-layer mean
+(Megatron's choice) splits exactly over stages, so every layout optimises the same objective. With
+one MoE layer the two coincide.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_ext.data.batching import StepBatch, split_global_batch
+from megatron_ext.data.dataset import SampleOrder, TokenDataset, open_dataset
+from megatron_ext.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_ext.parallel.groups import ParallelGroups
+from megatron_ext.parallel.topology import Topology
+from megatron_ext.training import checkpoint as ckpt
+from megatron_ext.training.config import TrainConfig
+from megatron_ext.training.grad_sync import GradSync
+from megatron_ext.training.logging import MetricsLogger
+from megatron_ext.training.optimizer import LRSchedule, TrainOptimizer
+
+VOCAB_MULTIPLE = 64
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm is NaN/inf: the run stops before the update."""
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Everything validated before process groups exist."""
+
+    topology: Topology
+    model_config: object  # models.config.ModelConfig
+    tokenizer: Tokenizer
+    dataset: TokenDataset
+    resume_from: Optional[str]
+
+
+def build_model_config(cfg: TrainConfig, tokenizer: Tokenizer):
+    """The model of ``cfg.model`` with ``model_overrides``; a preset's vocabulary grows (to a
+    multiple of 64) to hold the tokenizer's, an HF model's must already hold it."""
+    from models.config import PRESETS, load_model_config
+
+    config = load_model_config(cfg.model)
+    overrides = dict(cfg.model_overrides)
+    if cfg.model in PRESETS and "vocab_size" not in overrides \
+            and config.vocab_size < tokenizer.vocab_size:
+        overrides["vocab_size"] = -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    if overrides:
+        try:
+            config = config.replace(**overrides)
+        except TypeError as err:
+            raise ValueError(f"model_overrides {sorted(overrides)}: {err}") from None
+    if config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"model vocab_size={config.vocab_size} is smaller than the tokenizer's "
+                         f"{tokenizer.vocab_size} ({tokenizer.name})")
+    return config
+
+
+def validate_launch(cfg: TrainConfig, world: int) -> LaunchPlan:
+    """Every check that needs no process group; raises ``ValueError`` naming the problem."""
+    from models.decoder import _check_divisibility, stage_layer_range
+
+    topo = cfg.topology(world)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    model_config = build_model_config(cfg, tokenizer)
+    _check_divisibility(model_config, _PureGroups(topo))
+    stage_layer_range(model_config.num_layers, topo.pp, 0)  # every stage gets a layer
+    if cfg.seq_len > model_config.max_position_embeddings:
+        raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_position_embeddings="
+                         f"{model_config.max_position_embeddings}")
+    dataset = open_dataset(cfg.data, tokenizer)
+    dataset.check_for(cfg.seq_len, cfg.global_batch_size, model_config.vocab_size,
+                      tokenizer.name)
+    resume_from = ckpt.resolve_resume(cfg.resume, cfg.checkpoint_dir)
+    return LaunchPlan(topo, model_config, tokenizer, dataset, resume_from)
+
+
+def aux_loss_share(stats: list, groups: ParallelGroups, num_moe_layers: int
+                   ) -> Optional[torch.Tensor]:
+    """This rank's share of the per-layer-mean load-balancing loss of this stage's MoE layers
+    (summed over the stage's ranks and the stages it is the model's loss; no coefficient)."""
+    if not stats:
+        return None
+    from megatron_ext.layers.moe import load_balancing_loss
+
+    total = sum(load_balancing_loss([s], (groups.stage,)) for s in stats)
+    return total / num_moe_layers
+
+
+class _PureGroups:
+    """Just the topology, for checks that need no process group."""
+
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+
+
+@dataclass
+class StepMetrics:
+    step: int             # optimizer steps completed
+    loss: float           # mean cross-entropy over the global batch's label tokens
+    aux_loss: float       # MoE load-balancing loss (without coefficient), mean over micro-batches
+    grad_norm: float      # before clipping
+    lr: float
+    tokens: int
+    step_time_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.step_time_s if self.step_time_s > 0 else float("nan")
+
+    def as_dict(self) -> dict:
+        return {"loss": self.loss, "aux_loss": self.aux_loss, "grad_norm": self.grad_norm,
+                "lr": self.lr, "tokens": self.tokens, "step_time_s": self.step_time_s,
+                "tokens_per_s": self.tokens_per_s}
+
+
+def pick_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("device=cuda but CUDA is not available")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, groups: ParallelGroups, plan: LaunchPlan,
+                 device: Optional[torch.device] = None) -> None:
+        from models.decoder import CausalLM, stage_layer_range
+
+        self.cfg, self.groups, self.plan = cfg, groups, plan
+        topo = groups.topology
+        if topo != plan.topology:
+            raise ValueError(f"groups were built for {topo}, the launch plan is {plan.topology}")
+        self.device = device or pick_device(cfg)
+        self.rank = groups.global_rank
+        stage = groups.coords.pp
+        self.is_first_stage, self.is_last_stage = stage == 0, stage == topo.pp - 1
+        mc = plan.model_config
+        self.aux_coef = float(mc.router_aux_loss_coef) if any(mc.sparse_layers) else 0.0
+        self.num_moe_layers = sum(bool(x) for x in mc.sparse_layers)
+        layer_range = stage_layer_range(mc.num_layers, topo.pp, stage)
+        self.model = CausalLM(mc, groups, pre_process=self.is_first_stage,
+                              post_process=self.is_last_stage, layer_range=layer_range,
+                              cp_strategy=cfg.cp_comm, device=self.device)
+        self._init_weights()
+        self.named_params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.grad_sync = GradSync(self.named_params, groups,
+                                  bucket_bytes=int(cfg.grad_bucket_mb * 2**20))
+        self.schedule = LRSchedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.train_steps)
+        self.optimizer = TrainOptimizer(self.named_params, groups, self.schedule, cfg.clip_grad,
+                                        cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
+                                        cfg.adam_eps)
+        self.order = SampleOrder(plan.dataset.num_samples(cfg.seq_len), cfg.seed, cfg.shuffle)
+        self.micro_batches_per_rank = cfg.num_microbatches(topo)
+        self.use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
+        self.step = 0
+        self.consumed_samples = 0
+        self.pipeline = None
+        if topo.pp > 1:
+            self.pipeline = self._build_pipeline()
+        self.logger: Optional[MetricsLogger] = None
+
+    # ------------------------------------------------------------------ setup
+    def _init_weights(self) -> None:
+        from megatron_ext.checkpoint.hf import SINGLE_FILE, INDEX_FILE, load_hf_checkpoint
+
+        path = self.cfg.model
+        has_weights = os.path.isdir(path) and any(
+            os.path.isfile(os.path.join(path, f)) for f in (SINGLE_FILE, INDEX_FILE))
+        if has_weights and self.cfg.init_from_hf and not self.cfg.model_overrides:
+            load_hf_checkpoint(self.model, path)
+        else:
+            self.model.init_weights(seed=self.cfg.seed)
+
+    def _autocast(self):
+        if not self.use_bf16:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _build_pipeline(self):
+        from megatron_ext.parallel.cp_split import cp_padded_length
+        from megatron_ext.training.pipeline import PipelineRunner, StageModule
+
+        topo = self.groups.topology
+        local_len = cp_padded_length(self.cfg.seq_len, topo.attn_cp) // topo.attn_cp
+        boundary = torch.bfloat16 if self.use_bf16 else torch.float32
+        module = StageModule(self.model, self.is_first_stage, self.is_last_stage,
+                             lambda stats: aux_loss_share(stats, self.groups, self.num_moe_layers),
+                             boundary, autocast=self._autocast)
+        return PipelineRunner(module, self.groups, self.micro_batches_per_rank,
+                              self.cfg.micro_batch_size, local_len,
+                              self.plan.model_config.hidden_size, self.device,
+                              schedule=self.cfg.pp_schedule)
+
+    # ------------------------------------------------------------------ data
+    def step_batch(self) -> StepBatch:
+        cfg = self.cfg
+        idx = self.order.indices(self.consumed_samples, cfg.global_batch_size)
+        samples = np.stack([self.plan.dataset.sample(int(i), cfg.seq_len) for i in idx])
+        return split_global_batch(samples, self.groups.topology, self.groups.coords,
+                                  cfg.micro_batch_size, self.plan.tokenizer.pad_id)
+
+    # ------------------------------------------------------------------ one step
+    def _forward_backward(self, batch: StepBatch, inject_nan: bool) -> tuple[float, float]:
+        """This rank's ``(lm, aux)`` parts of the loss; gradients accumulated."""
+        loss_scale = 1.0 / batch.global_label_tokens
+        aux_scale = self.aux_coef / self.micro_batches_per_rank
+        if self.pipeline is not None:
+            if inject_nan:
+                loss_scale = float("nan")
+            lm, aux = self.pipeline.step([mb.to(self.device) for mb in batch.micro_batches],
+                                         loss_scale, aux_scale)
+            return lm, (aux / self.aux_coef if self.aux_coef else 0.0)
+        lm_total, aux_total = 0.0, 0.0
+        for mb in batch.micro_batches:
+            mb = mb.to(self.device)
+            with self._autocast():
+                out = self.model(mb.input_ids, position_ids=mb.position_ids,
+                                 token_index=mb.token_index, segment_ids=mb.segment_ids,
+                                 labels=mb.labels, return_logits=False, compute_aux_loss=False)
+            lm = out.loss.float().sum() * loss_scale
+            loss = lm
+            aux = aux_loss_share(out.router_stats, self.groups, self.num_moe_layers) \
+                if self.aux_coef else None
+            if aux is not None:
+                aux = aux.float() / self.micro_batches_per_rank
+                loss = loss + self.aux_coef * aux
+                aux_total += float(aux.detach())
+            if inject_nan:
+                loss = loss * float("nan")
+            loss.backward()
+            lm_total += float(lm.detach()) if not inject_nan else float("nan")
+        return lm_total, aux_total
+
+    def _reduce_report(self, lm: float, aux: float) -> tuple[float, float]:
+        """Global ``(loss, aux_loss)``: lm counted once per attention-TP group of the last stage,
+        aux summed over every rank (each holds its share)."""
+        lm_mine = lm if (self.is_last_stage and self.groups.coords.attn_tp == 0) else 0.0
+        if self.groups.topology.world == 1:
+            return lm_mine, aux
+        t = torch.tensor([lm_mine, aux], dtype=torch.float64,
+                         device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
+        return float(t[0]), float(t[1])
+
+    def train_step(self) -> StepMetrics:
+        start = time.perf_counter()
+        batch = self.step_batch()
+        inject = self.cfg.inject_nan_at_step is not None and \
+            self.step == self.cfg.inject_nan_at_step
+        self.optimizer.zero_grad()
+        lm, aux = self._forward_backward(batch, inject)
+        self.grad_sync.sync()
+        loss, aux_loss = self._reduce_report(lm, aux)
+        grad_norm = self.optimizer.grad_norm()
+        if not (math.isfinite(loss) and math.isfinite(aux_loss) and math.isfinite(grad_norm)):
+            last = ckpt.latest_checkpoint(self.cfg.checkpoint_dir)
+            raise TrainingDiverged(
+                f"step {self.step + 1}: loss={loss} aux_loss={aux_loss} grad_norm={grad_norm} is "
+                f"not finite; stopping before the update (no checkpoint written; the last good "
+                f"one is {last or 'none'})")
+        _, lr = self.optimizer.step(self.step, grad_norm)
+        self.step += 1
+        self.consumed_samples += self.cfg.global_batch_size
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return StepMetrics(self.step, loss, aux_loss, grad_norm, lr, batch.global_label_tokens,
+                           time.perf_counter() - start)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _shards(self) -> dict:
+        return ckpt.collect_shards(self.named_params, self.optimizer.moment_tensors())
+
+    def save(self) -> str:
+        state = {"step": self.step, "consumed_samples": self.consumed_samples,
+                 "lr_schedule": self.schedule.__dict__, "config": self.cfg.to_dict(),
+                 "model": {k: v for k, v in self.plan.model_config.__dict__.items()
+                           if k != "hf_config"},
+                 "layout": {k: getattr(self.groups.topology, k) for k in
+                            ("world", "pp", "attn_tp", "attn_cp", "attn_dp", "moe_tp", "moe_ep",
+                             "moe_dp")},
+                 "data": self.plan.dataset.source, "seed": self.cfg.seed}
+        return ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.step, self._shards(), state,
+                                    keep=self.cfg.keep_checkpoints)
+
+    def load(self, path: str) -> dict:
+        state = ckpt.load_checkpoint(path, self._shards())
+        if state["config"]["seed"] != self.cfg.seed or \
+                state["data"] != self.plan.dataset.source:
+            raise ValueError(f"checkpoint {path} was trained on {state['data']} with seed "
+                             f"{state['config']['seed']}; this run uses {self.plan.dataset.source} "
+                             f"with seed {self.cfg.seed} (the sample order would differ)")
+        self.step = int(state["step"])
+        self.consumed_samples = int(state["consumed_samples"])
+        self.optimizer.set_step_count(self.step)
+        return state
+
+    # ------------------------------------------------------------------ loop
+    def resume(self) -> Optional[str]:
+        """Load the launch plan's checkpoint, if any (call before ``train``)."""
+        if self.plan.resume_from:
+            self.load(self.plan.resume_from)
+        return self.plan.resume_from
+
+    def train(self, logger: Optional[MetricsLogger] = None) -> list[StepMetrics]:
+        """Steps from the current one to ``train_steps``; saves on the way and at the end."""
+        cfg = self.cfg
+        history = []
+        try:
+            while self.step < cfg.train_steps:
+                metrics = self.train_step()
+                history.append(metrics)
+                if logger:
+                    if metrics.step % cfg.log_interval == 0 or metrics.step == cfg.train_steps:
+                        logger.log(metrics.step, metrics.as_dict())
+                    logger.advance()
+                if cfg.save_interval and metrics.step % cfg.save_interval == 0 \
+                        and metrics.step < cfg.train_steps:
+                    path = self.save()
+                    if logger:
+                        logger.message(f"saved {path}")
+            if cfg.save_at_end and history:
+                path = self.save()
+                if logger:
+                    logger.message(f"saved {path}")
+        finally:
+            if logger:
+                logger.close()
+        return history
+
+
+def run_training(cfg: TrainConfig, groups: ParallelGroups,
+                 logger: Optional[MetricsLogger] = None) -> list[StepMetrics]:
+    """Validate, build, resume if asked, train (the whole job, minus process-group setup)."""
+    plan = validate_launch(cfg, groups.topology.world)
+    trainer = Trainer(cfg, groups, plan)
+    trainer.resume()
+    return trainer.train(logger)
