@@ -10,8 +10,10 @@ Columns (µs per all-reduce, median of 5 repeats):
 * ``nccl``        — ``dist.all_reduce`` in place on a plain tensor (the baseline);
 * ``1shot``/``2shot`` — torch symmetric-memory kernels on a partial already in the symmetric
   slot (how ``row_parallel_linear_into`` leaves it); ``1shot+copy`` — input outside the buffer,
-  copied in by the one-shot kernel itself;
-* ``ours``        — ``SymmMemAllReduce.all_reduce`` with its size-based choice (``method``);
+  copied in by the one-shot kernel itself; ``1shot triton`` — the project's one-barrier Triton
+  kernel (``symm_kernels.py``);
+* ``ours``        — ``SymmMemAllReduce.all_reduce`` with its size-based choice (``method``; the
+  one-shot kernel is torch's in eager mode and the Triton one under graph capture);
 * eager: back-to-back Python calls timed with CUDA events; graph: a CUDA graph of 20 calls.
 """
 from __future__ import annotations
@@ -47,7 +49,7 @@ def check(reducer: SymmMemAllReduce, world: int, rank: int, device, dtype) -> li
         x = rank_input(rank, numel, seed, device, dtype)
         methods = [NCCL, "auto"]
         if numel * x.element_size() % 4 == 0:  # torch's kernels take whole 4-byte words only
-            methods += [ONE_SHOT, TWO_SHOT, "1shot+copy", "2shot+copy"]
+            methods += [ONE_SHOT, TWO_SHOT, "1shot+copy", "2shot+copy", "1shot triton"]
         for method in methods:
             if method in ("1shot+copy", "2shot+copy"):
                 out = reducer.all_reduce(x, ONE_SHOT if method.startswith("1") else TWO_SHOT)
@@ -57,6 +59,11 @@ def check(reducer: SymmMemAllReduce, world: int, rank: int, device, dtype) -> li
                 out = reducer.all_reduce(buf)
             elif method == NCCL:
                 out = reducer.all_reduce(x, NCCL)
+            elif method == "1shot triton":
+                buf = reducer.partial_buffer(x.shape, dtype)
+                buf.copy_(x)
+                out = torch.full_like(x, float("nan"))
+                reducer._one_shot_triton(buf, out)
             else:
                 buf = reducer.partial_buffer(x.shape, dtype)
                 buf.copy_(x)
@@ -101,6 +108,7 @@ def main() -> None:
         fns = {
             "nccl": lambda: dist.all_reduce(plain, group=group),
             "1shot": lambda: torch.ops.symm_mem.one_shot_all_reduce_out(slot, "sum", gname, out),
+            "1shot triton": lambda: reducer._one_shot_triton(slot, out),
             "2shot": lambda: torch.ops.symm_mem.two_shot_all_reduce_out(slot, "sum", gname, out),
             "1shot+copy": lambda: torch.ops.symm_mem.one_shot_all_reduce_copy_out(
                 slot, x, "sum", gname, out),
@@ -115,8 +123,9 @@ def main() -> None:
         base_e, base_g = res["nccl_eager"], res["nccl_graph"]
         ours_e, ours_g = res["ours_eager"], res["ours_graph"]
         rows.append([fmt_bytes(nbytes), res["method"], base_e, res["1shot_eager"],
-                     res["2shot_eager"], res["1shot+copy_eager"], ours_e, base_e / ours_e,
-                     base_g, res["1shot_graph"], res["2shot_graph"], ours_g,
+                     res["1shot triton_eager"], res["2shot_eager"], res["1shot+copy_eager"],
+                     ours_e, base_e / ours_e, base_g, res["1shot_graph"],
+                     res["1shot triton_graph"], res["2shot_graph"], ours_g,
                      (base_g / ours_g) if (base_g and ours_g) else None])
         if rank == 0:
             print(f"{fmt_bytes(nbytes)}: {res}", flush=True)
@@ -125,9 +134,9 @@ def main() -> None:
                                             "dtype": args.dtype, "results": results,
                                             "correctness_failures": failures})
         print(f"\nall-reduce latency (µs), {world} ranks, {args.dtype}, {device_name()}")
-        print(table(["size", "ours→", "nccl", "1shot", "2shot", "1shot+copy", "ours",
-                     "speedup", "nccl graph", "1shot graph", "2shot graph", "ours graph",
-                     "speedup graph"], rows), flush=True)
+        print(table(["size", "ours→", "nccl", "1shot", "1shot triton", "2shot", "1shot+copy",
+                     "ours", "speedup", "nccl graph", "1shot graph", "1shot triton graph",
+                     "2shot graph", "ours graph", "speedup graph"], rows), flush=True)
     dist.barrier()
     dist.destroy_process_group()
 

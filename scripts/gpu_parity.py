@@ -15,7 +15,8 @@ compares with transformers (float64, CPU) on the same batch:
 bf16 tolerances: a quantity passes if its error is within 2e-2 (logits) / 5e-2 (each gradient)
 or at most 2× the error of transformers' own bf16 run (GPU, SDPA + grouped_mm) on the same
 quantity: bf16 rounding flips near-tied router choices, so router gradients differ by tens of
-percent in any bf16 run. Exit status 1 if any check fails.
+percent in any bf16 run. ``k_proj.bias`` (Qwen2) has an exactly-zero gradient, so its relative
+error is reported but not judged. Exit status 1 if any check fails.
 """
 from __future__ import annotations
 
@@ -135,6 +136,11 @@ def run_layout(layout: Layout, path: str, ids, labels, ref, floor, world, device
             bf16 = sources[name].read(lambda k, s: floor[1][k][s], sl)
             err = rel(g, want)
             ratio = err / max(rel(bf16, want), 1e-6)
+            if name.endswith("k_proj.bias"):
+                # its exact gradient is zero (softmax ignores a bias shared by all keys), so a
+                # relative error only measures rounding noise: reported, not judged
+                res["k_bias_rel"] = max(res.get("k_bias_rel", 0.0), err)
+                continue
             if err > worst:
                 worst = err
             if err > GRAD_RTOL and ratio > worst_ratio:

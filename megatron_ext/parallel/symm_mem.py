@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from megatron_ext.parallel.comm_counter import record
 from megatron_ext.parallel.groups import AxisGroup
+from megatron_ext.parallel.symm_kernels import one_shot_kernel
 
 ONE_SHOT = "one_shot"
 TWO_SHOT = "two_shot"
@@ -54,16 +55,22 @@ class SymmMemConfig:
 
     ``<= one_shot_max_bytes`` → one-shot, ``<= two_shot_max_bytes`` → two-shot, larger → NCCL
     (also anything larger than one slot). Defaults come from ``benchmarks/reduction_latency.py``
-    on 2×H200 (BENCHMARKS.md): with two ranks one-shot and two-shot move the same NVLink bytes,
-    one-shot needs one barrier fewer and wins up to a few MB; NCCL's ring is as fast for large
-    messages.
+    on 2×H200 (BENCHMARKS.md): one-shot is fastest up to 1 MB, two-shot from 4 MB up to the
+    32 MB slot (65 µs vs NCCL's 76 µs at 16 MB); above one slot NCCL.
     """
 
     slot_bytes: int = 32 * 2**20
-    one_shot_max_bytes: int = 4 * 2**20
-    two_shot_max_bytes: int = 16 * 2**20
+    one_shot_max_bytes: int = 2 * 2**20
+    two_shot_max_bytes: int = 32 * 2**20
+    # one-shot kernel for a partial already in a slot: "triton" (one barrier per call: lowest GPU
+    # time), "torch" (torch's op, two barriers: lowest CPU launch cost), "auto" (triton while a
+    # CUDA graph is being captured — launch cost is then paid once — torch otherwise)
+    one_shot_kernel: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.one_shot_kernel not in ("auto", "triton", "torch"):
+            raise ValueError(f"SymmMemConfig.one_shot_kernel={self.one_shot_kernel!r} must be "
+                             f"'auto', 'triton' or 'torch'")
         for name in ("slot_bytes", "one_shot_max_bytes", "two_shot_max_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -145,6 +152,7 @@ class SymmMemAllReduce:
         self._next_slot = 0
         self._peer_ptr_cache: dict[int, torch.Tensor] = {}
         self._signal_ptrs: Optional[torch.Tensor] = None
+        self._sms: Optional[int] = None
         if self.reason is None:  # every rank of the group gets here: safe to vote
             self._try_enable(rank_unavailable_reason())
 
@@ -210,7 +218,9 @@ class SymmMemAllReduce:
     # ------------------------------------------------------------------ buffers
     def partial_buffer(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         """A tensor to write a partial sum into: the next symmetric slot when it fits, else a
-        plain ``torch.empty``. Every rank must ask for the same shape (attention TP: it does)."""
+        plain ``torch.empty``. Every rank must ask for the same shape (attention TP: it does).
+        It serves ONE reduction: write it, reduce it, then ask again (slots alternate, which is
+        what lets the one-barrier kernels skip their closing barrier)."""
         shape = tuple(int(s) for s in shape)
         numel = 1
         for s in shape:
@@ -292,7 +302,10 @@ class SymmMemAllReduce:
         out = torch.empty_like(src)
         if method == ONE_SHOT:
             if self.in_buffer(src):
-                torch.ops.symm_mem.one_shot_all_reduce_out(src, "sum", self._group_name, out)
+                if self._use_triton_one_shot():
+                    self._one_shot_triton(src, out)
+                else:
+                    torch.ops.symm_mem.one_shot_all_reduce_out(src, "sum", self._group_name, out)
             else:  # the kernel copies our input into the slot itself: no extra launch
                 slot = self._slot(self._take_slot(), nbytes).view(src.dtype).view(src.shape)
                 torch.ops.symm_mem.one_shot_all_reduce_copy_out(slot, src, "sum",
@@ -308,6 +321,22 @@ class SymmMemAllReduce:
             return out
         raise ValueError(f"unknown all-reduce method {method!r}; use one of "
                          f"{ONE_SHOT}, {TWO_SHOT}, {NCCL}, {LOCAL}")
+
+    def _use_triton_one_shot(self) -> bool:
+        choice = self.config.one_shot_kernel
+        if choice == "torch" or one_shot_kernel() is None:
+            return False
+        return choice == "triton" or torch.cuda.is_current_stream_capturing()
+
+    def _one_shot_triton(self, src: torch.Tensor, out: torch.Tensor) -> None:
+        """Sum of the slot view ``src`` over the group into ``out`` (one kernel, one barrier)."""
+        numel, block = src.numel(), 4096
+        if self._sms is None:
+            self._sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        grid = max(1, min(-(-numel // block), 2 * self._sms, self.signal_slots // self.world_size))
+        one_shot_kernel()[(grid,)](self.peer_pointers(src), self.signal_pointers(), out, numel,
+                                   grid, RANK=self.rank, WORLD=self.world_size, BLOCK=block,
+                                   num_warps=8)
 
     def describe(self) -> str:
         state = "symmetric memory" if self.enabled else f"NCCL/gloo fallback ({self.reason})"
