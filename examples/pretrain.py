@@ -68,11 +68,11 @@ def main(argv: list[str] | None = None) -> int:
             groups = ParallelGroups.single_process()
         trainer = Trainer(cfg, groups, plan)
         resumed = trainer.resume()
+        if rank == 0:
+            print(_describe(trainer) + (f"\nresumed from {resumed} at step {trainer.step}"
+                                        if resumed else ""), flush=True)
         logger = MetricsLogger(cfg.output_dir, cfg.train_steps, trainer.step, enabled=rank == 0,
                                progress=cfg.progress, tensorboard=cfg.tensorboard)
-        logger.message(_describe(trainer))
-        if resumed:
-            logger.message(f"resumed from {resumed} at step {trainer.step}")
         history = trainer.train(logger)
         if rank == 0:
             last = history[-1] if history else None

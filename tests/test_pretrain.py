@@ -97,3 +97,44 @@ def test_layouts_and_cross_layout_resume_match_one_process(tmp_path, reference):
         _assert_close(got[name], reference, name)
     for name, source in RESUMES.items():
         _assert_close(got[f"{name}<-{source}"], reference[SAVE_STEP:], f"{name}<-{source}")
+
+
+def test_model_from_hf_directory_starts_from_its_weights(tmp_path):
+    """--model <HF dir>: config and weights come from the directory (one process)."""
+    import torch
+
+    from megatron_ext.training.trainer import Trainer, validate_launch
+
+    cfg = TrainConfig(**{**COMMON, "train_steps": 2}, micro_batch_size=2,
+                      output_dir=str(tmp_path / "a"))
+    groups = ParallelGroups.single_process()
+    source = Trainer(cfg, groups, validate_launch(cfg, 1))
+    with torch.no_grad():  # weights no seed would give
+        for _, p in source.named_params:
+            p.mul_(1.5)
+    source.model.save_pretrained(str(tmp_path / "hf"))
+    cfg_hf = TrainConfig(**{**cfg.to_dict(), "model": str(tmp_path / "hf"),
+                            "output_dir": str(tmp_path / "b")})
+    loaded = Trainer(cfg_hf, groups, validate_launch(cfg_hf, 1))
+    assert loaded.plan.model_config.vocab_size == 320  # the grown preset vocabulary, from config.json
+    for (n, a), (m, b) in zip(source.named_params, loaded.named_params):
+        assert n == m and torch.equal(a, b), n
+    assert source.train_step().loss == loaded.train_step().loss
+
+
+def test_config_from_yaml_then_flags(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("attn-cp: 2\nmoe_dp: 2\nlr: 1.0e-3\nmodel_overrides:\n  num_layers: 4\n"
+                    "progress: false\n")
+    cfg = TrainConfig.from_args(["--config", str(path), "--lr", "2e-3", "--model-override",
+                                 "num_experts=4", "--resume"])
+    assert (cfg.attn_cp, cfg.moe_dp, cfg.lr, cfg.progress, cfg.resume) == (2, 2, 2e-3, False,
+                                                                          "latest")
+    assert cfg.model_overrides == {"num_layers": 4, "num_experts": 4}
+    topo = cfg.topology(4)
+    assert (topo.attn_dp, topo.moe_tp, topo.moe_ep) == (2, 2, 1)
+    assert TrainConfig().topology(4).describe() == \
+        TrainConfig(attn_tp=2, attn_cp=2, moe_dp=1).topology(4).describe()  # default = seed
+    path.write_text("lr: -1\n")
+    with pytest.raises(ValueError, match="lr=-1 must be > 0"):
+        TrainConfig.from_args(["--config", str(path)])

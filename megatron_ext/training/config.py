@@ -45,7 +45,7 @@ class TrainConfig:
                                 "default: the embedded corpus", default=None)
     tokenizer: str = _help("'byte' or a local HF tokenizer directory", default="byte")
     seq_len: int = _help("tokens per sample", default=128)
-    micro_batch_size: int = _help("samples per micro-batch per data-parallel rank", default=1)
+    micro_batch_size: int = _help("samples per micro-batch per data-parallel rank", default=4)
     global_batch_size: int = _help("samples per optimizer step (all ranks)", default=8)
     shuffle: bool = _help("shuffle samples (seeded, layout independent)", default=True)
     # optimisation
