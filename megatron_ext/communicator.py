@@ -42,7 +42,7 @@ from megatron_ext.scatter_modes import LayerScatterModes, ScatterMode
 from megatron_ext.token_layout import TokenLayout
 
 Hidden = Union[torch.Tensor, PendingReduction]
-# (partial, residual or None, norm, group) -> (normed, new residual): a fused all-reduce + add + norm
+# (partial, residual or None, norm, group) -> (normed, new residual): fused all-reduce + add + norm
 FusedReduceAddNorm = Callable[[torch.Tensor, Optional[torch.Tensor], nn.Module, AxisGroup],
                               tuple[torch.Tensor, torch.Tensor]]
 
@@ -162,7 +162,7 @@ class LayerCommunicator:
     def _complete_add_norm(self, hidden: Hidden, residual: Optional[torch.Tensor],
                            norm: nn.Module, mode: ScatterMode,
                            layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
-        """``h = complete(hidden) (+ residual)``; returns ``(norm(h), h)``. ``h`` is the residual."""
+        """``h = complete(hidden) (+ residual)``; returns ``(norm(h), h)`` (``h``: new residual)."""
         if residual is not None:
             check_rows(residual, mode, layout, f"residual in {mode.name}")
         if isinstance(hidden, PendingReduction):

@@ -4,37 +4,35 @@ Two kinds of moves, each one autograd-correct by construction:
 
 * :func:`complete_sum` — a block's partial sum becomes a complete tensor in a residual mode
   (exactly one reduction; "own rows" slices cost nothing in forward).
-* :func:`to_consumer` — a complete tensor is brought to the rows a block consumes. ``grad_sum_axis``
-  names the group over which the block's output is partial (``attn_tp`` for attention, dense MLP,
-  vocab-parallel LM head; ``moe_shard`` for a MoE; ``None`` for a block whose input grads are
-  whole), and the move's backward sums the input grads over exactly that group. Blocks fed this
-  way must not sum their input grads again (construct them with ``sync_input_grad=False``).
+* :func:`to_consumer` — a complete tensor is brought to the rows a block consumes.
+  ``grad_sum_axis`` names the group over which the block's output is partial (``attn_tp`` for
+  attention, dense MLP, vocab-parallel LM head; ``moe_shard`` for a MoE; ``None`` for a block
+  whose input grads are whole), and the move's backward sums the input grads over exactly that
+  group. Blocks fed this way must not sum their input grads again (``sync_input_grad=False``).
 
-Transition table (A = attn_tp, k = token group size; sizes from the ``TokenLayout``):
+Transition table (sizes from the ``TokenLayout``; k = token group size; "own rows" is
+:func:`take_own_rows`: no forward collective, an all-gather in backward):
 
-===========================================  ==========================================================
 partial over attn_tp (TP_ATTN_FULL rows)
-  → TP_ATTN_FULL                               all_reduce(attn_tp)
-  → SCATTERED                                  reduce_scatter(attn_tp); without reduce-scatter:
-                                               all_reduce(attn_tp) + own rows(attn_tp)
+  → TP_ATTN_FULL   all_reduce(attn_tp)
+  → SCATTERED      reduce_scatter(attn_tp); without reduce-scatter all_reduce(attn_tp) + own rows
 partial over moe_shard (MOE_FULL rows; TP_ATTN_FULL rows when k == 1)
-  → SCATTERED                                  reduce_scatter(moe_shard); without reduce-scatter:
-                                               all_reduce(moe_shard) + own rows(moe_shard)
-  → TP_ATTN_FULL                               all_reduce(moe_shard) + own rows(moe_cp) (k > 1)
+  → SCATTERED      reduce_scatter(moe_shard); without reduce-scatter all_reduce(moe_shard) +
+                   own rows(moe_shard)
+  → TP_ATTN_FULL   all_reduce(moe_shard) + own rows(moe_cp) (the slice only when k > 1)
 complete on SCATTERED (all-to-all MoE)
-  → SCATTERED / TP_ATTN_FULL                   nothing / all_gather(attn_tp, backward own rows)
-complete tensor → block input
-  TP_ATTN_FULL → TP_ATTN_FULL, sum over G      copy_to_region(G)  (G = attn_tp, or moe_shard if k == 1)
-  SCATTERED → TP_ATTN_FULL, sum over G         all_gather(G)  (backward reduce-scatter over G)
-  SCATTERED → MOE_FULL, sum over moe_shard     all_gather(moe_shard)  (backward reduce-scatter)
-  TP_ATTN_FULL → MOE_FULL, sum over moe_shard  all_gather(moe_cp, grad_sum_group=attn_tp)
-                                               (backward reduce-scatter(moe_cp) + all_reduce(attn_tp))
-  TP_ATTN_FULL → SCATTERED (whole grads)       own rows(attn_tp)  (backward all_gather)
-  SCATTERED → TP_ATTN_FULL (whole grads)       all_gather(attn_tp, backward own rows)
-  same mode, whole grads                       nothing
-===========================================  ==========================================================
-
-"Own rows" is :func:`take_own_rows`: no forward collective, an all-gather in backward.
+  → SCATTERED      nothing
+  → TP_ATTN_FULL   all_gather(attn_tp, backward own rows)
+complete tensor → input of a block whose output is partial over G
+  TP_ATTN_FULL → TP_ATTN_FULL   copy_to_region(G)   (G = attn_tp, or moe_shard when k == 1)
+  SCATTERED → TP_ATTN_FULL      all_gather(G)       (backward reduce-scatter over G)
+  SCATTERED → MOE_FULL          all_gather(moe_shard)   (backward reduce-scatter over the shard)
+  TP_ATTN_FULL → MOE_FULL       all_gather(moe_cp, grad_sum_group=attn_tp)
+                                (backward reduce-scatter(moe_cp) + all_reduce(attn_tp))
+complete tensor → whole-grad consumer (residual moves, all-to-all MoE input)
+  TP_ATTN_FULL → SCATTERED      own rows(attn_tp)   (backward all-gather)
+  SCATTERED → TP_ATTN_FULL      all_gather(attn_tp, backward own rows)
+  same mode                     nothing
 """
 from __future__ import annotations
 

@@ -62,8 +62,8 @@ class PendingReduction:
 
     def plain_all_reduce_group(self, groups: ParallelGroups) -> Optional[AxisGroup]:
         """The group, when completing is a plain all-reduce with the rows unchanged
-        (TP_ATTN_FULL → TP_ATTN_FULL over attn_tp, or over the shard when k == 1): the case a fused
-        all-reduce + residual add + RMSNorm kernel can take. ``None`` otherwise."""
+        (TP_ATTN_FULL → TP_ATTN_FULL over attn_tp, or over the shard when k == 1): the case a
+        fused all-reduce + residual add + RMSNorm kernel can take. ``None`` otherwise."""
         k = self.layout.topology.token_group_size
         if self.target_mode is not ScatterMode.TP_ATTN_FULL:
             return None

@@ -1,13 +1,12 @@
 """Where tokens live between the blocks of a decoder layer (DESIGN.md §3).
 
-=================  ==============================================================================
-``SCATTERED``      a distinct slice of the attention group's tokens (``split_rows`` over attn_tp)
-``TP_ATTN_FULL``   all tokens of the attention group (its dp/cp chunk), identical across attn_tp
-``MOE_FULL``       all tokens of the token group (``moe_cp``: k chunks in token-group order),
-                   identical across the MoE shard
-``FULL``           all tokens of the stage — equal to ``MOE_FULL`` when ``moe_dp == 1``; no block is
-                   sharded over the whole stage when ``moe_dp > 1``, so layers never ask for it
-=================  ==============================================================================
+* ``SCATTERED`` — a distinct slice of the attention group's tokens (``split_rows`` over attn_tp);
+* ``TP_ATTN_FULL`` — all tokens of the attention group (its dp/cp chunk), identical across
+  attn_tp;
+* ``MOE_FULL`` — all tokens of the token group (``moe_cp``: k chunks in token-group order),
+  identical across the MoE shard;
+* ``FULL`` — all tokens of the stage: equal to ``MOE_FULL`` when ``moe_dp == 1``; no block is
+  sharded over the whole stage when ``moe_dp > 1``, so layers never ask for it.
 
 The residual stream lives in ``SCATTERED`` or ``TP_ATTN_FULL`` only: a ``MOE_FULL`` residual would
 be k× longer than the attention's tokens (seed 000's bug when a deferred reduction skipped the

@@ -71,7 +71,7 @@ class TokenLayout:
         from megatron_ext.parallel.collectives import all_gather
 
         mine = torch.tensor([int(local_tokens)], dtype=torch.int64)
-        if groups.stage.group is not None and dist_backend_is_nccl(groups):
+        if groups.stage.group is not None and _stage_is_nccl(groups):
             mine = mine.cuda()
         with torch.no_grad():
             every = all_gather(mine, groups.stage).cpu().tolist()
@@ -134,7 +134,7 @@ class TokenLayout:
         return len(set(self.tokens_per_attn_group)) <= 1
 
 
-def dist_backend_is_nccl(groups: ParallelGroups) -> bool:
+def _stage_is_nccl(groups: ParallelGroups) -> bool:
     import torch.distributed as dist
 
     return dist.get_backend(groups.stage.group) == "nccl"

@@ -1,4 +1,4 @@
-"""Stand-in blocks for the LayerCommunicator tests, and the single-process reference they must match.
+"""Stand-in blocks for the LayerCommunicator tests, and the single-process reference they match.
 
 Every block holds its slice of global float64 weights (ParamSpec says which), produces the partial
 sum the real block would (attention and dense MLP: over attn_tp; MoE: over moe_shard, routed +
@@ -31,6 +31,17 @@ class StackSpec:
     sparse_layers: frozenset
 
 
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str,
+                 rtol: float = 1e-10, atol: float = 1e-10) -> None:
+    """``torch.allclose`` with a message (``torch.testing.assert_close`` imports sympy on first
+    use: ~2 s per spawned rank on a loaded 2-core machine)."""
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}")
+    if not torch.allclose(actual, expected, rtol=rtol, atol=atol):
+        diff = (actual - expected).abs().max().item()
+        raise AssertionError(f"{what}: max abs difference {diff:.3e} (rtol={rtol}, atol={atol})")
+
+
 def rand(gen: torch.Generator, *shape: int) -> torch.Tensor:
     """Seeded on the CPU, then moved to the default device (CUDA in the NCCL script)."""
     return torch.randn(*shape, generator=gen, dtype=DT, device="cpu").to(
@@ -49,7 +60,8 @@ def global_weights(seed: int, spec: StackSpec) -> dict[str, torch.Tensor]:
                   f"{l}.in_norm": 1 + rnd(H, scale=0.1), f"{l}.post_norm": 1 + rnd(H, scale=0.1)})
         if l in spec.sparse_layers:
             w.update({f"{l}.router": rnd(N_EXPERTS, H, scale=1.0),
-                      f"{l}.w1": rnd(N_EXPERTS, I_EXPERT, H), f"{l}.w2": rnd(N_EXPERTS, H, I_EXPERT),
+                      f"{l}.w1": rnd(N_EXPERTS, I_EXPERT, H),
+                      f"{l}.w2": rnd(N_EXPERTS, H, I_EXPERT),
                       f"{l}.s1": rnd(I_SHARED, H), f"{l}.s2": rnd(H, I_SHARED),
                       f"{l}.sgate": rnd(1, H)})
         else:

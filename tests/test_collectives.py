@@ -14,6 +14,7 @@ import pytest
 from megatron_ext.parallel import collectives as C
 from megatron_ext.parallel.comm_counter import count_collectives, record
 from megatron_ext.parallel.groups import AxisGroup
+from tests._comm_blocks import assert_close
 from tests.multirank import run_ranks
 
 DT = torch.float64
@@ -39,7 +40,7 @@ def _groups(rank: int, world: int = 4) -> dict[str, AxisGroup]:
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m: f"{what}: {m}")
+    assert_close(a, b, what, rtol=1e-12, atol=1e-12)
 
 
 def _check_all_gather(rank: int, g: AxisGroup, sizes, dim: int, mode: str, tag: int) -> None:
@@ -52,7 +53,8 @@ def _check_all_gather(rank: int, g: AxisGroup, sizes, dim: int, mode: str, tag: 
     ws = [_rand(tag * 100 + 50 + (i if mode == "reduce_scatter" else 0), *shape(full))
           for i in range(n)]
     y_ref = torch.cat(xs, dim=dim)
-    loss_ref = sum((w * y_ref).sum() for w in ws) if mode == "reduce_scatter" else (ws[0] * y_ref).sum()
+    loss_ref = (sum((w * y_ref).sum() for w in ws) if mode == "reduce_scatter"
+                else (ws[0] * y_ref).sum())
     loss_ref.backward()
     x = xs[g.rank].detach().clone().requires_grad_()
     with count_collectives() as log:
@@ -232,7 +234,7 @@ def test_trivial_group_returns_input_and_records_nothing():
         sum(o.sum() for o in outs).backward()
     assert all(o is x for o in outs)
     assert len(log) == 0
-    torch.testing.assert_close(x.grad, torch.full_like(x, 6.0))
+    _close(x.grad, torch.full_like(x, 6.0), "trivial-group grads")
 
 
 def test_counter_is_off_by_default_and_nests():

@@ -5,6 +5,7 @@ counts per layer step and in backward; one reduction per MLP; deferral adds none
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 
@@ -26,7 +27,6 @@ from tests.multirank import run_ranks
 
 S, T, MF = ScatterMode.SCATTERED, ScatterMode.TP_ATTN_FULL, ScatterMode.MOE_FULL
 SPEC = B.StackSpec(5, frozenset({1, 2, 4}))
-TOL = dict(rtol=1e-10, atol=1e-10)
 
 
 @dataclass(frozen=True)
@@ -35,19 +35,24 @@ class Case:
     topo: dict
     counts: tuple          # tokens per attention group
     grad: bool             # False: inference (uneven attention-DP batches), forward only
-    configs: tuple         # (allow_reduce_scatter, defer_reductions, dispatcher[, fused hook])
+    # (allow_reduce_scatter, defer_reductions, dispatcher[, fused hook[, mixed residual modes]])
+    configs: tuple
 
 
 BOTH = ((True, True, "local"), (False, True, "local"))
 CASES_4 = (
     Case("seed: tp2 cp2 moe_dp1 (moe_tp4, k=2)", dict(world=4, attn_tp=2, attn_cp=2, moe_dp=1),
          (5, 5), True, BOTH + ((True, False, "local"), (False, False, "local"),
-                               (False, True, "all_to_all"), (False, True, "local", True))),
+                               (False, True, "all_to_all"), (False, True, "local", True),
+                               (True, True, "local", False, "TST"),
+                               (False, True, "all_to_all", False, "STS"),
+                               (True, False, "all_to_all", False, "TST"))),
     Case("tp2 dp2, moe_ep2 x moe_tp2 (k=2), uneven", dict(world=4, attn_tp=2, attn_dp=2,
                                                           moe_ep=2, moe_tp=2, moe_dp=1),
          (6, 3), True, BOTH),
     Case("tp1 cp4, moe_ep2 x moe_tp2 (k=4)", dict(world=4, attn_tp=1, attn_cp=4, moe_ep=2,
-                                                  moe_tp=2, moe_dp=1), (3, 3, 3, 3), True, BOTH),
+                                                  moe_tp=2, moe_dp=1), (3, 3, 3, 3), True,
+         BOTH + ((False, True, "local", False, "STS"),)),
     Case("tp2 dp2 moe_dp2 (k=1), uneven, inference", dict(world=4, attn_tp=2, attn_dp=2,
                                                           moe_dp=2), (7, 1), False, BOTH),
     Case("tp4, moe_ep4 (k=1)", dict(world=4, attn_tp=4, moe_ep=4, moe_tp=1), (6,), True,
@@ -70,25 +75,30 @@ CASES_8 = (
 # ------------------------------------------------------------------ expected collectives
 # Ops of the transition table (mode_transitions.py doc) → forward / backward collectives.
 _FWD = {"all_reduce": "all_reduce", "reduce_scatter": "reduce_scatter", "gather": "all_gather",
-        "gather_tok": "all_gather", "copy": None, "own_rows": None}
+        "gather_tok": "all_gather", "gather_own": "all_gather", "copy": None, "own_rows": None}
 _BWD = {"all_reduce": [], "reduce_scatter": ["all_gather"], "gather": ["reduce_scatter"],
-        "copy": ["all_reduce"], "own_rows": ["all_gather"]}
+        "gather_own": [], "copy": ["all_reduce"], "own_rows": ["all_gather"]}
 
 
 def expected_ops(modes: list[LayerScatterModes], k: int) -> dict:
-    R = modes[0].layer_input_mode
+    """Per step, the ops DESIGN §3–4 prescribe (one reduction per block output; gathers whose
+    adjoint sums over the consuming block's group; moves of whole tensors)."""
     rs = modes[0].allow_reduce_scatter
 
     def reduce(axis, dst):
+        if axis is None:  # complete on SCATTERED (all-to-all MoE)
+            return [] if dst is S else [("gather_own", "attn_tp")]
         if dst is S:
             return [("reduce_scatter", axis)] if rs else [("all_reduce", axis), ("own_rows", axis)]
         return [("all_reduce", "attn_tp")] if axis == "attn_tp" else [("all_reduce", "moe_shard"),
                                                                        ("own_rows", "moe_cp")]
 
+    def move(src, dst):  # whole tensors (residual moves, inputs of the all-to-all MoE)
+        return [] if src is dst else [("own_rows" if dst is S else "gather_own", "attn_tp")]
+
     def to_block(src, dst, axis):
         if axis is None:
-            assert src is dst is S
-            return []
+            return move(src, dst)
         if src is S:
             return [("gather", axis)]
         if axis == "moe_shard" and k > 1:
@@ -97,15 +107,19 @@ def expected_ops(modes: list[LayerScatterModes], k: int) -> dict:
 
     steps, owed = {("embed", "entry"): []}, "attn_tp"
     for l, m in enumerate(modes):
-        steps[(l, "prepare_attn")] = (reduce(owed, R) if owed else []) + to_block(R, T, "attn_tp")
-        steps[(l, "prepare_mlp")] = reduce("attn_tp", R) + to_block(R, m.mlp_mode,
-                                                                    m.mlp_partial_axis)
-        if m.mlp_partial_axis is None or m.defer_mlp_reduction:
-            steps[(l, "postprocess")], owed = [], m.mlp_partial_axis
+        r_in, r_mid, r_out = m.layer_input_mode, m.middle_residual_mode, m.layer_output_mode
+        steps[(l, "prepare_attn")] = ((reduce(owed, r_in) if owed else [])
+                                      + to_block(r_in, T, "attn_tp"))
+        steps[(l, "prepare_mlp")] = (move(r_in, r_mid) + reduce("attn_tp", r_mid)
+                                     + to_block(r_mid, m.mlp_mode, m.mlp_partial_axis))
+        post = move(r_mid, r_out)
+        if m.defer_mlp_reduction:
+            owed = m.mlp_partial_axis
         else:
-            steps[(l, "postprocess")], owed = reduce(m.mlp_partial_axis, R), None
+            post, owed = post + reduce(m.mlp_partial_axis, r_out), None
+        steps[(l, "postprocess")] = post
     assert owed is None
-    steps[("final", "finalize")] = to_block(R, T, "attn_tp")
+    steps[("final", "finalize")] = to_block(modes[-1].layer_output_mode, T, "attn_tp")
     return steps
 
 
@@ -133,15 +147,26 @@ def _plain_fused_hook(calls: list):
     return hook
 
 
+def _mixed(modes: list[LayerScatterModes], pattern: str) -> list[LayerScatterModes]:
+    """Hand-built modes whose residual changes mode inside every layer ("TST": input and output
+    TP_ATTN_FULL, middle SCATTERED; "STS" the other way round): covers the residual moves."""
+    r_in, r_mid, r_out = (S if c == "S" else T for c in pattern)
+    return [dataclasses.replace(m, layer_input_mode=r_in, middle_residual_mode=r_mid,
+                                layer_output_mode=r_out) for m in modes]
+
+
 def _check(groups: ParallelGroups, case: Case, allow_rs: bool, defer: bool, dispatcher: str,
-           fused: bool = False, *, seed: int) -> None:
+           fused: bool = False, mixed: str = "", *, seed: int) -> None:
     topo, me = groups.topology, groups.coords
-    what = f"[{case.name} | reduce_scatter={allow_rs} defer={defer} {dispatcher} fused={fused}]"
+    what = (f"[{case.name} | reduce_scatter={allow_rs} defer={defer} {dispatcher} fused={fused} "
+            f"mixed={mixed}]")
     counts = list(case.counts)
     layout = TokenLayout.from_counts(groups, counts)
     w = B.global_weights(seed, SPEC)
     modes = LayerScatterModes.for_stack(SPEC.num_layers, SPEC.sparse_layers, topo, allow_rs,
                                         dispatcher, defer)
+    if mixed:
+        modes = _mixed(modes, mixed)
     hook_calls: list = []
     model = B.Stack(w, SPEC, groups, modes, dispatcher,
                     _plain_fused_hook(hook_calls) if fused else None)
@@ -164,8 +189,7 @@ def _check(groups: ParallelGroups, case: Case, allow_rs: bool, defer: bool, disp
     logs, probe = {}, []
     with torch.set_grad_enabled(case.grad):
         logits = model(x_local, layout, logs, probe)
-        torch.testing.assert_close(logits, ref_logits.detach()[rows, vocab], **TOL,
-                                   msg=lambda m: f"{what} logits: {m}")
+        B.assert_close(logits, ref_logits.detach()[rows, vocab], f"{what} logits")
         if case.grad:
             with count_collectives() as bwd:
                 (logits * target[rows, vocab]).sum().backward()
@@ -214,17 +238,21 @@ def _check(groups: ParallelGroups, case: Case, allow_rs: bool, defer: bool, disp
         assert bwd.by_kind_axis() == want, f"{what} backward: {bwd.by_kind_axis()} != {want}"
         assert bwd.count(phase="forward") == 0, what
 
-        torch.testing.assert_close(x_local.grad, ref_x.grad[rows, cols], **TOL,
-                                   msg=lambda m: f"{what} input grad: {m}")
+        B.assert_close(x_local.grad, ref_x.grad[rows, cols], f"{what} input grad")
+        # sum every gradient over its grad_sync axes (one flat all-reduce per axis set)
+        by_axes: dict = {}
         for p in model.parameters():
-            spec = get_spec(p)
-            grad = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-            for axis in spec.grad_sync:
-                group = groups.axis(axis)
-                if not group.is_trivial:
-                    dist.all_reduce(grad, group=group.group)
-            torch.testing.assert_close(grad, spec.take_local(ref_w[spec.name].grad), **TOL,
-                                       msg=lambda m: f"{what} grad of {spec.name}: {m}")
+            by_axes.setdefault(get_spec(p).grad_sync, []).append(p)
+        for axes, params in by_axes.items():
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                              for p in params])
+            for axis in axes:
+                if not groups.axis(axis).is_trivial:
+                    dist.all_reduce(flat, group=groups.axis(axis).group)
+            for p, grad in zip(params, torch.split(flat, [p.numel() for p in params])):
+                spec = get_spec(p)
+                B.assert_close(grad.view_as(p), spec.take_local(ref_w[spec.name].grad),
+                               f"{what} grad of {spec.name}")
 
 
 def _run_cases(rank: int, world: int, cases: tuple) -> int:
@@ -243,6 +271,22 @@ def _run_cases(rank: int, world: int, cases: tuple) -> int:
         layout = TokenLayout.exchange(groups, mine)
     assert layout.tokens_per_attn_group == counts and log.by_kind_axis() == {
         ("all_gather", "stage"): 1}
+    # a complete (replicated) embedding enters a SCATTERED stack as own rows; adjoint all-gather
+    layout = TokenLayout.uniform(groups, 5)
+    norm = B.Norm({"n": torch.ones(B.H, dtype=B.DT)}, "n")
+    comm = LayerCommunicator(LayerScatterModes.for_stack(1, (), topo, True)[0], groups, norm, norm)
+    gen = torch.Generator(device="cpu").manual_seed(5)
+    x = B.rand(gen, 5, B.H).requires_grad_()
+    ws = [B.rand(gen, n, B.H) for n in layout.attn_tp_sizes]
+    a = groups.attn_tp.rank
+    with count_collectives() as log:
+        hidden = comm.embedding_output(x, layout, is_partial=False)
+        (hidden * ws[a]).sum().backward()
+    own = slice(sum(layout.attn_tp_sizes[:a]), sum(layout.attn_tp_sizes[:a + 1]))
+    B.assert_close(hidden, x.detach()[own], "complete embedding entry")
+    B.assert_close(x.grad, torch.cat(ws), "complete embedding entry grad")
+    assert log.by_kind_axis(phase="backward") == {("all_gather", "attn_tp"): 1}
+    assert log.count(phase="forward") == 0
     return checked
 
 
@@ -273,9 +317,9 @@ def test_every_size_one_issues_no_collective(allow_rs, dispatcher):
         out = model(x, TokenLayout.uniform(groups, 6))
         out.sum().backward()
     assert len(log) == 0, log.records
-    torch.testing.assert_close(out, ref.detach(), **TOL)
+    B.assert_close(out, ref.detach(), "single-process logits")
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, ref_w[get_spec(p).name].grad, **TOL, msg=name)
+        B.assert_close(p.grad, ref_w[get_spec(p).name].grad, f"grad of {name}")
 
 
 def test_modes_per_layer():

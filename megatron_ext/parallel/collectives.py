@@ -2,21 +2,16 @@
 
 Every forward collective comes with its adjoint:
 
-==================  =========================================  ==========================================
-function            forward                                    backward
-==================  =========================================  ==========================================
-``all_gather``      concatenate every rank's rows               ``backward="reduce_scatter"``: consumers
-                                                                computed different parts, sum the grads
-                                                                over the group and keep own rows
-                                                                (+ all-reduce over ``grad_sum_group``);
-                                                                ``backward="own_rows"``: every consumer
-                                                                computed the same thing, take own rows
-``reduce_scatter``  sum over the group, keep own rows          all-gather
-``all_reduce``      sum of partials                            identity
-``copy_to_region``  identity                                   all-reduce
-``take_own_rows``   this rank's rows of a replicated tensor    all-gather (whole grads, no zero padding)
-``all_to_all``      variable-split exchange along dim 0        the reverse exchange
-==================  =========================================  ==========================================
+* ``all_gather`` — concatenate every rank's rows. Backward ``"reduce_scatter"``: consumers
+  computed different parts, so sum the grads over the group and keep own rows (then all-reduce
+  over ``grad_sum_group`` if given); backward ``"own_rows"``: every consumer computed the same
+  thing, take own rows.
+* ``reduce_scatter`` — sum over the group, keep own rows; backward all-gather.
+* ``all_reduce`` — sum of partials; backward identity.
+* ``copy_to_region`` — identity; backward all-reduce.
+* ``take_own_rows`` — this rank's rows of a replicated tensor; backward all-gather (whole grads,
+  never a zero-padded identity).
+* ``all_to_all`` — variable-split exchange along dim 0; backward the reverse exchange.
 
 Rules shared by every function:
 
@@ -28,8 +23,8 @@ Rules shared by every function:
 * Backend: NCCL uses the native ``all_gather_single`` / ``reduce_scatter_single`` (or their older
   ``*_into_tensor`` / ``*_tensor`` names); gloo uses ``all_gather`` on a list and implements
   reduce-scatter as all-reduce + own slice (gloo builds without a native reduce-scatter exist).
-* Every collective is logged (``nbytes`` includes the padding of variable-size pieces) through :func:`megatron_ext.parallel.comm_counter.record` with the
-  group's axis name, so tests can count them.
+* Every collective is logged through :func:`megatron_ext.parallel.comm_counter.record` with the
+  group's axis name (``nbytes`` includes the padding of variable-size pieces).
 * Bad shapes/sizes raise ``ValueError`` before any collective is issued (no hang).
 """
 from __future__ import annotations
@@ -268,10 +263,11 @@ def all_gather(x: torch.Tensor, group: AxisGroup, dim: int = 0,
       own rows (no collective).
 
     ``grad_sum_group`` — the consumers are sharded over a larger set than ``group`` (DESIGN §4
-    worked case: a ``TP_ATTN_FULL → MOE_FULL`` gather over the token group ``moe_cp`` feeding a MoE
-    sharded over the whole shard = ``moe_cp × attn_tp``): after the reduce-scatter over ``group``
-    the grads are still partial over ``grad_sum_group`` (``attn_tp``), so they are all-reduced
-    there too. Backward = reduce-scatter over ``group`` + all-reduce over ``grad_sum_group``.
+    worked case: a ``TP_ATTN_FULL → MOE_FULL`` gather over the token group ``moe_cp`` feeding a
+    MoE sharded over the whole shard = ``moe_cp × attn_tp``): after the reduce-scatter over
+    ``group`` the grads are still partial over ``grad_sum_group`` (``attn_tp``), so they are
+    all-reduced there too. Backward = reduce-scatter over ``group`` + all-reduce over
+    ``grad_sum_group``.
     """
     _check_group(group)
     if backward not in BACKWARD_MODES:
