@@ -30,6 +30,7 @@ from torch import nn
 from megatron_ext.checkpoint.hf_sources import HFSource, HFTensor, stacked_keys
 from megatron_ext.communicator import FusedReduceAddNorm, LayerCommunicator
 from megatron_ext.layers.attention import AttentionBlock
+from megatron_ext.layers.cp_plan import plan_cp_attention
 from megatron_ext.layers.cross_entropy import vocab_parallel_cross_entropy
 from megatron_ext.layers.embedding import VocabParallelEmbedding, VocabParallelLMHead
 from megatron_ext.layers.mlp import DenseMLP
@@ -59,6 +60,7 @@ class StepInputs:
     segment_ids: Optional[torch.Tensor]
     layout: TokenLayout
     token_masks: dict = field(default_factory=dict)   # ScatterMode -> [rows] bool, for MoE stats
+    attn_plan: Optional[object] = None                # CP attention plan shared by every layer
 
 
 class DecoderLayer(nn.Module):
@@ -106,7 +108,7 @@ class DecoderLayer(nn.Module):
         x, residual = self.comm.prepare_attn(hidden, residual, layout)
         attn = self.self_attn(x.view(inputs.batch, inputs.seq, self.hidden_size),
                               inputs.position_ids, token_index=inputs.token_index,
-                              segment_ids=inputs.segment_ids)
+                              segment_ids=inputs.segment_ids, plan=inputs.attn_plan)
         x, residual = self.comm.prepare_mlp(attn.reshape(-1, self.hidden_size), residual, layout)
         stats = None
         if self.is_sparse:
@@ -261,6 +263,7 @@ class CausalLM(nn.Module):
             raise ValueError(f"layout says this rank's attention group holds "
                              f"{layout.local_tokens} tokens but the batch has b*s_local={b * s}")
         inputs = StepInputs(b, s, position_ids, token_index, segment_ids, layout)
+        inputs.attn_plan = self._attention_plan(b, s, inputs)
         if segment_ids is not None:
             inputs.token_masks = self._token_masks(segment_ids.reshape(-1) >= 0, layout)
 
@@ -298,6 +301,20 @@ class CausalLM(nn.Module):
                 logits = self.lm_head.gather_logits(logits)
             out.logits = logits.view(b, s, -1)
         return out
+
+    def _attention_plan(self, b: int, s: int, inputs: StepInputs):
+        """One CP attention plan per forward (block schedule + validation: a collective over
+        attn_cp), shared by every layer instead of one per layer. Only shapes matter here, so q
+        and k are zero-stride views."""
+        attn = self.layers[0].self_attn
+        dtype = next(self.parameters()).dtype
+        scalar = torch.zeros((), dtype=dtype, device=inputs.position_ids.device)
+        q = scalar.expand(b, s, attn.local_heads, attn.head_dim)
+        k = scalar.expand(b, s, attn.local_kv_heads, attn.head_dim)
+        token_index = inputs.token_index if inputs.token_index is not None else \
+            inputs.position_ids
+        return plan_cp_attention(q, k, k, self.groups.attn_cp, token_index=token_index,
+                                 segment_ids=inputs.segment_ids, strategy=attn.cp_strategy)
 
     def _token_masks(self, valid: torch.Tensor, layout: TokenLayout) -> dict:
         """Real-token masks on the rows each MoE layer reads (padding is left out of the
@@ -356,13 +373,25 @@ class CausalLM(nn.Module):
         return out
 
     @classmethod
+    def for_stage(cls, config: ModelConfig, groups: ParallelGroups, *,
+                  layers_per_stage: Optional[Sequence[int]] = None, **kwargs) -> "CausalLM":
+        """This rank's pipeline stage (``groups.topology.pp`` stages, this rank's ``pp``
+        coordinate): its layers (:func:`stage_layer_range`), the embedding on the first stage,
+        the final norm and LM head on the last. With ``pp == 1`` the whole model."""
+        pp, stage = groups.topology.pp, groups.coords.pp
+        return cls(config, groups, pre_process=stage == 0, post_process=stage == pp - 1,
+                   layer_range=stage_layer_range(config.num_layers, pp, stage, layers_per_stage),
+                   **kwargs)
+
+    @classmethod
     def from_pretrained(cls, path: str, groups: ParallelGroups, *, strict: bool = True,
                         **kwargs) -> "CausalLM":
-        """Build from an HF directory's config and load this rank's slices of its weights."""
+        """Build this rank's stage (:meth:`for_stage`) from an HF directory's config and load its
+        slices of the weights (no collectives)."""
         from megatron_ext.checkpoint.hf import load_hf_checkpoint
 
         config = ModelConfig.from_hf_dir(path, strict=strict)
-        model = cls(config, groups, **kwargs)
+        model = cls.for_stage(config, groups, **kwargs)
         load_hf_checkpoint(model, path, strict=strict)
         return model
 

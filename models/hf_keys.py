@@ -32,7 +32,8 @@ def attention_shapes(cfg: ModelConfig, layer: int) -> Shapes:
 
 
 def gated_mlp_shapes(prefix: str, hidden: int, width: int) -> Shapes:
-    return {prefix + "gate_proj.weight": (width, hidden), prefix + "up_proj.weight": (width, hidden),
+    return {prefix + "gate_proj.weight": (width, hidden),
+            prefix + "up_proj.weight": (width, hidden),
             prefix + "down_proj.weight": (hidden, width)}
 
 

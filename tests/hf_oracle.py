@@ -52,7 +52,8 @@ def per_hf_tensor(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
     through transformers' own save-time conversion (fused experts -> per-expert keys)."""
     from transformers.modeling_utils import revert_weight_conversion
 
-    return {k: v.detach().clone() for k, v in revert_weight_conversion(model, dict(tensors)).items()}
+    converted = revert_weight_conversion(model, dict(tensors))
+    return {k: v.detach().clone() for k, v in converted.items()}
 
 
 def to_dtype(model, dtype: torch.dtype):

@@ -240,14 +240,15 @@ def _check_errors(results: list, layouts: list) -> None:
 
 
 # ----------------------------------------------------------------------------- round trips
-def _roundtrip(groups_x: ParallelGroups, groups_y: ParallelGroups, case: ModelCase,
-               out_dir: str) -> None:
-    """Load in layout X, save; load that in layout Y, save (the parent compares the files)."""
-    first, second = os.path.join(out_dir, "x"), os.path.join(out_dir, "y")
-    model = CausalLM.from_pretrained(case.path, groups_x, dtype=torch.float32)
-    model.save_pretrained(first, shard_like=case.path)
-    model = CausalLM.from_pretrained(first, groups_y, dtype=torch.float64)
-    model.save_pretrained(second, shard_like=case.path, copy_files_from=case.path)
+def _roundtrip(layouts: list, case: ModelCase, out_dir: str) -> None:
+    """Load the original in layout X, save; load that in layout Y, save; ... (the parent
+    compares the last directory with the original). Layouts with pp > 1 save from every stage."""
+    source = case.path
+    for i, groups in enumerate(layouts):
+        model = CausalLM.from_pretrained(source, groups,
+                                         dtype=torch.float64 if i % 2 else torch.float32)
+        source = os.path.join(out_dir, f"step{i}")
+        model.save_pretrained(source, shard_like=case.path, copy_files_from=case.path)
 
 
 def _assert_same_files(original: str, copy: str) -> None:
@@ -278,12 +279,11 @@ def _world_program(rank: int, world: int, cases_file: str, layouts: list, roundt
             built[key] = _groups(layout.sizes, world)
         for name in layout.models:
             errors[(layout.label, name)] = _run_layout(built[key], layout, cases[name])
-    x_sizes, y_sizes, rt_case, out_dir = roundtrip
-    gx = built.get(tuple(sorted(x_sizes.items()))) or _groups(x_sizes, world)
-    gy = built.get(tuple(sorted(y_sizes.items()))) or _groups(y_sizes, world)
-    _roundtrip(gx, gy, cases[rt_case], out_dir)
-    for tag, g in (("init_x", gx), ("init_y", gy)):
-        model = CausalLM(ModelConfig.from_hf_dir(cases[rt_case].path), g)
+    sizes_chain, rt_case, out_dir = roundtrip
+    chain = [built.get(tuple(sorted(s.items()))) or _groups(s, world) for s in sizes_chain]
+    _roundtrip(chain, cases[rt_case], out_dir)
+    for tag, g in (("init_x", chain[0]), ("init_y", chain[-1])):
+        model = CausalLM.for_stage(ModelConfig.from_hf_dir(cases[rt_case].path), g)
         model.init_weights(seed=3)
         model.save_pretrained(os.path.join(out_dir, tag))
     result = {"errors": errors}
@@ -294,11 +294,13 @@ def _world_program(rank: int, world: int, cases_file: str, layouts: list, roundt
 
 
 def test_four_rank_layouts(cases, cases_file, tmp_path):
-    roundtrip = (LAYOUTS_4[1].sizes, LAYOUTS_4[5].sizes, "tiny-qwen2-moe", str(tmp_path))
+    pp2 = dict(pp=2, attn_tp=2, moe_tp=1, moe_ep=2, moe_dp=1)
+    chain = [LAYOUTS_4[1].sizes, pp2, LAYOUTS_4[5].sizes]
+    roundtrip = (chain, "tiny-qwen2-moe", str(tmp_path))
     results = run_ranks(_world_program, 4, cases_file, LAYOUTS_4, roundtrip, "tiny-qwen2-moe",
                         timeout=240)
     _check_errors(results, LAYOUTS_4)
-    _assert_same_files(cases["tiny-qwen2-moe"].path, os.path.join(str(tmp_path), "y"))
+    _assert_same_files(cases["tiny-qwen2-moe"].path, str(tmp_path / "step2"))
     _assert_same_files(str(tmp_path / "init_x"), str(tmp_path / "init_y"))
     _check_counts(results)
 
@@ -306,10 +308,10 @@ def test_four_rank_layouts(cases, cases_file, tmp_path):
 def test_eight_rank_layouts(cases, cases_file, tmp_path):
     x = dict(attn_tp=2, attn_cp=4, moe_tp=2, moe_ep=2, moe_dp=2)
     y = dict(attn_tp=1, attn_dp=8, moe_tp=1, moe_ep=4, moe_dp=2)
-    roundtrip = (x, y, "tiny-qwen3-moe", str(tmp_path))
+    roundtrip = ([x, y], "tiny-qwen3-moe", str(tmp_path))
     results = run_ranks(_world_program, 8, cases_file, LAYOUTS_8, roundtrip, None, timeout=240)
     _check_errors(results, LAYOUTS_8)
-    _assert_same_files(cases["tiny-qwen3-moe"].path, os.path.join(str(tmp_path), "y"))
+    _assert_same_files(cases["tiny-qwen3-moe"].path, str(tmp_path / "step1"))
     _assert_same_files(str(tmp_path / "init_x"), str(tmp_path / "init_y"))
 
 

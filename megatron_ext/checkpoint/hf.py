@@ -257,9 +257,13 @@ def save_hf_checkpoint(model: HFConvertible, path: str, groups: Optional[Paralle
         if _sends_piece(get_spec(param), groups):
             mine[_bucket_of(sources[name].keys()[0])].append(name)
 
-    writer = _ShardWriter(path, expected, dtype, config, shard_like, max_shard_size) \
-        if rank == 0 else None
+    writer: Optional[_ShardWriter] = None
     error: Optional[str] = None
+    if rank == 0:  # a failure here must not leave the other ranks waiting in the gathers
+        try:
+            writer = _ShardWriter(path, expected, dtype, config, shard_like, max_shard_size)
+        except Exception as exc:  # noqa: BLE001 - reported to every rank below
+            error = f"{type(exc).__name__}: {exc}"
     for bucket in buckets:
         # the source travels with the piece: rank 0 may hold no such parameter (other stages)
         pieces = [(n, get_spec(params[n]), sources[n], params[n].detach().to("cpu"))
@@ -361,9 +365,9 @@ class _ShardWriter:
             keys = [k for f in lacking for k in self.files[f] if k not in self.ready]
             raise ValueError(f"no parameter provided HF tensors {keys[:10]}")
         if len(self.files) > 1:
-            index = {"metadata": {"total_parameters": sum(_numel(s) for s in self.expected.values()),
-                                  "total_size": sum(_numel(s) for s in self.expected.values())
-                                  * torch.empty((), dtype=self.dtype).element_size()},
+            numel = sum(_numel(s) for s in self.expected.values())
+            itemsize = torch.empty((), dtype=self.dtype).element_size()
+            index = {"metadata": {"total_parameters": numel, "total_size": numel * itemsize},
                      "weight_map": dict(sorted(self.plan.items()))}
             _write_text(os.path.join(self.path, INDEX_FILE),
                         json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -21,7 +21,7 @@ from typing import Callable, Union
 
 import torch
 
-# reads ``key``'s sub-block given one slice per dimension (a safetensors get_slice, or a dict lookup)
+# reads ``key``'s sub-block given one slice per dimension (safetensors get_slice, a dict lookup)
 SliceReader = Callable[[str, tuple[slice, ...]], torch.Tensor]
 
 
