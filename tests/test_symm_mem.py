@@ -37,6 +37,11 @@ def test_config_validation_names_the_bad_value():
         SymmMemConfig(slot_bytes=4096, one_shot_max_bytes=0, two_shot_max_bytes=8192)
     with pytest.raises(ValueError, match="must be an integer >= 0"):
         SymmMemConfig(one_shot_max_bytes=-1)
+    with pytest.raises(ValueError, match="one_shot_kernel='cuda' must be 'auto', 'triton'"):
+        SymmMemConfig(one_shot_kernel="cuda")
+    cfg = SymmMemConfig()
+    assert cfg.one_shot_limit(2) == cfg.slot_bytes and cfg.one_shot_limit(8) == 2**20
+    assert SymmMemConfig(one_shot_max_bytes=4096).one_shot_limit(2) == 4096
     with pytest.raises(ValueError, match="config must be a SymmMemConfig"):
         SymmMemAllReduce(AxisGroup.single("attn_tp"), "cpu", config={"slot_bytes": 256})
 

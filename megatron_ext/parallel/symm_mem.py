@@ -51,39 +51,55 @@ ENV_SWITCH = "MEGATRON_EXT_SYMM_MEM"
 
 @dataclass(frozen=True)
 class SymmMemConfig:
-    """Size thresholds (bytes of one rank's tensor) choosing the kernel for a message.
+    """Which kernel reduces a message of a given size (bytes of one rank's tensor).
 
     ``<= one_shot_max_bytes`` → one-shot, ``<= two_shot_max_bytes`` → two-shot, larger → NCCL
-    (also anything larger than one slot). Defaults come from ``benchmarks/reduction_latency.py``
-    on 2×H200 (BENCHMARKS.md): one-shot is fastest up to 1 MB, two-shot from 4 MB up to the
-    32 MB slot (65 µs vs NCCL's 76 µs at 16 MB); above one slot NCCL.
+    (also anything larger than one slot). ``one_shot_max_bytes=None``: the whole slot for two
+    ranks, 1 MB for more. From ``benchmarks/reduction_latency.py`` on 2×H200 (BENCHMARKS.md):
+    with two ranks the one-barrier Triton one-shot kernel is fastest at every size up to the
+    32 MB slot (108 µs vs 130 two-shot, 140 NCCL at 32 MB); with more ranks one-shot reads
+    ``(world-1)×`` the message over NVLink, two-shot ``2(world-1)/world×``, so two-shot takes
+    over for large messages.
+
+    ``one_shot_kernel`` for a partial already in a slot: ``"triton"`` (one barrier per call:
+    lowest GPU time), ``"torch"`` (torch's op, two barriers, lowest CPU launch cost), ``"auto"``:
+    Triton while a CUDA graph is being captured (launch cost paid once) or from
+    ``triton_eager_min_bytes`` up (GPU time dominates), torch's op otherwise.
     """
 
     slot_bytes: int = 32 * 2**20
-    one_shot_max_bytes: int = 2 * 2**20
+    one_shot_max_bytes: Optional[int] = None
     two_shot_max_bytes: int = 32 * 2**20
-    # one-shot kernel for a partial already in a slot: "triton" (one barrier per call: lowest GPU
-    # time), "torch" (torch's op, two barriers: lowest CPU launch cost), "auto" (triton while a
-    # CUDA graph is being captured — launch cost is then paid once — torch otherwise)
     one_shot_kernel: str = "auto"
+    triton_eager_min_bytes: int = 512 * 2**10
 
     def __post_init__(self) -> None:
         if self.one_shot_kernel not in ("auto", "triton", "torch"):
             raise ValueError(f"SymmMemConfig.one_shot_kernel={self.one_shot_kernel!r} must be "
                              f"'auto', 'triton' or 'torch'")
-        for name in ("slot_bytes", "one_shot_max_bytes", "two_shot_max_bytes"):
+        for name in ("slot_bytes", "one_shot_max_bytes", "two_shot_max_bytes",
+                     "triton_eager_min_bytes"):
             value = getattr(self, name)
+            if name == "one_shot_max_bytes" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"SymmMemConfig.{name}={value!r} must be an integer >= 0")
         if self.slot_bytes == 0 or self.slot_bytes % _SLOT_ALIGN:
             raise ValueError(f"SymmMemConfig.slot_bytes={self.slot_bytes} must be a positive "
                              f"multiple of {_SLOT_ALIGN}")
-        if self.one_shot_max_bytes > self.two_shot_max_bytes:
+        if self.one_shot_max_bytes is not None and \
+                self.one_shot_max_bytes > self.two_shot_max_bytes:
             raise ValueError(f"SymmMemConfig.one_shot_max_bytes={self.one_shot_max_bytes} must "
                              f"be <= two_shot_max_bytes={self.two_shot_max_bytes}")
         if self.two_shot_max_bytes > self.slot_bytes:
             raise ValueError(f"SymmMemConfig.two_shot_max_bytes={self.two_shot_max_bytes} must "
                              f"be <= slot_bytes={self.slot_bytes} (a message must fit one slot)")
+
+    def one_shot_limit(self, world: int) -> int:
+        """``one_shot_max_bytes`` resolved for a group of ``world`` ranks."""
+        if self.one_shot_max_bytes is not None:
+            return self.one_shot_max_bytes
+        return self.two_shot_max_bytes if world == 2 else min(2**20, self.two_shot_max_bytes)
 
 
 def group_unavailable_reason(axis: AxisGroup, device: torch.device,
@@ -153,6 +169,7 @@ class SymmMemAllReduce:
         self._peer_ptr_cache: dict[int, torch.Tensor] = {}
         self._signal_ptrs: Optional[torch.Tensor] = None
         self._sms: Optional[int] = None
+        self._keep_alive: list[torch.Tensor] = []
         if self.reason is None:  # every rank of the group gets here: safe to vote
             self._try_enable(rank_unavailable_reason())
 
@@ -175,6 +192,9 @@ class SymmMemAllReduce:
             self.reason = f"symmetric memory allocation/rendezvous failed: {exc}"
             return
         self._buffer, self._handle, self._group_name = buf, handle, group_name
+        self.signal_pointers()  # the slot starts' pointers too: ready before any graph capture
+        for slot in (0, 1):
+            self.peer_pointers(self._slot(slot, _SLOT_ALIGN))
 
     # ------------------------------------------------------------------ queries
     @property
@@ -200,7 +220,7 @@ class SymmMemAllReduce:
         # torch's kernels need whole 4-byte words (an odd count of bf16 elements goes to NCCL)
         if not self.fits_slot(nbytes, dtype) or nbytes % 4:
             return NCCL
-        if nbytes <= self.config.one_shot_max_bytes:
+        if nbytes <= self.config.one_shot_limit(self.world_size):
             return ONE_SHOT
         if nbytes <= self.config.two_shot_max_bytes:
             return TWO_SHOT
@@ -239,6 +259,17 @@ class SymmMemAllReduce:
         start = slot * self.config.slot_bytes
         return self._buffer[start:start + nbytes]
 
+    def _device_int64(self, values: list[int]) -> torch.Tensor:
+        """A small int64 device tensor; copied from pinned memory, so it may be made while a
+        CUDA graph is captured (the host copy is kept alive beside it)."""
+        host = torch.tensor(values, dtype=torch.int64)
+        if torch.cuda.is_current_stream_capturing():
+            host = host.pin_memory()
+            dev = host.to(self.device, non_blocking=True)
+            self._keep_alive.append(host)
+            return dev
+        return host.to(self.device)
+
     def peer_pointers(self, tensor: torch.Tensor) -> torch.Tensor:
         """int64 tensor (on device) with the address of ``tensor``'s bytes in every rank's
         buffer, in group-rank order (for kernels that read peers directly)."""
@@ -247,16 +278,15 @@ class SymmMemAllReduce:
         offset = tensor.data_ptr() - self._handle.buffer_ptrs[self._handle.rank]
         cached = self._peer_ptr_cache.get(offset)
         if cached is None:
-            ptrs = [int(p) + offset for p in self._handle.buffer_ptrs]
-            cached = torch.tensor(ptrs, dtype=torch.int64, device=self.device)
+            cached = self._device_int64([int(p) + offset for p in self._handle.buffer_ptrs])
             self._peer_ptr_cache[offset] = cached
         return cached
 
     def signal_pointers(self) -> torch.Tensor:
         """int64 tensor (on device) with every rank's signal-pad address (uint32 flags)."""
         if self._signal_ptrs is None:
-            self._signal_ptrs = torch.tensor([int(p) for p in self._handle.signal_pad_ptrs],
-                                             dtype=torch.int64, device=self.device)
+            self._signal_ptrs = self._device_int64([int(p) for p in
+                                                    self._handle.signal_pad_ptrs])
         return self._signal_ptrs
 
     @property
@@ -301,11 +331,11 @@ class SymmMemAllReduce:
         src = tensor.contiguous()
         out = torch.empty_like(src)
         if method == ONE_SHOT:
-            if self.in_buffer(src):
-                if self._use_triton_one_shot():
-                    self._one_shot_triton(src, out)
-                else:
-                    torch.ops.symm_mem.one_shot_all_reduce_out(src, "sum", self._group_name, out)
+            triton = self._use_triton_one_shot(nbytes)
+            if triton:
+                self._one_shot_triton(self.stage_in_buffer(src), out)
+            elif self.in_buffer(src):
+                torch.ops.symm_mem.one_shot_all_reduce_out(src, "sum", self._group_name, out)
             else:  # the kernel copies our input into the slot itself: no extra launch
                 slot = self._slot(self._take_slot(), nbytes).view(src.dtype).view(src.shape)
                 torch.ops.symm_mem.one_shot_all_reduce_copy_out(slot, src, "sum",
@@ -322,11 +352,12 @@ class SymmMemAllReduce:
         raise ValueError(f"unknown all-reduce method {method!r}; use one of "
                          f"{ONE_SHOT}, {TWO_SHOT}, {NCCL}, {LOCAL}")
 
-    def _use_triton_one_shot(self) -> bool:
+    def _use_triton_one_shot(self, nbytes: int) -> bool:
         choice = self.config.one_shot_kernel
         if choice == "torch" or one_shot_kernel() is None:
             return False
-        return choice == "triton" or torch.cuda.is_current_stream_capturing()
+        return (choice == "triton" or nbytes >= self.config.triton_eager_min_bytes
+                or torch.cuda.is_current_stream_capturing())
 
     def _one_shot_triton(self, src: torch.Tensor, out: torch.Tensor) -> None:
         """Sum of the slot view ``src`` over the group into ``out`` (one kernel, one barrier)."""
