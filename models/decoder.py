@@ -188,7 +188,7 @@ class CausalLM(nn.Module):
         if not 0 <= start < stop <= config.num_layers:
             raise ValueError(f"layer_range={layer_range} must be a non-empty range inside "
                              f"[0, num_layers={config.num_layers}]")
-        _check_divisibility(config, groups)
+        check_model_fits_layout(config, groups)
         self.config, self.groups = config, groups
         self.pre_process, self.post_process = pre_process, post_process
         self.layer_range = (start, stop)
@@ -426,9 +426,9 @@ def _hf_source(name: str, expected: dict, config: ModelConfig) -> HFSource:
     raise ValueError(f"parameter {name} has no place in the {config.architecture} HF checkpoint")
 
 
-def _check_divisibility(config: ModelConfig, groups: ParallelGroups) -> None:
+def check_model_fits_layout(config: ModelConfig, groups: ParallelGroups) -> None:
     """Sizes the layers would reject later, named here with the model field (before any
-    collective runs)."""
+    collective runs; needs only ``groups.topology``)."""
     topo = groups.topology
     problems = []
     if config.vocab_size % topo.attn_tp:
@@ -454,6 +454,9 @@ def _check_divisibility(config: ModelConfig, groups: ParallelGroups) -> None:
     if problems:
         raise ValueError(f"{config.architecture} model does not fit the layout: "
                          + "; ".join(problems))
+
+
+_check_divisibility = check_model_fits_layout  # earlier name, used by megatron_ext.training
 
 
 def stage_layer_range(num_layers: int, pp: int, stage: int,
