@@ -65,7 +65,6 @@ def main() -> None:
                      dtype=torch.bfloat16, device=device)
     # k == 1: every shard rank holds the same tokens, so symmetric memory is allowed here
     reducer = SymmMemAllReduce(shard, device, SymmMemConfig(slot_bytes=64 * 2**20,
-                                                            one_shot_max_bytes=4 * 2**20,
                                                             two_shot_max_bytes=64 * 2**20),
                                uniform_tokens=True)
     if rank == 0:
