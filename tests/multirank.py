@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -32,8 +33,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _rank_main(fn: Callable, rank: int, world: int, port: int, pg_timeout: float,
-               results: "mp.Queue", args: tuple) -> None:
+def _rank_main(payload: bytes, rank: int, world: int, port: int, pg_timeout: float,
+               results: "mp.Queue") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     try:
@@ -41,13 +42,15 @@ def _rank_main(fn: Callable, rank: int, world: int, port: int, pg_timeout: float
         import torch.distributed as dist
 
         torch.set_num_threads(1)
+        fn, args = pickle.loads(payload)
         dist.init_process_group("gloo", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=pg_timeout))
         try:
             value = fn(rank, world, *args)
         finally:
             dist.destroy_process_group()
-        results.put((rank, "ok", value))
+        # plain pickle: torch's multiprocessing reducers would pass tensors as shared-memory fds
+        results.put((rank, "ok", pickle.dumps(value)))
     except BaseException:  # noqa: BLE001 - report everything, including SystemExit
         results.put((rank, "error", traceback.format_exc()))
 
@@ -67,7 +70,8 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 120.0) -> l
     port = free_port()
     # collectives time out a little before the harness does, so a hang names the collective
     pg_timeout = max(5.0, timeout * 0.8)
-    procs = [ctx.Process(target=_rank_main, args=(fn, r, world, port, pg_timeout, results, args),
+    payload = pickle.dumps((fn, args))  # tensors in args travel as bytes, not as fds
+    procs = [ctx.Process(target=_rank_main, args=(payload, r, world, port, pg_timeout, results),
                          daemon=True) for r in range(world)]
     for p in procs:
         p.start()
@@ -96,7 +100,7 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 120.0) -> l
                     continue
             if status == "error":
                 raise RankFailure(f"rank {rank} of {world} failed:\n{value}")
-            done[rank] = value
+            done[rank] = pickle.loads(value)
     finally:
         for p in procs:
             if p.is_alive():

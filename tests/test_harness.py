@@ -42,3 +42,13 @@ def test_hung_rank_fails_within_timeout():
     with pytest.raises((RankTimeout, RankFailure)):
         run_ranks(_one_rank_hangs, 2, timeout=15)
     assert time.monotonic() - start < 40
+
+
+def _echo_tensors(rank, world, tensors):
+    return [t * (rank + 1) for t in tensors]
+
+
+def test_tensors_travel_as_arguments_and_results():
+    inputs = [torch.arange(6.0).reshape(2, 3) for _ in range(64)]
+    out = run_ranks(_echo_tensors, 2, inputs, timeout=60)
+    assert torch.equal(out[1][5], inputs[5] * 2) and len(out[0]) == 64
