@@ -20,12 +20,14 @@ from tests.multirank import run_ranks
 COMMON = dict(model="tiny-qwen3-moe", seq_len=30, global_batch_size=8, train_steps=5,
               warmup_steps=1, lr=3e-3, progress=False, tensorboard=False, save_at_end=False,
               save_interval=0, dist_timeout_s=60.0)
-# name -> (layout, micro_batch_size); attn_dp x micro_batch_size = 2 everywhere
+FOUR_LAYERS = {"num_layers": 4}
+# name -> (layout, micro_batch_size, model overrides); attn_dp x micro_batch_size = 2 everywhere
 LAYOUTS = {
-    "attn_tp2": (dict(attn_tp=2, attn_dp=2), 1),                  # moe_tp 2, moe_dp 2
-    "seed": (dict(attn_tp=2, attn_cp=2, moe_dp=1), 2),              # moe_tp 4, MOE_FULL k=2
-    "cp2_moedp2_ep2": (dict(attn_cp=2, moe_dp=2, moe_ep=2), 1),     # attn_dp 2, k=2
-    "pp2_cp2": (dict(pp=2, attn_cp=2), 2),                          # moe_dp 2 per stage
+    "attn_tp2": (dict(attn_tp=2, attn_dp=2), 1, {}),                  # moe_tp 2, moe_dp 2
+    "seed": (dict(attn_tp=2, attn_cp=2, moe_dp=1), 2, {}),              # moe_tp 4, MOE_FULL k=2
+    "cp2_moedp2_ep2": (dict(attn_cp=2, moe_dp=2, moe_ep=2), 1, {}),     # attn_dp 2, k=2
+    "pp2_cp2": (dict(pp=2, attn_cp=2), 2, {}),                          # moe_dp 2 per stage
+    "pp4": (dict(pp=4), 2, FOUR_LAYERS),                                # 1F1B, 4 micro-batches
 }
 RESUMES = {  # resumed layout <- layout that saved at step 3
     "pp2_cp2": "attn_tp2",
@@ -35,9 +37,9 @@ SAVE_STEP = 3
 
 
 def _config(name: str, root: str, **extra) -> TrainConfig:
-    layout, mbs = LAYOUTS[name]
+    layout, mbs, overrides = LAYOUTS[name]
     return TrainConfig(**{**COMMON, **extra}, **layout, micro_batch_size=mbs,
-                       output_dir=f"{root}/{name}")
+                       model_overrides=overrides, output_dir=f"{root}/{name}")
 
 
 def _record(history) -> list[tuple[float, float, float]]:
@@ -74,29 +76,41 @@ def _assert_close(got, want, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("ref"))
-    cfg = TrainConfig(**COMMON, micro_batch_size=2, output_dir=root)
-    return _record(run_training(cfg, ParallelGroups.single_process()))
+def references(tmp_path_factory):
+    """One-process runs: the 2-layer default model and the 4-layer one (for pp 4)."""
+    out = {}
+    for key, overrides in (("2", {}), ("4", FOUR_LAYERS)):
+        root = str(tmp_path_factory.mktemp(f"ref{key}"))
+        cfg = TrainConfig(**COMMON, micro_batch_size=2, model_overrides=overrides,
+                          output_dir=root)
+        out[key] = _record(run_training(cfg, ParallelGroups.single_process()))
+    return out
 
 
-def test_reference_learns(reference):
-    losses = [r[0] for r in reference]
-    assert losses[-1] < losses[0] - 0.2 and all(math.isfinite(x) for r in reference for x in r)
+def _reference_of(name: str, references: dict):
+    return references["4" if LAYOUTS[name][2] else "2"]
 
 
-def test_layouts_and_cross_layout_resume_match_one_process(tmp_path, reference):
+def test_reference_learns(references):
+    for reference in references.values():
+        losses = [r[0] for r in reference]
+        assert losses[-1] < losses[0] - 0.2
+        assert all(math.isfinite(x) for r in reference for x in r)
+
+
+def test_layouts_and_cross_layout_resume_match_one_process(tmp_path, references):
     """attn_tp 2; seed layout (attn_tp 2 x attn_cp 2, MoE TP 4); attn_cp 2 + moe_dp 2 + moe_ep 2;
-    pp 2 + attn_cp 2: the loss, MoE aux loss and gradient norm of 5 steps equal the one-process
-    run. Checkpoints at step 3 of attn_tp 2 (resumed at pp 2 x attn_cp 2) and of pp 2 x attn_cp 2
+    pp 2 + attn_cp 2; pp 4 (4-layer model): the loss, MoE aux loss and gradient norm of 5 steps
+    equal the one-process run. Checkpoints at step 3 of attn_tp 2 (resumed at pp 2 x attn_cp 2) and of pp 2 x attn_cp 2
     (resumed at attn_cp 2 + moe_dp 2 + moe_ep 2): steps 4-5 equal the uninterrupted run."""
     results = run_ranks(_layouts_rank, 4, str(tmp_path), timeout=240)
     assert all(r == results[0] for r in results[1:]), "ranks report different metrics"
     got = results[0]
     for name in LAYOUTS:
-        _assert_close(got[name], reference, name)
+        _assert_close(got[name], _reference_of(name, references), name)
     for name, source in RESUMES.items():
-        _assert_close(got[f"{name}<-{source}"], reference[SAVE_STEP:], f"{name}<-{source}")
+        _assert_close(got[f"{name}<-{source}"], _reference_of(name, references)[SAVE_STEP:],
+                      f"{name}<-{source}")
 
 
 def test_model_from_hf_directory_starts_from_its_weights(tmp_path):

@@ -24,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -178,7 +179,20 @@ def _rank() -> int:
 
 def _barrier() -> None:
     if dist.is_initialized():
-        dist.barrier()
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+
+
+def _dcp(fn, *args, **kwargs):
+    """``dcp.save`` / ``dcp.load``; one-process runs pass ``no_dist`` (DCP's warning about
+    assuming a single process is expected there, so it is silenced)."""
+    no_dist = not dist.is_initialized()
+    with warnings.catch_warnings():
+        if no_dist:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        return fn(*args, no_dist=no_dist, **kwargs)
 
 
 # ---------------------------------------------------------------------- directories
@@ -234,8 +248,7 @@ def save_checkpoint(root: str, step: int, shards: dict[str, Shard], train_state:
     state_dict[TRAIN_STATE_KEY] = train_state
     state_dict[f"rng/rank_{rank}"] = rng_state()
     writer = storage_writer or dcp.FileSystemWriter(partial, single_file_per_rank=True)
-    dcp.save(state_dict, storage_writer=writer, planner=ShardSavePlanner(shards),
-             no_dist=not dist.is_initialized())
+    _dcp(dcp.save, state_dict, storage_writer=writer, planner=ShardSavePlanner(shards))
     # dcp.save returns on every rank only after the coordinator wrote .metadata
     if rank == 0:
         if os.path.isdir(final):  # re-save of a published step (e.g. resumed at it): replace
@@ -273,8 +286,7 @@ def load_checkpoint(path: str, shards: dict[str, Shard]) -> dict:
         state_dict[rng_key] = None
     check_loadable(saved, shards, [TRAIN_STATE_KEY])
     with torch.no_grad():
-        dcp.load(state_dict, storage_reader=reader, planner=ShardLoadPlanner(shards),
-                 no_dist=not dist.is_initialized())
+        _dcp(dcp.load, state_dict, storage_reader=reader, planner=ShardLoadPlanner(shards))
     if state_dict.get(rng_key) is not None:
         set_rng_state(state_dict[rng_key])
     return state_dict[TRAIN_STATE_KEY]
@@ -283,8 +295,10 @@ def load_checkpoint(path: str, shards: dict[str, Shard]) -> dict:
 def read_train_state(path: str) -> dict:
     """The training state of a checkpoint, read in one process (no collectives)."""
     state_dict: dict[str, Any] = {TRAIN_STATE_KEY: None}
-    dcp.load(state_dict, storage_reader=dcp.FileSystemReader(path),
-             planner=ShardLoadPlanner({}), no_dist=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state_dict, storage_reader=dcp.FileSystemReader(path),
+                 planner=ShardLoadPlanner({}), no_dist=True)
     return state_dict[TRAIN_STATE_KEY]
 
 
@@ -296,5 +310,8 @@ def load_global_tensors(path: str) -> dict[str, torch.Tensor]:
                        (0,) * len(md.size))
               for k, md in metadata.items() if isinstance(md, TensorStorageMetadata)}
     state_dict: dict[str, Any] = {k: s.tensor for k, s in shards.items()}
-    dcp.load(state_dict, storage_reader=reader, planner=ShardLoadPlanner(shards), no_dist=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state_dict, storage_reader=reader, planner=ShardLoadPlanner(shards),
+                 no_dist=True)
     return {k: s.tensor for k, s in shards.items()}

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import sys
-from typing import Optional
 
 
 def _fmt(value: float) -> str:
@@ -72,12 +71,3 @@ class MetricsLogger:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
-
-
-def print_rank0(text: str, rank: int, file=None) -> None:
-    if rank == 0:
-        print(text, file=file or sys.stdout, flush=True)
-
-
-def maybe(value: Optional[float]) -> float:
-    return float("nan") if value is None else float(value)

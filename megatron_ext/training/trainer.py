@@ -60,8 +60,9 @@ class LaunchPlan:
 
 
 def build_model_config(cfg: TrainConfig, tokenizer: Tokenizer):
-    """The model of ``cfg.model`` with ``model_overrides``; a preset's vocabulary grows (to a
-    multiple of 64) to hold the tokenizer's, an HF model's must already hold it."""
+    """The model of ``cfg.model`` with ``model_overrides`` (a new ``num_layers`` keeps an all-sparse
+    or all-dense pattern); a preset's vocabulary grows (to a multiple of 64) to hold the
+    tokenizer's, an HF model's must already hold it."""
     from models.config import PRESETS, load_model_config
 
     config = load_model_config(cfg.model)
@@ -69,6 +70,12 @@ def build_model_config(cfg: TrainConfig, tokenizer: Tokenizer):
     if cfg.model in PRESETS and "vocab_size" not in overrides \
             and config.vocab_size < tokenizer.vocab_size:
         overrides["vocab_size"] = -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    if "num_layers" in overrides and "sparse_layers" not in overrides:
+        pattern = set(config.sparse_layers)
+        if len(pattern) > 1:
+            raise ValueError(f"model_overrides num_layers={overrides['num_layers']}: {cfg.model} "
+                             f"mixes dense and sparse layers; give sparse_layers too")
+        overrides["sparse_layers"] = [pattern.pop()] * int(overrides["num_layers"])
     if overrides:
         try:
             config = config.replace(**overrides)
