@@ -21,6 +21,7 @@ COMMON = dict(model="tiny-qwen3-moe", seq_len=30, global_batch_size=8, train_ste
               warmup_steps=1, lr=3e-3, progress=False, tensorboard=False, save_at_end=False,
               save_interval=0, dist_timeout_s=60.0)
 FOUR_LAYERS = {"num_layers": 4}
+TIED = {"tie_word_embeddings": True}
 # name -> (layout, micro_batch_size, model overrides); attn_dp x micro_batch_size = 2 everywhere
 LAYOUTS = {
     "attn_tp2": (dict(attn_tp=2, attn_dp=2), 1, {}),                  # moe_tp 2, moe_dp 2
@@ -28,10 +29,13 @@ LAYOUTS = {
     "cp2_moedp2_ep2": (dict(attn_cp=2, moe_dp=2, moe_ep=2), 1, {}),     # attn_dp 2, k=2
     "pp2_cp2": (dict(pp=2, attn_cp=2), 2, {}),                          # moe_dp 2 per stage
     "pp4": (dict(pp=4), 2, FOUR_LAYERS),                                # 1F1B, 4 micro-batches
+    "pp2_tp2_tied": (dict(pp=2, attn_tp=2), 2, TIED),                   # LM head = embedding
+    "seed_tied": (dict(attn_tp=2, attn_cp=2, moe_dp=1), 2, TIED),       # on 2 stages
 }
 RESUMES = {  # resumed layout <- layout that saved at step 3
     "pp2_cp2": "attn_tp2",
     "cp2_moedp2_ep2": "pp2_cp2",
+    "seed_tied": "pp2_tp2_tied",
 }
 SAVE_STEP = 3
 
@@ -79,16 +83,15 @@ def _assert_close(got, want, what: str) -> None:
 def references(tmp_path_factory):
     """One-process runs: the 2-layer default model and the 4-layer one (for pp 4)."""
     out = {}
-    for key, overrides in (("2", {}), ("4", FOUR_LAYERS)):
-        root = str(tmp_path_factory.mktemp(f"ref{key}"))
+    for i, overrides in enumerate(({}, FOUR_LAYERS, TIED)):
         cfg = TrainConfig(**COMMON, micro_batch_size=2, model_overrides=overrides,
-                          output_dir=root)
-        out[key] = _record(run_training(cfg, ParallelGroups.single_process()))
+                          output_dir=str(tmp_path_factory.mktemp(f"ref{i}")))
+        out[tuple(overrides.items())] = _record(run_training(cfg, ParallelGroups.single_process()))
     return out
 
 
 def _reference_of(name: str, references: dict):
-    return references["4" if LAYOUTS[name][2] else "2"]
+    return references[tuple(LAYOUTS[name][2].items())]
 
 
 def test_reference_learns(references):
@@ -100,8 +103,9 @@ def test_reference_learns(references):
 
 def test_layouts_and_cross_layout_resume_match_one_process(tmp_path, references):
     """attn_tp 2; seed layout (attn_tp 2 x attn_cp 2, MoE TP 4); attn_cp 2 + moe_dp 2 + moe_ep 2;
-    pp 2 + attn_cp 2; pp 4 (4-layer model): the loss, MoE aux loss and gradient norm of 5 steps
-    equal the one-process run. Checkpoints at step 3 of attn_tp 2 (resumed at pp 2 x attn_cp 2) and of pp 2 x attn_cp 2
+    pp 2 + attn_cp 2; pp 4 (4-layer model); pp 2 x attn_tp 2 and the seed layout with a tied
+    embedding / LM head: the loss, MoE aux loss and gradient norm of 5 steps equal the
+    one-process run. Checkpoints at step 3 of attn_tp 2 (resumed at pp 2 x attn_cp 2) and of pp 2 x attn_cp 2
     (resumed at attn_cp 2 + moe_dp 2 + moe_ep 2): steps 4-5 equal the uninterrupted run."""
     results = run_ranks(_layouts_rank, 4, str(tmp_path), timeout=240)
     assert all(r == results[0] for r in results[1:]), "ranks report different metrics"

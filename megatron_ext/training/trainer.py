@@ -118,6 +118,16 @@ def aux_loss_share(stats: list, groups: ParallelGroups, num_moe_layers: int
     return total / num_moe_layers
 
 
+def checkpoint_name(param_name: str, model_config) -> str:
+    """The layout-independent name of a parameter. Module names already are (HF names, global
+    layer indices), except a tied LM head: one process holds the embedding once, while with
+    pipeline stages the last stage holds its own ``lm_head.weight`` copy (kept equal by the
+    ``embedding`` gradient sync); both are the embedding tensor in a checkpoint."""
+    if model_config.tie_word_embeddings and param_name == "lm_head.weight":
+        return "model.embed_tokens.weight"
+    return param_name
+
+
 class _PureGroups:
     """Just the topology, for checks that need no process group."""
 
@@ -174,7 +184,8 @@ class Trainer:
                               post_process=self.is_last_stage, layer_range=layer_range,
                               cp_strategy=cfg.cp_comm, device=self.device)
         self._init_weights()
-        self.named_params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.named_params = [(checkpoint_name(n, mc), p)
+                             for n, p in self.model.named_parameters() if p.requires_grad]
         self.grad_sync = GradSync(self.named_params, groups,
                                   bucket_bytes=int(cfg.grad_bucket_mb * 2**20))
         self.schedule = LRSchedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.train_steps)
