@@ -109,3 +109,72 @@ def sparse_pattern(num_layers: int, num_experts: int, decoder_sparse_step: int,
 
 def mlp_only_layers_of(sparse_layers: tuple[bool, ...]) -> list[int]:
     return [i for i, s in enumerate(sparse_layers) if not s]
+
+
+def decoder_fields(f: HFFields, *, hidden: int, heads: int, layers: int, kv_heads: int | None,
+                   intermediate: int, vocab: int, max_positions: int) -> dict:
+    """The attention/dense fields every decoder model shares, with the model's HF defaults."""
+    hidden = f.get("hidden_size", hidden)
+    heads = f.get("num_attention_heads", heads)
+    return dict(
+        architecture=f.model_type,
+        vocab_size=f.get("vocab_size", vocab),
+        hidden_size=hidden,
+        num_layers=f.get("num_hidden_layers", layers),
+        num_heads=heads,
+        num_kv_heads=f.get("num_key_value_heads", heads if kv_heads is None else kv_heads),
+        head_dim=f.get("head_dim", hidden // heads),
+        intermediate_size=f.get("intermediate_size", intermediate),
+        rms_norm_eps=f.get("rms_norm_eps", 1e-6),
+        rope_theta=f.rope_theta(10000.0),
+        max_position_embeddings=f.get("max_position_embeddings", max_positions),
+        tie_word_embeddings=f.get("tie_word_embeddings", False),
+    )
+
+
+def moe_fields(f: HFFields, num_layers: int, *, num_experts: int, top_k: int,
+               moe_intermediate: int) -> dict:
+    """The routed-expert fields of the Qwen MoE models, with the model's HF defaults."""
+    num_experts = f.get("num_experts", num_experts)
+    return dict(
+        num_experts=num_experts,
+        num_experts_per_tok=f.get("num_experts_per_tok", top_k),
+        moe_intermediate_size=f.get("moe_intermediate_size", moe_intermediate),
+        norm_topk_prob=f.get("norm_topk_prob", False),
+        sparse_layers=sparse_pattern(num_layers, num_experts, f.get("decoder_sparse_step", 1),
+                                     f.get("mlp_only_layers", [])),
+        router_aux_loss_coef=f.get("router_aux_loss_coef", 0.001),
+    )
+
+
+def decoder_hf(cfg: Any, architecture: str) -> dict:
+    """The HF config fields every decoder model writes."""
+    return {
+        "architectures": [architecture],
+        "model_type": cfg.architecture,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.intermediate_size,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "hidden_act": "silu",
+    }
+
+
+def moe_hf(cfg: Any) -> dict:
+    """The HF config fields of the Qwen MoE models' routed experts."""
+    return {
+        "num_experts": cfg.num_experts,
+        "num_experts_per_tok": cfg.num_experts_per_tok,
+        "moe_intermediate_size": cfg.moe_intermediate_size,
+        "norm_topk_prob": cfg.norm_topk_prob,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": mlp_only_layers_of(cfg.sparse_layers),
+        "router_aux_loss_coef": cfg.router_aux_loss_coef,
+    }
