@@ -7,7 +7,7 @@ setup(
     description="Megatron-style training and serving with decoupled attention CP and MoE DP",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_ext", "megatron_ext.*", "models", "models.*"]),
-    package_data={"megatron_ext": ["data/*.txt"]},
+    package_data={"megatron_ext": ["data/corpus/*.txt"]},
     install_requires=[
         "torch>=2.4",
         "megatron-core==0.16.1",

@@ -35,7 +35,7 @@ from megatron_ext.parallel.symm_mem import SymmMemConfig  # noqa: E402
 from megatron_ext.parallel.topology import Topology  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from models.decoder import CausalLM  # noqa: E402
-from models.local_batch import split_batch  # noqa: E402
+from megatron_ext.parallel.local_batch import split_batch  # noqa: E402
 
 LAYOUTS = {
     "cp2 moe_dp1": (dict(attn_cp=2, moe_ep=2, moe_tp=1), False),

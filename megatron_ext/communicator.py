@@ -34,7 +34,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-from megatron_ext.mode_transitions import check_rows, complete_sum, to_consumer
+from megatron_ext.mode_transitions import check_rows, complete_sum, moe_rows_mode, to_consumer
 from megatron_ext.parallel.groups import AxisGroup, ParallelGroups
 from megatron_ext.parallel.param_meta import get_spec, set_spec
 from megatron_ext.pending import PendingReduction
@@ -108,6 +108,20 @@ class LayerCommunicator:
         tag_norm(final_norm, mode)
         normed, _ = self._complete_add_norm(hidden, residual, final_norm, mode, layout)
         return to_consumer(normed, mode, to_mode, consumer_axis, self.groups, layout)
+
+    def mlp_token_mask(self, valid: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """A per-token boolean (``valid``, on the layer-input rows of TP_ATTN_FULL) moved to the
+        rows the MLP reads, e.g. so a MoE router leaves padding out of its statistics. No
+        gradient; one gather when the MLP runs on MOE_FULL or SCATTERED rows."""
+        mode = self.modes.mlp_mode
+        with torch.no_grad():
+            v = valid.to(torch.float32).unsqueeze(-1)
+            if mode is ScatterMode.SCATTERED:
+                v = to_consumer(v, ScatterMode.TP_ATTN_FULL, mode, None, self.groups, layout)
+            elif moe_rows_mode(layout) is ScatterMode.MOE_FULL:
+                v = to_consumer(v, ScatterMode.TP_ATTN_FULL, ScatterMode.MOE_FULL, "moe_shard",
+                                self.groups, layout)
+            return v.squeeze(-1) > 0.5
 
     # ------------------------------------------------------------------ the three steps
     def prepare_attn(self, hidden: Hidden, residual: Optional[torch.Tensor],

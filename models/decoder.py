@@ -37,10 +37,10 @@ from megatron_ext.layers.mlp import DenseMLP
 from megatron_ext.layers.moe import MoELayer, RouterStats, load_balancing_loss
 from megatron_ext.layers.norm import RMSNorm
 from megatron_ext.layers.rope import RotaryEmbedding
-from megatron_ext.mode_transitions import moe_rows_mode, to_consumer
 from megatron_ext.parallel.groups import ParallelGroups
+from megatron_ext.parallel.topology import Topology
 from megatron_ext.parallel.param_meta import get_spec
-from megatron_ext.scatter_modes import LayerScatterModes, ScatterMode
+from megatron_ext.scatter_modes import LayerScatterModes
 from megatron_ext.token_layout import TokenLayout
 from models.config import ModelConfig
 from models.hf_keys import hf_tensor_shapes
@@ -188,7 +188,7 @@ class CausalLM(nn.Module):
         if not 0 <= start < stop <= config.num_layers:
             raise ValueError(f"layer_range={layer_range} must be a non-empty range inside "
                              f"[0, num_layers={config.num_layers}]")
-        check_model_fits_layout(config, groups)
+        check_model_fits_layout(config, groups.topology)
         self.config, self.groups = config, groups
         self.pre_process, self.post_process = pre_process, post_process
         self.layer_range = (start, stop)
@@ -240,7 +240,7 @@ class CausalLM(nn.Module):
         :func:`megatron_ext.parallel.cp_split.split_batch_for_cp` makes them; ``labels``
         ``[b, s_local]`` per-position targets (-100 = ignore). ``layout``: token counts of every
         attention group of the stage; default: all equal to ``b · s_local`` (pass one for uneven
-        attention-DP batches, e.g. from :func:`models.local_batch.split_batch`).
+        attention-DP batches, e.g. from :func:`megatron_ext.parallel.local_batch.split_batch`).
         ``compute_aux_loss`` defaults to ``labels is not None`` (collective over the stage).
         """
         if position_ids.dim() != 2:
@@ -318,23 +318,12 @@ class CausalLM(nn.Module):
 
     def _token_masks(self, valid: torch.Tensor, layout: TokenLayout) -> dict:
         """Real-token masks on the rows each MoE layer reads (padding is left out of the
-        load-balancing statistics). Gathered once per forward, without gradient."""
+        load-balancing statistics), one per MLP mode, moved by the communicator."""
         masks: dict = {}
-        with torch.no_grad():
-            for layer in self.layers:
-                mode = layer.modes.mlp_mode
-                if not layer.is_sparse or mode in masks:
-                    continue
-                v = valid.to(torch.float32).unsqueeze(-1)
-                if mode is ScatterMode.SCATTERED:
-                    moved = to_consumer(v, ScatterMode.TP_ATTN_FULL, mode, None, self.groups,
-                                        layout)
-                elif moe_rows_mode(layout) is ScatterMode.MOE_FULL:
-                    moved = to_consumer(v, ScatterMode.TP_ATTN_FULL, ScatterMode.MOE_FULL,
-                                        "moe_shard", self.groups, layout)
-                else:
-                    moved = v
-                masks[mode] = moved.squeeze(-1) > 0.5
+        for layer in self.layers:
+            mode = layer.modes.mlp_mode
+            if layer.is_sparse and mode not in masks:
+                masks[mode] = layer.comm.mlp_token_mask(valid, layout)
         return masks
 
     # ------------------------------------------------------------------ weights
@@ -426,10 +415,9 @@ def _hf_source(name: str, expected: dict, config: ModelConfig) -> HFSource:
     raise ValueError(f"parameter {name} has no place in the {config.architecture} HF checkpoint")
 
 
-def check_model_fits_layout(config: ModelConfig, groups: ParallelGroups) -> None:
-    """Sizes the layers would reject later, named here with the model field (before any
-    collective runs; needs only ``groups.topology``)."""
-    topo = groups.topology
+def check_model_fits_layout(config: ModelConfig, topo: Topology) -> None:
+    """Sizes the layers would reject later, named here with the model field (pure: runs before
+    any process group exists, so a launch fails with this message instead of a hang)."""
     problems = []
     if config.vocab_size % topo.attn_tp:
         problems.append(f"vocab_size={config.vocab_size} must be divisible by attn_tp="
@@ -455,8 +443,6 @@ def check_model_fits_layout(config: ModelConfig, groups: ParallelGroups) -> None
         raise ValueError(f"{config.architecture} model does not fit the layout: "
                          + "; ".join(problems))
 
-
-_check_divisibility = check_model_fits_layout  # earlier name, used by megatron_ext.training
 
 
 def stage_layer_range(num_layers: int, pp: int, stage: int,

@@ -38,7 +38,7 @@ from megatron_ext.parallel.param_meta import get_spec  # noqa: E402
 from megatron_ext.parallel.topology import Topology  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from models.decoder import CausalLM  # noqa: E402
-from models.local_batch import gather_to_global, split_batch  # noqa: E402
+from megatron_ext.parallel.local_batch import gather_to_global, split_batch  # noqa: E402
 
 B, S = 4, 96
 LOGITS_RTOL, GRAD_RTOL = 2e-2, 5e-2

@@ -182,7 +182,7 @@ LAYOUTS_8 = [
 
 def _run_layout(groups: ParallelGroups, layout: Layout, case: ModelCase) -> dict:
     """Load ``case`` into ``layout``, run forward (+ backward), return the worst errors."""
-    from models.local_batch import gather_to_global, split_batch
+    from megatron_ext.parallel.local_batch import gather_to_global, split_batch
     from tests.parallel_check import synced_grad
 
     model = CausalLM.from_pretrained(case.path, groups, dtype=torch.float64, **layout.options)
@@ -320,7 +320,7 @@ def _collective_counts(groups: ParallelGroups, case: ModelCase) -> dict:
     """Forward collectives of the seed layout, per layer, for the real model and for a variant
     whose shared expert reduces its own output (numerically the same, two reductions)."""
     from megatron_ext.parallel.comm_counter import count_collectives
-    from models.local_batch import split_batch
+    from megatron_ext.parallel.local_batch import split_batch
 
     out = {}
     for variant in ("model", "double_reduction"):

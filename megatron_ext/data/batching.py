@@ -69,7 +69,6 @@ def split_global_batch(samples: np.ndarray, topology: Topology, coords: RankCoor
                          f"{topology.attn_dp} ranks x micro_batch_size={micro_batch_size}")
     input_ids, labels = inputs_and_labels(samples)
     global_tokens = int((labels != IGNORE_INDEX).sum())
-    n_local = g // per_rank
     micro_batches = []
     for m in range(coords.attn_dp, g // micro_batch_size, topology.attn_dp):
         rows = slice(m * micro_batch_size, (m + 1) * micro_batch_size)

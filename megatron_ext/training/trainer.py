@@ -89,12 +89,12 @@ def build_model_config(cfg: TrainConfig, tokenizer: Tokenizer):
 
 def validate_launch(cfg: TrainConfig, world: int) -> LaunchPlan:
     """Every check that needs no process group; raises ``ValueError`` naming the problem."""
-    from models.decoder import _check_divisibility, stage_layer_range
+    from models.decoder import check_model_fits_layout, stage_layer_range
 
     topo = cfg.topology(world)
     tokenizer = load_tokenizer(cfg.tokenizer)
     model_config = build_model_config(cfg, tokenizer)
-    _check_divisibility(model_config, _PureGroups(topo))
+    check_model_fits_layout(model_config, topo)
     stage_layer_range(model_config.num_layers, topo.pp, 0)  # every stage gets a layer
     if cfg.seq_len > model_config.max_position_embeddings:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_position_embeddings="
@@ -128,13 +128,6 @@ def checkpoint_name(param_name: str, model_config) -> str:
     return param_name
 
 
-class _PureGroups:
-    """Just the topology, for checks that need no process group."""
-
-    def __init__(self, topology: Topology) -> None:
-        self.topology = topology
-
-
 @dataclass
 class StepMetrics:
     step: int             # optimizer steps completed
@@ -153,6 +146,17 @@ class StepMetrics:
         return {"loss": self.loss, "aux_loss": self.aux_loss, "grad_norm": self.grad_norm,
                 "lr": self.lr, "tokens": self.tokens, "step_time_s": self.step_time_s,
                 "tokens_per_s": self.tokens_per_s}
+
+
+def fused_reduce_add_norm(groups: ParallelGroups, device: torch.device):
+    """On CUDA with attention TP, pending attention-TP sums complete in one symmetric-memory
+    reduce + residual add + RMSNorm (DESIGN §6); elsewhere the communicator's unfused path.
+    Collective when it returns a hook: every rank builds its model at the same point."""
+    if device.type != "cuda" or groups.attn_tp.is_trivial:
+        return None
+    from megatron_ext.layers.fused_norm import build_symm_mem_reduce_add_norm
+
+    return build_symm_mem_reduce_add_norm(groups, device)
 
 
 def pick_device(cfg: TrainConfig) -> torch.device:
@@ -182,7 +186,8 @@ class Trainer:
         layer_range = stage_layer_range(mc.num_layers, topo.pp, stage)
         self.model = CausalLM(mc, groups, pre_process=self.is_first_stage,
                               post_process=self.is_last_stage, layer_range=layer_range,
-                              cp_strategy=cfg.cp_comm, device=self.device)
+                              cp_strategy=cfg.cp_comm, device=self.device,
+                              fused_reduce_add_norm=fused_reduce_add_norm(groups, self.device))
         self._init_weights()
         self.named_params = [(checkpoint_name(n, mc), p)
                              for n, p in self.model.named_parameters() if p.requires_grad]
