@@ -40,8 +40,8 @@ def test_failing_rank_reports_its_traceback():
 def test_hung_rank_fails_within_timeout():
     start = time.monotonic()
     with pytest.raises((RankTimeout, RankFailure)):
-        run_ranks(_one_rank_hangs, 2, timeout=15)
-    assert time.monotonic() - start < 40
+        run_ranks(_one_rank_hangs, 2, timeout=8)
+    assert time.monotonic() - start < 30
 
 
 def _echo_tensors(rank, world, tensors):
