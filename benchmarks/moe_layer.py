@@ -26,7 +26,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._common import device_name, init_nccl, table, time_eager, write_results  # noqa: E402
-from megatron_ext.layers.moe.dispatch import combine, local_dispatch  # noqa: E402
+from megatron_ext.layers.moe.dispatch import combine, gather_rows, local_dispatch  # noqa: E402
 from megatron_ext.layers.moe.moe_layer import MoELayer  # noqa: E402
 from megatron_ext.parallel.collectives import all_reduce  # noqa: E402
 from megatron_ext.parallel.groups import build_groups  # noqa: E402
@@ -39,8 +39,9 @@ TOKENS = [512, 1024, 2048, 4096, 8192, 16384]
 def routed_and_shared(layer: MoELayer, x: torch.Tensor):
     """The layer's two partial sums, before they are added (mirrors ``MoELayer._local``)."""
     routing = layer.gate(x, None)
-    assign = local_dispatch(routing.experts, layer.experts.first_expert, layer.experts.num_local)
-    y = layer.experts(x[assign.token_index], assign.counts)
+    assign = local_dispatch(routing.experts, layer.experts.first_expert, layer.experts.num_local,
+                            layer.num_experts)
+    y = layer.experts(gather_rows(x, assign, layer.top_k), assign.counts)
     return combine(y, routing.weights, assign, x.shape[0]), layer.shared_expert(x)
 
 

@@ -12,6 +12,11 @@ forward + backward + optimizer step + zero_grad). MFU = model FLOP/s / 989 TFLOP
 dense bf16 datasheet); also shown against the bf16 matmul rate measured in the same run.
 FLOPs per token: 3 × forward, forward = 2 × (q, k, v, o, router, top-k experts' three
 projections, LM head) + causal attention 2 × 2 × (S/2) × heads × head_dim per layer.
+
+Before timing, ``--checks`` (default on) runs the GPU fast paths of this step against float64
+references (cuDNN/FlashAttention blocks incl. a CP-style FULL block, the gather-based MoE
+combine inside a whole bf16 MoE layer, Triton RMSNorm / SwiGLU / cross-entropy) and times each
+against the torch composition it replaces, at this model's sizes (``component`` table).
 """
 from __future__ import annotations
 
@@ -61,7 +66,7 @@ def matmul_rate(device) -> float:
     return 10 * 2 * 8192**3 / (start.elapsed_time(end) / 1000)
 
 
-def profile_step(step, label: str, rows: int = 14) -> str:
+def profile_step(step, label: str, rows: int = 22) -> str:
     """Top CUDA kernels of one step (where the time goes), as a text table."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -93,6 +98,228 @@ def time_steps(step, warmup: int, steps: int, label: str = "") -> float:
         except Exception as exc:  # noqa: BLE001 - the timing above stands without it
             PROFILES.append(f"== {label}: profile failed: {exc}")
     return statistics.median(times)
+
+
+# ------------------------------------------------------------------------- checks + components
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.detach().double(), ref.detach().double()
+    return float((a - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _bench(fn, iters: int = 10) -> float:
+    """Median ms of ``fn`` (CUDA events), after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def kernel_checks(device) -> dict:
+    """Relative errors (vs float64) of the fast paths and of the torch paths they replace."""
+    from megatron_ext.layers import attention_math as am
+    from megatron_ext.layers.cross_entropy import vocab_parallel_cross_entropy
+    from megatron_ext.layers.mlp import swiglu
+    from megatron_ext.layers.moe import MoELayer
+    from megatron_ext.layers.norm import rms_norm, rms_norm_reference
+
+    single = ParallelGroups.single_process()
+    bf16, f64 = torch.bfloat16, torch.float64
+    gen = torch.Generator(device=device).manual_seed(3)
+    out: dict = {}
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, device=device) * scale
+
+    # attention blocks: CAUSAL (1 GPU) and FULL with more keys than queries (a CP remote block)
+    for kind, sq, sk in ((am.MaskKind.CAUSAL, 512, 512), (am.MaskKind.FULL, 256, 512)):
+        q, k, v = rnd(2, sq, 16, 128).to(bf16), rnd(2, sk, 4, 128).to(bf16), rnd(2, sk, 4, 128)
+        v = v.to(bf16)
+        dout = rnd(2, sq, 16, 128).to(bf16)
+        scale = am.default_scale(128)
+        ro, rl = am._math_forward(q.double(), k.double(), v.double(), scale, kind, None)
+        rg = am._math_backward(dout.double(), q.double(), k.double(), v.double(), ro, rl, scale,
+                               kind, None)
+        for kernel in ("cudnn", "flash"):
+            am.set_cuda_kernel(kernel)
+            o, lse, aux = am.block_forward(q, k, v, scale, kind)
+            g = am.block_backward(dout, q, k, v, o, lse, scale, kind, None, aux)
+            out[f"attn {kind.value} {kernel} ({aux[0] if aux else 'math'})"] = dict(
+                out=_rel(o, ro), lse_abs=float((lse.double() - rl).abs().max()),
+                dq=_rel(g[0], rg[0]), dk=_rel(g[1], rg[1]), dv=_rel(g[2], rg[2]))
+        am.set_cuda_kernel("auto")
+
+    # whole MoE layer (gather dispatch/combine, sort counts, Triton SwiGLU) bf16 vs float64
+    torch.manual_seed(4)
+    layer = MoELayer(256, 16, 4, 128, single, norm_topk_prob=True,
+                     shared_expert_intermediate_size=256, shared_expert_gate=True,
+                     dtype=bf16, device=device)
+    ref_layer = MoELayer(256, 16, 4, 128, single, norm_topk_prob=True,
+                         shared_expert_intermediate_size=256, shared_expert_gate=True,
+                         dtype=f64, device=device)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0.0, 0.1, generator=gen)
+        for p, r in zip(layer.parameters(), ref_layer.parameters()):
+            r.copy_(p)
+    x, gout = rnd(1000, 256).to(bf16), rnd(1000, 256)
+    xb, xr = x.clone().requires_grad_(), x.double().requires_grad_()
+    yb, yr = layer(xb).hidden, ref_layer(xr).hidden
+    (yb.double() * gout).sum().backward()
+    (yr * gout.double()).sum().backward()
+    grads = {n: _rel(p.grad, r.grad) for (n, p), r in zip(layer.named_parameters(),
+                                                         ref_layer.parameters())}
+    out["moe layer"] = dict(out=_rel(yb, yr), dx=_rel(xb.grad, xr.grad),
+                            worst_param=max(grads.values()))
+
+    # MoE dispatch adjoint + combine (Triton on CUDA) alone vs float64, full and EP-style halves
+    from megatron_ext.layers.moe.dispatch import combine, gather_rows, local_dispatch
+    experts = torch.argsort(torch.rand(3000, 64, generator=gen, device=device), -1)[:, :8]
+    for first, num_local in ((0, 64), (32, 32)):
+        a = local_dispatch(experts, first, num_local, 64)
+        x, w = rnd(3000, 2048).to(bf16), torch.rand(3000, 8, generator=gen, device=device)
+        gy = rnd(3000, 2048).to(bf16)
+        grads = []
+        for dt in (bf16, f64):
+            xi = x.detach().to(dt).requires_grad_()
+            wi = w.detach().to(dt).requires_grad_()
+            rows = gather_rows(xi, a, 8)
+            y = combine(rows * torch.linspace(0.5, 2, rows.shape[0], device=device,
+                                              dtype=dt)[:, None], wi, a, 3000)
+            y.backward(gy.to(dt))
+            grads.append((y, xi.grad, wi.grad))
+        (y1, dx1, dw1), (y2, dx2, dw2) = grads
+        out[f"moe combine experts {first}..{first + num_local - 1}"] = dict(
+            out=_rel(y1, y2), dx=_rel(dx1, dx2), dw=_rel(dw1, dw2))
+
+    # RMSNorm (hidden and QK-norm widths), SwiGLU, cross-entropy
+    for cols in (2048, 128):
+        x = rnd(4096, cols, scale=2.0).to(bf16).requires_grad_()
+        w = (1.0 + 0.1 * rnd(cols)).to(bf16).requires_grad_()
+        x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+        x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        dy = rnd(4096, cols).to(bf16)
+        y, y2 = rms_norm(x, w, 1e-6), rms_norm_reference(x2, w2, 1e-6)
+        y64 = rms_norm_reference(x64, w64, 1e-6)
+        y.backward(dy), y2.backward(dy), y64.backward(dy.double())
+        out[f"rmsnorm {cols}"] = dict(
+            y=_rel(y, y64), y_torch=_rel(y2, y64), y_bits_differ=float((y != y2).float().mean()),
+            dx=_rel(x.grad, x64.grad), dx_torch=_rel(x2.grad, x64.grad),
+            dw=_rel(w.grad, w64.grad), dw_torch=_rel(w2.grad, w64.grad))
+    g, u = rnd(4096, 768, scale=2.0).to(bf16).requires_grad_(), rnd(4096, 768).to(bf16)
+    u.requires_grad_()
+    g2, u2 = g.detach().clone().requires_grad_(), u.detach().clone().requires_grad_()
+    d = rnd(4096, 768).to(bf16)
+    swiglu(g, u).backward(d)
+    (torch.nn.functional.silu(g2) * u2).backward(d)
+    out["swiglu vs torch"] = dict(dg_bits_differ=float((g.grad != g2.grad).float().mean()),
+                                  du_bits_differ=float((u.grad != u2.grad).float().mean()),
+                                  out_bits_differ=float((swiglu(g, u) != (
+                                      torch.nn.functional.silu(g2) * u2)).float().mean()))
+    logits = rnd(2048, 32000, scale=3.0).to(bf16).requires_grad_()
+    labels = torch.randint(0, 32000, (2048,), generator=gen, device=device)
+    labels[::7] = -100
+    l64 = logits.detach().double().requires_grad_()
+    loss = vocab_parallel_cross_entropy(logits, labels, single.attn_tp)
+    ref = torch.nn.functional.cross_entropy(l64, labels, reduction="none", ignore_index=-100)
+    w = rnd(2048)
+    (loss * w).sum().backward()
+    (ref * w.double()).sum().backward()
+    out["cross-entropy"] = dict(loss=_rel(loss, ref), dlogits=_rel(logits.grad, l64.grad))
+    return out
+
+
+def component_times(cfg: ModelConfig, batch: int, seq: int, device) -> list[list]:
+    """ms of one forward + backward of each replaced piece, new vs the torch composition it
+    replaces (old), at the model's sizes (one layer's worth)."""
+    from megatron_ext.layers import attention_math as am
+    from megatron_ext.layers.cp_attention import (_ContextParallelAttention,
+                                                  context_parallel_attention)
+    from megatron_ext.layers.cp_plan import plan_cp_attention
+    from megatron_ext.layers.cross_entropy import vocab_parallel_cross_entropy
+    from megatron_ext.layers.mlp import swiglu
+    from megatron_ext.layers.moe.dispatch import combine, gather_rows, local_dispatch
+    from megatron_ext.layers.norm import rms_norm, rms_norm_reference
+
+    single = ParallelGroups.single_process()
+    bf16 = torch.bfloat16
+    tokens, h, k = batch * seq, cfg.hidden_size, cfg.num_experts_per_tok
+    rows = []
+
+    def fb(fn, *inputs):
+        def run():
+            for t in inputs:
+                t.grad = None
+            fn().float().sum().backward()
+        return _bench(run)
+
+    q = torch.randn(batch, seq, cfg.num_heads, cfg.head_dim, device=device, dtype=bf16)
+    kv = [torch.randn(batch, seq, cfg.num_kv_heads, cfg.head_dim, device=device, dtype=bf16)
+          for _ in range(2)]
+    for t in (q, *kv):
+        t.requires_grad_()
+    plan = plan_cp_attention(q, kv[0], kv[1], single.attn_cp)
+    scale = am.default_scale(cfg.head_dim)
+    am.set_cuda_kernel("flash")  # the earlier path: FlashAttention-2 through the block loop
+    old = fb(lambda: _ContextParallelAttention.apply(q, kv[0], kv[1], plan, single.attn_cp,
+                                                     "all_gather", scale), q, *kv)
+    am.set_cuda_kernel("auto")
+    rows.append(["attention (flash block loop -> cuDNN single block)", old,
+                 fb(lambda: context_parallel_attention(q, kv[0], kv[1], single.attn_cp,
+                                                       plan=plan), q, *kv)])
+
+    experts = torch.argsort(torch.rand(tokens, cfg.num_experts, device=device), -1)[:, :k]
+    x = torch.randn(tokens, h, device=device, dtype=bf16, requires_grad=True)
+    w = torch.rand(tokens, k, device=device, dtype=bf16, requires_grad=True)
+
+    def old_moe_io():
+        local = experts.reshape(-1)
+        sel = torch.argsort(local, stable=True)
+        tok = torch.div(sel, k, rounding_mode="floor")
+        torch.bincount(local[sel], minlength=cfg.num_experts)
+        y = x[tok] * 1.5
+        wr = w.reshape(-1)[sel].unsqueeze(-1)
+        return x.new_zeros(tokens, h).index_add(0, tok, y * wr)
+
+    def new_moe_io():
+        a = local_dispatch(experts, 0, cfg.num_experts, cfg.num_experts)
+        return combine(gather_rows(x, a, k) * 1.5, w, a, tokens)
+
+    rows.append(["MoE dispatch+combine (index/index_add -> gathers)", fb(old_moe_io, x, w),
+                 fb(new_moe_io, x, w)])
+    xn = torch.randn(tokens, h, device=device, dtype=bf16, requires_grad=True)
+    wn = torch.ones(h, device=device, dtype=bf16, requires_grad=True)
+    rows.append(["RMSNorm hidden (torch -> Triton)", fb(lambda: rms_norm_reference(xn, wn, 1e-6),
+                                                        xn, wn),
+                 fb(lambda: rms_norm(xn, wn, 1e-6), xn, wn)])
+    qn = torch.randn(batch, seq, cfg.num_heads, cfg.head_dim, device=device, dtype=bf16,
+                     requires_grad=True)
+    wq = torch.ones(cfg.head_dim, device=device, dtype=bf16, requires_grad=True)
+    rows.append(["QK-norm q (torch -> Triton)", fb(lambda: rms_norm_reference(qn, wq, 1e-6),
+                                                   qn, wq),
+                 fb(lambda: rms_norm(qn, wq, 1e-6), qn, wq)])
+    g = torch.randn(tokens * k, cfg.moe_intermediate_size, device=device, dtype=bf16,
+                    requires_grad=True)
+    u = torch.randn_like(g, requires_grad=True)
+    rows.append(["expert SwiGLU (torch -> Triton)",
+                 fb(lambda: torch.nn.functional.silu(g) * u, g, u), fb(lambda: swiglu(g, u), g, u)])
+    logits = torch.randn(tokens, cfg.vocab_size, device=device, dtype=bf16, requires_grad=True)
+    labels = torch.randint(0, cfg.vocab_size, (tokens,), device=device)
+
+    def ce_torch():
+        lf = logits.float()
+        return torch.nn.functional.cross_entropy(lf, labels, reduction="none")
+    rows.append(["cross-entropy (torch fp32 -> Triton)", fb(ce_torch, logits),
+                 fb(lambda: vocab_parallel_cross_entropy(logits, labels, single.attn_tp),
+                    logits)])
+    return rows
 
 
 def ours(cfg, ids, device, warmup, steps):
@@ -147,6 +374,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--no-checks", action="store_true", help="skip kernel checks/components")
     args = parser.parse_args()
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
@@ -159,6 +387,15 @@ def main() -> None:
     name = torch.cuda.get_device_name(0)
     print(f"device: {name}, torch {torch.__version__}; bf16 8192^3 matmul {rate / 1e12:.0f} "
           f"TFLOP/s; {fpt / 1e9:.2f} GFLOP/token", flush=True)
+    checks, components = {}, []
+    if not args.no_checks:
+        checks = kernel_checks(device)
+        for name, errs in checks.items():
+            print(f"check {name}: " + ", ".join(f"{k}={v:.2e}" for k, v in errs.items()),
+                  flush=True)
+        components = component_times(cfg, args.batch, args.seq, device)
+        gc.collect()
+        torch.cuda.empty_cache()
     rows, results = [], {}
     runs = [("megatron_ext", ours)] + ([] if args.skip_hf else [("transformers", hf)])
     for label, fn in runs:
@@ -180,7 +417,11 @@ def main() -> None:
     if len(rows) == 2:
         ratio = rows[0][2] / rows[1][2]
     write_results("train_step", {"device": name, "matmul_TFLOPs": rate / 1e12,
-                                 "flops_per_token": fpt, "results": results, "ratio": ratio})
+                                 "flops_per_token": fpt, "results": results, "ratio": ratio,
+                                 "checks": checks, "components_ms": components})
+    if components:
+        print("\nper layer, fwd+bwd ms (old torch composition -> new)")
+        print(table(["piece", "old ms", "new ms"], components))
     print(f"\n1-GPU training step, batch {args.batch}x{args.seq}, bf16, AdamW, {name}")
     print(table(["model", "step ms", "tokens/s", "MFU % (989)", "MFU % (measured mm)",
                  "peak GiB", "loss"], rows))

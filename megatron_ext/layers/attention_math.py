@@ -14,10 +14,17 @@ A block has one of four mask kinds (decided by the caller's plan):
   visible to query ``i`` iff ``j <= i``;
 * ``GENERAL`` — an explicit boolean mask ``[b, s_q, s_k]``.
 
-Kernels: on CUDA with fp16/bf16, ``FULL`` and ``CAUSAL`` blocks run torch's flash-attention ops
-(``aten._scaled_dot_product_flash_attention`` and its backward, which take an external ``out``
-and ``logsumexp``). Everything else (CPU, float32/float64, ``GENERAL`` masks) runs a plain torch
-implementation in float32 (float64 for float64 inputs), chunked over queries to bound memory.
+Kernels: on CUDA with fp16/bf16, ``FULL`` and ``CAUSAL`` blocks run a fused kernel that takes an
+external ``out`` and ``logsumexp`` in its backward: cuDNN's fused attention
+(``aten._scaled_dot_product_cudnn_attention`` with ``compute_log_sumexp=True``, and its backward)
+on Hopper and newer for blocks of at least ``CUDNN_MIN_QUERIES`` queries and head_dim <= 128
+(the kernel SDPA itself picks there; its backward took about half FlashAttention-2's time in
+the 1-GPU training profile, ``benchmarks/results/train_profile.txt``),
+otherwise torch's FlashAttention-2 ops (``aten._scaled_dot_product_flash_attention``). Both
+return the natural-log ``logsumexp`` of the scaled scores, so blocks of either merge alike.
+:func:`set_cuda_kernel` pins one (A/B runs). Everything else (CPU, float32/float64, ``GENERAL``
+masks) runs a plain torch implementation in float32 (float64 for float64 inputs), chunked over
+queries to bound memory.
 Layout everywhere: ``q [b, s_q, hq, d]``, ``k, v [b, s_k, hkv, d]`` with ``hq % hkv == 0``
 (query head ``h`` uses key/value head ``h // (hq // hkv)``); ``lse [b, hq, s_q]``.
 """
@@ -33,6 +40,11 @@ import torch
 MATH_CHUNK_ELEMENTS = 1 << 26
 
 _FLASH_GQA_NATIVE: Optional[bool] = None  # learnt on first GQA flash call (older builds lack it)
+_CUDNN_GQA_NATIVE: Optional[bool] = None  # likewise for cuDNN
+CUDA_KERNELS = ("auto", "cudnn", "flash")
+CUDNN_MIN_QUERIES = 128  # decode steps and tiny blocks stay on FlashAttention-2
+_cuda_kernel = "auto"
+_cudnn_broken = False  # set when a cuDNN call raised: later calls use FlashAttention-2
 
 
 class MaskKind(enum.Enum):
@@ -51,6 +63,28 @@ def uses_flash(q: torch.Tensor, kind: MaskKind) -> bool:
     """Whether a block of this kind runs the CUDA flash kernel."""
     return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
             and q.shape[-1] <= 256 and kind in (MaskKind.FULL, MaskKind.CAUSAL))
+
+
+def set_cuda_kernel(name: str) -> None:
+    """Pin the fused kernel of ``FULL``/``CAUSAL`` CUDA blocks: ``"auto"`` (default: cuDNN where
+    it applies, see the module doc), ``"cudnn"`` (wherever cuDNN takes the shape) or
+    ``"flash"``."""
+    global _cuda_kernel
+    if name not in CUDA_KERNELS:
+        raise ValueError(f"attention kernel {name!r} must be one of {CUDA_KERNELS}")
+    _cuda_kernel = name
+
+
+def _cudnn_applies(q: torch.Tensor) -> bool:
+    if _cudnn_broken or _cuda_kernel == "flash" or q.shape[-1] > 128:
+        return False
+    if not hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention"):
+        return False
+    if _cuda_kernel == "cudnn":
+        return True
+    # by the query count only: every block of one CP call has as many queries, so one call
+    # uses one kernel (its backward takes any of its blocks' aux state)
+    return torch.cuda.get_device_capability(q.device)[0] >= 9 and q.shape[1] >= CUDNN_MIN_QUERIES
 
 
 def default_scale(head_dim: int) -> float:
@@ -147,6 +181,59 @@ def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=2)
 
 
+def _cudnn_forward(q, k, v, scale, causal):
+    """cuDNN fused attention; ``aux = ("cudnn", native_gqa, rng/seqlen state)``."""
+    global _CUDNN_GQA_NATIVE
+    g = q.shape[2] // k.shape[2]
+    native = g == 1 or _CUDNN_GQA_NATIVE is not False
+    if g > 1 and native:
+        try:
+            res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, causal,
+                False, scale=scale)
+            _CUDNN_GQA_NATIVE = True
+        except RuntimeError:
+            _CUDNN_GQA_NATIVE, native = False, False
+    if g == 1 or not native:
+        ke, ve = _expand_kv(k, g), _expand_kv(v, g)
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q.transpose(1, 2), ke.transpose(1, 2), ve.transpose(1, 2), None, True, 0.0, causal,
+            False, scale=scale)
+    b, sq, hq, _ = q.shape
+    lse = res[1].reshape(b, hq, sq)  # [b, h, s_q, 1] float32, natural log
+    return res[0].transpose(1, 2), lse, ("cudnn", native, (res[2], res[3], res[6], res[7]))
+
+
+def _cudnn_backward(dout, q, k, v, out, lse, scale, causal, native, state):
+    g = q.shape[2] // k.shape[2]
+    ke, ve = (k, v) if native else (_expand_kv(k, g), _expand_kv(v, g))
+    cum_q, cum_k, seed, offset = state  # dropout is off: only passed through
+    b, sq, hq, _ = q.shape
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        dout.transpose(1, 2), q.transpose(1, 2), ke.transpose(1, 2), ve.transpose(1, 2),
+        out.transpose(1, 2), lse.contiguous().view(b, hq, sq, 1), seed, offset, None, cum_q,
+        cum_k, sq, k.shape[1], 0.0, causal, scale=scale)
+    dq, dk, dv = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+    if not native:
+        bk, sk, _, d = dk.shape
+        dk = dk.reshape(bk, sk, k.shape[2], g, d).sum(3)
+        dv = dv.reshape(bk, sk, k.shape[2], g, d).sum(3)
+    return dq, dk, dv
+
+
+def _fused_forward(q, k, v, scale, causal):
+    """cuDNN where it applies (falling back to FlashAttention-2 for good if it raises)."""
+    global _cudnn_broken
+    if _cudnn_applies(q):
+        try:
+            return _cudnn_forward(q, k, v, scale, causal)
+        except RuntimeError:
+            if _cuda_kernel == "cudnn":
+                raise
+            _cudnn_broken = True
+    return _flash_forward(q, k, v, scale, causal)
+
+
 def _flash_forward(q, k, v, scale, causal):
     global _FLASH_GQA_NATIVE
     g = q.shape[2] // k.shape[2]
@@ -156,18 +243,17 @@ def _flash_forward(q, k, v, scale, causal):
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, False,
                 scale=scale)
             _FLASH_GQA_NATIVE = True
-            return res[0].transpose(1, 2), res[1], (res[2], res[3], res[6], res[7])
+            return res[0].transpose(1, 2), res[1], ("flash", True, (res[2], res[3], res[6], res[7]))
         except RuntimeError:
             _FLASH_GQA_NATIVE = False
     k, v = _expand_kv(k, g), _expand_kv(v, g)
     res = torch.ops.aten._scaled_dot_product_flash_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, False, scale=scale)
-    return res[0].transpose(1, 2), res[1], (res[2], res[3], res[6], res[7])
+    return res[0].transpose(1, 2), res[1], ("flash", g == 1, (res[2], res[3], res[6], res[7]))
 
 
-def _flash_backward(dout, q, k, v, out, lse, scale, causal, rng):
+def _flash_backward(dout, q, k, v, out, lse, scale, causal, native, rng):
     g = q.shape[2] // k.shape[2]
-    native = g == 1 or _FLASH_GQA_NATIVE
     ke, ve = (k, v) if native else (_expand_kv(k, g), _expand_kv(v, g))
     cum_q, cum_k, seed, offset = rng  # as the forward returned them (dropout is off)
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
@@ -186,11 +272,11 @@ def _flash_backward(dout, q, k, v, out, lse, scale, causal, rng):
 def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                   kind: MaskKind, mask: Optional[torch.Tensor] = None):
     """Attention of one block. Returns ``(out [b, sq, hq, d], lse [b, hq, sq], aux)``; ``aux``
-    is the flash kernel's extra outputs its backward takes (dropout is off, so any flash call's
-    will do) or None. Queries that see no key get
+    is ``(kernel, native_gqa, state)`` of the fused kernel for its backward (dropout is off, so
+    any block's of the same call will do: one call uses one kernel) or None. Queries that see no key get
     ``out = 0`` and ``lse = -inf``."""
     if uses_flash(q, kind):
-        return _flash_forward(q, k, v, scale, kind == MaskKind.CAUSAL)
+        return _fused_forward(q, k, v, scale, kind == MaskKind.CAUSAL)
     out, lse = _math_forward(q, k, v, scale, kind, mask)
     return out, lse, None
 
@@ -203,7 +289,11 @@ def block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     if uses_flash(q, kind):
         if aux is None:
             raise ValueError("a flash block's backward needs the aux state of a flash forward")
-        return _flash_backward(dout, q, k, v, out, lse, scale, kind == MaskKind.CAUSAL, aux)
+        kernel, native, state = aux
+        causal = kind == MaskKind.CAUSAL
+        if kernel == "cudnn":
+            return _cudnn_backward(dout, q, k, v, out, lse, scale, causal, native, state)
+        return _flash_backward(dout, q, k, v, out, lse, scale, causal, native, state)
     return _math_backward(dout, q, k, v, out, lse, scale, kind, mask)
 
 

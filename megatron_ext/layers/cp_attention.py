@@ -18,7 +18,8 @@ K/V exchange strategies:
 
 Both skip blocks that are fully masked (:mod:`megatron_ext.layers.cp_plan`). A one-rank group
 is plain (causal / document-masked) attention with no collective, so single-process models use
-the same function. With TransformerEngine importable on CUDA, ``backend="auto"`` hands standard
+the same function; when its plan is a single unmasked causal block on CUDA it calls the fused
+kernel directly (no block loop, no float32 accumulators). With TransformerEngine importable on CUDA, ``backend="auto"`` hands standard
 layouts to ``te.pytorch.DotProductAttention`` (:mod:`megatron_ext.layers.te_attention`).
 """
 from __future__ import annotations
@@ -30,7 +31,8 @@ import torch
 
 from megatron_ext.layers import te_attention
 from megatron_ext.layers.attention_math import (MaskKind, accum_dtype, block_backward,
-                                                block_forward, default_scale, merge_partial)
+                                                block_forward, default_scale, merge_partial,
+                                                uses_flash)
 from megatron_ext.layers.cp_comm import all_gather_async, reduce_scatter, ring_exchange_async
 from megatron_ext.layers.cp_plan import STRATEGIES, CPAttentionPlan, plan_cp_attention
 from megatron_ext.parallel.groups import AxisGroup
@@ -216,6 +218,35 @@ class _ContextParallelAttention(torch.autograd.Function):
         return bwd.dq.to(q.dtype), dkv[0], dkv[1], None, None, None, None
 
 
+class _SingleBlockAttention(torch.autograd.Function):
+    """A one-rank call whose plan is one unmasked causal block (the usual 1-GPU / attn_cp 1
+    case) on the fused CUDA kernel: the kernel's own output and gradients, without the block
+    loop's float32 accumulators (a merge of one block, and dq/dk/dv buffers, each a full pass
+    over the activations)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        out, lse, aux = block_forward(q, k, v, scale, MaskKind.CAUSAL)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.aux = scale, aux
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = block_backward(dout.to(q.dtype).contiguous(), q, k, v, out, lse, ctx.scale,
+                                    MaskKind.CAUSAL, None, ctx.aux)
+        return dq, dk, dv, None
+
+
+def _is_single_causal_block(q: torch.Tensor, plan: CPAttentionPlan, group: AxisGroup) -> bool:
+    if not group.is_trivial or len(plan.parts) != 1 or plan.q_valid is not None:
+        return False
+    blocks = plan.blocks(0, plan.cp_rank)
+    return (len(blocks) == 1 and blocks[0].kind == MaskKind.CAUSAL
+            and blocks[0].ranges == ((0, q.shape[1]),) and uses_flash(q, MaskKind.CAUSAL))
+
+
 # ---------------------------------------------------------------------------------- public
 def select_backend(q: torch.Tensor, plan: CPAttentionPlan, backend: str = "auto") -> str:
     """``"te"`` or ``"torch"``. ``auto`` takes TransformerEngine when it imports, ``q`` is a
@@ -269,5 +300,7 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if select_backend(q, plan, backend) == "te":
         return te_attention.te_context_parallel_attention(q, k, v, cp_group, strategy=strategy,
                                                           softmax_scale=scale)
-    return _ContextParallelAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), plan,
-                                           cp_group, strategy, scale)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if _is_single_causal_block(q, plan, cp_group):
+        return _SingleBlockAttention.apply(q, k, v, scale)
+    return _ContextParallelAttention.apply(q, k, v, plan, cp_group, strategy, scale)

@@ -5,8 +5,16 @@ log-sum-exp; the shards' LSEs are all-gathered (``[p, tokens]``, tiny) and merge
 logit is summed from the one rank whose range holds the label. Backward needs no collective: the
 per-token loss is identical on every rank, so each rank's logit gradient is
 ``(softmax - onehot) · dloss`` on its own columns.
+
+On CUDA with fp16/bf16 logits and Triton present, the per-row log-sum-exp and the gradient are one
+Triton kernel each, reading the logits in their own dtype (float32 arithmetic): the torch path
+writes a float32 copy of the ``[tokens, V/p]`` logits, a float32 softmax kept for backward and
+passes over both, ~5x the bytes. The softmax is then recomputed in backward from the saved
+logits and log-sum-exp.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -17,11 +25,63 @@ from megatron_ext.parallel.groups import AxisGroup
 def _check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
     if labels.is_floating_point():
         raise ValueError(f"labels must be integers, got {labels.dtype}")
-    valid = labels[labels != ignore_index]
-    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab_size):
-        bad = int(valid.min()) if int(valid.min()) < 0 else int(valid.max())
-        raise ValueError(f"label {bad} out of range for vocab_size={vocab_size} "
+    if labels.numel() == 0:
+        return
+    valid = labels != ignore_index  # one host sync for the whole check
+    lo, hi = torch.stack([torch.where(valid, labels, 0).min(),
+                          torch.where(valid, labels, 0).max()]).tolist()
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"label {lo if lo < 0 else hi} out of range for vocab_size={vocab_size} "
                          f"(ignore_index={ignore_index})")
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """Compiled on first use; ``None`` without Triton (CPU machines)."""
+    try:
+        import triton
+        import triton.language as tl
+    except Exception:  # noqa: BLE001
+        return None
+
+    @triton.jit
+    def row_lse(x_ptr, lse_ptr, n_cols, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        base = x_ptr + row * n_cols
+        m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
+        total = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
+        for start in range(0, n_cols, BLOCK):
+            x = tl.load(base + start + cols, mask=start + cols < n_cols,
+                        other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            total = total * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            m = m_new
+        tl.store(lse_ptr + row, m + tl.log(total))
+
+    @triton.jit
+    def softmax_grad(x_ptr, lse_ptr, target_ptr, scale_ptr, dx_ptr, n_cols, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        lse = tl.load(lse_ptr + row)
+        target = tl.load(target_ptr + row)  # local column of the label, -1 if not here
+        scale = tl.load(scale_ptr + row)    # dloss * keep
+        for start in range(0, n_cols, BLOCK):
+            c = start + cols
+            ok = c < n_cols
+            x = tl.load(x_ptr + row * n_cols + c, mask=ok, other=0.0).to(tl.float32)
+            p = tl.exp(x - lse) - tl.where(c == target, 1.0, 0.0)
+            tl.store(dx_ptr + row * n_cols + c, (p * scale).to(dx_ptr.dtype.element_ty), mask=ok)
+
+    return row_lse, softmax_grad
+
+
+_BLOCK = 4096
+
+
+def _triton_applies(logits: torch.Tensor) -> bool:
+    return (logits.is_cuda and logits.dtype in (torch.bfloat16, torch.float16)
+            and logits.numel() > 0 and _kernels() is not None)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -30,19 +90,30 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
                 ignore_index: int) -> torch.Tensor:
         shard = logits.shape[-1]
         start = group.rank * shard
-        lf = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        local_lse = torch.logsumexp(lf, dim=-1)                                   # [N]
+        fused = _triton_applies(logits)
+        if fused:
+            logits = logits.contiguous()
+            lf = logits
+            local_lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+            _kernels()[0][(logits.shape[0],)](logits, local_lse, shard, BLOCK=_BLOCK,
+                                              num_warps=8)
+        else:
+            lf = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            local_lse = torch.logsumexp(lf, dim=-1)                               # [N]
         lse = torch.logsumexp(all_gather(local_lse.unsqueeze(0), group, dim=0), dim=0)
         local_label = labels - start
         mine = (local_label >= 0) & (local_label < shard) & (labels != ignore_index)
         idx = torch.where(mine, local_label, torch.zeros_like(local_label))
-        target = torch.gather(lf, -1, idx.unsqueeze(-1)).squeeze(-1) * mine
+        target = torch.gather(lf, -1, idx.unsqueeze(-1)).squeeze(-1).to(lse.dtype) * mine
         target = all_reduce(target, group)
         keep = labels != ignore_index
         loss = (lse - target) * keep
-        softmax = torch.exp(lf - lse.unsqueeze(-1))
-        ctx.save_for_backward(softmax, idx, mine, keep)
-        ctx.dtype = logits.dtype
+        ctx.fused, ctx.dtype = fused, logits.dtype
+        if fused:  # the softmax is recomputed in backward from the logits (no float32 copy)
+            ctx.save_for_backward(logits, lse, torch.where(mine, local_label, -1), keep)
+        else:
+            softmax = torch.exp(lf - lse.unsqueeze(-1))
+            ctx.save_for_backward(softmax, idx, mine, keep)
         return loss
 
     @staticmethod
@@ -52,6 +123,13 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
                                "graph; its saved softmax is reused in place (memory), so "
                                "retain_graph double backward is not supported")
         ctx.consumed = True
+        if ctx.fused:
+            logits, lse, target, keep = ctx.saved_tensors
+            scale = (grad_loss.to(torch.float32) * keep).contiguous()
+            grad = torch.empty_like(logits)
+            _kernels()[1][(logits.shape[0],)](logits, lse, target, scale, grad, logits.shape[-1],
+                                              BLOCK=_BLOCK, num_warps=8)
+            return grad, None, None, None
         softmax, idx, mine, keep = ctx.saved_tensors
         grad = softmax  # reused in place: [tokens, V/p] float32 is the largest buffer here
         grad.scatter_add_(-1, idx.unsqueeze(-1), -mine.to(grad.dtype).unsqueeze(-1))

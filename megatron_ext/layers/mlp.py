@@ -5,9 +5,15 @@ output is a partial sum over the group that the communicator completes (one redu
 The same class is the dense MLP (split over ``attn_tp``, gradients synced over ``attn_dp_cp``) and
 the MoE shared expert (split over the whole MoE shard, synced over ``moe_dp``); ``gate`` and ``up``
 stay separate weights so their ParamSpecs are plain contiguous slices of the HF tensors.
+
+:func:`swiglu` (``silu(gate) * up``, also used by the routed experts) is one Triton kernel each way
+on CUDA fp16/bf16: torch runs two kernels forward and three backward and keeps ``silu(gate)``
+for backward; the kernels keep only ``gate`` and ``up`` and round where torch rounds (``silu``
+to the input dtype, then the product), so the values are torch's.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -17,6 +23,75 @@ from torch import nn
 from megatron_ext.layers.linear import ColumnParallelLinear, RowParallelLinear
 from megatron_ext.parallel.collectives import copy_to_region
 from megatron_ext.parallel.groups import AxisGroup, ParallelGroups
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """Compiled on first use; ``None`` without Triton (CPU machines)."""
+    try:
+        import triton
+        import triton.language as tl
+    except Exception:  # noqa: BLE001
+        return None
+
+    @triton.jit
+    def swiglu_fwd(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = off < n
+        g = tl.load(g_ptr + off, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + off, mask=ok, other=0.0).to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(out_ptr + off, (act * u).to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def swiglu_bwd(g_ptr, u_ptr, dout_ptr, dg_ptr, du_ptr, n, BLOCK: tl.constexpr):
+        off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = off < n
+        g = tl.load(g_ptr + off, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + off, mask=ok, other=0.0).to(tl.float32)
+        dout = tl.load(dout_ptr + off, mask=ok, other=0.0).to(tl.float32)
+        sig = 1.0 / (1.0 + tl.exp(-g))
+        act = (g * sig).to(du_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(du_ptr + off, (dout * act).to(du_ptr.dtype.element_ty), mask=ok)
+        dact = (dout * u).to(dg_ptr.dtype.element_ty).to(tl.float32)
+        dg = dact * sig * (1.0 + g * (1.0 - sig))
+        tl.store(dg_ptr + off, dg.to(dg_ptr.dtype.element_ty), mask=ok)
+
+    return swiglu_fwd, swiglu_bwd
+
+
+_BLOCK = 2048
+
+
+class _TritonSwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        fwd, _ = _kernels()
+        gate, up = gate.contiguous(), up.contiguous()
+        out = torch.empty_like(gate)
+        n = gate.numel()
+        fwd[(-(-n // _BLOCK),)](gate, up, out, n, BLOCK=_BLOCK, num_warps=8)
+        ctx.save_for_backward(gate, up)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        _, bwd = _kernels()
+        gate, up = ctx.saved_tensors
+        dout = dout.contiguous()
+        dg, du = torch.empty_like(gate), torch.empty_like(up)
+        n = gate.numel()
+        bwd[(-(-n // _BLOCK),)](gate, up, dout, dg, du, n, BLOCK=_BLOCK, num_warps=8)
+        return dg, du
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``: Triton kernels on CUDA fp16/bf16 (same shapes and dtype), torch ops
+    otherwise."""
+    if (gate.is_cuda and gate.dtype in (torch.bfloat16, torch.float16) and up.dtype == gate.dtype
+            and gate.shape == up.shape and gate.numel() > 0 and _kernels() is not None):
+        return _TritonSwiGLU.apply(gate, up)
+    return F.silu(gate) * up
 
 
 def _join(prefix: Optional[str], name: str) -> Optional[str]:
@@ -56,7 +131,7 @@ class SwiGLUMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sync_input_grad:
             x = copy_to_region(x, self.group)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DenseMLP(SwiGLUMLP):

@@ -6,9 +6,21 @@
 * :class:`AllToAllDispatch` — SCATTERED inputs (tokens distinct per rank): assignments travel to
   the ``moe_ep`` rank owning the expert and the results travel back (``all_to_all`` both ways,
   autograd adjoint = the reverse exchange).
+
+Moving rows between token order and expert order is done with gathers only (no ``index_add``
+atomics): besides the sorted assignments every dispatch keeps ``slot_row``, the sorted row of
+each of the ``T·k`` (token, slot) pairs (or ``N``, a zero row, for slots owned by another rank).
+The combine ``out[t] = Σ_j w[t, j] · y[slot_row[t·k + j]]`` and the adjoint of the dispatch
+gather ``x[token_index]`` (the same sum with unit weights) read each token's ``k`` rows and sum
+them in float32; its backward ``dy[i] = w_i · g[token_i]``, ``dw_i = <g[token_i], y[i]>`` reads
+each sorted row once. On CUDA fp16/bf16 each of these is one Triton kernel (no ``[T·k, H]``
+intermediate); elsewhere the same math in torch ops (gathers, a batched ``[1, k] × [k, H]``
+product). A rank holding every expert needs no host sync: the counts
+per expert come from the sorted keys (``searchsorted``), not ``bincount`` (which syncs on CUDA).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -25,6 +37,22 @@ class LocalAssignments:
     flat_index: torch.Tensor   # [N] index into the flattened [T*k] routing (token*k + slot)
     token_index: torch.Tensor  # [N] token of each assignment
     counts: torch.Tensor       # [E_local] assignments per local expert (int64)
+    slot_row: Optional[torch.Tensor] = None  # [T*k] sorted row of each slot; N = not here
+
+
+def _sorted_counts(sorted_keys: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Rows per group ``0..num_groups-1`` of ascending ``sorted_keys`` (no host sync)."""
+    bounds = torch.arange(num_groups + 1, device=sorted_keys.device, dtype=sorted_keys.dtype)
+    edges = torch.searchsorted(sorted_keys, bounds)
+    return (edges[1:] - edges[:-1]).to(torch.int64)
+
+
+def slot_rows(flat_index: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """``[num_slots]``: position of each slot in ``flat_index`` (``len(flat_index)`` for slots
+    that are not in it)."""
+    n = flat_index.numel()
+    rows = torch.full((num_slots,), n, dtype=torch.int64, device=flat_index.device)
+    return rows.scatter_(0, flat_index, torch.arange(n, device=flat_index.device))
 
 
 def local_dispatch(experts: torch.Tensor, first_expert: int, num_local: int,
@@ -36,20 +64,179 @@ def local_dispatch(experts: torch.Tensor, first_expert: int, num_local: int,
     top_k = experts.shape[-1]
     local = experts.reshape(-1) - first_expert
     if first_expert == 0 and num_local == num_experts:
-        sel = torch.argsort(local, stable=True)
+        keys, sel = torch.sort(local, stable=True)
     else:
         sel = ((local >= 0) & (local < num_local)).nonzero().squeeze(1)
-        sel = sel[torch.argsort(local[sel], stable=True)]
-    counts = torch.bincount(local[sel], minlength=num_local)
-    return LocalAssignments(sel, torch.div(sel, top_k, rounding_mode="floor"), counts)
+        keys, order = torch.sort(local[sel], stable=True)
+        sel = sel[order]
+    counts = _sorted_counts(keys, num_local)
+    return LocalAssignments(sel, torch.div(sel, top_k, rounding_mode="floor"), counts,
+                            slot_rows(sel, local.numel()))
+
+
+# ------------------------------------------------------------------------------ Triton kernels
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """Compiled on first use; ``None`` without Triton (CPU machines)."""
+    try:
+        import triton
+        import triton.language as tl
+    except Exception:  # noqa: BLE001
+        return None
+
+    @triton.jit
+    def weighted_slot_sum(rows_ptr, w_ptr, slot_ptr, out_ptr, n_rows, n_cols,
+                          TOP_K: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+        """out[t, cols] = sum_j w[t, j] * rows[slot[t*k + j], cols] (slot == n_rows: skipped)."""
+        t = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        col_ok = cols < n_cols
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for j in tl.static_range(TOP_K):
+            r = tl.load(slot_ptr + t * TOP_K + j)
+            v = tl.load(rows_ptr + r * n_cols + cols, mask=col_ok & (r < n_rows),
+                        other=0.0).to(tl.float32)
+            if HAS_W:
+                v = v * tl.load(w_ptr + t * TOP_K + j).to(tl.float32)
+            acc += v
+        tl.store(out_ptr + t * n_cols + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+    @triton.jit
+    def combine_backward(grad_ptr, y_ptr, w_ptr, flat_ptr, token_ptr, dy_ptr, dw_ptr, n_cols,
+                         BLOCK: tl.constexpr):
+        """Sorted row i: dy[i] = w[flat_i] * grad[token_i]; dw[flat_i] = <grad[token_i], y[i]>."""
+        i = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        col_ok = cols < n_cols
+        flat = tl.load(flat_ptr + i)
+        token = tl.load(token_ptr + i)
+        g = tl.load(grad_ptr + token * n_cols + cols, mask=col_ok, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + i * n_cols + cols, mask=col_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + flat).to(tl.float32)
+        tl.store(dy_ptr + i * n_cols + cols, (g * w).to(dy_ptr.dtype.element_ty), mask=col_ok)
+        tl.store(dw_ptr + flat, tl.sum(g * y, axis=0).to(dw_ptr.dtype.element_ty))
+
+    return triton, weighted_slot_sum, combine_backward
+
+
+MAX_TRITON_COLS = 16384
+
+
+def _triton_applies(rows: torch.Tensor) -> bool:
+    return (rows.is_cuda and rows.dtype in (torch.bfloat16, torch.float16) and rows.dim() == 2
+            and 0 < rows.shape[1] <= MAX_TRITON_COLS and _kernels() is not None)
+
+
+def _slot_sum_triton(rows: torch.Tensor, slot_row: torch.Tensor, top_k: int,
+                     weights: Optional[torch.Tensor]) -> torch.Tensor:
+    triton, kernel, _ = _kernels()
+    rows = rows.contiguous()
+    num_tokens, cols = slot_row.numel() // top_k, rows.shape[1]
+    out = torch.empty((num_tokens, cols), dtype=rows.dtype, device=rows.device)
+    if num_tokens == 0:
+        return out
+    block = min(2048, triton.next_power_of_2(cols))
+    w = rows if weights is None else weights.to(rows.dtype).contiguous()
+    kernel[(num_tokens, triton.cdiv(cols, block))](
+        rows, w, slot_row.contiguous(), out, rows.shape[0], cols, TOP_K=top_k,
+        HAS_W=weights is not None, BLOCK=block, num_warps=max(1, min(8, block // 256)))
+    return out
+
+
+def _with_zero_row(rows: torch.Tensor, slot_row: torch.Tensor) -> torch.Tensor:
+    """``rows`` plus one zero row at index ``len(rows)`` when some slot points there."""
+    if rows.shape[0] == slot_row.numel():  # every slot has its row (a permutation)
+        return rows
+    return torch.cat([rows, rows.new_zeros((1,) + tuple(rows.shape[1:]))])
+
+
+def sum_slots(rows: torch.Tensor, slot_row: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``out[t] = Σ_j rows[slot_row[t·k + j]]`` (slots of other ranks add zero) → ``[T, H]``."""
+    if _triton_applies(rows):
+        return _slot_sum_triton(rows, slot_row, top_k, None)
+    picked = _with_zero_row(rows, slot_row).index_select(0, slot_row)
+    return picked.view(slot_row.numel() // top_k, top_k, -1).sum(1)
+
+
+class _GatherTokenRows(torch.autograd.Function):
+    """``x[token_index]`` whose adjoint gathers each token's rows back (no atomics)."""
+
+    @staticmethod
+    def forward(ctx, x, token_index, slot_row, top_k):
+        ctx.save_for_backward(slot_row)
+        ctx.top_k = top_k
+        return x.index_select(0, token_index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (slot_row,) = ctx.saved_tensors
+        return sum_slots(grad, slot_row, ctx.top_k), None, None, None
+
+
+class _CombineSlots(torch.autograd.Function):
+    """``out[t] = Σ_j w[t, j] · y[slot_row[t·k + j]]``, differentiable in ``y`` and ``w``."""
+
+    @staticmethod
+    def forward(ctx, y, weights, flat_index, token_index, slot_row):
+        num_tokens, top_k = weights.shape
+        ctx.save_for_backward(y, weights, flat_index, token_index)
+        if _triton_applies(y):
+            return _slot_sum_triton(y, slot_row, top_k, weights)
+        picked = _with_zero_row(y, slot_row).index_select(0, slot_row)
+        return torch.bmm(weights.to(y.dtype).unsqueeze(1),
+                         picked.view(num_tokens, top_k, y.shape[-1])).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, weights, flat_index, token_index = ctx.saved_tensors
+        if _triton_applies(y):
+            triton, _, kernel = _kernels()
+            y = y.contiguous()
+            dy = torch.empty_like(y)
+            dw = weights.new_zeros(weights.numel())
+            if y.shape[0]:
+                kernel[(y.shape[0],)](grad.contiguous(), y, weights.contiguous(), flat_index,
+                                      token_index, dy, dw, y.shape[1],
+                                      BLOCK=triton.next_power_of_2(y.shape[1]), num_warps=8)
+            return dy, dw.view_as(weights), None, None, None
+        rows = grad.index_select(0, token_index)                     # [N, H], sorted order
+        dy = dw = None
+        if ctx.needs_input_grad[0]:
+            w_rows = weights.reshape(-1).index_select(0, flat_index).to(y.dtype)
+            dy = rows * w_rows.unsqueeze(-1)
+        if ctx.needs_input_grad[1]:
+            per_row = (rows * y).sum(-1, dtype=torch.promote_types(y.dtype, torch.float32))
+            dw = weights.new_zeros(weights.numel()).index_copy_(
+                0, flat_index, per_row.to(weights.dtype)).view_as(weights)
+        return dy, dw, None, None, None
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``x[perm]`` for a permutation ``perm``; the adjoint is the gather by its inverse."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def gather_rows(x: torch.Tensor, assignments: LocalAssignments, top_k: int) -> torch.Tensor:
+    """Rows of ``x`` ``[T, H]`` for every assignment, in the assignments' (expert) order."""
+    return _GatherTokenRows.apply(x, assignments.token_index, assignments.slot_row, top_k)
 
 
 def combine(expert_out: torch.Tensor, weights: torch.Tensor, assignments: LocalAssignments,
             num_tokens: int) -> torch.Tensor:
     """``out[t] = Σ_assignments of t  weight · expert_out`` (differentiable in both)."""
-    w = weights.reshape(-1)[assignments.flat_index].unsqueeze(-1)
-    out = expert_out.new_zeros((num_tokens, expert_out.shape[-1]))
-    return out.index_add(0, assignments.token_index, expert_out * w)
+    if weights.shape[0] != num_tokens:
+        raise ValueError(f"combine: weights {tuple(weights.shape)} for {num_tokens} tokens")
+    return _CombineSlots.apply(expert_out, weights, assignments.flat_index,
+                               assignments.token_index, assignments.slot_row)
 
 
 class AllToAllDispatch:
@@ -66,11 +253,12 @@ class AllToAllDispatch:
         if num_experts % ep:
             raise ValueError(f"num_experts={num_experts} must be divisible by moe_ep={ep}")
         self.group, self.num_local = ep_group, num_experts // ep
-        top_k = experts.shape[-1]
+        self.top_k = experts.shape[-1]
         flat = experts.reshape(-1)
-        self.flat_index = torch.argsort(flat, stable=True)
-        self.token_index = torch.div(self.flat_index, top_k, rounding_mode="floor")
-        per_expert = torch.bincount(flat, minlength=num_experts)                   # [E]
+        keys, self.flat_index = torch.sort(flat, stable=True)
+        self.token_index = torch.div(self.flat_index, self.top_k, rounding_mode="floor")
+        self.slot_row = slot_rows(self.flat_index, flat.numel())
+        per_expert = _sorted_counts(keys, num_experts)                             # [E]
         recv_matrix = all_to_all(per_expert, ep_group, [self.num_local] * ep,
                                  [self.num_local] * ep).view(ep, self.num_local)   # [src, E_l]
         self.send_splits = per_expert.view(ep, self.num_local).sum(1).tolist()
@@ -85,16 +273,18 @@ class AllToAllDispatch:
     def send(self, x: torch.Tensor) -> torch.Tensor:
         """Rows of ``x`` ``[T, H]`` for every assignment → rows for this rank's experts, grouped
         by local expert (``self.local_counts``)."""
-        rows = x[self.token_index]
+        rows = _GatherTokenRows.apply(x, self.token_index, self.slot_row, self.top_k)
         received = all_to_all(rows, self.group, self.recv_splits, self.send_splits)
-        return received[self.perm]
+        return _PermuteRows.apply(received, self.perm, self.inverse)
 
     def receive_back(self, y: torch.Tensor) -> torch.Tensor:
         """Expert outputs (order of :meth:`send`'s result) → rows in this rank's assignment order
         (sorted by global expert; ``self.token_index`` gives each row's token)."""
-        return all_to_all(y[self.inverse], self.group, self.send_splits, self.recv_splits)
+        mine = _PermuteRows.apply(y, self.inverse, self.perm)
+        return all_to_all(mine, self.group, self.send_splits, self.recv_splits)
 
     def combine(self, back: torch.Tensor, weights: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        w = weights.reshape(-1)[self.flat_index].unsqueeze(-1)
-        out = back.new_zeros((num_tokens, back.shape[-1]))
-        return out.index_add(0, self.token_index, back * w)
+        if weights.shape[0] != num_tokens:
+            raise ValueError(f"combine: weights {tuple(weights.shape)} for {num_tokens} tokens")
+        return _CombineSlots.apply(back, weights, self.flat_index, self.token_index,
+                                   self.slot_row)

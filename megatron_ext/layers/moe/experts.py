@@ -15,10 +15,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron_ext.layers.linear import default_init
+from megatron_ext.layers.mlp import swiglu
 from megatron_ext.layers.moe.grouped_gemm import Counts, grouped_mm
 from megatron_ext.parallel.groups import ParallelGroups
 from megatron_ext.parallel.param_meta import ParamSpec, Split, set_spec
@@ -77,7 +77,7 @@ class RoutedExperts(nn.Module):
         k = self.use_kernel
         gate = grouped_mm(x_sorted, self.gate_proj.transpose(1, 2), counts, k)
         up = grouped_mm(x_sorted, self.up_proj.transpose(1, 2), counts, k)
-        return grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), counts, k)
+        return grouped_mm(swiglu(gate, up), self.down_proj.transpose(1, 2), counts, k)
 
     def extra_repr(self) -> str:
         return (f"experts {self.first_expert}:{self.first_expert + self.num_local} of "

@@ -25,7 +25,8 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import nn
 
-from megatron_ext.layers.moe.dispatch import AllToAllDispatch, combine, local_dispatch
+from megatron_ext.layers.moe.dispatch import (AllToAllDispatch, combine, gather_rows,
+                                              local_dispatch)
 from megatron_ext.layers.moe.experts import RoutedExperts
 from megatron_ext.layers.moe.router import RouterStats, TopKRouter
 from megatron_ext.layers.moe.shared_expert import SharedExpert
@@ -100,7 +101,7 @@ class MoELayer(nn.Module):
         routing = self.gate(x, mask)
         assign = local_dispatch(routing.experts, self.experts.first_expert,
                                 self.experts.num_local, self.num_experts)
-        y = self.experts(x[assign.token_index], assign.counts)
+        y = self.experts(gather_rows(x, assign, self.top_k), assign.counts)
         out = combine(y, routing.weights, assign, x.shape[0])
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)
