@@ -44,6 +44,14 @@ LAYOUTS = {
     "tp2 symm": (dict(attn_tp=2, moe_ep=2, moe_tp=1), True),
 }
 
+# 4 GPUs (issue 8): the seed's decoupled layout vs MoE DP = attention CP vs attention TP 4.
+LAYOUTS_4GPU = {
+    "tp2cp2 moe_dp1": (dict(attn_tp=2, attn_cp=2, moe_ep=4, moe_tp=1), False),  # k = 2
+    "tp2cp2 moe_dp1 moe_tp4": (dict(attn_tp=2, attn_cp=2, moe_dp=1), False),    # seed: MoE TP 4
+    "tp2cp2 moe_dp2": (dict(attn_tp=2, attn_cp=2, moe_ep=2, moe_tp=1), False),  # k = 1
+    "tp4": (dict(attn_tp=4, moe_ep=4, moe_tp=1), False),
+}
+
 
 def run_layout(name, sizes, symm, cfg, seqs, reps, rank, world, device):
     groups = build_groups(Topology(world=world, **sizes))
@@ -100,9 +108,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--seq", type=int, nargs="*", default=[8192, 16384, 32768, 65536])
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--layouts", nargs="*", default=list(LAYOUTS))
+    parser.add_argument("--layouts", nargs="*", default=None,
+                        help=f"2 GPUs: {list(LAYOUTS)}; 4 GPUs: {list(LAYOUTS_4GPU)}")
     args = parser.parse_args()
     rank, world, device = init_nccl()
+    layouts = LAYOUTS_4GPU if world == 4 else LAYOUTS
+    args.layouts = args.layouts or list(layouts)
     cfg = ModelConfig.preset("bench-qwen3-moe").replace(
         num_layers=args.layers, sparse_layers=(True,) * args.layers,
         max_position_embeddings=max(131072, max(args.seq)))
@@ -111,7 +122,7 @@ def main() -> None:
               f"{cfg.num_experts} experts top-{cfg.num_experts_per_tok}", flush=True)
     results = {}
     for name in args.layouts:
-        sizes, symm = LAYOUTS[name]
+        sizes, symm = layouts[name]
         try:
             results[name] = run_layout(name, sizes, symm, cfg, args.seq, args.reps, rank, world,
                                        device)

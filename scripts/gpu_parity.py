@@ -69,6 +69,18 @@ LAYOUTS = [
            rows_per_dp=(3, 1), grads=False),
 ]
 
+# The seed's own 4-GPU configurations (issue 8): tensor size 4 = attention TP 2 x CP 2, one MoE
+# shard of 4 ranks (MoE TP 4, or EP 4), token group k = 2 (MOE_FULL).
+LAYOUTS_4GPU = [
+    Layout("seed: attn_tp2 attn_cp2 moe_dp1 -> moe_tp4 (k=2)", dict(attn_tp=2, attn_cp=2, moe_dp=1)),
+    Layout("seed: attn_tp2 attn_cp2 moe_ep4 (k=2)", dict(attn_tp=2, attn_cp=2, moe_ep=4, moe_tp=1)),
+    Layout("seed moe_ep4, p2p CP + reduce-scatter", dict(attn_tp=2, attn_cp=2, moe_ep=4, moe_tp=1),
+           dict(cp_strategy="p2p", allow_reduce_scatter=True)),
+    Layout("attn_tp2 attn_cp2 moe_dp1 + symm fused norm", dict(attn_tp=2, attn_cp=2, moe_dp=1),
+           symm=True),
+    Layout("attn_cp2 attn_tp2 moe_dp2 (k=1)", dict(attn_tp=2, attn_cp=2, moe_ep=2, moe_tp=1)),
+]
+
 
 def small(name: str) -> ModelConfig:
     base = ModelConfig.preset(name)
@@ -171,7 +183,7 @@ def main() -> int:
             print(f"{name}: transformers bf16 vs float64: logits {rel(floor[0], ref[0]):.3g}, "
                   f"worst grad {max(rel(floor[1][k], v) for k, v in ref[1].items()):.3g}",
                   flush=True)
-        for layout in LAYOUTS:
+        for layout in (LAYOUTS_4GPU if world == 4 else LAYOUTS):
             try:
                 r = run_layout(layout, path, ids, labels, ref, floor, world, device)
             except Exception as exc:  # noqa: BLE001 - a failing layout is a failed check
