@@ -61,6 +61,7 @@ class StepInputs:
     layout: TokenLayout
     token_masks: dict = field(default_factory=dict)   # ScatterMode -> [rows] bool, for MoE stats
     attn_plan: Optional[object] = None                # CP attention plan shared by every layer
+    kv_cache: Optional[object] = None                 # serving: megatron_ext.serving.KVCache
 
 
 class DecoderLayer(nn.Module):
@@ -106,9 +107,12 @@ class DecoderLayer(nn.Module):
         load-balancing statistics (``None`` for a dense layer)."""
         layout = inputs.layout
         x, residual = self.comm.prepare_attn(hidden, residual, layout)
+        kv_cache = (inputs.kv_cache.layer(self.layer_idx) if inputs.kv_cache is not None
+                    else None)
         attn = self.self_attn(x.view(inputs.batch, inputs.seq, self.hidden_size),
                               inputs.position_ids, token_index=inputs.token_index,
-                              segment_ids=inputs.segment_ids, plan=inputs.attn_plan)
+                              segment_ids=inputs.segment_ids, plan=inputs.attn_plan,
+                              kv_cache=kv_cache)
         x, residual = self.comm.prepare_mlp(attn.reshape(-1, self.hidden_size), residual, layout)
         stats = None
         if self.is_sparse:
@@ -230,7 +234,8 @@ class CausalLM(nn.Module):
                 segment_ids: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, layout: Optional[TokenLayout] = None,
                 return_logits: bool = True, gather_logits: bool = False,
-                compute_aux_loss: Optional[bool] = None) -> CausalLMOutput:
+                compute_aux_loss: Optional[bool] = None, kv_cache=None,
+                compute_lm_head: bool = True) -> CausalLMOutput:
         """One stage's forward on this rank's CP-local tokens.
 
         ``position_ids`` ``[b, s_local]`` (RoPE positions; gives the local batch shape);
@@ -242,6 +247,11 @@ class CausalLM(nn.Module):
         attention group of the stage; default: all equal to ``b · s_local`` (pass one for uneven
         attention-DP batches, e.g. from :func:`megatron_ext.parallel.local_batch.split_batch`).
         ``compute_aux_loss`` defaults to ``labels is not None`` (collective over the stage).
+
+        Serving (:mod:`megatron_ext.serving`): ``kv_cache`` (a ``KVCache``) makes every attention
+        block store its K/V (prefill) or attend to the cache spread over attn_cp (decode step,
+        ``kv_cache.decoding``: no CP attention plan is built). ``compute_lm_head=False`` stops
+        after the last layer (no final norm, logits or loss): a prefill that only fills the cache.
         """
         if position_ids.dim() != 2:
             raise ValueError(f"position_ids must be [b, s_local], got {tuple(position_ids.shape)}")
@@ -258,12 +268,16 @@ class CausalLM(nn.Module):
                 raise ValueError(f"{name} shape {tuple(t.shape)} must be [b, s_local]={(b, s)}")
         if labels is not None and not self.post_process:
             raise ValueError("labels are only used by the last pipeline stage")
+        if labels is not None and not compute_lm_head:
+            raise ValueError("labels need the LM head: compute_lm_head=False gives no loss")
         layout = layout or TokenLayout.uniform(self.groups, b * s)
         if layout.local_tokens != b * s:
             raise ValueError(f"layout says this rank's attention group holds "
                              f"{layout.local_tokens} tokens but the batch has b*s_local={b * s}")
-        inputs = StepInputs(b, s, position_ids, token_index, segment_ids, layout)
-        inputs.attn_plan = self._attention_plan(b, s, inputs)
+        inputs = StepInputs(b, s, position_ids, token_index, segment_ids, layout,
+                            kv_cache=kv_cache)
+        if kv_cache is None or not kv_cache.decoding:
+            inputs.attn_plan = self._attention_plan(b, s, inputs)
         if segment_ids is not None:
             inputs.token_masks = self._token_masks(segment_ids.reshape(-1) >= 0, layout)
 
@@ -288,6 +302,8 @@ class CausalLM(nn.Module):
         if compute_aux_loss and stats:
             out.aux_loss = load_balancing_loss(stats, (self.groups.stage,))
         last = layers[-1].comm
+        if self.post_process and not compute_lm_head:
+            return out
         if not self.post_process:
             out.hidden_states = last.flush(hidden) + residual
             return out

@@ -9,6 +9,13 @@ Heads: ``num_heads`` split over ``attn_tp``. KV heads split too when ``num_kv_he
 otherwise each KV head is replicated on ``attn_tp / num_kv_heads`` consecutive ranks (rank ``r``
 holds KV head ``r // (attn_tp / num_kv_heads)``, which is exactly the KV head its query heads use
 under HF's GQA grouping). Q, K, V are separate weights (plain slices of the HF tensors).
+
+Serving (``kv_cache``, optional; :mod:`megatron_ext.serving.kv_cache`): in a prefill the block
+runs the usual CP attention and hands this rank's post-RoPE K/V to ``kv_cache.store(k, v)``; in a
+decode step (``kv_cache.decoding``) the new tokens' K/V go to ``kv_cache.append(k, v)``, which
+returns this rank's share of the cache ``(k, v, valid)``, and the queries attend to the cache
+spread over the CP ranks with :func:`~megatron_ext.layers.cp_decode.cp_decode_attention`
+(partials merged by log-sum-exp).
 """
 from __future__ import annotations
 
@@ -101,13 +108,15 @@ class AttentionBlock(nn.Module):
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, *,
                 token_index: Optional[torch.Tensor] = None,
-                segment_ids: Optional[torch.Tensor] = None, plan=None) -> torch.Tensor:
+                segment_ids: Optional[torch.Tensor] = None, plan=None,
+                kv_cache=None) -> torch.Tensor:
         """``hidden`` ``[b, s_local, H]`` (TP_ATTN_FULL), ``positions`` ``[b, s_local]`` or
         ``[s_local]`` (RoPE positions of this rank's tokens). ``token_index`` (causal order in the
         full sequence; default ``positions``) and ``segment_ids`` (packed documents) go to
         :func:`context_parallel_attention`, with ``plan`` (a ``plan_cp_attention`` result shared by
         all layers of a step). Pass the CP split's ``token_index`` whenever the batch is padded or
-        packed. Returns the partial sum over ``attn_tp``."""
+        packed. ``kv_cache``: serving (module doc); None for training. Returns the partial sum
+        over ``attn_tp``."""
         from megatron_ext.layers.cp_attention import context_parallel_attention
 
         if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
@@ -125,8 +134,17 @@ class AttentionBlock(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = self.rope(positions, dtype=q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None and kv_cache.decoding:
+            from megatron_ext.layers.cp_decode import cp_decode_attention
+
+            k_all, v_all, valid = kv_cache.append(k, v)
+            out = cp_decode_attention(q, k_all, v_all, self.cp_group, kv_valid=valid,
+                                      softmax_scale=self.softmax_scale)
+            return self.o_proj(out.reshape(b, s, self.local_heads * self.head_dim))
         out = context_parallel_attention(
             q, k, v, self.cp_group, token_index=positions if token_index is None else token_index,
             segment_ids=segment_ids, strategy=self.cp_strategy, softmax_scale=self.softmax_scale,
             plan=plan)
+        if kv_cache is not None:
+            kv_cache.store(k, v)
         return self.o_proj(out.reshape(b, s, self.local_heads * self.head_dim))
