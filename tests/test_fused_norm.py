@@ -117,6 +117,13 @@ def _two_rank_reduce_norm(rank, world):
     y_hook, h_hook = hook(partial.detach(), residual.detach(), norm, reducer.axis)
     assert hook.symmetric_groups == []
     assert torch.equal(y_hook, y.detach()) and torch.equal(h_hook, h.detach())
+    # bf16 autocast keeps a wider residual than the partial sums: reduce, then add + norm promote
+    with count_collectives() as mixed_log:
+        y_mix, h_mix = hook(partial.detach().float(), residual.detach(), norm, reducer.axis)
+    assert mixed_log.by_kind_axis() == {("all_reduce", "attn_tp"): 1}
+    assert h_mix.dtype == torch.float64
+    torch.testing.assert_close(h_mix, h.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y_mix, y.detach(), rtol=1e-6, atol=1e-6)
     return _by_value(dict(partial=partial.detach(), residual=residual.detach(), weight=weight.detach(),
                 gy=gy, gh=gh, y=y.detach(), h=h.detach(), d_partial=partial.grad,
                 d_residual=residual.grad, d_weight=weight.grad, log=log.by_kind_axis()))

@@ -301,6 +301,11 @@ class SymmMemReduceAddNorm:
     def __call__(self, partial: torch.Tensor, residual: Optional[torch.Tensor], norm,
                  group: AxisGroup) -> tuple[torch.Tensor, torch.Tensor]:
         reducer = self.reducer_for(group, partial.device)
+        if residual is not None and residual.dtype != partial.dtype:
+            # mixed precision (bf16 autocast keeps an fp32 residual stream): the kernels need one
+            # dtype, so only the sum goes through the reducer; add and norm promote as in torch
+            h = all_reduce_sum(partial, reducer) + residual
+            return norm(h), h
         return reduce_add_rms_norm(partial, residual, norm.weight, norm.eps, reducer, self.method)
 
 
