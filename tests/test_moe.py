@@ -134,6 +134,7 @@ def test_grouped_mm_fallback_exact_with_empty_groups():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu
 def test_grouped_mm_kernel_and_moe_layer_on_cuda():
     """The CUDA path (``torch._grouped_mm`` in bf16): the kernel alone against the float32 loop
     (forward, gradients, an empty group), and a whole bf16 MoE layer with the kernel against the
