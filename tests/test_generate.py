@@ -203,14 +203,14 @@ def test_generation_matches_transformers_in_every_layout(reference, single_proce
              for per_rank in results]
     assert all("outside the model's vocabulary" in it["bad_input"] for it in seeds)
     seed = seeds[0]
-    # one decode step of the seed layout (2 layers, both MoE on MOE_FULL): per layer the attention
-    # sum over attn_tp, the validation header + partial (out, lse) gather of cp_decode over
-    # attn_cp, the MOE_FULL gather over moe_cp and the one MoE reduction over the shard; then the
-    # logits gather over attn_tp and the token agreement over attn_dp_cp
+    # one later decode step of the seed layout (2 layers, both MoE on MOE_FULL): per layer the
+    # attention sum over attn_tp, the partial (out, lse) gather of cp_decode over attn_cp (shapes
+    # were agreed at the first step), the MOE_FULL gather over moe_cp and the one MoE reduction
+    # over the shard; then the logits gather over attn_tp and the token agreement over attn_dp_cp
     layers = ModelConfig.preset(MODELS[0]).num_layers
     assert seed["step_collectives"] == {
         ("all_reduce", "attn_tp"): 1 + layers,            # embedding + attention o_proj sums
-        ("all_gather", "attn_cp"): 2 * layers,            # cp_decode: header + (out, lse)
+        ("all_gather", "attn_cp"): layers,                # cp_decode: (out, lse)
         ("all_gather", "moe_cp"): layers,                 # TP_ATTN_FULL -> MOE_FULL
         ("all_reduce", "moe_shard"): layers,              # the MoE's one reduction
         ("all_gather", "attn_tp"): 1,                     # full-vocabulary logits

@@ -138,8 +138,10 @@ class AttentionBlock(nn.Module):
             from megatron_ext.layers.cp_decode import cp_decode_attention
 
             k_all, v_all, valid = kv_cache.append(k, v)
+            # shapes are fixed for a whole generation: agree on them across CP at its first step
             out = cp_decode_attention(q, k_all, v_all, self.cp_group, kv_valid=valid,
-                                      softmax_scale=self.softmax_scale)
+                                      softmax_scale=self.softmax_scale,
+                                      check=kv_cache.first_step)
             return self.o_proj(out.reshape(b, s, self.local_heads * self.head_dim))
         out = context_parallel_attention(
             q, k, v, self.cp_group, token_index=positions if token_index is None else token_index,

@@ -45,19 +45,24 @@ def _local_problems(q, k_cache, v_cache, kv_valid) -> list[str]:
 @torch.no_grad()
 def cp_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         cp_group: AxisGroup, *, kv_valid: Optional[torch.Tensor] = None,
-                        softmax_scale: Optional[float] = None) -> torch.Tensor:
+                        softmax_scale: Optional[float] = None, check: bool = True) -> torch.Tensor:
     """``q [b, s_q, hq, d]`` (identical on every CP rank) against this rank's cache share
     ``k_cache, v_cache [b, s_cache_local, hkv, d]`` (lengths may differ between ranks).
     ``kv_valid`` ``[b, s_cache_local]`` (filled slots) or ``[b, s_q, s_cache_local]`` (per query,
     e.g. causal among several new tokens); None = every slot valid. Returns ``[b, s_q, hq, d]``
     on every rank; a query that sees no valid slot anywhere gets zeros. Collective over
-    ``cp_group``."""
+    ``cp_group``. ``check=False`` skips the cross-rank agreement on shapes (one small all-gather)
+    for callers whose shapes cannot change since a checked call, e.g. later steps of one
+    generation; local problems still raise."""
     errs = _local_problems(q, k_cache, v_cache, kv_valid)
+    if not check and errs:
+        raise ValueError("cp_decode_attention: " + "; ".join(errs))
     ok = not errs or q.dim() == 4
     b, sq, hq, d = q.shape if ok else (0, 0, 0, 0)
-    fields = dict(batch=b, q_len=sq, heads=hq, head_dim=d,
-                  kv_heads=k_cache.shape[2] if k_cache.dim() == 4 else 0)
-    check_across_ranks(cp_group, q.device, errs, fields, "cp_decode_attention")
+    if check:
+        fields = dict(batch=b, q_len=sq, heads=hq, head_dim=d,
+                      kv_heads=k_cache.shape[2] if k_cache.dim() == 4 else 0)
+        check_across_ranks(cp_group, q.device, errs, fields, "cp_decode_attention")
     scale = softmax_scale if softmax_scale is not None else default_scale(d)
     acc = accum_dtype(q.dtype)
     sk = k_cache.shape[1]

@@ -52,6 +52,11 @@ class LayerKVCache:
     def decoding(self) -> bool:
         return self._parent.decoding
 
+    @property
+    def first_step(self) -> bool:
+        """The first decode step of this cache (callers validate shapes across ranks once)."""
+        return self._parent.step == 0
+
     def _alloc(self, like: torch.Tensor) -> None:
         p = self._parent
         if self.k is None:
