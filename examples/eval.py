@@ -25,7 +25,7 @@ from megatron_ext.data.dataset import open_dataset  # noqa: E402
 from megatron_ext.data.tokenizer import load_tokenizer  # noqa: E402
 from megatron_ext.evaluation import EvalResult, evaluate_loss  # noqa: E402
 from megatron_ext.parallel.groups import build_groups, init_distributed  # noqa: E402
-from megatron_ext.parallel.topology import Topology  # noqa: E402
+from megatron_ext.parallel.topology import add_layout_arguments, topology_from_args  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from models.decoder import CausalLM, check_model_fits_layout  # noqa: E402
 
@@ -39,8 +39,7 @@ def _args(argv):
     p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--cp-comm", choices=("all_gather", "p2p"), default="all_gather")
-    for name in ("attn-tp", "attn-cp", "moe-tp", "moe-ep", "moe-dp"):
-        p.add_argument(f"--{name}", type=int, default=None)
+    add_layout_arguments(p, ("attn_tp", "attn_cp", "moe_tp", "moe_ep", "moe_dp"))
     return p.parse_args(argv)
 
 
@@ -48,9 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:  # everything checkable before process groups exist
-        sizes = {k: v for k, v in vars(args).items()
-                 if k in ("attn_tp", "attn_cp", "moe_tp", "moe_ep", "moe_dp") and v is not None}
-        topo = Topology(world=world, **sizes)
+        topo = topology_from_args(args, world)
         config = ModelConfig.from_hf_dir(args.model)
         check_model_fits_layout(config, topo)
         dataset = open_dataset(args.data, load_tokenizer(args.tokenizer))

@@ -26,7 +26,8 @@ import torch  # noqa: E402
 from megatron_ext.data.tokenizer import load_tokenizer  # noqa: E402
 from megatron_ext.parallel.groups import (AxisGroup, ParallelGroups, build_groups,  # noqa: E402
                                           init_distributed)
-from megatron_ext.parallel.topology import GROUP_AXES, Topology  # noqa: E402
+from megatron_ext.parallel.topology import (GROUP_AXES, add_layout_arguments,  # noqa: E402
+                                            topology_from_args)
 from megatron_ext.serving import check_generate_inputs, greedy_generate  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from models.decoder import CausalLM, check_model_fits_layout  # noqa: E402
@@ -46,8 +47,7 @@ def _args(argv):
                    help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--cp-comm", choices=("all_gather", "p2p"), default="all_gather",
                    help="K/V exchange of the CP prefill")
-    for name in ("attn-tp", "attn-cp", "moe-tp", "moe-ep", "moe-dp"):
-        p.add_argument(f"--{name}", type=int, default=None)
+    add_layout_arguments(p, ("attn_tp", "attn_cp", "moe_tp", "moe_ep", "moe_dp"))
     return p.parse_args(argv)
 
 
@@ -74,9 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:  # everything checkable before process groups exist
-        sizes = {k: v for k, v in vars(args).items()
-                 if k in ("attn_tp", "attn_cp", "moe_tp", "moe_ep", "moe_dp") and v is not None}
-        topo = Topology(world=world, **sizes)
+        topo = topology_from_args(args, world)
         config = ModelConfig.from_hf_dir(args.model)
         check_model_fits_layout(config, topo)
         tok = load_tokenizer(args.tokenizer)

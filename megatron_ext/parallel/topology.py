@@ -294,16 +294,34 @@ class Topology:
         return "\n".join(lines)
 
 
+LAYOUT_SIZES: tuple[str, ...] = ("pp", "attn_tp", "attn_cp", "attn_dp", "moe_tp", "moe_ep",
+                                  "moe_dp")
+
+
+def add_layout_arguments(parser: argparse.ArgumentParser,
+                         sizes: tuple[str, ...] = LAYOUT_SIZES) -> None:
+    """``--attn-tp``, ``--attn-cp``, … flags (default: derived) for the scripts users launch."""
+    for name in sizes:
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
+
+
+def topology_from_args(args: argparse.Namespace, world: Optional[int]) -> Topology:
+    """The validated :class:`Topology` of the layout flags in ``args`` (``ValueError`` otherwise)."""
+    sizes = {k: getattr(args, k) for k in LAYOUT_SIZES if getattr(args, k, None) is not None}
+    if world is not None:
+        sizes["world"] = world
+    return Topology(**sizes)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m megatron_ext.parallel.topology",
         description="Print the rank layout and process-group lists of a megatron_ext launch.")
-    for name in ("world", "pp", "attn-tp", "attn-cp", "attn-dp", "moe-tp", "moe-ep", "moe-dp"):
-        parser.add_argument(f"--{name}", type=int, default=None)
+    parser.add_argument("--world", type=int, default=None)
+    add_layout_arguments(parser)
     args = parser.parse_args(argv)
-    sizes = {k: v for k, v in vars(args).items() if v is not None}
     try:
-        topo = Topology(**sizes)
+        topo = topology_from_args(args, args.world)
     except ValueError as err:
         print(f"invalid layout: {err}", file=sys.stderr)
         return 2
