@@ -20,7 +20,7 @@ setup(
     extras_require={
         # The CPU path pins the CPU build that is on local disk, so no CUDA build is ever pulled.
         "cpu": ["torch==2.13.0"],
-        "test": ["pytest", "pytest-timeout", "transformers>=4.51", "safetensors"],
+        "test": ["pytest", "pytest-timeout", "transformers>=4.51", "safetensors", "tensorboard"],
         "te": ["transformer-engine[pytorch]"],
         "tb": ["tensorboard"],
     },
