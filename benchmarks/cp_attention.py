@@ -7,7 +7,8 @@ For each shape (bf16; MHA 16 x 128 and GQA 16/4 x 128 by default) and sequence l
 
 * ``sdpa cp1``   torch ``scaled_dot_product_attention`` (flash), whole sequence on one GPU;
 * ``ours cp1``   :func:`context_parallel_attention` on a one-rank group (same flash kernels);
-* ``ours cp{N}`` the same over all launched GPUs, strategies ``all_gather`` and ``p2p``;
+* ``ours cp{N}`` the same over all launched GPUs, strategies ``all_gather`` and ``p2p``
+  (the plan is built once per shape and passed in, as the models do);
 * ``torch cp{N}`` torch's ``torch.distributed.tensor.experimental.context_parallel`` (flash SDPA,
   head-tail load balance, rotate methods ``allgather`` and ``alltoall``) on the same shapes in
   the same run.
@@ -35,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_ext.layers import attention_math  # noqa: E402
 from megatron_ext.layers.cp_attention import backend_name, context_parallel_attention  # noqa: E402
+from megatron_ext.layers.cp_plan import plan_cp_attention  # noqa: E402
 from megatron_ext.parallel.cp_split import split_batch_for_cp  # noqa: E402
 from megatron_ext.parallel.groups import AxisGroup, build_groups, init_distributed  # noqa: E402
 from megatron_ext.parallel.topology import Topology  # noqa: E402
@@ -86,9 +88,11 @@ def ours(S: int, hq: int, hkv: int, d: int, group: AxisGroup, strategy: str):
     k = _rand(1, L, hkv, d, seed=2).requires_grad_()
     v = _rand(1, L, hkv, d, seed=3).requires_grad_()
     dout = _rand(1, L, hq, d, seed=4)
+    # built once and reused, as the models do (one plan per batch for every layer)
+    plan = plan_cp_attention(q, k, v, group, token_index=tok, strategy=strategy)
 
     def step():
-        out = context_parallel_attention(q, k, v, group, token_index=tok, strategy=strategy,
+        out = context_parallel_attention(q, k, v, group, strategy=strategy, plan=plan,
                                          backend="torch")
         out.backward(dout)
         q.grad = k.grad = v.grad = None

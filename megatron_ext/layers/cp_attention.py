@@ -10,11 +10,19 @@ equals single-process attention over the whole sequence, values and gradients.
 K/V exchange strategies:
 
 * ``all_gather``: gather K, V over CP (asynchronously, while the local blocks are computed);
-  the backward gathers them again (nothing sequence-long is kept between passes) and
-  reduce-scatters dK, dV.
+  the backward gathers them again (nothing sequence-long is kept between passes), computes the
+  peers' blocks first and hands each peer its dK, dV (the reduce-scatter, pairwise), then adds
+  its own blocks. Both run as pairwise send/recv without a buffer for this rank's own slot
+  (:mod:`megatron_ext.layers.cp_comm`), and each peer's buffer is freed once used.
 * ``p2p``: a ring of ``cp-1`` send/recv steps, each overlapped with the attention of the block
   in hand; partial outputs merged by log-sum-exp. The backward runs the ring again for K, V while
-  dK, dV travel one step behind and reach their owner after ``cp`` steps.
+  dK, dV travel one step behind and reach their owner after ``cp`` steps. K/V travel as they
+  are (no stacked copy) through at most two receive buffers.
+
+Gradient sums (:class:`_GradSum`) stay in the kernel's dtype where a part gets at most two
+contributions on a rank (one rounding, as a float32 sum would give) and use float32 only where
+more are summed; partial dK/dV travel between ranks in the kernel's dtype (one rounding per
+rank they pass). float32/float64 inputs accumulate in their own dtype, as before.
 
 Both skip blocks that are fully masked (:mod:`megatron_ext.layers.cp_plan`). A one-rank group
 is plain (causal / document-masked) attention with no collective, so single-process models use
@@ -33,7 +41,8 @@ from megatron_ext.layers import te_attention
 from megatron_ext.layers.attention_math import (MaskKind, accum_dtype, block_backward,
                                                 block_forward, default_scale, merge_partial,
                                                 uses_flash)
-from megatron_ext.layers.cp_comm import all_gather_async, reduce_scatter, ring_exchange_async
+from megatron_ext.layers.cp_comm import (exchange_async, gather_peers_async, log_collective,
+                                         ring_exchange_async)
 from megatron_ext.layers.cp_plan import STRATEGIES, CPAttentionPlan, plan_cp_attention
 from megatron_ext.parallel.groups import AxisGroup
 
@@ -49,11 +58,71 @@ def _take(x: torch.Tensor, ranges) -> torch.Tensor:
     return torch.cat([x[:, a:e] for a, e in ranges], 1)
 
 
-def _add_into(buf: torch.Tensor, ranges, grad: torch.Tensor) -> None:
+def _covered(parts, ranges):
+    """``(part index, offset in a tensor of the concatenated ranges)`` of every part inside
+    ``ranges`` (ranges are unions of whole parts)."""
     off = 0
     for a, e in ranges:
-        buf[:, a:e] += grad[:, off:off + e - a]
+        for j, (pa, pe) in enumerate(parts):
+            if a <= pa and pe <= e:
+                yield j, off + pa - a
         off += e - a
+
+
+class _GradSum:
+    """Sum of gradient contributions to one ``[b, s, h, d]`` tensor, each covering whole parts
+    (``ranges`` along dim 1). A part whose ``count`` (contributions computed on this rank) is at
+    most two is summed in the tensor's own dtype: the first is copied, the second added with one
+    rounding, as a float32 sum rounded at the end would be. Parts with more are summed in
+    float32 (``accum_dtype``) and rounded once. A partial sum from another rank (the ring's
+    dK/dV, a reduce-scatter's share) is added like a contribution but not counted: it starts
+    the sum, so a part keeps at most two roundings per rank. A first contribution covering the
+    whole tensor is adopted (no copy)."""
+
+    def __init__(self, shape, dtype: torch.dtype, device, parts, counts: list[int]):
+        self.shape, self.dtype, self.device, self.parts = tuple(shape), dtype, device, parts
+        self.wide_dtype = accum_dtype(dtype)
+        self.is_wide = [self.wide_dtype != dtype and c > 2 for c in counts]
+        self.wide: dict[int, torch.Tensor] = {}
+        self.seen = [0] * len(parts)
+        self.out: Optional[torch.Tensor] = None
+
+    def add(self, ranges, grad: torch.Tensor) -> None:
+        whole = tuple(tuple(r) for r in ranges) == ((0, self.shape[1]),)
+        if (self.out is None and whole and grad.dtype == self.dtype and grad.is_contiguous()
+                and tuple(grad.shape) == self.shape):
+            self.out = grad
+            for j, (pa, pe) in enumerate(self.parts):
+                if self.is_wide[j]:
+                    self.wide[j] = grad[:, pa:pe].to(self.wide_dtype, copy=True)
+                self.seen[j] += 1
+            return
+        if self.out is None:
+            self.out = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        for j, off in _covered(self.parts, ranges):
+            pa, pe = self.parts[j]
+            g = grad[:, off:off + pe - pa]
+            if self.is_wide[j]:
+                if j in self.wide:
+                    self.wide[j] += g
+                elif self.seen[j]:
+                    self.wide[j] = self.out[:, pa:pe].to(self.wide_dtype).add_(g)
+                else:
+                    self.wide[j] = g.to(self.wide_dtype, copy=True)
+            elif self.seen[j]:
+                self.out[:, pa:pe] += g
+            else:
+                self.out[:, pa:pe].copy_(g)
+            self.seen[j] += 1
+
+    def result(self) -> torch.Tensor:
+        if self.out is None:
+            self.out = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        for j, w in self.wide.items():
+            pa, pe = self.parts[j]
+            self.out[:, pa:pe].copy_(w)
+        self.wide = {}
+        return self.out
 
 
 # ----------------------------------------------------------------------------- block loops
@@ -75,47 +144,86 @@ class _Forward:
                                             _take(v_src, grp.ranges), self.scale, grp.kind, mask)
                 self.acc[i] = merge_partial(*self.acc[i], o, lse)
                 self.aux = self.aux if self.aux is not None else aux
+                del o, lse
 
     def result(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        outs, lses = [], []
+        """The output in q's dtype (written part by part into one tensor) and each part's
+        log-sum-exp; the running accumulators are dropped."""
+        lses = []
         b, _, hq, d = self.q.shape
+        out = self.q.new_empty(self.q.shape)
         for (a, e), (o, lse) in zip(self.plan.parts, self.acc):
             if o is None:  # nothing visible for this part (all padding)
-                o = self.q.new_zeros(b, e - a, hq, d)
+                out[:, a:e].zero_()
                 lse = torch.full((b, hq, e - a), float("-inf"), device=self.q.device,
-                                 dtype=torch.float64 if self.q.dtype == torch.float64
-                                 else torch.float32)
-            outs.append(o.to(self.q.dtype))
+                                 dtype=accum_dtype(self.q.dtype))
+            else:
+                out[:, a:e].copy_(o)
             lses.append(lse.contiguous())
-        out = torch.cat(outs, 1)
+        self.acc = None
         if self.plan.q_valid is not None:
-            out = out * self.plan.q_valid[:, :, None, None].to(out.dtype)
+            out.mul_(self.plan.q_valid[:, :, None, None].to(out.dtype))
         return out, lses
 
 
 class _Backward:
-    """dq per local query part; dk, dv of a source rank returned per call."""
+    """dq summed over every block; dk, dv of a source rank added into given sums per call."""
 
     def __init__(self, dout, q, out, lses, plan, scale, aux):
         self.plan, self.scale, self.aux = plan, scale, aux
         self.parts = [(q[:, a:e], dout[:, a:e], out[:, a:e], lse)
                       for (a, e), lse in zip(plan.parts, lses)]
-        self.dq = torch.zeros(q.shape, dtype=accum_dtype(q.dtype), device=q.device)
+        counts = [sum(len(plan.blocks(i, r)) for r in range(plan.cp_size))
+                  for i in range(len(plan.parts))]
+        self.dq = _GradSum(q.shape, q.dtype, q.device, plan.parts, counts)
 
-    def grads(self, k_src: torch.Tensor, v_src: torch.Tensor, src: int,
-              dkv: torch.Tensor) -> None:
-        """Add this rank's contribution to ``dkv [2, b, s, hkv, d]`` of source ``src``."""
+    def kv_sums(self, k: torch.Tensor, src: int, extra: int = 0) -> tuple[_GradSum, _GradSum]:
+        """Empty dK, dV sums for source ``src``, counting this rank's blocks per key part
+        (plus ``extra`` further additions, e.g. partial sums of more peers)."""
+        counts = [extra] * len(self.plan.parts)
+        for i in range(len(self.plan.parts)):
+            for grp in self.plan.blocks(i, src):
+                for j, _ in _covered(self.plan.parts, grp.ranges):
+                    counts[j] += 1
+        return tuple(_GradSum(k.shape, k.dtype, k.device, self.plan.parts, counts)
+                     for _ in range(2))
+
+    def grads(self, k_src: torch.Tensor, v_src: torch.Tensor, src: int, dk: _GradSum,
+              dv: _GradSum) -> None:
+        """Add this rank's contributions to dK, dV of source ``src`` (and to dq)."""
         for i, (qp, dop, op, lse) in enumerate(self.parts):
-            a, e = self.plan.parts[i]
             for grp in self.plan.blocks(i, src):
                 mask = (self.plan.mask(i, src, grp.ranges) if grp.kind == MaskKind.GENERAL
                         else None)
-                dq, dk, dv = block_backward(dop, qp, _take(k_src, grp.ranges),
+                gq, gk, gv = block_backward(dop, qp, _take(k_src, grp.ranges),
                                             _take(v_src, grp.ranges), op, lse, self.scale,
                                             grp.kind, mask, self.aux)
-                self.dq[:, a:e] += dq
-                _add_into(dkv[0], grp.ranges, dk)
-                _add_into(dkv[1], grp.ranges, dv)
+                self.dq.add((self.plan.parts[i],), gq)
+                dk.add(grp.ranges, gk)
+                dv.add(grp.ranges, gv)
+                del gq, gk, gv  # free before the next kernel call
+
+
+class _KVRing:
+    """K/V of source ``me - t`` at step ``t``, passed along the ring. The local K/V are sent as
+    they are (no stacked copy); at most two receive buffers exist, reused in turn."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, group: AxisGroup):
+        self.group, self.cur, self.own = group, (k, v), True
+        self.nxt, self.spare, self.pending = None, None, None
+
+    def start(self) -> None:
+        """Send the K/V in hand on and start receiving the next source's."""
+        k, v = self.cur
+        self.nxt = self.spare or (torch.empty_like(k), torch.empty_like(v))
+        self.spare = None
+        self.pending = ring_exchange_async(list(self.cur), list(self.nxt), self.group)
+
+    def advance(self) -> None:
+        self.pending.wait()
+        if not self.own:
+            self.spare = self.cur  # its send has completed
+        self.cur, self.nxt, self.own, self.pending = self.nxt, None, False, None
 
 
 # ------------------------------------------------------------------------------ strategies
@@ -124,72 +232,95 @@ def _forward_all_gather(q, k, v, plan, group, scale):
     if group.is_trivial:
         fwd.attend(k, v, plan.cp_rank)
         return fwd
-    gathered, pending = all_gather_async(torch.stack([k, v]), group)
+    peers, pending = gather_peers_async([k, v], group)
     fwd.attend(k, v, plan.cp_rank)  # local blocks while K/V travel
     pending.wait()
-    for r in range(plan.cp_size):
-        if r != plan.cp_rank:
-            fwd.attend(gathered[r, 0], gathered[r, 1], r)
+    for r in sorted(peers):
+        kr, vr = peers.pop(r)
+        fwd.attend(kr, vr, r)
+        del kr, vr  # each peer's K/V freed once used
     return fwd
 
 
 def _backward_all_gather(bwd: _Backward, k, v, plan, group):
-    acc = accum_dtype(k.dtype)
-    me = plan.cp_rank
-    dkv_all = torch.zeros((plan.cp_size, 2) + tuple(k.shape), dtype=acc, device=k.device)
+    """Remote sources first: gather K/V again, compute each peer's dK/dV, exchange it with
+    that peer (the reduce-scatter, pairwise) and free it, so that the received K/V, the outgoing
+    dK/dV and this rank's own dK/dV are never all held at once; own blocks last."""
+    cp, me = plan.cp_size, plan.cp_rank
     if group.is_trivial:
-        bwd.grads(k, v, me, dkv_all[0])
-        return dkv_all[0].to(k.dtype)
-    gathered, pending = all_gather_async(torch.stack([k, v]), group)
-    bwd.grads(k, v, me, dkv_all[me])
+        dk, dv = bwd.kv_sums(k, me)
+        bwd.grads(k, v, me, dk, dv)
+        return dk.result(), dv.result()
+    peers, pending = gather_peers_async([k, v], group)
+    log_collective("reduce_scatter", group, 2 * cp * k.numel() * k.element_size())
+    own = bwd.kv_sums(k, me, extra=cp - 2)  # the first peer's share starts the sum
     pending.wait()
-    for r in range(plan.cp_size):
-        if r != me:
-            bwd.grads(gathered[r, 0], gathered[r, 1], r, dkv_all[r])
-    del gathered
-    return reduce_scatter(dkv_all.to(k.dtype), group)
+    whole = ((0, k.shape[1]),)
+    for t in range(1, cp):
+        src, frm = (me - t) % cp, (me + t) % cp
+        ks, vs = peers.pop(src)
+        dks, dvs = bwd.kv_sums(k, src)
+        bwd.grads(ks, vs, src, dks, dvs)
+        del ks, vs
+        send = [dks.result(), dvs.result()]
+        del dks, dvs
+        recv = [torch.empty_like(k), torch.empty_like(v)]
+        exchange_async(send, recv, src, frm, group, log_as=None).wait()
+        del send
+        own[0].add(whole, recv[0])
+        own[1].add(whole, recv[1])
+        del recv
+    bwd.grads(k, v, me, *own)
+    return own[0].result(), own[1].result()
 
 
 def _forward_p2p(q, k, v, plan, group, scale):
     fwd = _Forward(q, plan, scale)
     cp, me = plan.cp_size, plan.cp_rank
-    bufs = [torch.stack([k, v])]
-    if cp > 1:
-        bufs.append(torch.empty_like(bufs[0]))
+    ring = _KVRing(k, v, group)
     for t in range(cp):
-        cur = bufs[t % 2]
-        pending = ring_exchange_async(cur, bufs[(t + 1) % 2], group) if t < cp - 1 else None
-        fwd.attend(cur[0], cur[1], (me - t) % cp)
-        if pending is not None:
-            pending.wait()
+        if t < cp - 1:
+            ring.start()
+        fwd.attend(ring.cur[0], ring.cur[1], (me - t) % cp)
+        if t < cp - 1:
+            ring.advance()
     return fwd
 
 
 def _backward_p2p(bwd: _Backward, k, v, plan, group):
-    acc = accum_dtype(k.dtype)
+    """Ring of cp steps: K/V of source ``me - t`` arrive while step ``t - 1`` computes; the
+    partial dK/dV of that source arrive from the previous rank (in the kernel's dtype), start
+    this rank's sum for it and travel on; after ``cp`` steps a rank holds its own dK/dV. The
+    previous step's dK/dV exchange is waited for before computing, so only one partial dK/dV
+    per direction is held."""
     cp, me = plan.cp_size, plan.cp_rank
-    bufs = [torch.stack([k, v])]
-    if cp > 1:
-        bufs.append(torch.empty_like(bufs[0]))
-    dkv_pending, dkv_in = None, None
+    ring = _KVRing(k, v, group)
+    whole = ((0, k.shape[1]),)
+    dkv_in, pending = None, None
     for t in range(cp):
-        cur = bufs[t % 2]
-        kv_pending = ring_exchange_async(cur, bufs[(t + 1) % 2], group) if t < cp - 1 else None
-        dkv = torch.zeros((2,) + tuple(k.shape), dtype=acc, device=k.device)
-        bwd.grads(cur[0], cur[1], (me - t) % cp, dkv)
-        if dkv_pending is not None:  # the other ranks' share for this source, one step behind
-            dkv_pending.wait()
-            dkv += dkv_in
-        if kv_pending is not None:
-            kv_pending.wait()
-        if cp > 1:
-            dkv_in = torch.empty_like(dkv)
-            dkv_pending = ring_exchange_async(dkv, dkv_in, group)
+        src = (me - t) % cp
+        if t < cp - 1:
+            ring.start()
+        sums = bwd.kv_sums(k, src)
+        if pending is not None:
+            pending.wait()
+            sums[0].add(whole, dkv_in[0])
+            sums[1].add(whole, dkv_in[1])
+            dkv_in = None
+        bwd.grads(ring.cur[0], ring.cur[1], src, *sums)
+        if t < cp - 1:
+            ring.advance()
         else:
-            dkv_in = dkv
-    if dkv_pending is not None:
-        dkv_pending.wait()
-    return dkv_in.to(k.dtype)
+            ring = None  # the last source's K/V are no longer needed
+        send = [sm.result() for sm in sums]
+        del sums
+        if cp == 1:
+            return send[0], send[1]
+        dkv_in = [torch.empty_like(k), torch.empty_like(v)]
+        pending = ring_exchange_async(send, dkv_in, group, tag=2)  # apart from K/V
+        del send
+    pending.wait()
+    return dkv_in[0], dkv_in[1]
 
 
 _STRATEGY = {"all_gather": (_forward_all_gather, _backward_all_gather),
@@ -214,8 +345,9 @@ class _ContextParallelAttention(torch.autograd.Function):
         if plan.q_valid is not None:
             dout = dout * plan.q_valid[:, :, None, None].to(dout.dtype)
         bwd = _Backward(dout.contiguous(), q, out, lses, plan, ctx.scale, ctx.aux)
-        dkv = _STRATEGY[ctx.strategy][1](bwd, k, v, plan, ctx.group)
-        return bwd.dq.to(q.dtype), dkv[0], dkv[1], None, None, None, None
+        del lses, out
+        dk, dv = _STRATEGY[ctx.strategy][1](bwd, k, v, plan, ctx.group)
+        return bwd.dq.result(), dk, dv, None, None, None, None
 
 
 class _SingleBlockAttention(torch.autograd.Function):

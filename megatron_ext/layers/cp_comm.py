@@ -4,10 +4,16 @@ CP attention writes its own backward, so it needs plain collectives that can run
 (to overlap with attention math): all-gather of K/V, reduce-scatter of dK/dV and the ring
 exchange (send to the next CP rank, receive from the previous one). Each is logged through
 :func:`megatron_ext.parallel.comm_counter.record` under the group's axis name.
+
+Attention's K/V all-gather and dK/dV reduce-scatter run as pairwise send/recv
+(:func:`gather_peers_async`, :func:`exchange_async`): NCCL's collectives need a ``[cp, ...]``
+buffer that holds this rank's own slot too (one more copy of K/V or dK/dV per GPU), and the
+pairwise form lets each peer's buffer be freed as soon as it is used. Each is still logged once
+as the collective it implements.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -63,11 +69,57 @@ def reduce_scatter(x: torch.Tensor, group: AxisGroup) -> torch.Tensor:
     return x[group.rank].clone()
 
 
-def ring_exchange_async(send: torch.Tensor, recv: torch.Tensor, group: AxisGroup) -> Pending:
+Tensors = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def _seq(x: Tensors) -> list[torch.Tensor]:
+    return [x] if isinstance(x, torch.Tensor) else list(x)
+
+
+def _pair_ops(send: Sequence[torch.Tensor], recv: Sequence[torch.Tensor], dst: int, src: int,
+              group: AxisGroup, tag: int = 0) -> list:
+    """isend of ``send`` to group index ``dst``, irecv of ``recv`` from ``src``; the i-th
+    tensors are matched by tag ``tag + i`` (gloo matches by tag; NCCL by order)."""
+    ops = [dist.P2POp(dist.isend, t, group.ranks[dst], group.group, tag=tag + i)
+           for i, t in enumerate(send)]
+    ops += [dist.P2POp(dist.irecv, t, group.ranks[src], group.group, tag=tag + i)
+            for i, t in enumerate(recv)]
+    return ops
+
+
+def exchange_async(send: Tensors, recv: Tensors, dst: int, src: int, group: AxisGroup,
+                   log_as: Optional[str] = "send_recv", tag: int = 0) -> Pending:
+    """Send ``send`` (contiguous tensors) to CP rank ``dst`` and receive as many tensors from
+    ``src`` into ``recv`` (indices in the group). ``log_as=None``: part of a collective that is
+    logged once by its caller. ``tag``: keeps exchanges in flight together apart (gloo)."""
+    send, recv = _seq(send), _seq(recv)
+    if log_as is not None:
+        record(log_as, group.name, sum(_nbytes(t) for t in send))
+    return Pending(dist.batch_isend_irecv(_pair_ops(send, recv, dst, src, group, tag)))
+
+
+def ring_exchange_async(send: Tensors, recv: Tensors, group: AxisGroup, tag: int = 0) -> Pending:
     """Send ``send`` to the next CP rank and receive the previous rank's into ``recv``."""
-    nxt = group.ranks[(group.rank + 1) % group.size]
-    prv = group.ranks[(group.rank - 1) % group.size]
-    record("send_recv", group.name, _nbytes(send))
-    ops = [dist.P2POp(dist.isend, send, nxt, group.group),
-           dist.P2POp(dist.irecv, recv, prv, group.group)]
-    return Pending(dist.batch_isend_irecv(ops))
+    n, me = group.size, group.rank
+    return exchange_async(send, recv, (me + 1) % n, (me - 1) % n, group, tag=tag)
+
+
+def gather_peers_async(xs: Sequence[torch.Tensor], group: AxisGroup
+                       ) -> tuple[dict[int, list[torch.Tensor]], Pending]:
+    """All-gather of the contiguous tensors ``xs`` without this rank's own slot: ``{peer index:
+    [its copies of xs]}`` (valid after ``wait()``), so the caller can drop each peer's buffers
+    as soon as they are used. Logged as one all-gather."""
+    xs = [x.contiguous() for x in xs]
+    record("all_gather", group.name, group.size * sum(_nbytes(x) for x in xs))
+    out, ops = {}, []
+    for r in range(group.size):
+        if r != group.rank:
+            out[r] = [torch.empty_like(x) for x in xs]
+            ops += _pair_ops(xs, out[r], r, r, group)
+    return out, Pending(dist.batch_isend_irecv(ops) if ops else [])
+
+
+def log_collective(kind: str, group: AxisGroup, nbytes: int) -> None:
+    """Log one collective that the caller carries out as several :func:`exchange_async`
+    calls with ``log_as=None``."""
+    record(kind, group.name, nbytes)
