@@ -18,17 +18,6 @@ from megatron_ext.parallel.groups import AxisGroup
 from megatron_ext.parallel.symm_mem import SymmMemAllReduce
 from tests.multirank import run_ranks
 
-
-def _by_value(d: dict) -> dict:
-    """Tensors as numpy arrays: the result queue then pickles values, not shared-memory handles
-    (which die with the rank that made them)."""
-    return {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in d.items()}
-
-
-def _as_tensors(d: dict) -> dict:
-    return {k: (torch.from_numpy(v) if hasattr(v, "__array__") and not isinstance(v, (int, float))
-                else v) for k, v in d.items()}
-
 EPS = 1e-6
 
 
@@ -124,13 +113,13 @@ def _two_rank_reduce_norm(rank, world):
     assert h_mix.dtype == torch.float64
     torch.testing.assert_close(h_mix, h.detach(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(y_mix, y.detach(), rtol=1e-6, atol=1e-6)
-    return _by_value(dict(partial=partial.detach(), residual=residual.detach(), weight=weight.detach(),
+    return dict(partial=partial.detach(), residual=residual.detach(), weight=weight.detach(),
                 gy=gy, gh=gh, y=y.detach(), h=h.detach(), d_partial=partial.grad,
-                d_residual=residual.grad, d_weight=weight.grad, log=log.by_kind_axis()))
+                d_residual=residual.grad, d_weight=weight.grad, log=log.by_kind_axis())
 
 
 def test_two_rank_reduce_add_norm_matches_single_process():
-    res = [_as_tensors(r) for r in run_ranks(_two_rank_reduce_norm, 2, timeout=90)]
+    res = run_ranks(_two_rank_reduce_norm, 2, timeout=90)
     r0 = res[0]
     total = (res[0]["partial"] + res[1]["partial"]).requires_grad_()
     residual = r0["residual"].clone().requires_grad_()
