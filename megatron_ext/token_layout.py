@@ -129,10 +129,6 @@ class TokenLayout:
                 ScatterMode.MOE_FULL: self.moe_full_tokens,
                 ScatterMode.FULL: self.stage_tokens}[ScatterMode(mode)]
 
-    @property
-    def is_uniform(self) -> bool:
-        return len(set(self.tokens_per_attn_group)) <= 1
-
 
 def _stage_is_nccl(groups: ParallelGroups) -> bool:
     import torch.distributed as dist

@@ -29,9 +29,6 @@ class HFFields:
         self.model_type = model_type
         self.used: set[str] = set()
 
-    def has(self, key: str) -> bool:
-        return key in self.hf and self.hf[key] is not None
-
     def get(self, key: str, default: Any = None) -> Any:
         self.used.add(key)
         value = self.hf.get(key)

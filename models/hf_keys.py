@@ -37,10 +37,6 @@ def gated_mlp_shapes(prefix: str, hidden: int, width: int) -> Shapes:
             prefix + "down_proj.weight": (hidden, width)}
 
 
-def expert_key(layer: int, expert: int, proj: str) -> str:
-    return f"{layer_prefix(layer)}mlp.experts.{expert}.{proj}.weight"
-
-
 def mlp_shapes(cfg: ModelConfig, layer: int) -> Shapes:
     p, h = layer_prefix(layer) + "mlp.", cfg.hidden_size
     if not cfg.is_sparse(layer):

@@ -216,9 +216,3 @@ class SampleOrder:
             epoch, pos = divmod(first + j, self.num_samples)
             out[j] = self._perm(epoch)[pos]
         return out
-
-    def global_batch(self, dataset: TokenDataset, step: int, global_batch_size: int,
-                     seq_len: int) -> np.ndarray:
-        """``[global_batch_size, seq_len + 1]`` token ids of global batch ``step``."""
-        idx = self.indices(step * global_batch_size, global_batch_size)
-        return np.stack([dataset.sample(int(i), seq_len) for i in idx])

@@ -78,9 +78,6 @@ class CPAttentionPlan:
             raise ValueError(f"plan was built for (b, s_local, hq, hkv, d)={self.shape}, got "
                              f"{(b, s, hq, k.shape[2], d)}")
 
-    def num_computed_blocks(self) -> int:
-        return sum(len(g) for g in self.groups.values())
-
 
 # ------------------------------------------------------------------------------- validation
 def _local_problems(q, k, v, token_index, segment_ids, strategy) -> list[str]:
