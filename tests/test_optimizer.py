@@ -10,6 +10,7 @@ import torch
 from megatron_ext.parallel.groups import AxisGroup, ParallelGroups, build_groups
 from megatron_ext.parallel.param_meta import ParamSpec, get_spec
 from megatron_ext.parallel.topology import GROUP_AXES, Topology
+from megatron_ext.parallel.comm_counter import count_collectives
 from megatron_ext.training.grad_sync import GradSync, check_axes_independent
 from megatron_ext.training.optimizer import LRSchedule, TrainOptimizer, clip_grads_
 from tests.multirank import run_ranks
@@ -65,7 +66,16 @@ def _layout_rank(rank: int, world: int) -> None:
         for step in range(2):
             for name, p in params:
                 p.grad = _grad_share(name, get_spec(p), groups) * (step + 1)
-            sync.sync()
+            with count_collectives() as log:
+                sync.sync()
+            # one all-reduce per bucket and axis, carrying exactly the bytes of its parameters
+            want_bytes: dict = {}
+            for b in sync.buckets:
+                for axis in b.axes:
+                    want_bytes[axis] = want_bytes.get(axis, 0) + sum(
+                        q.numel() * q.element_size() for q in b.params)
+            assert log.count("all_reduce") == sum(len(b.axes) for b in sync.buckets)
+            assert {a: log.nbytes("all_reduce", a) for a in want_bytes} == want_bytes, sizes
             for name, p in params:
                 want = get_spec(p).take_local(global_tensor(name, seed=2) * (step + 1))
                 torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-5,

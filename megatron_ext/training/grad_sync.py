@@ -22,6 +22,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_ext.parallel.comm_counter import record
 from megatron_ext.parallel.groups import ParallelGroups
 from megatron_ext.parallel.param_meta import get_spec
 from megatron_ext.parallel.topology import GROUP_AXES
@@ -92,9 +93,12 @@ class GradSync:
             flats.append(torch.cat(parts) if len(parts) > 1 else parts[0].clone())
         max_axes = max(len(b.axes) for b in self.buckets)
         for step in range(max_axes):
-            works = [dist.all_reduce(flat, group=self.groups.axis(b.axes[step]).group,
-                                     async_op=True)
-                     for b, flat in zip(self.buckets, flats) if step < len(b.axes)]
+            works = []
+            for b, flat in zip(self.buckets, flats):
+                if step < len(b.axes):
+                    record("all_reduce", b.axes[step], flat.numel() * flat.element_size())
+                    works.append(dist.all_reduce(flat, group=self.groups.axis(b.axes[step]).group,
+                                                 async_op=True))
             for work in works:
                 work.wait()
         for bucket, flat in zip(self.buckets, flats):
