@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from megatron_ext.parallel.comm_counter import count_collectives
 from megatron_ext.parallel.groups import AxisGroup, ParallelGroups, build_groups
 from megatron_ext.parallel.param_meta import ParamSpec, get_spec
 from megatron_ext.parallel.topology import GROUP_AXES, Topology
-from megatron_ext.parallel.comm_counter import count_collectives
 from megatron_ext.training.grad_sync import GradSync, check_axes_independent
 from megatron_ext.training.optimizer import LRSchedule, TrainOptimizer, clip_grads_
 from tests.multirank import run_ranks
