@@ -96,7 +96,7 @@ class TrainConfig:
                              f"global_batch_size={self.global_batch_size}")
         if self.warmup_steps > self.train_steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be <= "
-                             f"train_steps={self.train_steps}")
+                             f"train_steps={self.train_steps} (set --warmup-steps too)")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr} must be > 0")
         if not 0 <= self.min_lr <= self.lr:
