@@ -56,11 +56,22 @@ class HFTensor:
 
 
 @dataclass(frozen=True)
-class Stacked:
-    """The global tensor stacks ``parts`` (equal shapes) along a new dimension ``dim``."""
+class _Composite:
+    """A global tensor made of several sources along ``dim``: its keys are theirs."""
 
     parts: tuple["HFSource", ...]
     dim: int = 0
+
+    def keys(self) -> list[str]:
+        return [k for p in self.parts for k in p.keys()]
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: v for p in self.parts for k, v in p.expected_shapes().items()}
+
+
+@dataclass(frozen=True)
+class Stacked(_Composite):
+    """The global tensor stacks ``parts`` (equal shapes) along a new dimension ``dim``."""
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -72,12 +83,6 @@ class Stacked:
         shapes = {tuple(p.shape) for p in self.parts}
         if len(shapes) != 1:
             raise ValueError(f"stacked HF tensors need equal shapes, got {sorted(shapes)}")
-
-    def keys(self) -> list[str]:
-        return [k for p in self.parts for k in p.keys()]
-
-    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: v for p in self.parts for k, v in p.expected_shapes().items()}
 
     def read(self, reader: SliceReader, slices: tuple[slice, ...]) -> torch.Tensor:
         slices = _norm(slices, self.shape)
@@ -96,11 +101,8 @@ class Stacked:
 
 
 @dataclass(frozen=True)
-class Concat:
+class Concat(_Composite):
     """The global tensor concatenates ``parts`` along existing dimension ``dim``."""
-
-    parts: tuple["HFSource", ...]
-    dim: int = 0
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -113,12 +115,6 @@ class Concat:
         if len(others) != 1:
             raise ValueError(f"concatenated HF tensors must agree off dim {self.dim}, got "
                              f"{[tuple(p.shape) for p in self.parts]}")
-
-    def keys(self) -> list[str]:
-        return [k for p in self.parts for k in p.keys()]
-
-    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: v for p in self.parts for k, v in p.expected_shapes().items()}
 
     def read(self, reader: SliceReader, slices: tuple[slice, ...]) -> torch.Tensor:
         slices = _norm(slices, self.shape)
