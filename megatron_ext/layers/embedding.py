@@ -45,6 +45,23 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
                          f"(ids span [{lo}, {hi}])")
 
 
+def vocab_shard_weight(vocab_size: int, hidden_size: int, tp_group: AxisGroup, grad_sync,
+                       shard_axis: Optional[str], name: Optional[str], init_method: InitFn,
+                       dtype: Optional[torch.dtype], device: Optional[torch.device]
+                       ) -> nn.Parameter:
+    """This rank's ``[V/p, H]`` rows of a ``[V, H]`` table split over ``tp_group`` (embedding and
+    untied LM head), initialised and carrying its ParamSpec."""
+    start, end = vocab_range(vocab_size, tp_group)
+    weight = nn.Parameter(torch.empty(end - start, hidden_size, dtype=dtype, device=device))
+    init_method(weight)
+    parts = tp_group.size
+    split = (Split(0, parts, tp_group.rank),) if parts > 1 else ()
+    axis = shard_axis_name(tp_group, shard_axis) if parts > 1 else None
+    set_spec(weight, ParamSpec((vocab_size, hidden_size), split, tuple(grad_sync), axis,
+                               f"{name}.weight" if name else None))
+    return weight
+
+
 class VocabParallelEmbedding(nn.Module):
     """Token embedding with the table split over ``tp_group`` along the vocabulary.
 
@@ -65,14 +82,8 @@ class VocabParallelEmbedding(nn.Module):
         self.start, self.end = vocab_range(vocab_size, tp_group, "VocabParallelEmbedding")
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.tp_group, self.reduce_results, self.check_ids = tp_group, reduce_results, check_ids
-        self.weight = nn.Parameter(torch.empty(self.end - self.start, hidden_size, dtype=dtype,
-                                               device=device))
-        init_method(self.weight)
-        parts = tp_group.size
-        split = (Split(0, parts, tp_group.rank),) if parts > 1 else ()
-        axis = shard_axis_name(tp_group, shard_axis) if parts > 1 else None
-        set_spec(self.weight, ParamSpec((vocab_size, hidden_size), split, tuple(grad_sync), axis,
-                                        f"{name}.weight" if name else None))
+        self.weight = vocab_shard_weight(vocab_size, hidden_size, tp_group, grad_sync,
+                                         shard_axis, name, init_method, dtype, device)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.check_ids:
@@ -123,14 +134,8 @@ class VocabParallelLMHead(nn.Module):
             self.register_parameter("weight", None)
         else:
             self._embedding = ()
-            self.weight = nn.Parameter(torch.empty(self.end - self.start, hidden_size, dtype=dtype,
-                                                   device=device))
-            init_method(self.weight)
-            parts = tp_group.size
-            split = (Split(0, parts, tp_group.rank),) if parts > 1 else ()
-            axis = shard_axis_name(tp_group, shard_axis) if parts > 1 else None
-            set_spec(self.weight, ParamSpec((vocab_size, hidden_size), split, tuple(grad_sync),
-                                            axis, f"{name}.weight" if name else None))
+            self.weight = vocab_shard_weight(vocab_size, hidden_size, tp_group, grad_sync,
+                                             shard_axis, name, init_method, dtype, device)
 
     @property
     def table(self) -> torch.Tensor:
