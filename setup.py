@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Megatron-style training and serving with decoupled attention CP and MoE DP",
     python_requires=">=3.10",
-    packages=find_packages(include=["megatron_ext", "megatron_ext.*", "models", "models.*"]),
+    packages=find_packages(include=["megatron_ext", "megatron_ext.*"]),
     package_data={"megatron_ext": ["data/corpus/*.txt"]},
     install_requires=[
         "torch>=2.4",

@@ -34,10 +34,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ext.layers import attention_math  # noqa: E402
-from megatron_ext.layers.cp_attention import backend_name, context_parallel_attention  # noqa: E402
-from megatron_ext.layers.cp_plan import plan_cp_attention  # noqa: E402
-from megatron_ext.parallel.cp_split import split_batch_for_cp  # noqa: E402
+from megatron_ext.layers.attention import attention_math  # noqa: E402
+from megatron_ext.layers.attention.cp_attention import backend_name, context_parallel_attention  # noqa: E402
+from megatron_ext.layers.attention.cp_plan import plan_cp_attention  # noqa: E402
+from megatron_ext.data.cp_split import split_batch_for_cp  # noqa: E402
 from megatron_ext.parallel.groups import AxisGroup, build_groups, init_distributed  # noqa: E402
 from megatron_ext.parallel.topology import Topology  # noqa: E402
 

@@ -27,10 +27,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._common import (device_name, init_nccl, table, time_eager, time_graph,  # noqa: E402
                                 write_results)
-from megatron_ext.layers.fused_norm import (COMPOSED, FUSED, REFERENCE,  # noqa: E402
+from megatron_ext.communication.fused_reduce_norm import (COMPOSED, FUSED, REFERENCE,  # noqa: E402
                                             add_rms_norm_reference, reduce_add_rms_norm)
 from megatron_ext.parallel.groups import AxisGroup  # noqa: E402
-from megatron_ext.parallel.symm_mem import NCCL, SymmMemAllReduce  # noqa: E402
+from megatron_ext.communication.symm_mem import NCCL, SymmMemAllReduce  # noqa: E402
 
 ROWS = [1, 8, 64, 256, 1024, 4096, 16384]
 EPS = 1e-6

@@ -28,9 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._common import device_name, init_nccl, table, time_eager, write_results  # noqa: E402
 from megatron_ext.layers.moe.dispatch import combine, gather_rows, local_dispatch  # noqa: E402
 from megatron_ext.layers.moe.moe_layer import MoELayer  # noqa: E402
-from megatron_ext.parallel.collectives import all_reduce  # noqa: E402
+from megatron_ext.communication.collectives import all_reduce  # noqa: E402
 from megatron_ext.parallel.groups import build_groups  # noqa: E402
-from megatron_ext.parallel.symm_mem import SymmMemAllReduce, SymmMemConfig, all_reduce_sum  # noqa: E402
+from megatron_ext.communication.symm_mem import SymmMemAllReduce, SymmMemConfig, all_reduce_sum  # noqa: E402
 from megatron_ext.parallel.topology import Topology  # noqa: E402
 
 TOKENS = [512, 1024, 2048, 4096, 8192, 16384]

@@ -29,13 +29,13 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._common import device_name, init_nccl, table, write_results  # noqa: E402
-from megatron_ext.layers.fused_norm import build_symm_mem_reduce_add_norm  # noqa: E402
+from megatron_ext.communication.fused_reduce_norm import build_symm_mem_reduce_add_norm  # noqa: E402
 from megatron_ext.parallel.groups import build_groups  # noqa: E402
-from megatron_ext.parallel.symm_mem import SymmMemConfig  # noqa: E402
+from megatron_ext.communication.symm_mem import SymmMemConfig  # noqa: E402
 from megatron_ext.parallel.topology import Topology  # noqa: E402
-from models.config import ModelConfig  # noqa: E402
-from models.decoder import CausalLM  # noqa: E402
-from megatron_ext.parallel.local_batch import split_batch  # noqa: E402
+from megatron_ext.models.config import ModelConfig  # noqa: E402
+from megatron_ext.models.decoder import CausalLM  # noqa: E402
+from megatron_ext.communication.local_batch import split_batch  # noqa: E402
 
 LAYOUTS = {
     "cp2 moe_dp1": (dict(attn_cp=2, moe_ep=2, moe_tp=1), False),

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._common import (device_name, fmt_bytes, init_nccl, table, time_eager,  # noqa: E402
                                 time_graph, write_results)
 from megatron_ext.parallel.groups import AxisGroup  # noqa: E402
-from megatron_ext.parallel.symm_mem import (NCCL, ONE_SHOT, TWO_SHOT, SymmMemAllReduce,  # noqa: E402
+from megatron_ext.communication.symm_mem import (NCCL, ONE_SHOT, TWO_SHOT, SymmMemAllReduce,  # noqa: E402
                                             SymmMemConfig)
 
 SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 32 << 20]

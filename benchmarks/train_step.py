@@ -32,8 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._common import table, write_results  # noqa: E402
 from megatron_ext.parallel.groups import ParallelGroups  # noqa: E402
-from models.config import ModelConfig  # noqa: E402
-from models.decoder import CausalLM  # noqa: E402
+from megatron_ext.models.config import ModelConfig  # noqa: E402
+from megatron_ext.models.decoder import CausalLM  # noqa: E402
 
 PEAK_BF16 = 989e12
 
@@ -124,7 +124,7 @@ def _bench(fn, iters: int = 10) -> float:
 
 def kernel_checks(device) -> dict:
     """Relative errors (vs float64) of the fast paths and of the torch paths they replace."""
-    from megatron_ext.layers import attention_math as am
+    from megatron_ext.layers.attention import attention_math as am
     from megatron_ext.layers.cross_entropy import vocab_parallel_cross_entropy
     from megatron_ext.layers.mlp import swiglu
     from megatron_ext.layers.moe import MoELayer
@@ -239,10 +239,10 @@ def kernel_checks(device) -> dict:
 def component_times(cfg: ModelConfig, batch: int, seq: int, device) -> list[list]:
     """ms of one forward + backward of each replaced piece, new vs the torch composition it
     replaces (old), at the model's sizes (one layer's worth)."""
-    from megatron_ext.layers import attention_math as am
-    from megatron_ext.layers.cp_attention import (_ContextParallelAttention,
+    from megatron_ext.layers.attention import attention_math as am
+    from megatron_ext.layers.attention.cp_attention import (_ContextParallelAttention,
                                                   context_parallel_attention)
-    from megatron_ext.layers.cp_plan import plan_cp_attention
+    from megatron_ext.layers.attention.cp_plan import plan_cp_attention
     from megatron_ext.layers.cross_entropy import vocab_parallel_cross_entropy
     from megatron_ext.layers.mlp import swiglu
     from megatron_ext.layers.moe.dispatch import combine, gather_rows, local_dispatch

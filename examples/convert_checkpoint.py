@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, REPO)
 
-from megatron_ext.checkpoint.convert import training_to_hf  # noqa: E402
+from megatron_ext.training.convert import training_to_hf  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,11 +23,11 @@ import torch  # noqa: E402
 
 from megatron_ext.data.dataset import open_dataset  # noqa: E402
 from megatron_ext.data.tokenizer import load_tokenizer  # noqa: E402
-from megatron_ext.evaluation import EvalResult, evaluate_loss  # noqa: E402
+from megatron_ext.evaluation.loss import EvalResult, evaluate_loss  # noqa: E402
 from megatron_ext.parallel.groups import build_groups, init_distributed  # noqa: E402
 from megatron_ext.parallel.topology import add_layout_arguments, topology_from_args  # noqa: E402
-from models.config import ModelConfig  # noqa: E402
-from models.decoder import CausalLM, check_model_fits_layout  # noqa: E402
+from megatron_ext.models.config import ModelConfig  # noqa: E402
+from megatron_ext.models.decoder import CausalLM, check_model_fits_layout  # noqa: E402
 
 
 def _args(argv):

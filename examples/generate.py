@@ -29,8 +29,8 @@ from megatron_ext.parallel.groups import (AxisGroup, ParallelGroups, build_group
 from megatron_ext.parallel.topology import (GROUP_AXES, add_layout_arguments,  # noqa: E402
                                             topology_from_args)
 from megatron_ext.serving import check_generate_inputs, greedy_generate  # noqa: E402
-from models.config import ModelConfig  # noqa: E402
-from models.decoder import CausalLM, check_model_fits_layout  # noqa: E402
+from megatron_ext.models.config import ModelConfig  # noqa: E402
+from megatron_ext.models.decoder import CausalLM, check_model_fits_layout  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 

@@ -32,13 +32,13 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._common import device_name, init_nccl, table  # noqa: E402
-from megatron_ext.layers.fused_norm import build_symm_mem_reduce_add_norm  # noqa: E402
+from megatron_ext.communication.fused_reduce_norm import build_symm_mem_reduce_add_norm  # noqa: E402
 from megatron_ext.parallel.groups import build_groups  # noqa: E402
 from megatron_ext.parallel.param_meta import get_spec  # noqa: E402
 from megatron_ext.parallel.topology import Topology  # noqa: E402
-from models.config import ModelConfig  # noqa: E402
-from models.decoder import CausalLM  # noqa: E402
-from megatron_ext.parallel.local_batch import gather_to_global, split_batch  # noqa: E402
+from megatron_ext.models.config import ModelConfig  # noqa: E402
+from megatron_ext.models.decoder import CausalLM  # noqa: E402
+from megatron_ext.communication.local_batch import gather_to_global, split_batch  # noqa: E402
 
 B, S = 4, 96
 LOGITS_RTOL, GRAD_RTOL = 2e-2, 5e-2
@@ -95,7 +95,7 @@ def hf_run(path: str, ids: torch.Tensor, labels: torch.Tensor, dtype: torch.dtyp
     (eager attention and experts), bf16 on the GPU (its defaults: SDPA, grouped_mm)."""
     from transformers import AutoModelForCausalLM
 
-    from tests.hf_oracle import per_hf_tensor, to_dtype
+    from tests.helpers.hf_oracle import per_hf_tensor, to_dtype
 
     if dtype == torch.float64:
         hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager",
@@ -171,7 +171,7 @@ def main() -> int:
         cfg = small(name)
         path = os.path.join(box[0], name)
         if rank == 0:
-            from tests.hf_oracle import build_hf_model
+            from tests.helpers.hf_oracle import build_hf_model
             build_hf_model(cfg, path, seed=i)
         dist.barrier()
         g = torch.Generator().manual_seed(100 + i)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from megatron_ext.parallel.cp_split import IGNORE_INDEX, CPBatch, split_batch_for_cp
+from megatron_ext.data.cp_split import IGNORE_INDEX, CPBatch, split_batch_for_cp
 from megatron_ext.parallel.topology import RankCoords, Topology
 
 

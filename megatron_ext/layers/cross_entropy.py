@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from megatron_ext.parallel.collectives import all_gather, all_reduce
+from megatron_ext.communication.collectives import all_gather, all_reduce
 from megatron_ext.parallel.groups import AxisGroup
 
 

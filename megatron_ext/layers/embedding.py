@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_ext.layers.linear import InitFn, default_init, shard_axis_name
-from megatron_ext.parallel.collectives import all_gather, all_reduce, copy_to_region
+from megatron_ext.communication.collectives import all_gather, all_reduce, copy_to_region
 from megatron_ext.parallel.groups import AxisGroup
 from megatron_ext.parallel.param_meta import ParamSpec, Split, set_spec
 

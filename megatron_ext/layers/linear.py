@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_ext.parallel.collectives import all_reduce, copy_to_region
+from megatron_ext.communication.collectives import all_reduce, copy_to_region
 from megatron_ext.parallel.groups import AxisGroup
 from megatron_ext.parallel.param_meta import ParamSpec, Split, set_spec
 from megatron_ext.parallel.topology import GROUP_AXES

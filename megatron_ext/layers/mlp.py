@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_ext.layers.linear import ColumnParallelLinear, RowParallelLinear
-from megatron_ext.parallel.collectives import copy_to_region
+from megatron_ext.communication.collectives import copy_to_region
 from megatron_ext.parallel.groups import AxisGroup, ParallelGroups
 
 

@@ -2,7 +2,7 @@
 
 Flow, for prompts ``[B, S]`` identical on every rank (left-padded, like ``transformers``):
 
-1. Rows are split over attention DP as :func:`megatron_ext.parallel.local_batch.split_batch`
+1. Rows are split over attention DP as :func:`megatron_ext.communication.local_batch.split_batch`
    does (contiguous, the first ranks one row more); ``B >= attn_dp``.
 2. **Prefill** (one forward): every row's prompt *except its last token* is split over attention
    CP with the training load-balanced split (one padded length for the batch); each CP rank's
@@ -11,13 +11,13 @@ Flow, for prompts ``[B, S]`` identical on every rank (left-padded, like ``transf
    No final norm or LM head runs: prefill logits are not needed (step 3 gives them).
 3. **Decode steps**: step ``t`` feeds one token per row (step 0: the last prompt token) at RoPE
    position ``prompt_len - 1 + t``; each attention layer attends to the cache spread over the CP
-   ranks with :func:`~megatron_ext.layers.cp_decode.cp_decode_attention` (partials merged by
+   ranks with :func:`~megatron_ext.layers.attention.cp_decode.cp_decode_attention` (partials merged by
    log-sum-exp), after the step's owner (CP rank ``t mod cp``) appended the token's K/V. The
    greedy next token is the argmax of the full-vocabulary logits.
 
 **Decode tokens in the token layout** (the choice, and why): every CP rank of an attention group
 holds that group's new tokens — attention needs the query on every CP rank anyway (each rank
-scores it against its own cache share) — and the :class:`~megatron_ext.token_layout.TokenLayout`
+scores it against its own cache share) — and the :class:`~megatron_ext.communication.token_layout.TokenLayout`
 of a decode step counts them on every CP rank (``rows`` per attention group). The layer code and
 the ``LayerCommunicator`` then run unchanged, with every reduction they do in training: residual
 stream, norms and a dense MLP see each token once per CP rank, and a MoE on ``MOE_FULL`` rows
@@ -46,11 +46,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_ext.parallel.collectives import all_gather
-from megatron_ext.parallel.cp_split import required_padded_length, split_batch_for_cp
+from megatron_ext.communication.collectives import all_gather
+from megatron_ext.data.cp_split import required_padded_length, split_batch_for_cp
 from megatron_ext.parallel.groups import ParallelGroups
 from megatron_ext.serving.kv_cache import KVCache
-from megatron_ext.token_layout import TokenLayout, split_rows
+from megatron_ext.communication.token_layout import TokenLayout, split_rows
 
 
 @dataclass(frozen=True)
@@ -221,7 +221,7 @@ def greedy_generate(model, groups: ParallelGroups, prompt_ids: torch.Tensor, max
                     attention_mask: Optional[torch.Tensor] = None,
                     pad_token_id: Optional[int] = None) -> GenerationOutput:
     """Greedy decoding of ``prompt_ids`` ``[B, S]`` (the same on every rank; left-padded rows
-    marked by ``attention_mask``) with ``model`` (a :class:`models.decoder.CausalLM` built on
+    marked by ``attention_mask``) with ``model`` (a :class:`megatron_ext.models.decoder.CausalLM` built on
     ``groups``, pp = 1). Collective over the stage; see the module doc for the rules."""
     lengths = check_generate_inputs(model, groups, prompt_ids, max_new_tokens, eos_token_id,
                                     attention_mask, pad_token_id)

@@ -4,7 +4,7 @@
 Placement rules (every rank applies them alike, so nobody needs to ask where a token lives):
 
 * **Prefill**: a CP rank keeps the K/V of exactly the prompt tokens it computed under the
-  training CP split (:mod:`megatron_ext.parallel.cp_split`: chunks ``c`` and ``2cp-1-c`` of the
+  training CP split (:mod:`megatron_ext.data.cp_split`: chunks ``c`` and ``2cp-1-c`` of the
   prompt padded to a multiple of ``2·cp``) — ``prefill_slots = padded_len / cp`` slots per row,
   padding slots marked invalid. Nothing moves after the prefill, so KV memory per rank is
   ``1/cp`` of the prompt (and ``1/attn_tp`` of the KV heads when ``num_kv_heads >= attn_tp``).
@@ -40,7 +40,7 @@ def decode_slots(cp_rank: int, cp_size: int, steps: int) -> int:
 
 class LayerKVCache:
     """One attention layer's share of the cache on this rank (the protocol
-    :class:`~megatron_ext.layers.attention.AttentionBlock` calls: ``decoding``, ``store``,
+    :class:`~megatron_ext.layers.attention.block.AttentionBlock` calls: ``decoding``, ``store``,
     ``append``). Tensors are ``[b, slots, local_kv_heads, head_dim]`` (post-RoPE K)."""
 
     def __init__(self, parent: "KVCache", layer_idx: int):

@@ -1,6 +1,6 @@
 """Pipeline-parallel training step on ``torch.distributed.pipelining`` (1F1B or GPipe).
 
-Each rank wraps its stage's :class:`~models.decoder.CausalLM` (the layers of its stage, built with
+Each rank wraps its stage's :class:`~megatron_ext.models.decoder.CausalLM` (the layers of its stage, built with
 ``pre_process`` / ``post_process``) in :class:`StageModule`, the form the schedules drive:
 
 * positional input: ``input_ids`` on the first stage, the previous stage's ``hidden_states``

@@ -35,7 +35,7 @@ from megatron_ext.data.dataset import SampleOrder, TokenDataset, open_dataset
 from megatron_ext.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_ext.parallel.groups import ParallelGroups
 from megatron_ext.parallel.topology import Topology
-from megatron_ext.training import checkpoint as ckpt
+from megatron_ext.checkpoint import training_state as ckpt
 from megatron_ext.training.config import TrainConfig
 from megatron_ext.training.grad_sync import GradSync
 from megatron_ext.training.logging import MetricsLogger
@@ -53,7 +53,7 @@ class LaunchPlan:
     """Everything validated before process groups exist."""
 
     topology: Topology
-    model_config: object  # models.config.ModelConfig
+    model_config: object  # megatron_ext.models.config.ModelConfig
     tokenizer: Tokenizer
     dataset: TokenDataset
     resume_from: Optional[str]
@@ -63,7 +63,7 @@ def build_model_config(cfg: TrainConfig, tokenizer: Tokenizer):
     """The model of ``cfg.model`` with ``model_overrides`` (a new ``num_layers`` keeps an all-sparse
     or all-dense pattern); a preset's vocabulary grows (to a multiple of 64) to hold the
     tokenizer's, an HF model's must already hold it."""
-    from models.config import PRESETS, load_model_config
+    from megatron_ext.models.config import PRESETS, load_model_config
 
     config = load_model_config(cfg.model)
     overrides = dict(cfg.model_overrides)
@@ -89,7 +89,7 @@ def build_model_config(cfg: TrainConfig, tokenizer: Tokenizer):
 
 def validate_launch(cfg: TrainConfig, world: int) -> LaunchPlan:
     """Every check that needs no process group; raises ``ValueError`` naming the problem."""
-    from models.decoder import check_model_fits_layout, stage_layer_range
+    from megatron_ext.models.decoder import check_model_fits_layout, stage_layer_range
 
     topo = cfg.topology(world)
     tokenizer = load_tokenizer(cfg.tokenizer)
@@ -154,7 +154,7 @@ def fused_reduce_add_norm(groups: ParallelGroups, device: torch.device):
     Collective when it returns a hook: every rank builds its model at the same point."""
     if device.type != "cuda" or groups.attn_tp.is_trivial:
         return None
-    from megatron_ext.layers.fused_norm import build_symm_mem_reduce_add_norm
+    from megatron_ext.communication.fused_reduce_norm import build_symm_mem_reduce_add_norm
 
     return build_symm_mem_reduce_add_norm(groups, device)
 
@@ -170,7 +170,7 @@ def pick_device(cfg: TrainConfig) -> torch.device:
 class Trainer:
     def __init__(self, cfg: TrainConfig, groups: ParallelGroups, plan: LaunchPlan,
                  device: Optional[torch.device] = None) -> None:
-        from models.decoder import CausalLM, stage_layer_range
+        from megatron_ext.models.decoder import CausalLM, stage_layer_range
 
         self.cfg, self.groups, self.plan = cfg, groups, plan
         topo = groups.topology
@@ -225,7 +225,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def _build_pipeline(self):
-        from megatron_ext.parallel.cp_split import cp_padded_length
+        from megatron_ext.data.cp_split import cp_padded_length
         from megatron_ext.training.pipeline import PipelineRunner, StageModule
 
         topo = self.groups.topology

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from megatron_ext.parallel.collectives import all_to_all
+from megatron_ext.communication.collectives import all_to_all
 from megatron_ext.parallel.groups import AxisGroup
 
 

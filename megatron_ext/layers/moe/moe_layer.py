@@ -30,7 +30,7 @@ from megatron_ext.layers.moe.dispatch import (AllToAllDispatch, combine, gather_
 from megatron_ext.layers.moe.experts import RoutedExperts
 from megatron_ext.layers.moe.router import RouterStats, TopKRouter
 from megatron_ext.layers.moe.shared_expert import SharedExpert
-from megatron_ext.parallel.collectives import all_gather, copy_to_region, reduce_scatter
+from megatron_ext.communication.collectives import all_gather, copy_to_region, reduce_scatter
 from megatron_ext.parallel.groups import ParallelGroups
 
 DISPATCHERS = ("local", "all_to_all")

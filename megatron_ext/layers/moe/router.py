@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_ext.layers.linear import default_init
-from megatron_ext.parallel.collectives import all_reduce
+from megatron_ext.communication.collectives import all_reduce
 from megatron_ext.parallel.groups import AxisGroup
 from megatron_ext.parallel.param_meta import ParamSpec, set_spec
 

@@ -1,0 +1,136 @@
+"""How many tokens every attention group of a stage holds, and what follows for each scatter mode.
+
+Built once per forward (every rank of the stage must build the same one) and passed to the
+``LayerCommunicator``; every gather and scatter takes its per-rank sizes from here, so uneven
+attention-DP batches (serving) and CP chunks with a padded tail need no size exchange per layer.
+
+Tokens are along dim 0 of the hidden states (``[tokens, H]`` or Megatron's ``[seq, batch, H]``).
+
+**Split rule for SCATTERED** (``split_rows``): an attention group's ``n`` tokens are cut into
+``attn_tp`` contiguous slices in attn_tp-rank order, the first ``n % attn_tp`` slices one row
+longer (``n = 5, attn_tp = 2 → [3, 2]``; ``n = 1, attn_tp = 4 → [1, 0, 0, 0]``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Sequence
+
+import torch
+
+from megatron_ext.parallel.groups import ParallelGroups
+from megatron_ext.parallel.topology import Topology
+from megatron_ext.communication.scatter_modes import ScatterMode
+
+
+def split_rows(n: int, parts: int) -> tuple[int, ...]:
+    """``n`` rows in ``parts`` contiguous slices, the first ``n % parts`` one row longer."""
+    base, extra = divmod(n, parts)
+    return tuple(base + (1 if i < extra else 0) for i in range(parts))
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Tokens (TP_ATTN_FULL rows) of every attention group of this rank's stage.
+
+    ``tokens_per_attn_group[g]``: rows held by attention group ``g = attn_cp + attn_cp_size ·
+    attn_dp`` (stage order, the ``stage_rank // attn_tp`` of its ranks). ``topology`` and
+    ``global_rank`` say which of them this rank is.
+    """
+
+    topology: Topology
+    global_rank: int
+    tokens_per_attn_group: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        n_groups = self.topology.attn_dp * self.topology.attn_cp
+        counts = tuple(self.tokens_per_attn_group)
+        if len(counts) != n_groups:
+            raise ValueError(f"tokens_per_attn_group has {len(counts)} entries but the stage has "
+                             f"attn_dp*attn_cp={n_groups} attention groups")
+        if any(isinstance(c, bool) or int(c) != c or c < 0 for c in counts):
+            raise ValueError(f"tokens_per_attn_group={counts} must be non-negative integers")
+        object.__setattr__(self, "tokens_per_attn_group", tuple(int(c) for c in counts))
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def uniform(cls, groups: ParallelGroups, tokens: int) -> "TokenLayout":
+        """Every attention group holds ``tokens`` rows (training; CP chunks after padding)."""
+        topo = groups.topology
+        return cls(topo, groups.global_rank, (tokens,) * (topo.attn_dp * topo.attn_cp))
+
+    @classmethod
+    def from_counts(cls, groups: ParallelGroups, tokens_per_attn_group: Sequence[int]
+                    ) -> "TokenLayout":
+        return cls(groups.topology, groups.global_rank, tuple(tokens_per_attn_group))
+
+    @classmethod
+    def exchange(cls, groups: ParallelGroups, local_tokens: int) -> "TokenLayout":
+        """Every rank says how many rows its attention group holds; one all-gather over the stage
+        (serving with uneven attention-DP batches). Ranks of one attention group must agree."""
+        from megatron_ext.communication.collectives import all_gather
+
+        mine = torch.tensor([int(local_tokens)], dtype=torch.int64)
+        if groups.stage.group is not None and _stage_is_nccl(groups):
+            mine = mine.cuda()
+        with torch.no_grad():
+            every = all_gather(mine, groups.stage).cpu().tolist()
+        A = groups.topology.attn_tp
+        per_group = [every[g * A:(g + 1) * A] for g in range(len(every) // A)]
+        for g, counts in enumerate(per_group):
+            if len(set(counts)) != 1:
+                raise ValueError(f"attention group {g} disagrees on its token count: its attn_tp "
+                                 f"ranks reported {counts}")
+        return cls(groups.topology, groups.global_rank, tuple(c[0] for c in per_group))
+
+    # ------------------------------------------------------------------ this rank's view
+    @cached_property
+    def _attn_group(self) -> int:
+        return self.topology.coords(self.global_rank).stage_rank // self.topology.attn_tp
+
+    @property
+    def local_tokens(self) -> int:
+        """Rows this rank holds in TP_ATTN_FULL."""
+        return self.tokens_per_attn_group[self._attn_group]
+
+    @cached_property
+    def attn_tp_sizes(self) -> tuple[int, ...]:
+        """SCATTERED rows of every rank of this rank's attn_tp group."""
+        return split_rows(self.local_tokens, self.topology.attn_tp)
+
+    @cached_property
+    def moe_cp_sizes(self) -> tuple[int, ...]:
+        """TP_ATTN_FULL rows of every rank of this rank's token group (moe_cp order)."""
+        k = self.topology.token_group_size
+        first = (self._attn_group // k) * k
+        return self.tokens_per_attn_group[first:first + k]
+
+    @cached_property
+    def moe_shard_sizes(self) -> tuple[int, ...]:
+        """SCATTERED rows of every rank of this rank's MoE shard (shard order = a + attn_tp·j)."""
+        return tuple(s for n in self.moe_cp_sizes for s in split_rows(n, self.topology.attn_tp))
+
+    @property
+    def scattered_tokens(self) -> int:
+        return self.attn_tp_sizes[self.topology.coords(self.global_rank).attn_tp]
+
+    @property
+    def moe_full_tokens(self) -> int:
+        return sum(self.moe_cp_sizes)
+
+    @property
+    def stage_tokens(self) -> int:
+        return sum(self.tokens_per_attn_group)
+
+    def rows(self, mode: ScatterMode) -> int:
+        """Rows (along dim 0) this rank holds in ``mode``."""
+        return {ScatterMode.SCATTERED: self.scattered_tokens,
+                ScatterMode.TP_ATTN_FULL: self.local_tokens,
+                ScatterMode.MOE_FULL: self.moe_full_tokens,
+                ScatterMode.FULL: self.stage_tokens}[ScatterMode(mode)]
+
+
+def _stage_is_nccl(groups: ParallelGroups) -> bool:
+    import torch.distributed as dist
+
+    return dist.get_backend(groups.stage.group) == "nccl"

@@ -1,0 +1,152 @@
+"""Self-attention block: column-parallel Q/K/V over ``attn_tp``, optional QK-norm, RoPE, context-
+parallel attention over ``attn_cp``, row-parallel ``o_proj`` whose sum is left pending.
+
+Input is TP_ATTN_FULL ``[b, s_local, H]`` (this rank's CP chunks, identical across attention TP);
+output is the partial sum over ``attn_tp`` — the communicator completes it (all-reduce or
+reduce-scatter, fused with residual + norm), so the block holds no reduction of its own.
+
+Heads: ``num_heads`` split over ``attn_tp``. KV heads split too when ``num_kv_heads >= attn_tp``;
+otherwise each KV head is replicated on ``attn_tp / num_kv_heads`` consecutive ranks (rank ``r``
+holds KV head ``r // (attn_tp / num_kv_heads)``, which is exactly the KV head its query heads use
+under HF's GQA grouping). Q, K, V are separate weights (plain slices of the HF tensors).
+
+Serving (``kv_cache``, optional; :mod:`megatron_ext.serving.kv_cache`): in a prefill the block
+runs the usual CP attention and hands this rank's post-RoPE K/V to ``kv_cache.store(k, v)``; in a
+decode step (``kv_cache.decoding``) the new tokens' K/V go to ``kv_cache.append(k, v)``, which
+returns this rank's share of the cache ``(k, v, valid)``, and the queries attend to the cache
+spread over the CP ranks with :func:`~megatron_ext.layers.attention.cp_decode.cp_decode_attention`
+(partials merged by log-sum-exp).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from megatron_ext.layers.linear import ColumnParallelLinear, RowParallelLinear
+from megatron_ext.layers.norm import RMSNorm
+from megatron_ext.layers.rope import RotaryEmbedding, apply_rotary
+from megatron_ext.communication.collectives import copy_to_region
+from megatron_ext.parallel.groups import ParallelGroups
+
+
+def _join(prefix: Optional[str], name: str) -> Optional[str]:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def check_head_split(num_heads: int, num_kv_heads: int, tp: int) -> None:
+    """Heads must split evenly over attention TP; KV heads split or replicate evenly."""
+    if num_heads < 1 or num_kv_heads < 1:
+        raise ValueError(f"num_heads={num_heads}, num_kv_heads={num_kv_heads} must be >= 1")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads} (GQA)")
+    if num_heads % tp:
+        raise ValueError(f"num_heads={num_heads} must be divisible by attn_tp={tp}")
+    if num_kv_heads >= tp and num_kv_heads % tp:
+        raise ValueError(f"num_kv_heads={num_kv_heads} must be divisible by attn_tp={tp} "
+                         f"(or smaller than attn_tp and dividing it, to replicate KV heads)")
+    if num_kv_heads < tp and tp % num_kv_heads:
+        raise ValueError(f"num_kv_heads={num_kv_heads} < attn_tp={tp} replicates KV heads, so it "
+                         f"must divide attn_tp")
+
+
+class AttentionBlock(nn.Module):
+    """Causal self-attention over ``groups.attn_tp`` (heads) and ``groups.attn_cp`` (sequence).
+
+    ParamSpecs: ``q_proj`` ``[hq·d, H]`` ``Split(0, tp)``; ``k_proj``/``v_proj`` ``[hkv·d, H]``
+    ``Split(0, min(hkv, tp))`` (replicated pieces get replica-summed gradients); ``o_proj``
+    ``[H, hq·d]`` ``Split(1, tp)``; biases alike; all ``grad_sync=("attn_dp_cp",)``,
+    ``shard_axis="attn_tp"``. QK-norm weights (over ``head_dim``) see only this rank's heads, so
+    their gradients are partial over ``attn_tp``: ``grad_sync=("stage",)``.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 groups: ParallelGroups, *, rope: Optional[RotaryEmbedding] = None,
+                 rope_theta: float = 10000.0, qkv_bias: bool = False, o_bias: bool = False,
+                 qk_norm: bool = False, rms_norm_eps: float = 1e-6,
+                 cp_strategy: str = "all_gather", softmax_scale: Optional[float] = None,
+                 sync_input_grad: bool = True, name: Optional[str] = "self_attn",
+                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
+        super().__init__()
+        tp_group = groups.attn_tp
+        tp = tp_group.size
+        check_head_split(num_heads, num_kv_heads, tp)
+        if cp_strategy not in ("all_gather", "p2p"):
+            raise ValueError(f"cp_strategy={cp_strategy!r} must be 'all_gather' or 'p2p'")
+        self.groups, self.tp_group, self.cp_group = groups, tp_group, groups.attn_cp
+        self.hidden_size, self.head_dim = hidden_size, head_dim
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.local_heads = num_heads // tp
+        self.local_kv_heads = max(num_kv_heads // tp, 1)
+        self.cp_strategy, self.softmax_scale = cp_strategy, softmax_scale
+        self.sync_input_grad = sync_input_grad
+        kv_parts = min(num_kv_heads, tp)
+        common = dict(grad_sync=("attn_dp_cp",), shard_axis="attn_tp", dtype=dtype, device=device)
+        self.q_proj = ColumnParallelLinear(hidden_size, num_heads * head_dim, tp_group, qkv_bias,
+                                           sync_input_grad=False, name=_join(name, "q_proj"),
+                                           **common)
+        self.k_proj = ColumnParallelLinear(hidden_size, num_kv_heads * head_dim, tp_group,
+                                           qkv_bias, num_partitions=kv_parts,
+                                           sync_input_grad=False, name=_join(name, "k_proj"),
+                                           **common)
+        self.v_proj = ColumnParallelLinear(hidden_size, num_kv_heads * head_dim, tp_group,
+                                           qkv_bias, num_partitions=kv_parts,
+                                           sync_input_grad=False, name=_join(name, "v_proj"),
+                                           **common)
+        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden_size, tp_group,
+                                        reduce_results=False, bias=o_bias,
+                                        name=_join(name, "o_proj"), **common)
+        if qk_norm:
+            self.q_norm = RMSNorm(head_dim, rms_norm_eps, grad_sync=("stage",),
+                                  name=_join(name, "q_norm.weight"), dtype=dtype, device=device)
+            self.k_norm = RMSNorm(head_dim, rms_norm_eps, grad_sync=("stage",),
+                                  name=_join(name, "k_norm.weight"), dtype=dtype, device=device)
+        else:
+            self.q_norm = self.k_norm = None
+        self.rope = rope if rope is not None else RotaryEmbedding(head_dim, rope_theta)
+
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, *,
+                token_index: Optional[torch.Tensor] = None,
+                segment_ids: Optional[torch.Tensor] = None, plan=None,
+                kv_cache=None) -> torch.Tensor:
+        """``hidden`` ``[b, s_local, H]`` (TP_ATTN_FULL), ``positions`` ``[b, s_local]`` or
+        ``[s_local]`` (RoPE positions of this rank's tokens). ``token_index`` (causal order in the
+        full sequence; default ``positions``) and ``segment_ids`` (packed documents) go to
+        :func:`context_parallel_attention`, with ``plan`` (a ``plan_cp_attention`` result shared by
+        all layers of a step). Pass the CP split's ``token_index`` whenever the batch is padded or
+        packed. ``kv_cache``: serving (module doc); None for training. Returns the partial sum
+        over ``attn_tp``."""
+        from megatron_ext.layers.attention.cp_attention import context_parallel_attention
+
+        if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
+            raise ValueError(f"AttentionBlock expects hidden [b, s, {self.hidden_size}], got "
+                             f"{tuple(hidden.shape)}")
+        b, s, _ = hidden.shape
+        if positions.shape[-1] != s:
+            raise ValueError(f"positions shape {tuple(positions.shape)} does not match "
+                             f"{s} tokens per sequence")
+        x = copy_to_region(hidden, self.tp_group) if self.sync_input_grad else hidden
+        q = self.q_proj(x).view(b, s, self.local_heads, self.head_dim)
+        k = self.k_proj(x).view(b, s, self.local_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, s, self.local_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = self.rope(positions, dtype=q.dtype)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None and kv_cache.decoding:
+            from megatron_ext.layers.attention.cp_decode import cp_decode_attention
+
+            k_all, v_all, valid = kv_cache.append(k, v)
+            # shapes are fixed for a whole generation: agree on them across CP at its first step
+            out = cp_decode_attention(q, k_all, v_all, self.cp_group, kv_valid=valid,
+                                      softmax_scale=self.softmax_scale,
+                                      check=kv_cache.first_step)
+            return self.o_proj(out.reshape(b, s, self.local_heads * self.head_dim))
+        out = context_parallel_attention(
+            q, k, v, self.cp_group, token_index=positions if token_index is None else token_index,
+            segment_ids=segment_ids, strategy=self.cp_strategy, softmax_scale=self.softmax_scale,
+            plan=plan)
+        if kv_cache is not None:
+            kv_cache.store(k, v)
+        return self.o_proj(out.reshape(b, s, self.local_heads * self.head_dim))

@@ -1,0 +1,225 @@
+"""Model configuration: one validated dataclass for every supported decoder, built from a Hugging
+Face ``config.json`` or a named preset.
+
+The per-model modules (``megatron_ext/models/qwen3_moe.py``, ``megatron_ext/models/qwen2_moe.py``, ``megatron_ext/models/llama.py``) only
+say how their HF config maps onto :class:`ModelConfig`; the decoder code reads nothing else. HF
+fields that change the math but are not implemented (rope scaling, sliding windows, biases on
+``o_proj``/MLP, other activations, quantization) are rejected with a ``ValueError`` naming the
+field, so a checkpoint never loads into a model that would compute something else.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+ARCHITECTURES: tuple[str, ...] = ("qwen3_moe", "qwen2_moe", "llama")
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and math of one decoder-only causal LM.
+
+    ``sparse_layers[i]`` says whether layer ``i`` has a routed-expert MLP (else a dense gated MLP of
+    width ``intermediate_size``). A shared expert (``shared_expert_intermediate_size > 0``) runs
+    beside the routed experts in sparse layers, scaled by ``sigmoid(x @ w_gate)`` when
+    ``shared_expert_gate``.
+    """
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    shared_expert_intermediate_size: int = 0
+    shared_expert_gate: bool = False
+    sparse_layers: tuple[bool, ...] = ()
+    router_aux_loss_coef: float = 0.0
+    # The HF config.json this config came from (written back verbatim on save); not compared.
+    hf_config: Optional[dict] = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture={self.architecture!r} is not supported; "
+                             f"supported: {', '.join(ARCHITECTURES)}")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "max_position_embeddings"):
+            _positive_int(name, getattr(self, name))
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide "
+                             f"num_heads={self.num_heads} (grouped-query attention)")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even (rotary embedding)")
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"rms_norm_eps={self.rms_norm_eps} must be > 0")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta={self.rope_theta} must be > 0")
+        sparse = tuple(bool(s) for s in self.sparse_layers) or (False,) * self.num_layers
+        object.__setattr__(self, "sparse_layers", sparse)
+        if len(sparse) != self.num_layers:
+            raise ValueError(f"sparse_layers has {len(sparse)} entries but num_layers="
+                             f"{self.num_layers}")
+        if not all(sparse):
+            _positive_int("intermediate_size (dense MLP layers exist)", self.intermediate_size)
+        if any(sparse):
+            _positive_int("num_experts (sparse layers exist)", self.num_experts)
+            _positive_int("num_experts_per_tok", self.num_experts_per_tok)
+            _positive_int("moe_intermediate_size", self.moe_intermediate_size)
+            if self.num_experts_per_tok > self.num_experts:
+                raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be <= "
+                                 f"num_experts={self.num_experts}")
+        if self.shared_expert_intermediate_size < 0:
+            raise ValueError(f"shared_expert_intermediate_size="
+                             f"{self.shared_expert_intermediate_size} must be >= 0")
+        if self.shared_expert_gate and not self.shared_expert_intermediate_size:
+            raise ValueError("shared_expert_gate=True needs shared_expert_intermediate_size > 0")
+        if self.router_aux_loss_coef < 0:
+            raise ValueError(f"router_aux_loss_coef={self.router_aux_loss_coef} must be >= 0")
+
+    # ------------------------------------------------------------------ derived
+    def is_sparse(self, layer: int) -> bool:
+        return self.sparse_layers[layer]
+
+    @property
+    def has_shared_expert(self) -> bool:
+        return self.shared_expert_intermediate_size > 0
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with some fields changed (validated again); drops the stored HF dict."""
+        values = {k: v for k, v in asdict(self).items() if k != "hf_config"}
+        values.update(changes)
+        return ModelConfig(**values)
+
+    # ------------------------------------------------------------------ HF conversion
+    @classmethod
+    def from_hf_dict(cls, hf: dict, *, strict: bool = True) -> "ModelConfig":
+        """Map an HF ``config.json`` dict. ``strict``: unknown fields are an error (a field we do
+        not know might change the math); with ``strict=False`` they are ignored."""
+        from megatron_ext.models import registry
+
+        return registry.mapping_for(hf).from_hf(dict(hf), strict=strict)
+
+    @classmethod
+    def from_hf_dir(cls, path: str, *, strict: bool = True) -> "ModelConfig":
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"no config.json in HF directory {path!r}")
+        with open(config_path) as f:
+            return cls.from_hf_dict(json.load(f), strict=strict)
+
+    def to_hf_dict(self) -> dict:
+        """An HF ``config.json`` dict (the stored original when this config came from one)."""
+        if self.hf_config is not None:
+            return dict(self.hf_config)
+        from megatron_ext.models import registry
+
+        return registry.mapping_for({"model_type": self.architecture}).to_hf(self)
+
+    @classmethod
+    def preset(cls, name: str) -> "ModelConfig":
+        """A named built-in configuration (see :func:`preset_names`)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        return PRESETS[name]()
+
+
+def load_model_config(name_or_path: str, *, strict: bool = True) -> ModelConfig:
+    """A preset name, an HF directory, or a path to a ``config.json``."""
+    if name_or_path in PRESETS:
+        return ModelConfig.preset(name_or_path)
+    if os.path.isdir(name_or_path):
+        return ModelConfig.from_hf_dir(name_or_path, strict=strict)
+    if os.path.isfile(name_or_path):
+        with open(name_or_path) as f:
+            return ModelConfig.from_hf_dict(json.load(f), strict=strict)
+    raise ValueError(f"{name_or_path!r} is neither a model preset ({', '.join(sorted(PRESETS))}) "
+                     f"nor an HF directory / config.json")
+
+
+# ---------------------------------------------------------------------- presets
+def _qwen3_moe(**kw: Any) -> ModelConfig:
+    base = dict(architecture="qwen3_moe", qk_norm=True, norm_topk_prob=True, rope_theta=1e6,
+                router_aux_loss_coef=0.001)
+    base.update(kw)
+    base.setdefault("sparse_layers", (True,) * base["num_layers"])
+    return ModelConfig(**base)
+
+
+def _qwen2_moe(**kw: Any) -> ModelConfig:
+    base = dict(architecture="qwen2_moe", qkv_bias=True, shared_expert_gate=True,
+                rope_theta=1e6, router_aux_loss_coef=0.001)
+    base.update(kw)
+    base.setdefault("sparse_layers", (True,) * base["num_layers"])
+    return ModelConfig(**base)
+
+
+def _llama(**kw: Any) -> ModelConfig:
+    base = dict(architecture="llama", rms_norm_eps=1e-5)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+PRESETS: dict[str, Callable[[], ModelConfig]] = {
+    # tiny models for tests and CPU runs
+    "tiny-qwen3-moe": lambda: _qwen3_moe(
+        vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+        intermediate_size=64, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+        max_position_embeddings=512, rope_theta=10000.0),
+    "tiny-qwen2-moe": lambda: _qwen2_moe(
+        vocab_size=128, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8,
+        intermediate_size=48, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        shared_expert_intermediate_size=24, sparse_layers=(True, False, True),
+        max_position_embeddings=512, rope_theta=10000.0),
+    "tiny-llama": lambda: _llama(
+        vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+        intermediate_size=64, max_position_embeddings=512, rope_theta=10000.0),
+    # the shape of issue 7's 1-GPU training benchmark
+    "bench-qwen3-moe": lambda: _qwen3_moe(
+        vocab_size=32000, hidden_size=2048, num_layers=8, num_heads=16, num_kv_heads=4,
+        head_dim=128, intermediate_size=6144, num_experts=64, num_experts_per_tok=8,
+        moe_intermediate_size=768, max_position_embeddings=32768),
+    # published shapes
+    "qwen3-30b-a3b": lambda: _qwen3_moe(
+        vocab_size=151936, hidden_size=2048, num_layers=48, num_heads=32, num_kv_heads=4,
+        head_dim=128, intermediate_size=6144, num_experts=128, num_experts_per_tok=8,
+        moe_intermediate_size=768, max_position_embeddings=40960),
+    "qwen1.5-moe-a2.7b": lambda: _qwen2_moe(
+        vocab_size=151936, hidden_size=2048, num_layers=24, num_heads=16, num_kv_heads=16,
+        head_dim=128, intermediate_size=5632, num_experts=60, num_experts_per_tok=4,
+        moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
+        max_position_embeddings=8192),
+    "llama3-8b": lambda: _llama(
+        vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+        head_dim=128, intermediate_size=14336, rope_theta=500000.0, max_position_embeddings=8192),
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS)

@@ -1,0 +1,480 @@
+"""The decoder every supported model runs: one :class:`DecoderLayer` configured by
+:class:`~megatron_ext.models.config.ModelConfig`, and :class:`CausalLM` (embedding, layers, final norm, LM head).
+
+No collectives here: the parallel layers (``megatron_ext.layers``) and the per-layer
+:class:`~megatron_ext.communication.communicator.LayerCommunicator` issue every one of them. A layer is::
+
+    x, residual = comm.prepare_attn(hidden, residual)      # pending sum + add + input_layernorm
+    x, residual = comm.prepare_mlp(self_attn(x), residual)  # attention sum + add + post-attn norm
+    hidden, residual = comm.postprocess_layer(mlp(x), residual)  # the MLP's one reduction (or
+                                                                 # pending for the next layer)
+
+Hidden states travel between blocks as ``[tokens, H]`` with ``tokens = b · s_local`` (row-major
+over the local ``[b, s_local]`` batch) or this rank's SCATTERED share of them; the attention block
+sees them as ``[b, s_local, H]``.
+
+Module and parameter names follow ``transformers`` (``model.layers.3.self_attn.q_proj.weight``),
+so :meth:`CausalLM.hf_sources` only special-cases what is stored differently: stacked experts,
+the shared expert's inner MLP and gate, and a tied LM head on another pipeline stage.
+"""
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from megatron_ext.checkpoint.hf_sources import HFSource, HFTensor, stacked_keys
+from megatron_ext.communication.communicator import FusedReduceAddNorm, LayerCommunicator
+from megatron_ext.layers.attention.block import AttentionBlock
+from megatron_ext.layers.attention.cp_plan import plan_cp_attention
+from megatron_ext.layers.cross_entropy import vocab_parallel_cross_entropy
+from megatron_ext.layers.embedding import VocabParallelEmbedding, VocabParallelLMHead
+from megatron_ext.layers.mlp import DenseMLP
+from megatron_ext.layers.moe import MoELayer, RouterStats, load_balancing_loss
+from megatron_ext.layers.norm import RMSNorm
+from megatron_ext.layers.rope import RotaryEmbedding
+from megatron_ext.parallel.groups import ParallelGroups
+from megatron_ext.parallel.topology import Topology
+from megatron_ext.parallel.param_meta import get_spec
+from megatron_ext.communication.scatter_modes import LayerScatterModes
+from megatron_ext.communication.token_layout import TokenLayout
+from megatron_ext.models.config import ModelConfig
+from megatron_ext.models.hf_keys import hf_tensor_shapes
+
+CP_STRATEGIES = ("all_gather", "p2p")
+MOE_DISPATCHERS = ("local", "all_to_all")
+
+
+@dataclass
+class StepInputs:
+    """Per-forward inputs every layer reads (built once by :class:`CausalLM`)."""
+
+    batch: int
+    seq: int
+    position_ids: torch.Tensor
+    token_index: Optional[torch.Tensor]
+    segment_ids: Optional[torch.Tensor]
+    layout: TokenLayout
+    token_masks: dict = field(default_factory=dict)   # ScatterMode -> [rows] bool, for MoE stats
+    attn_plan: Optional[object] = None                # CP attention plan shared by every layer
+    kv_cache: Optional[object] = None                 # serving: megatron_ext.serving.KVCache
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder layer: attention block, then a dense gated MLP or a MoE block, with the
+    residual stream and every reduction handled by this layer's :class:`LayerCommunicator`."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, groups: ParallelGroups,
+                 modes: LayerScatterModes, *, rope: RotaryEmbedding, cp_strategy: str,
+                 moe_dispatcher: str, fused_reduce_add_norm: Optional[FusedReduceAddNorm] = None,
+                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
+        super().__init__()
+        c, prefix = config, f"model.layers.{layer_idx}"
+        self.layer_idx, self.hidden_size = layer_idx, c.hidden_size
+        self.is_sparse = c.is_sparse(layer_idx)
+        kw = dict(dtype=dtype, device=device)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps,
+                                       name=f"{prefix}.input_layernorm.weight", **kw)
+        self.self_attn = AttentionBlock(
+            c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, groups, rope=rope,
+            qkv_bias=c.qkv_bias, qk_norm=c.qk_norm, rms_norm_eps=c.rms_norm_eps,
+            cp_strategy=cp_strategy, sync_input_grad=False, name=f"{prefix}.self_attn", **kw)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps,
+                                                name=f"{prefix}.post_attention_layernorm.weight",
+                                                **kw)
+        if self.is_sparse:
+            self.mlp = MoELayer(c.hidden_size, c.num_experts, c.num_experts_per_tok,
+                                c.moe_intermediate_size, groups, norm_topk_prob=c.norm_topk_prob,
+                                shared_expert_intermediate_size=c.shared_expert_intermediate_size,
+                                shared_expert_gate=c.shared_expert_gate, dispatcher=moe_dispatcher,
+                                sync_input_grad=False, name=f"{prefix}.mlp", **kw)
+        else:
+            self.mlp = DenseMLP(c.hidden_size, c.intermediate_size, groups, sync_input_grad=False,
+                                name=f"{prefix}.mlp", **kw)
+        self.modes = modes
+        # a plain attribute, not a submodule: the norms are registered above
+        self.comm = LayerCommunicator(modes, groups, self.input_layernorm,
+                                      self.post_attention_layernorm,
+                                      fused_reduce_add_norm=fused_reduce_add_norm)
+
+    def forward(self, hidden, residual: Optional[torch.Tensor], inputs: StepInputs):
+        """``(hidden, residual)`` of the layer input mode -> ``(hidden, residual, stats)``;
+        ``hidden`` may be a pending reduction for the next layer, ``stats`` the router's
+        load-balancing statistics (``None`` for a dense layer)."""
+        layout = inputs.layout
+        x, residual = self.comm.prepare_attn(hidden, residual, layout)
+        kv_cache = (inputs.kv_cache.layer(self.layer_idx) if inputs.kv_cache is not None
+                    else None)
+        attn = self.self_attn(x.view(inputs.batch, inputs.seq, self.hidden_size),
+                              inputs.position_ids, token_index=inputs.token_index,
+                              segment_ids=inputs.segment_ids, plan=inputs.attn_plan,
+                              kv_cache=kv_cache)
+        x, residual = self.comm.prepare_mlp(attn.reshape(-1, self.hidden_size), residual, layout)
+        stats = None
+        if self.is_sparse:
+            mode = self.modes.mlp_mode
+            counts = layout.moe_shard_sizes if self.mlp.dispatcher == "all_to_all" else None
+            out = self.mlp(x, token_mask=inputs.token_masks.get(mode), token_counts=counts)
+            y, stats = out.hidden, out.router_stats
+        else:
+            y = self.mlp(x)
+        hidden, residual = self.comm.postprocess_layer(y, residual, layout)
+        return hidden, residual, stats
+
+
+@dataclass
+class CausalLMOutput:
+    """What one stage returns.
+
+    * ``logits`` (last stage): ``[b, s_local, V/attn_tp]``, this rank's vocabulary shard
+      (columns ``attn_tp_rank·V/attn_tp …``), or ``[b, s_local, V]`` with ``gather_logits=True``.
+    * ``loss`` (last stage, with ``labels``): per-token cross-entropy ``[b, s_local]`` in float32,
+      0 where ``labels == -100``; identical on every attn_tp rank. Normalising (e.g. by the global
+      count of labelled tokens) is the caller's choice.
+    * ``aux_loss`` (sparse layers, when requested): this rank's share of the load-balancing loss
+      of this stage's MoE layers, without the coefficient: summed over the stage's ranks it is
+      ``transformers``' ``load_balancing_loss_func``; back-propagating each rank's share gives
+      the reference gradients after the usual grad sync.
+    * ``hidden_states`` (every stage but the last): the stage output to send to the next stage,
+      ``[rows, H]`` in the residual mode (TP_ATTN_FULL, or SCATTERED with
+      ``allow_reduce_scatter``); pass it unchanged as the next stage's ``hidden_states``.
+    """
+
+    logits: Optional[torch.Tensor] = None
+    loss: Optional[torch.Tensor] = None
+    aux_loss: Optional[torch.Tensor] = None
+    hidden_states: Optional[torch.Tensor] = None
+    router_stats: list = field(default_factory=list)
+
+
+class _Backbone(nn.Module):
+    """``model.*`` of the HF layout: ``embed_tokens``, ``layers.N``, ``norm`` (what this stage
+    holds of them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed_tokens: Optional[VocabParallelEmbedding] = None
+        self.layers = nn.ModuleDict()
+        self.norm: Optional[RMSNorm] = None
+
+
+class CausalLM(nn.Module):
+    """A decoder-only causal LM (Qwen3-MoE, Qwen2-MoE, Llama) on any parallel layout.
+
+    * ``pre_process`` / ``post_process`` / ``layer_range``: a pipeline stage holds layers
+      ``range(*layer_range)`` (default all), the embedding if ``pre_process`` and the final norm
+      and LM head if ``post_process``. Use :func:`stage_layer_range` to split layers evenly.
+    * ``cp_strategy``: K/V exchange of context-parallel attention (``"all_gather"``, ``"p2p"``).
+    * ``allow_reduce_scatter``: sums complete by reduce-scatter into a SCATTERED residual stream
+      (sequence-parallel style) instead of all-reduce into TP_ATTN_FULL.
+    * ``moe_dispatcher``: ``"local"`` (MoE on the token group's gathered tokens, one reduction
+      over the shard) or ``"all_to_all"`` (SCATTERED tokens exchanged over ``moe_ep``).
+    * ``defer_reductions``: leave each MLP sum pending for the next layer's fused completion.
+    """
+
+    def __init__(self, config: ModelConfig, groups: ParallelGroups, *, pre_process: bool = True,
+                 post_process: bool = True, layer_range: Optional[tuple[int, int]] = None,
+                 cp_strategy: str = "all_gather", allow_reduce_scatter: bool = False,
+                 moe_dispatcher: str = "local", defer_reductions: bool = True,
+                 fused_reduce_add_norm: Optional[FusedReduceAddNorm] = None,
+                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
+        super().__init__()
+        if cp_strategy not in CP_STRATEGIES:
+            raise ValueError(f"cp_strategy={cp_strategy!r} must be one of {CP_STRATEGIES}")
+        if moe_dispatcher not in MOE_DISPATCHERS:
+            raise ValueError(f"moe_dispatcher={moe_dispatcher!r} must be one of "
+                             f"{MOE_DISPATCHERS}")
+        start, stop = layer_range if layer_range is not None else (0, config.num_layers)
+        if not 0 <= start < stop <= config.num_layers:
+            raise ValueError(f"layer_range={layer_range} must be a non-empty range inside "
+                             f"[0, num_layers={config.num_layers}]")
+        check_model_fits_layout(config, groups.topology)
+        self.config, self.groups = config, groups
+        self.pre_process, self.post_process = pre_process, post_process
+        self.layer_range = (start, stop)
+        kw = dict(dtype=dtype, device=device)
+        tied_across_stages = config.tie_word_embeddings and not (pre_process and post_process)
+        emb_sync = ("attn_dp_cp", "embedding") if tied_across_stages else ("attn_dp_cp",)
+
+        self.model = _Backbone()
+        if pre_process:
+            self.model.embed_tokens = VocabParallelEmbedding(
+                config.vocab_size, config.hidden_size, groups.attn_tp, reduce_results=False,
+                grad_sync=emb_sync, name="model.embed_tokens", **kw)
+        rope = RotaryEmbedding(config.head_dim, config.rope_theta)
+        stage_sparse = [i - start for i in range(start, stop) if config.is_sparse(i)]
+        modes = LayerScatterModes.for_stack(
+            stop - start, stage_sparse, groups.topology, allow_reduce_scatter,
+            moe_dispatcher=moe_dispatcher, defer_reductions=defer_reductions)
+        for i in range(start, stop):
+            self.model.layers[str(i)] = DecoderLayer(
+                config, i, groups, modes[i - start], rope=rope, cp_strategy=cp_strategy,
+                moe_dispatcher=moe_dispatcher, fused_reduce_add_norm=fused_reduce_add_norm, **kw)
+        self.lm_head: Optional[VocabParallelLMHead] = None
+        if post_process:
+            self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps,
+                                      name="model.norm.weight", **kw)
+            tied = self.model.embed_tokens if config.tie_word_embeddings and pre_process else None
+            self.lm_head = VocabParallelLMHead(
+                config.hidden_size, config.vocab_size, groups.attn_tp, tied_embedding=tied,
+                sync_input_grad=False, grad_sync=emb_sync, name="lm_head", **kw)
+
+    # ------------------------------------------------------------------ forward
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return list(self.model.layers.values())
+
+    def forward(self, input_ids: Optional[torch.Tensor] = None, *,
+                position_ids: torch.Tensor, hidden_states: Optional[torch.Tensor] = None,
+                token_index: Optional[torch.Tensor] = None,
+                segment_ids: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, layout: Optional[TokenLayout] = None,
+                return_logits: bool = True, gather_logits: bool = False,
+                compute_aux_loss: Optional[bool] = None, kv_cache=None,
+                compute_lm_head: bool = True) -> CausalLMOutput:
+        """One stage's forward on this rank's CP-local tokens.
+
+        ``position_ids`` ``[b, s_local]`` (RoPE positions; gives the local batch shape);
+        ``input_ids`` (first stage) or ``hidden_states`` (later stages, the previous stage's
+        output as returned); ``token_index`` (causal order in the padded sequence, required when
+        ``attn_cp > 1``) and ``segment_ids`` (document per token, -1 = padding) as
+        :func:`megatron_ext.data.cp_split.split_batch_for_cp` makes them; ``labels``
+        ``[b, s_local]`` per-position targets (-100 = ignore). ``layout``: token counts of every
+        attention group of the stage; default: all equal to ``b · s_local`` (pass one for uneven
+        attention-DP batches, e.g. from :func:`megatron_ext.communication.local_batch.split_batch`).
+        ``compute_aux_loss`` defaults to ``labels is not None`` (collective over the stage).
+
+        Serving (:mod:`megatron_ext.serving`): ``kv_cache`` (a ``KVCache``) makes every attention
+        block store its K/V (prefill) or attend to the cache spread over attn_cp (decode step,
+        ``kv_cache.decoding``: no CP attention plan is built). ``compute_lm_head=False`` stops
+        after the last layer (no final norm, logits or loss): a prefill that only fills the cache.
+        """
+        if position_ids.dim() != 2:
+            raise ValueError(f"position_ids must be [b, s_local], got {tuple(position_ids.shape)}")
+        b, s = position_ids.shape
+        if self.pre_process == (input_ids is None):
+            raise ValueError("the first stage takes input_ids, later stages take hidden_states "
+                             f"(pre_process={self.pre_process})")
+        if input_ids is not None and tuple(input_ids.shape) != (b, s):
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} and position_ids {(b, s)} "
+                             f"differ in shape")
+        for name, t in (("token_index", token_index), ("segment_ids", segment_ids),
+                        ("labels", labels)):
+            if t is not None and tuple(t.shape) != (b, s):
+                raise ValueError(f"{name} shape {tuple(t.shape)} must be [b, s_local]={(b, s)}")
+        if labels is not None and not self.post_process:
+            raise ValueError("labels are only used by the last pipeline stage")
+        if labels is not None and not compute_lm_head:
+            raise ValueError("labels need the LM head: compute_lm_head=False gives no loss")
+        layout = layout or TokenLayout.uniform(self.groups, b * s)
+        if layout.local_tokens != b * s:
+            raise ValueError(f"layout says this rank's attention group holds "
+                             f"{layout.local_tokens} tokens but the batch has b*s_local={b * s}")
+        inputs = StepInputs(b, s, position_ids, token_index, segment_ids, layout,
+                            kv_cache=kv_cache)
+        if kv_cache is None or not kv_cache.decoding:
+            inputs.attn_plan = self._attention_plan(b, s, inputs)
+        if segment_ids is not None:
+            inputs.token_masks = self._token_masks(segment_ids.reshape(-1) >= 0, layout)
+
+        layers = self.layers
+        if self.pre_process:
+            embeds = self.model.embed_tokens(input_ids).reshape(b * s, -1)
+            hidden = layers[0].comm.embedding_output(embeds, layout, is_partial=True)
+        else:
+            if hidden_states is None:
+                raise ValueError("a later pipeline stage needs hidden_states")
+            hidden = hidden_states
+        residual = None
+        stats: list[RouterStats] = []
+        for layer in layers:
+            hidden, residual, layer_stats = layer(hidden, residual, inputs)
+            if layer_stats is not None:
+                stats.append(layer_stats)
+
+        out = CausalLMOutput(router_stats=stats)
+        if compute_aux_loss is None:
+            compute_aux_loss = labels is not None
+        if compute_aux_loss and stats:
+            out.aux_loss = load_balancing_loss(stats, (self.groups.stage,))
+        last = layers[-1].comm
+        if self.post_process and not compute_lm_head:
+            return out
+        if not self.post_process:
+            out.hidden_states = last.flush(hidden) + residual
+            return out
+        x = last.finalize(hidden, residual, self.model.norm, layout)
+        logits = self.lm_head(x)
+        if labels is not None:
+            out.loss = vocab_parallel_cross_entropy(logits, labels.reshape(-1),
+                                                    self.groups.attn_tp).view(b, s)
+        if return_logits:
+            if gather_logits:
+                logits = self.lm_head.gather_logits(logits)
+            out.logits = logits.view(b, s, -1)
+        return out
+
+    def _attention_plan(self, b: int, s: int, inputs: StepInputs):
+        """One CP attention plan per forward (block schedule + validation: a collective over
+        attn_cp), shared by every layer instead of one per layer. Only shapes matter here, so q
+        and k are zero-stride views."""
+        attn = self.layers[0].self_attn
+        dtype = next(self.parameters()).dtype
+        scalar = torch.zeros((), dtype=dtype, device=inputs.position_ids.device)
+        q = scalar.expand(b, s, attn.local_heads, attn.head_dim)
+        k = scalar.expand(b, s, attn.local_kv_heads, attn.head_dim)
+        token_index = inputs.token_index if inputs.token_index is not None else \
+            inputs.position_ids
+        return plan_cp_attention(q, k, k, self.groups.attn_cp, token_index=token_index,
+                                 segment_ids=inputs.segment_ids, strategy=attn.cp_strategy)
+
+    def _token_masks(self, valid: torch.Tensor, layout: TokenLayout) -> dict:
+        """Real-token masks on the rows each MoE layer reads (padding is left out of the
+        load-balancing statistics), one per MLP mode, moved by the communicator."""
+        masks: dict = {}
+        for layer in self.layers:
+            mode = layer.modes.mlp_mode
+            if layer.is_sparse and mode not in masks:
+                masks[mode] = layer.comm.mlp_token_mask(valid, layout)
+        return masks
+
+    # ------------------------------------------------------------------ weights
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
+        """Layout-independent initialisation: every global tensor is drawn from a generator
+        seeded by ``seed`` and the parameter's HF source, and each rank keeps its slice, so any
+        two layouts start from the same model. Norm weights are ones, biases zeros."""
+        sources = self.hf_sources()
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                spec = get_spec(param)
+                if name.endswith("norm.weight"):
+                    param.fill_(1.0)
+                    continue
+                if name.endswith(".bias"):
+                    param.zero_()
+                    continue
+                key = ",".join(sources[name].keys()[:1])
+                g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode()))
+                                                  % (2 ** 63))
+                full = torch.randn(spec.global_shape, generator=g, dtype=torch.float32) * std
+                param.copy_(spec.take_local(full))
+
+    def hf_expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        return hf_tensor_shapes(self.config)
+
+    def hf_config_dict(self) -> dict:
+        return self.config.to_hf_dict()
+
+    def hf_sources(self) -> dict[str, HFSource]:
+        """HF source of every parameter this rank holds (``megatron_ext.checkpoint``)."""
+        expected = self.hf_expected_shapes()
+        out: dict[str, HFSource] = {}
+        for name, _ in self.named_parameters():
+            out[name] = _hf_source(name, expected, self.config)
+        return out
+
+    @classmethod
+    def for_stage(cls, config: ModelConfig, groups: ParallelGroups, *,
+                  layers_per_stage: Optional[Sequence[int]] = None, **kwargs) -> "CausalLM":
+        """This rank's pipeline stage (``groups.topology.pp`` stages, this rank's ``pp``
+        coordinate): its layers (:func:`stage_layer_range`), the embedding on the first stage,
+        the final norm and LM head on the last. With ``pp == 1`` the whole model."""
+        pp, stage = groups.topology.pp, groups.coords.pp
+        return cls(config, groups, pre_process=stage == 0, post_process=stage == pp - 1,
+                   layer_range=stage_layer_range(config.num_layers, pp, stage, layers_per_stage),
+                   **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str, groups: ParallelGroups, *, strict: bool = True,
+                        **kwargs) -> "CausalLM":
+        """Build this rank's stage (:meth:`for_stage`) from an HF directory's config and load its
+        slices of the weights (no collectives)."""
+        from megatron_ext.checkpoint.hf import load_hf_checkpoint
+
+        config = ModelConfig.from_hf_dir(path, strict=strict)
+        model = cls.for_stage(config, groups, **kwargs)
+        load_hf_checkpoint(model, path, strict=strict)
+        return model
+
+    def save_pretrained(self, path: str, **kwargs) -> None:
+        """Write an HF directory (collective over the world; rank 0 writes)."""
+        from megatron_ext.checkpoint.hf import save_hf_checkpoint
+
+        save_hf_checkpoint(self, path, self.groups, **kwargs)
+
+
+_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
+_SHARED = re.compile(r"^(model\.layers\.\d+\.mlp\.shared_expert)\.(mlp\.(\w+)|gate)\.weight$")
+
+
+def _hf_source(name: str, expected: dict, config: ModelConfig) -> HFSource:
+    """Where parameter ``name`` lives in the HF checkpoint (see the module doc)."""
+    if name in expected:
+        return HFTensor(name, expected[name])
+    match = _EXPERTS.match(name)
+    if match:
+        prefix, proj = match.groups()
+        keys = [f"{prefix}.{e}.{proj}.weight" for e in range(config.num_experts)]
+        return stacked_keys(keys, expected[keys[0]])
+    match = _SHARED.match(name)
+    if match:
+        prefix, _, proj = match.groups()
+        key = f"{prefix}.{proj}.weight" if proj else f"{prefix}_gate.weight"
+        return HFTensor(key, expected[key])
+    if name == "lm_head.weight" and config.tie_word_embeddings:
+        key = "model.embed_tokens.weight"
+        return HFTensor(key, expected[key])
+    raise ValueError(f"parameter {name} has no place in the {config.architecture} HF checkpoint")
+
+
+def check_model_fits_layout(config: ModelConfig, topo: Topology) -> None:
+    """Sizes the layers would reject later, named here with the model field (pure: runs before
+    any process group exists, so a launch fails with this message instead of a hang)."""
+    problems = []
+    if config.vocab_size % topo.attn_tp:
+        problems.append(f"vocab_size={config.vocab_size} must be divisible by attn_tp="
+                        f"{topo.attn_tp}")
+    if config.num_heads % topo.attn_tp:
+        problems.append(f"num_heads={config.num_heads} must be divisible by attn_tp="
+                        f"{topo.attn_tp}")
+    if not all(config.sparse_layers) and config.intermediate_size % topo.attn_tp:
+        problems.append(f"intermediate_size={config.intermediate_size} must be divisible by "
+                        f"attn_tp={topo.attn_tp}")
+    if any(config.sparse_layers):
+        if config.num_experts % topo.moe_ep:
+            problems.append(f"num_experts={config.num_experts} must be divisible by moe_ep="
+                            f"{topo.moe_ep}")
+        if config.moe_intermediate_size % topo.moe_tp:
+            problems.append(f"moe_intermediate_size={config.moe_intermediate_size} must be "
+                            f"divisible by moe_tp={topo.moe_tp}")
+        if config.shared_expert_intermediate_size % topo.moe_shard_size:
+            problems.append(f"shared_expert_intermediate_size="
+                            f"{config.shared_expert_intermediate_size} must be divisible by the "
+                            f"MoE shard size moe_ep*moe_tp={topo.moe_shard_size}")
+    if problems:
+        raise ValueError(f"{config.architecture} model does not fit the layout: "
+                         + "; ".join(problems))
+
+
+
+def stage_layer_range(num_layers: int, pp: int, stage: int,
+                      layers_per_stage: Optional[Sequence[int]] = None) -> tuple[int, int]:
+    """``(start, stop)`` of pipeline stage ``stage``'s layers: ``layers_per_stage`` if given,
+    else as even as possible with the earlier stages one layer longer."""
+    if not 0 <= stage < pp:
+        raise ValueError(f"stage={stage} out of range for pp={pp}")
+    if layers_per_stage is None:
+        if num_layers < pp:
+            raise ValueError(f"num_layers={num_layers} < pp={pp}: every stage needs a layer")
+        base, extra = divmod(num_layers, pp)
+        layers_per_stage = [base + (1 if i < extra else 0) for i in range(pp)]
+    counts = list(layers_per_stage)
+    if len(counts) != pp or sum(counts) != num_layers or min(counts) < 1:
+        raise ValueError(f"layers_per_stage={counts} must have pp={pp} positive entries summing "
+                         f"to num_layers={num_layers}")
+    start = sum(counts[:stage])
+    return start, start + counts[stage]

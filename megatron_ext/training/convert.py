@@ -1,0 +1,63 @@
+"""Training checkpoint (any layout) -> Hugging Face directory, in one process.
+
+Training checkpoints hold layout-independent global tensors under HF module names
+(``megatron_ext.checkpoint.training_state``), so conversion needs no process group: build the model as a
+one-rank layout, copy every global tensor in, and write it with the HF saver. From an HF directory
+any layout loads again (``CausalLM.from_pretrained``), which closes "any layout -> any layout".
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16}
+
+
+def resolve_checkpoint(path: str) -> str:
+    """``path`` itself if it is a complete checkpoint, else the newest complete one below it."""
+    from megatron_ext.checkpoint.training_state import latest_checkpoint
+
+    if not os.path.isdir(path):
+        raise ValueError(f"checkpoint path {path!r} is not a directory")
+    if os.path.exists(os.path.join(path, ".metadata")):
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise ValueError(f"no complete checkpoint in {path!r} (a step_N directory with DCP "
+                         f"metadata; step_N.partial directories are unfinished saves)")
+    return latest
+
+
+def training_to_hf(checkpoint: str, output: str, dtype: Optional[str] = None) -> str:
+    """Write the model of training checkpoint ``checkpoint`` as an HF directory ``output``.
+    Returns the checkpoint directory that was converted."""
+    from megatron_ext.parallel.groups import ParallelGroups
+    from megatron_ext.checkpoint.training_state import load_global_tensors, read_train_state
+    from megatron_ext.training.trainer import checkpoint_name
+    from megatron_ext.models.config import ModelConfig
+    from megatron_ext.models.decoder import CausalLM
+
+    if dtype is not None and dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r}; use one of {sorted(_DTYPES)}")
+    path = resolve_checkpoint(checkpoint)
+    state = read_train_state(path)
+    fields = dict(state["model"])
+    fields["sparse_layers"] = tuple(fields["sparse_layers"])
+    config = ModelConfig(**fields)
+    tensors = load_global_tensors(path)
+    model = CausalLM(config, ParallelGroups.single_process(), dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            key = "model/" + checkpoint_name(name, config)  # see training.checkpoint.collect_shards
+            if key not in tensors:
+                raise ValueError(f"checkpoint {path} has no tensor {key!r} for parameter {name}")
+            saved = tensors[key]
+            if tuple(saved.shape) != tuple(param.shape):
+                raise ValueError(f"tensor {key}: checkpoint shape {tuple(saved.shape)} but the "
+                                 f"model expects {tuple(param.shape)}")
+            param.copy_(saved)
+    model.save_pretrained(output, dtype=_DTYPES[dtype] if dtype else None)
+    return path

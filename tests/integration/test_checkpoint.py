@@ -1,0 +1,142 @@
+"""Layout-independent DCP checkpoints: save in one layout, load in others (and in one process),
+every local tensor equals its slice of the global tensor; atomic publish under a crash mid-save."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from megatron_ext.parallel.groups import ParallelGroups, build_groups
+from megatron_ext.parallel.param_meta import get_spec
+from megatron_ext.parallel.topology import Topology
+from megatron_ext.checkpoint import training_state as ckpt
+from megatron_ext.training.optimizer import LRSchedule, TrainOptimizer
+from tests.helpers.multirank import run_ranks
+from tests.helpers.pretrain_standin import all_global_shapes, build_params, global_tensor
+
+SAVE_LAYOUT = dict(pp=2, attn_tp=2, moe_ep=2, moe_tp=1, moe_dp=1)
+LOAD_LAYOUTS = [dict(attn_tp=2, attn_cp=2, moe_dp=1),
+                dict(attn_cp=2, attn_dp=2, attn_tp=1, moe_ep=2, moe_tp=2, moe_dp=1),
+                dict(pp=4, attn_tp=1)]
+SCHED = LRSchedule(1e-3, 1e-4, 1, 10)
+
+
+def _optimizer(params, groups):
+    return TrainOptimizer(params, groups, SCHED, clip_grad=1.0, weight_decay=0.0,
+                          betas=(0.9, 0.95), eps=1e-8)
+
+
+def _fill_moments(opt: TrainOptimizer) -> None:
+    for key, (param, tensor) in opt.moment_tensors().items():
+        tensor.copy_(get_spec(param).take_local(global_tensor(key.split("/")[0], seed=_seed(key))))
+
+
+def _seed(key: str) -> int:
+    return 11 if key.endswith("exp_avg") else 12
+
+
+def _save_then_load_rank(rank: int, world: int, root: str) -> None:
+    groups = build_groups(Topology(world=world, **SAVE_LAYOUT))
+    params = build_params(groups, seed=1)
+    opt = _optimizer(params, groups)
+    _fill_moments(opt)
+    torch.manual_seed(100 + rank)
+    expected_rng = torch.rand(3)
+    torch.manual_seed(100 + rank)
+    ckpt.save_checkpoint(root, 7, ckpt.collect_shards(params, opt.moment_tensors()),
+                         {"step": 7, "consumed_samples": 56})
+    assert ckpt.latest_checkpoint(root) == ckpt.checkpoint_path(root, 7)
+    torch.manual_seed(0)  # scramble; loading restores this rank's RNG state
+    for sizes in LOAD_LAYOUTS:
+        groups = build_groups(Topology(world=world, **sizes))
+        params = build_params(groups, seed=5)  # other values: must be overwritten
+        opt = _optimizer(params, groups)
+        moments = opt.moment_tensors()
+        state = ckpt.load_checkpoint(ckpt.checkpoint_path(root, 7),
+                                     ckpt.collect_shards(params, moments))
+        assert state == {"step": 7, "consumed_samples": 56}
+        assert torch.equal(torch.rand(3), expected_rng)
+        torch.manual_seed(0)
+        for name, p in params:
+            assert torch.equal(p.data, get_spec(p).take_local(global_tensor(name, seed=1))), \
+                (sizes, name)
+        for key, (param, tensor) in moments.items():
+            want = get_spec(param).take_local(global_tensor(key.split("/")[0], seed=_seed(key)))
+            assert torch.equal(tensor, want), (sizes, key)
+
+
+def test_save_in_one_layout_load_in_three_others_and_in_one_process(tmp_path):
+    """Saved at pp 2 x attn_tp 2 x moe_ep 2; loaded at the seed layout, attn_cp 2 x attn_dp 2 x
+    moe_ep 2 x moe_tp 2, and pp 4 (4 ranks), then in one process: parameters, Adam moments,
+    train state and each rank's RNG state come back exactly."""
+    root = str(tmp_path / "ckpts")
+    run_ranks(_save_then_load_rank, 4, root, timeout=120)
+    path = ckpt.checkpoint_path(root, 7)
+    tensors = ckpt.load_global_tensors(path)
+    shapes = all_global_shapes()
+    assert {k for k in tensors if k.startswith("model/")} == {f"model/{n}" for n in shapes}
+    for name in shapes:
+        assert torch.equal(tensors[f"model/{name}"], global_tensor(name, seed=1)), name
+        assert torch.equal(tensors[f"optim/{name}/exp_avg_sq"], global_tensor(name, seed=12))
+    groups = ParallelGroups.single_process()
+    params = build_params(groups, seed=3)
+    state = ckpt.load_checkpoint(path, ckpt.collect_shards(params))
+    assert state["consumed_samples"] == 56
+    for name, p in params:
+        assert torch.equal(p.data, global_tensor(name, seed=1)), name
+
+
+class _CrashingWriter(dcp.FileSystemWriter):
+    """Writes every data file, then dies before the metadata (the commit point) is written."""
+
+    def finish(self, metadata, results) -> None:
+        raise RuntimeError("simulated crash during save")
+
+
+def test_crash_mid_save_leaves_previous_checkpoint_loadable(tmp_path):
+    root = str(tmp_path)
+    groups = ParallelGroups.single_process()
+    params = build_params(groups, seed=1)
+    ckpt.save_checkpoint(root, 2, ckpt.collect_shards(params), {"step": 2})
+    for _, p in params:
+        p.data.add_(1.0)
+    partial = ckpt.checkpoint_path(root, 4) + ckpt.PARTIAL_SUFFIX
+    with pytest.raises(BaseException) as failure:  # DCP wraps it: CheckpointException
+        ckpt.save_checkpoint(root, 4, ckpt.collect_shards(params), {"step": 4},
+                             storage_writer=_CrashingWriter(partial))
+    assert "simulated crash" in str(getattr(failure.value, "failures", failure.value))
+    assert os.path.isdir(partial) and os.listdir(partial)  # data files written, not published
+    assert not os.path.exists(ckpt.checkpoint_path(root, 4))
+    assert ckpt.latest_checkpoint(root) == ckpt.checkpoint_path(root, 2)
+    assert ckpt.resolve_resume("latest", root) == ckpt.checkpoint_path(root, 2)
+    fresh = build_params(groups, seed=9)
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(root), ckpt.collect_shards(fresh)) == \
+        {"step": 2}
+    for name, p in fresh:
+        assert torch.equal(p.data, global_tensor(name, seed=1)), name
+    # the next save removes the leftover and publishes; keep=2 prunes the oldest
+    ckpt.save_checkpoint(root, 6, ckpt.collect_shards(params), {"step": 6}, keep=2)
+    ckpt.save_checkpoint(root, 8, ckpt.collect_shards(params), {"step": 8}, keep=2)
+    assert not os.path.exists(partial)
+    assert [s for s, _ in ckpt.complete_checkpoints(root)] == [6, 8]
+
+
+def test_load_rejects_wrong_shapes_missing_entries_and_incomplete_dirs(tmp_path):
+    root = str(tmp_path)
+    groups = ParallelGroups.single_process()
+    params = build_params(groups, seed=1)
+    path = ckpt.save_checkpoint(root, 1, ckpt.collect_shards(params), {"step": 1})
+    bigger = [(n, torch.nn.Parameter(torch.zeros(3, 3))) for n, _ in params[:1]]
+    with pytest.raises(ValueError, match=r"global shape \(16, 8\), the model expects \(3, 3\)"):
+        ckpt.load_checkpoint(path, ckpt.collect_shards(bigger))
+    extra = [("not.in.checkpoint", torch.nn.Parameter(torch.zeros(2)))]
+    with pytest.raises(ValueError, match="no entry 'model/not.in.checkpoint'"):
+        ckpt.load_checkpoint(path, ckpt.collect_shards(extra))
+    os.makedirs(os.path.join(root, "step_00000005"))  # no .metadata: never complete
+    assert ckpt.latest_checkpoint(root) == path
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        ckpt.resolve_resume(os.path.join(root, "step_00000005"), root)
+    assert ckpt.resolve_resume("latest", str(tmp_path / "empty")) is None
+    assert ckpt.read_train_state(path) == {"step": 1}
