@@ -8,6 +8,14 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_ext", "megatron_ext.*"]),
     package_data={"megatron_ext": ["data/corpus/*.txt"]},
+    entry_points={"console_scripts": [
+        "megatron-ext-pretrain = megatron_ext.cli.pretrain:main",
+        "megatron-ext-eval = megatron_ext.cli.eval:main",
+        "megatron-ext-generate = megatron_ext.cli.generate:main",
+        "megatron-ext-convert = megatron_ext.cli.convert:main",
+        "megatron-ext-prepare-data = megatron_ext.cli.prepare_data:main",
+        "megatron-ext-topology = megatron_ext.parallel.topology:main",
+    ]},
     install_requires=[
         "torch>=2.4",
         "megatron-core==0.16.1",

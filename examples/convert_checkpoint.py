@@ -7,36 +7,7 @@
 The HF directory loads in transformers and in any megatron_ext layout
 (``CausalLM.from_pretrained(path, groups)``). Runs in one process; no GPU needed.
 """
-from __future__ import annotations
-
-import argparse
-import os
-import sys
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, REPO)
-
-from megatron_ext.training.convert import training_to_hf  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True,
-                        help="a step_N checkpoint directory, or the directory holding them (newest "
-                             "complete one is used)")
-    parser.add_argument("--output", required=True, help="HF directory to write")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 "
-                                                      "(default: as trained)")
-    args = parser.parse_args(argv)
-    try:
-        path = training_to_hf(args.checkpoint, args.output, args.dtype)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.output} from {path}")
-    return 0
-
+from megatron_ext.cli.convert import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

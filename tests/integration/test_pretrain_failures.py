@@ -14,9 +14,9 @@ from megatron_ext.parallel.groups import ParallelGroups
 from megatron_ext.checkpoint import training_state as ckpt
 from megatron_ext.training.config import TrainConfig
 from megatron_ext.training.trainer import Trainer, TrainingDiverged, validate_launch
+from tests.helpers.cli import REPO, checkout_env
 from tests.helpers.multirank import free_port
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PRETRAIN = os.path.join(REPO, "examples", "pretrain.py")
 JOB = dict(seq_len=30, global_batch_size=4, micro_batch_size=2, warmup_steps=1, train_steps=400,
            save_interval=2, progress=False, tensorboard=False)
@@ -44,7 +44,7 @@ def test_killed_rank_fails_the_other_and_the_last_checkpoint_resumes_exactly(tmp
     port = free_port()
     procs = []
     for rank in range(2):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+        env = checkout_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                    LOCAL_RANK=str(rank), WORLD_SIZE="2", OMP_NUM_THREADS="1")
         procs.append(subprocess.Popen(
             [sys.executable, PRETRAIN, *_flags(JOB), "--output-dir", out,
@@ -93,8 +93,8 @@ def test_nan_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint(tmp
 def test_invalid_launch_is_rejected_before_any_process_group(tmp_path):
     """Four 'ranks' that can never meet (no master listening): an invalid layout must still exit
     at once with the validation message instead of waiting for a rendezvous."""
-    env = dict(os.environ, WORLD_SIZE="4", RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()))
+    env = checkout_env(WORLD_SIZE="4", RANK="0", MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(free_port()))
     proc = subprocess.run([sys.executable, PRETRAIN, "--attn-tp", "3", "--output-dir",
                            str(tmp_path)], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers.cli import REPO, checkout_env
 from megatron_ext.data.batching import inputs_and_labels, split_global_batch
 from megatron_ext.data.dataset import (SampleOrder, TokenDataset, corpus_files, open_dataset,
                                        read_text_documents, write_token_dataset)
@@ -17,7 +18,6 @@ from megatron_ext.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokeniz
 from megatron_ext.data.cp_split import IGNORE_INDEX
 from megatron_ext.parallel.topology import Topology
 
-REPO = __file__.rsplit("/tests/", 1)[0]
 
 
 def test_byte_tokenizer_round_trip_any_text():
@@ -46,7 +46,7 @@ def test_prepare_data_cli_writes_dataset_equal_to_in_memory(tmp_path):
     out = tmp_path / "ds" / "mine"
     proc = subprocess.run([sys.executable, f"{REPO}/examples/prepare_data.py", "--output",
                            str(out), str(txt), str(jsonl)], capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, env=checkout_env())
     assert proc.returncode == 0, proc.stderr
     assert "3 documents" in proc.stdout
     ds = TokenDataset.open(str(out))

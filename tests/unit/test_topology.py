@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from tests.helpers.cli import checkout_env
 from megatron_ext.parallel.topology import GROUP_AXES, Topology, main
 
 # (world, pp, attn_tp, attn_cp, moe_tp, moe_ep) -> moe_dp and attn_dp derived
@@ -228,6 +229,6 @@ def test_cli_prints_seed_layout(capsys):
 def test_cli_rejects_invalid_layout_nonzero():
     proc = subprocess.run([sys.executable, "-m", "megatron_ext.parallel.topology", "--world", "4",
                            "--attn-tp", "4", "--moe-ep", "2", "--moe-tp", "1"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=checkout_env())
     assert proc.returncode == 2
     assert "moe_dp=2 must divide attn_dp*attn_cp=1" in proc.stderr
