@@ -5,7 +5,7 @@ setup(
     name="megatron_ext",
     version="0.1.0",
     description="Megatron-style training and serving with decoupled attention CP and MoE DP",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["megatron_ext", "megatron_ext.*"]),
     package_data={"megatron_ext": ["data/corpus/*.txt"]},
     entry_points={"console_scripts": [

@@ -17,9 +17,11 @@ import time
 
 import torch
 
+from megatron_ext.communication.choices import CP_STRATEGIES, CPStrategy
 from megatron_ext.data.dataset import open_dataset
 from megatron_ext.data.tokenizer import load_tokenizer
 from megatron_ext.evaluation.loss import EvalResult, evaluate_loss
+from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import build_groups, init_distributed
 from megatron_ext.parallel.topology import add_layout_arguments, topology_from_args
 from megatron_ext.models.config import ModelConfig
@@ -34,8 +36,8 @@ def _args(argv):
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--cp-comm", choices=("all_gather", "p2p"), default="all_gather")
-    add_layout_arguments(p, ("attn_tp", "attn_cp", "moe_tp", "moe_ep", "moe_dp"))
+    p.add_argument("--cp-comm", choices=CP_STRATEGIES, default=CPStrategy.ALL_GATHER)
+    add_layout_arguments(p, (Axis.ATTN_TP, Axis.ATTN_CP, Axis.MOE_TP, Axis.MOE_EP, Axis.MOE_DP))
     return p.parse_args(argv)
 
 

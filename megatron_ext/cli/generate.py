@@ -19,7 +19,9 @@ import sys
 
 import torch
 
+from megatron_ext.communication.choices import CP_STRATEGIES, CPStrategy
 from megatron_ext.data.tokenizer import load_tokenizer
+from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import (AxisGroup, ParallelGroups, build_groups,
                                           init_distributed)
 from megatron_ext.parallel.topology import (GROUP_AXES, add_layout_arguments,
@@ -41,9 +43,9 @@ def _args(argv):
     p.add_argument("--no-eos", action="store_true", help="ignore the tokenizer's EOS token")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--cp-comm", choices=("all_gather", "p2p"), default="all_gather",
+    p.add_argument("--cp-comm", choices=CP_STRATEGIES, default=CPStrategy.ALL_GATHER,
                    help="K/V exchange of the CP prefill")
-    add_layout_arguments(p, ("attn_tp", "attn_cp", "moe_tp", "moe_ep", "moe_dp"))
+    add_layout_arguments(p, (Axis.ATTN_TP, Axis.ATTN_CP, Axis.MOE_TP, Axis.MOE_EP, Axis.MOE_DP))
     return p.parse_args(argv)
 
 

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from megatron_ext.communication.mode_transitions import check_rows, complete_sum, moe_rows_mode, to_consumer
+from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import AxisGroup, ParallelGroups
 from megatron_ext.parallel.param_meta import get_spec, set_spec
 from megatron_ext.communication.pending import PendingReduction
@@ -49,7 +50,7 @@ FusedReduceAddNorm = Callable[[torch.Tensor, Optional[torch.Tensor], nn.Module, 
 
 def norm_grad_sync(mode: ScatterMode) -> tuple[str, ...]:
     """Grad-sync axes of a replicated norm weight that runs on ``mode`` rows (DESIGN §4 table)."""
-    return ("stage",) if ScatterMode(mode) is ScatterMode.SCATTERED else ("attn_dp_cp",)
+    return (Axis.STAGE,) if ScatterMode(mode) is ScatterMode.SCATTERED else (Axis.ATTN_DP_CP,)
 
 
 def tag_norm(norm: Optional[nn.Module], mode: ScatterMode) -> None:
@@ -89,7 +90,7 @@ class LayerCommunicator:
         partial over attn_tp (``is_partial``) becomes a pending sum into this layer's input mode,
         completed by ``prepare_attn``; a complete (replicated) embedding is moved there."""
         if is_partial:
-            return self._pending(embeds, "attn_tp", ScatterMode.TP_ATTN_FULL,
+            return self._pending(embeds, Axis.ATTN_TP, ScatterMode.TP_ATTN_FULL,
                                  self.modes.layer_input_mode, layout)
         return to_consumer(embeds, ScatterMode.TP_ATTN_FULL, self.modes.layer_input_mode, None,
                            self.groups, layout)
@@ -100,7 +101,7 @@ class LayerCommunicator:
 
     def finalize(self, hidden: Hidden, residual: Optional[torch.Tensor], final_norm: nn.Module,
                  layout: TokenLayout, to_mode: ScatterMode = ScatterMode.TP_ATTN_FULL,
-                 consumer_axis: Optional[str] = "attn_tp") -> torch.Tensor:
+                 consumer_axis: Optional[str] = Axis.ATTN_TP) -> torch.Tensor:
         """After the last layer: residual add + ``final_norm`` on the output mode, then the rows of
         ``to_mode`` for a consumer partial over ``consumer_axis`` (default: the vocab-parallel LM
         head over attn_tp). Tags ``final_norm``'s grad sync like the layer norms."""
@@ -119,7 +120,7 @@ class LayerCommunicator:
             if mode is ScatterMode.SCATTERED:
                 v = to_consumer(v, ScatterMode.TP_ATTN_FULL, mode, None, self.groups, layout)
             elif moe_rows_mode(layout) is ScatterMode.MOE_FULL:
-                v = to_consumer(v, ScatterMode.TP_ATTN_FULL, ScatterMode.MOE_FULL, "moe_shard",
+                v = to_consumer(v, ScatterMode.TP_ATTN_FULL, ScatterMode.MOE_FULL, Axis.MOE_SHARD,
                                 self.groups, layout)
             return v.squeeze(-1) > 0.5
 
@@ -131,7 +132,7 @@ class LayerCommunicator:
         mode = self.modes.layer_input_mode
         normed, residual = self._complete_add_norm(hidden, residual, self.input_layernorm, mode,
                                                    layout)
-        return to_consumer(normed, mode, self.modes.attn_mode, "attn_tp", self.groups,
+        return to_consumer(normed, mode, self.modes.attn_mode, Axis.ATTN_TP, self.groups,
                            layout), residual
 
     def prepare_mlp(self, attn_output: torch.Tensor, residual: torch.Tensor,
@@ -141,7 +142,7 @@ class LayerCommunicator:
         modes = self.modes
         mode = modes.middle_residual_mode
         residual = self._move_residual(residual, modes.layer_input_mode, mode, layout)
-        pending = self._pending(attn_output, "attn_tp", modes.attn_mode, mode, layout)
+        pending = self._pending(attn_output, Axis.ATTN_TP, modes.attn_mode, mode, layout)
         normed, residual = self._complete_add_norm(pending, residual,
                                                    self.post_attention_layernorm, mode, layout)
         return to_consumer(normed, mode, modes.mlp_mode, modes.mlp_partial_axis, self.groups,

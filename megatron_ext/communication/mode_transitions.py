@@ -41,6 +41,7 @@ from typing import Optional
 import torch
 
 from megatron_ext.communication import collectives as C
+from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import ParallelGroups
 from megatron_ext.communication.scatter_modes import PARTIAL_AXES, ScatterMode
 from megatron_ext.communication.token_layout import TokenLayout
@@ -90,7 +91,7 @@ def complete_sum(partial: torch.Tensor, partial_axis: Optional[str], source_mode
             return partial
         return C.all_gather(partial, groups.attn_tp, sizes=layout.attn_tp_sizes,
                             backward="own_rows")
-    if partial_axis == "attn_tp":
+    if partial_axis == Axis.ATTN_TP:
         if src is not T:
             raise ValueError(f"a partial over attn_tp lives on TP_ATTN_FULL rows, not {src.name}")
         if dst is T:
@@ -99,7 +100,7 @@ def complete_sum(partial: torch.Tensor, partial_axis: Optional[str], source_mode
             return C.reduce_scatter(partial, groups.attn_tp, sizes=layout.attn_tp_sizes)
         whole = C.all_reduce(partial, groups.attn_tp)
         return C.take_own_rows(whole, groups.attn_tp, sizes=layout.attn_tp_sizes)
-    if partial_axis == "moe_shard":
+    if partial_axis == Axis.MOE_SHARD:
         if src is not moe_rows_mode(layout):
             raise ValueError(f"a partial over moe_shard lives on "
                              f"{moe_rows_mode(layout).name} rows, not {src.name}")
@@ -135,13 +136,13 @@ def to_consumer(x: torch.Tensor, from_mode: ScatterMode, to_mode: ScatterMode,
                          f"{dst.name}")
     if grad_sum_axis not in PARTIAL_AXES:
         raise ValueError(f"grad_sum_axis={grad_sum_axis!r} must be one of {PARTIAL_AXES} or None")
-    if grad_sum_axis == "attn_tp" and dst is not T:
+    if grad_sum_axis == Axis.ATTN_TP and dst is not T:
         raise ValueError(f"a block sharded over attn_tp reads TP_ATTN_FULL, not {dst.name}")
-    if grad_sum_axis == "moe_shard" and dst is not moe_rows_mode(layout):
+    if grad_sum_axis == Axis.MOE_SHARD and dst is not moe_rows_mode(layout):
         raise ValueError(f"a MoE sharded over moe_shard reads {moe_rows_mode(layout).name} (token "
                          f"group k={layout.topology.token_group_size}), not {dst.name}")
     group = groups.axis(grad_sum_axis)
-    sizes = layout.attn_tp_sizes if grad_sum_axis == "attn_tp" else layout.moe_shard_sizes
+    sizes = layout.attn_tp_sizes if grad_sum_axis == Axis.ATTN_TP else layout.moe_shard_sizes
     if src is S:  # one gather over the whole consuming group: its adjoint is the reduce-scatter
         return C.all_gather(x, group, sizes=sizes, backward="reduce_scatter")
     if dst is T:  # TP_ATTN_FULL → TP_ATTN_FULL (a MoE here has k == 1: shard == attn_tp ranks)

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from megatron_ext.communication.mode_transitions import check_rows, complete_sum
+from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import AxisGroup, ParallelGroups
 from megatron_ext.communication.scatter_modes import PARTIAL_AXES, RESIDUAL_MODES, ScatterMode
 from megatron_ext.communication.token_layout import TokenLayout
@@ -67,7 +68,7 @@ class PendingReduction:
         k = self.layout.topology.token_group_size
         if self.target_mode is not ScatterMode.TP_ATTN_FULL:
             return None
-        if self.axis == "moe_shard" and k > 1:
+        if self.axis == Axis.MOE_SHARD and k > 1:
             return None
         return groups.axis(self.axis)
 

@@ -29,10 +29,11 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Collection, Optional
 
+from megatron_ext.communication.choices import MOE_DISPATCHERS, check_choice
+from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.topology import Topology
 
-MOE_DISPATCHERS = ("local", "all_to_all")
-PARTIAL_AXES = ("attn_tp", "moe_shard")
+PARTIAL_AXES = (Axis.ATTN_TP, Axis.MOE_SHARD)
 
 
 class ScatterMode(str, Enum):
@@ -47,8 +48,7 @@ RESIDUAL_MODES = (ScatterMode.SCATTERED, ScatterMode.TP_ATTN_FULL)
 
 def residual_mode_for(allow_reduce_scatter: bool, moe_dispatcher: str = "local") -> ScatterMode:
     """The stack's residual mode (module doc)."""
-    if moe_dispatcher not in MOE_DISPATCHERS:
-        raise ValueError(f"moe_dispatcher={moe_dispatcher!r} must be one of {MOE_DISPATCHERS}")
+    check_choice("moe_dispatcher", moe_dispatcher, MOE_DISPATCHERS)
     if allow_reduce_scatter or moe_dispatcher == "all_to_all":
         return ScatterMode.SCATTERED
     return ScatterMode.TP_ATTN_FULL
@@ -107,10 +107,10 @@ class LayerScatterModes:
         if self.mlp_partial_axis is None and self.mlp_mode is not ScatterMode.SCATTERED:
             raise ValueError(f"a complete MLP output (mlp_partial_axis=None) lives on SCATTERED "
                              f"tokens, not {self.mlp_mode.name}")
-        if self.mlp_partial_axis == "attn_tp" and self.mlp_mode is not ScatterMode.TP_ATTN_FULL:
+        if self.mlp_partial_axis == Axis.ATTN_TP and self.mlp_mode is not ScatterMode.TP_ATTN_FULL:
             raise ValueError(f"a dense TP MLP (partial over attn_tp) runs on TP_ATTN_FULL, not "
                              f"{self.mlp_mode.name}")
-        if self.mlp_partial_axis == "moe_shard" and self.mlp_mode not in (
+        if self.mlp_partial_axis == Axis.MOE_SHARD and self.mlp_mode not in (
                 ScatterMode.MOE_FULL, ScatterMode.TP_ATTN_FULL):
             raise ValueError(f"a MoE partial over moe_shard runs on MOE_FULL (or TP_ATTN_FULL "
                              f"when k == 1), not {self.mlp_mode.name}")
@@ -121,7 +121,7 @@ class LayerScatterModes:
     def check_topology(self, topology: Topology) -> None:
         """Modes that depend on the sizes: a MoE on TP_ATTN_FULL needs k == 1, on MOE_FULL k > 1."""
         k = topology.token_group_size
-        if self.mlp_partial_axis == "moe_shard":
+        if self.mlp_partial_axis == Axis.MOE_SHARD:
             want = ScatterMode.MOE_FULL if k > 1 else ScatterMode.TP_ATTN_FULL
             if self.mlp_mode is not want:
                 raise ValueError(f"mlp_mode={self.mlp_mode.name} for a MoE sharded over "
@@ -139,13 +139,13 @@ class LayerScatterModes:
             raise ValueError(f"layer_id={layer_id} out of range for num_layers={num_layers}")
         residual = residual_mode_for(allow_reduce_scatter, moe_dispatcher)
         if not is_layer_sparse:
-            mlp_mode, axis = ScatterMode.TP_ATTN_FULL, "attn_tp"
+            mlp_mode, axis = ScatterMode.TP_ATTN_FULL, Axis.ATTN_TP
         elif moe_dispatcher == "all_to_all":
             mlp_mode, axis = ScatterMode.SCATTERED, None
         else:
             mlp_mode = (ScatterMode.MOE_FULL if topology.token_group_size > 1
                         else ScatterMode.TP_ATTN_FULL)
-            axis = "moe_shard"
+            axis = Axis.MOE_SHARD
         is_last = layer_id == num_layers - 1
         modes = cls(layer_input_mode=residual, middle_residual_mode=residual, mlp_mode=mlp_mode,
                     layer_output_mode=residual, mlp_partial_axis=axis,

@@ -34,6 +34,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.comm_counter import record
 from megatron_ext.parallel.groups import AxisGroup
 from megatron_ext.kernels.symm_all_reduce import one_shot_kernel
@@ -113,7 +114,7 @@ def group_unavailable_reason(axis: AxisGroup, device: torch.device,
         return "one-rank group: nothing to reduce"
     if axis.group is None:
         return f"axis {axis.name} has no process group"
-    uniform = (axis.name == "attn_tp") if uniform_tokens is None else uniform_tokens
+    uniform = (axis.name == Axis.ATTN_TP) if uniform_tokens is None else uniform_tokens
     if not uniform:
         return (f"axis {axis.name}: ranks may hold different token counts (seed 002: symmetric "
                 f"memory only where every rank reduces the same size, e.g. attention TP)")

@@ -19,6 +19,7 @@ from torch import nn
 
 from megatron_ext.layers.linear import InitFn, default_init, shard_axis_name
 from megatron_ext.communication.collectives import all_gather, all_reduce, copy_to_region
+from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import AxisGroup
 from megatron_ext.parallel.param_meta import ParamSpec, Split, set_spec
 
@@ -73,7 +74,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def __init__(self, vocab_size: int, hidden_size: int, tp_group: AxisGroup, *,
                  reduce_results: bool = False, check_ids: bool = True,
-                 grad_sync: tuple[str, ...] = ("attn_dp_cp",), shard_axis: Optional[str] = None,
+                 grad_sync: tuple[str, ...] = (Axis.ATTN_DP_CP,), shard_axis: Optional[str] = None,
                  name: Optional[str] = None, init_method: InitFn = default_init,
                  dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
         super().__init__()
@@ -112,7 +113,7 @@ class VocabParallelLMHead(nn.Module):
 
     def __init__(self, hidden_size: int, vocab_size: int, tp_group: AxisGroup, *,
                  tied_embedding: Optional[VocabParallelEmbedding] = None,
-                 sync_input_grad: bool = True, grad_sync: tuple[str, ...] = ("attn_dp_cp",),
+                 sync_input_grad: bool = True, grad_sync: tuple[str, ...] = (Axis.ATTN_DP_CP,),
                  shard_axis: Optional[str] = None, name: Optional[str] = None,
                  init_method: InitFn = default_init, dtype: Optional[torch.dtype] = None,
                  device: Optional[torch.device] = None):

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_ext.communication.collectives import all_reduce, copy_to_region
+from megatron_ext.parallel.axes import GROUP_AXES, Axis
 from megatron_ext.parallel.groups import AxisGroup
 from megatron_ext.parallel.param_meta import ParamSpec, Split, set_spec
-from megatron_ext.parallel.topology import GROUP_AXES
 
 InitFn = Callable[[torch.Tensor], None]
 
@@ -88,7 +88,7 @@ class ColumnParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, tp_group: AxisGroup,
                  bias: bool = False, *, num_partitions: Optional[int] = None,
-                 sync_input_grad: bool = True, grad_sync: tuple[str, ...] = ("attn_dp_cp",),
+                 sync_input_grad: bool = True, grad_sync: tuple[str, ...] = (Axis.ATTN_DP_CP,),
                  shard_axis: Optional[str] = None, name: Optional[str] = None,
                  init_method: InitFn = default_init, dtype: Optional[torch.dtype] = None,
                  device: Optional[torch.device] = None):
@@ -146,7 +146,7 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, tp_group: AxisGroup,
                  reduce_results: bool, bias: bool = False, *,
-                 grad_sync: tuple[str, ...] = ("attn_dp_cp",), shard_axis: Optional[str] = None,
+                 grad_sync: tuple[str, ...] = (Axis.ATTN_DP_CP,), shard_axis: Optional[str] = None,
                  name: Optional[str] = None, init_method: InitFn = default_init,
                  dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
         super().__init__()

@@ -22,6 +22,7 @@ from torch import nn
 
 from megatron_ext.layers.linear import ColumnParallelLinear, RowParallelLinear
 from megatron_ext.communication.collectives import copy_to_region
+from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import AxisGroup, ParallelGroups
 
 
@@ -108,7 +109,7 @@ class SwiGLUMLP(nn.Module):
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, group: AxisGroup, *,
-                 sync_input_grad: bool = True, grad_sync: tuple[str, ...] = ("attn_dp_cp",),
+                 sync_input_grad: bool = True, grad_sync: tuple[str, ...] = (Axis.ATTN_DP_CP,),
                  shard_axis: Optional[str] = None, name: Optional[str] = None,
                  dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
         super().__init__()
@@ -142,5 +143,5 @@ class DenseMLP(SwiGLUMLP):
                  sync_input_grad: bool = True, name: Optional[str] = "mlp",
                  dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
         super().__init__(hidden_size, intermediate_size, groups.attn_tp,
-                         sync_input_grad=sync_input_grad, grad_sync=("attn_dp_cp",),
-                         shard_axis="attn_tp", name=name, dtype=dtype, device=device)
+                         sync_input_grad=sync_input_grad, grad_sync=(Axis.ATTN_DP_CP,),
+                         shard_axis=Axis.ATTN_TP, name=name, dtype=dtype, device=device)

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.param_meta import ParamSpec, set_spec
 
 MAX_TRITON_COLS = 16384
@@ -167,7 +168,7 @@ class RMSNorm(nn.Module):
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6,
-                 grad_sync: tuple[str, ...] = ("attn_dp_cp",), name: Optional[str] = None,
+                 grad_sync: tuple[str, ...] = (Axis.ATTN_DP_CP,), name: Optional[str] = None,
                  dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
         super().__init__()
         if hidden_size < 1:

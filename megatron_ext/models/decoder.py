@@ -37,16 +37,16 @@ from megatron_ext.layers.mlp import DenseMLP
 from megatron_ext.layers.moe import MoELayer, RouterStats, load_balancing_loss
 from megatron_ext.layers.norm import RMSNorm
 from megatron_ext.layers.rope import RotaryEmbedding
+from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import ParallelGroups
 from megatron_ext.parallel.topology import Topology
 from megatron_ext.parallel.param_meta import get_spec
+from megatron_ext.communication.choices import CP_STRATEGIES, MOE_DISPATCHERS, check_choice
 from megatron_ext.communication.scatter_modes import LayerScatterModes
 from megatron_ext.communication.token_layout import TokenLayout
 from megatron_ext.models.config import ModelConfig
 from megatron_ext.models.hf_keys import hf_tensor_shapes
 
-CP_STRATEGIES = ("all_gather", "p2p")
-MOE_DISPATCHERS = ("local", "all_to_all")
 
 
 @dataclass
@@ -183,11 +183,8 @@ class CausalLM(nn.Module):
                  fused_reduce_add_norm: Optional[FusedReduceAddNorm] = None,
                  dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
         super().__init__()
-        if cp_strategy not in CP_STRATEGIES:
-            raise ValueError(f"cp_strategy={cp_strategy!r} must be one of {CP_STRATEGIES}")
-        if moe_dispatcher not in MOE_DISPATCHERS:
-            raise ValueError(f"moe_dispatcher={moe_dispatcher!r} must be one of "
-                             f"{MOE_DISPATCHERS}")
+        check_choice("cp_strategy", cp_strategy, CP_STRATEGIES)
+        check_choice("moe_dispatcher", moe_dispatcher, MOE_DISPATCHERS)
         start, stop = layer_range if layer_range is not None else (0, config.num_layers)
         if not 0 <= start < stop <= config.num_layers:
             raise ValueError(f"layer_range={layer_range} must be a non-empty range inside "
@@ -198,7 +195,7 @@ class CausalLM(nn.Module):
         self.layer_range = (start, stop)
         kw = dict(dtype=dtype, device=device)
         tied_across_stages = config.tie_word_embeddings and not (pre_process and post_process)
-        emb_sync = ("attn_dp_cp", "embedding") if tied_across_stages else ("attn_dp_cp",)
+        emb_sync = (Axis.ATTN_DP_CP, Axis.EMBEDDING) if tied_across_stages else (Axis.ATTN_DP_CP,)
 
         self.model = _Backbone()
         if pre_process:

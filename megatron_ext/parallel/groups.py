@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_ext.parallel.topology import GROUP_AXES, RankCoords, Topology
+from megatron_ext.parallel.axes import GROUP_AXES, Axis
+from megatron_ext.parallel.topology import RankCoords, Topology
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ class ParallelGroups:
         from megatron.core.process_groups_config import ProcessGroupCollection
 
         def pg(axis: AxisGroup):
-            if axis.group is None and axis.name == "embedding":
+            if axis.group is None and axis.name == Axis.EMBEDDING:
                 return None  # middle pipeline stages are in no embedding group (as in Megatron)
             if axis.group is None:
                 raise RuntimeError(f"axis {axis.name} has no process group (single-process groups)")

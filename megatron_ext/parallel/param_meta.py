@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from megatron_ext.parallel.axes import Axis
+
 _ATTR = "_megatron_ext_spec"
 
 
@@ -44,7 +46,7 @@ class ParamSpec:
 
     global_shape: tuple[int, ...]
     splits: tuple[Split, ...] = ()
-    grad_sync: tuple[str, ...] = ("attn_dp_cp",)
+    grad_sync: tuple[str, ...] = (Axis.ATTN_DP_CP,)
     shard_axis: Optional[str] = None
     name: Optional[str] = field(default=None, compare=False)
 

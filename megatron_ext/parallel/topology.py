@@ -15,12 +15,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
-# Axes whose groups are created, in this order, on every rank (gloo needs one order everywhere).
-GROUP_AXES: tuple[str, ...] = (
-    "attn_tp", "attn_cp", "attn_dp", "attn_dp_cp", "attn_tp_cp",
-    "moe_tp", "moe_ep", "moe_dp", "moe_shard", "moe_cp",
-    "stage", "pp", "embedding", "model",
-)
+from megatron_ext.parallel.axes import GROUP_AXES, Axis
+
 
 
 def _check_positive_int(name: str, value: object) -> None:
@@ -76,8 +72,8 @@ class Topology:
         derived: list[str] = []
         world, pp = given["world"], given["pp"]
 
-        attn = {k: given[k] for k in ("attn_tp", "attn_cp", "attn_dp")}
-        moe = {k: given[k] for k in ("moe_tp", "moe_ep", "moe_dp")}
+        attn = {k: given[k] for k in (Axis.ATTN_TP, Axis.ATTN_CP, Axis.ATTN_DP)}
+        moe = {k: given[k] for k in (Axis.MOE_TP, Axis.MOE_EP, Axis.MOE_DP)}
         if world is None:
             full = next((sizes for sizes in (attn, moe) if None not in sizes.values()), None)
             if full is None:
@@ -94,28 +90,29 @@ class Topology:
         stage = world // pp
 
         # attention layout
-        if attn["attn_dp"] is not None and (attn["attn_tp"] is None) != (attn["attn_cp"] is None):
-            missing = "attn_tp" if attn["attn_tp"] is None else "attn_cp"
-            other = "attn_cp" if missing == "attn_tp" else "attn_tp"
-            denom = attn[other] * attn["attn_dp"]
+        if attn[Axis.ATTN_DP] is not None and \
+                (attn[Axis.ATTN_TP] is None) != (attn[Axis.ATTN_CP] is None):
+            missing = Axis.ATTN_TP if attn[Axis.ATTN_TP] is None else Axis.ATTN_CP
+            other = Axis.ATTN_CP if missing == Axis.ATTN_TP else Axis.ATTN_TP
+            denom = attn[other] * attn[Axis.ATTN_DP]
             if stage % denom:
                 raise ValueError(f"{other}*attn_dp={denom} must divide world/pp={stage} "
                                  f"to derive {missing}")
             attn[missing] = stage // denom
             derived.append(missing)
-        for k in ("attn_tp", "attn_cp"):
+        for k in (Axis.ATTN_TP, Axis.ATTN_CP):
             if attn[k] is None:
                 attn[k] = 1
                 derived.append(k)
-        tp_cp = attn["attn_tp"] * attn["attn_cp"]
-        if attn["attn_dp"] is None:
+        tp_cp = attn[Axis.ATTN_TP] * attn[Axis.ATTN_CP]
+        if attn[Axis.ATTN_DP] is None:
             if stage % tp_cp:
                 raise ValueError(f"attn_tp*attn_cp={tp_cp} must divide world/pp={stage} "
                                  f"(attn_tp={attn['attn_tp']}, attn_cp={attn['attn_cp']}, "
                                  f"world={world}, pp={pp})")
-            attn["attn_dp"] = stage // tp_cp
-            derived.append("attn_dp")
-        if tp_cp * attn["attn_dp"] != stage:
+            attn[Axis.ATTN_DP] = stage // tp_cp
+            derived.append(Axis.ATTN_DP)
+        if tp_cp * attn[Axis.ATTN_DP] != stage:
             raise ValueError(
                 f"attn_tp*attn_cp*attn_dp={tp_cp * attn['attn_dp']} must equal world/pp={stage} "
                 f"(attn_tp={attn['attn_tp']}, attn_cp={attn['attn_cp']}, "
@@ -123,14 +120,14 @@ class Topology:
 
         # MoE layout
         missing = [k for k, v in moe.items() if v is None]
-        if len(missing) >= 2 and moe["moe_ep"] is None:
-            moe["moe_ep"] = 1
-            derived.append("moe_ep")
-            missing.remove("moe_ep")
+        if len(missing) >= 2 and moe[Axis.MOE_EP] is None:
+            moe[Axis.MOE_EP] = 1
+            derived.append(Axis.MOE_EP)
+            missing.remove(Axis.MOE_EP)
         if len(missing) == 2:  # moe_tp and moe_dp
-            moe["moe_tp"] = attn["attn_tp"]
-            derived.append("moe_tp")
-            missing.remove("moe_tp")
+            moe[Axis.MOE_TP] = attn[Axis.ATTN_TP]
+            derived.append(Axis.MOE_TP)
+            missing.remove(Axis.MOE_TP)
         if len(missing) == 1:
             name = missing[0]
             denom = 1
@@ -143,13 +140,13 @@ class Topology:
                                  f"to derive {name}")
             moe[name] = stage // denom
             derived.append(name)
-        product = moe["moe_tp"] * moe["moe_ep"] * moe["moe_dp"]
+        product = moe[Axis.MOE_TP] * moe[Axis.MOE_EP] * moe[Axis.MOE_DP]
         if product != stage:
             raise ValueError(
                 f"moe_tp*moe_ep*moe_dp={product} must equal world/pp={stage} "
                 f"(moe_tp={moe['moe_tp']}, moe_ep={moe['moe_ep']}, moe_dp={moe['moe_dp']})")
-        dp_cp = attn["attn_dp"] * attn["attn_cp"]
-        if dp_cp % moe["moe_dp"]:
+        dp_cp = attn[Axis.ATTN_DP] * attn[Axis.ATTN_CP]
+        if dp_cp % moe[Axis.MOE_DP]:
             raise ValueError(
                 f"moe_dp={moe['moe_dp']} must divide attn_dp*attn_cp={dp_cp}: an MoE shard "
                 f"(moe_ep*moe_tp={moe['moe_ep'] * moe['moe_tp']} ranks) must cover whole "
@@ -215,50 +212,50 @@ class Topology:
         M, E, Q = self.moe_tp, self.moe_ep, self.moe_dp
         S, P = self.stage_size, self.pp
         k = self.token_group_size
-        if axis == "pp":
+        if axis == Axis.PP:
             yield from ([s + S * p for p in range(P)] for s in range(S))
             return
-        if axis == "embedding":
+        if axis == Axis.EMBEDDING:
             # first and last stage of each pipeline (tied embedding / LM head)
             yield from (sorted({s, s + S * (P - 1)}) for s in range(S))
             return
-        if axis == "model":  # tp x pp: one copy of the dense model (Megatron's "mp")
+        if axis == Axis.MODEL:  # tp x pp: one copy of the dense model (Megatron's "mp")
             for c in range(C):
                 for d in range(D):
                     yield [self._attn_rank(p, a, c, d) for p in range(P) for a in range(A)]
             return
         for p in range(P):
-            if axis == "attn_tp":
+            if axis == Axis.ATTN_TP:
                 yield from ([self._attn_rank(p, a, c, d) for a in range(A)]
                             for c in range(C) for d in range(D))
-            elif axis == "attn_cp":
+            elif axis == Axis.ATTN_CP:
                 yield from ([self._attn_rank(p, a, c, d) for c in range(C)]
                             for a in range(A) for d in range(D))
-            elif axis == "attn_dp":
+            elif axis == Axis.ATTN_DP:
                 yield from ([self._attn_rank(p, a, c, d) for d in range(D)]
                             for a in range(A) for c in range(C))
-            elif axis == "attn_dp_cp":
+            elif axis == Axis.ATTN_DP_CP:
                 yield from ([self._attn_rank(p, a, c, d) for d in range(D) for c in range(C)]
                             for a in range(A))
-            elif axis == "attn_tp_cp":
+            elif axis == Axis.ATTN_TP_CP:
                 yield from ([self._attn_rank(p, a, c, d) for c in range(C) for a in range(A)]
                             for d in range(D))
-            elif axis == "moe_tp":
+            elif axis == Axis.MOE_TP:
                 yield from ([self._moe_rank(p, m, e, q) for m in range(M)]
                             for e in range(E) for q in range(Q))
-            elif axis == "moe_ep":
+            elif axis == Axis.MOE_EP:
                 yield from ([self._moe_rank(p, m, e, q) for e in range(E)]
                             for m in range(M) for q in range(Q))
-            elif axis == "moe_dp":
+            elif axis == Axis.MOE_DP:
                 yield from ([self._moe_rank(p, m, e, q) for q in range(Q)]
                             for m in range(M) for e in range(E))
-            elif axis == "moe_shard":
+            elif axis == Axis.MOE_SHARD:
                 yield from ([self._moe_rank(p, m, e, q) for e in range(E) for m in range(M)]
                             for q in range(Q))
-            elif axis == "moe_cp":
+            elif axis == Axis.MOE_CP:
                 yield from ([q * E * M + a + A * j + S * p for j in range(k)]
                             for q in range(Q) for a in range(A))
-            elif axis == "stage":
+            elif axis == Axis.STAGE:
                 yield list(range(S * p, S * (p + 1)))
 
     def group_of(self, axis: str, rank: int) -> list[int]:
@@ -285,7 +282,7 @@ class Topology:
         for r in range(self.world):
             c = self.coords(r)
             rows.append((r, c.pp, c.attn_tp, c.attn_cp, c.attn_dp, c.moe_tp, c.moe_ep, c.moe_dp,
-                         str(self.group_of("moe_cp", r)), str(self.group_of("moe_shard", r))))
+                         str(self.group_of(Axis.MOE_CP, r)), str(self.group_of(Axis.MOE_SHARD, r))))
         widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
         fmt = "  ".join(f"{{:>{w}}}" for w in widths)
         lines += ["", fmt.format(*header)] + [fmt.format(*row) for row in rows] + [""]

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
+from megatron_ext.communication.choices import CP_STRATEGIES
 from megatron_ext.parallel.topology import Topology
 
 LAYOUT_FIELDS = ("pp", "attn_tp", "attn_cp", "attn_dp", "moe_tp", "moe_ep", "moe_dp")
@@ -114,7 +115,7 @@ class TrainConfig:
         if not self.dist_timeout_s > 0:
             raise ValueError(f"dist_timeout_s={self.dist_timeout_s} must be > 0")
         choices = {"dtype": ("auto", "fp32", "bf16"), "device": ("auto", "cpu", "cuda"),
-                   "pp_schedule": ("1f1b", "gpipe"), "cp_comm": ("all_gather", "p2p")}
+                   "pp_schedule": ("1f1b", "gpipe"), "cp_comm": CP_STRATEGIES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of {allowed}")

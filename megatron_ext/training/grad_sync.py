@@ -25,7 +25,7 @@ import torch.distributed as dist
 from megatron_ext.parallel.comm_counter import record
 from megatron_ext.parallel.groups import ParallelGroups
 from megatron_ext.parallel.param_meta import get_spec
-from megatron_ext.parallel.topology import GROUP_AXES
+from megatron_ext.parallel.axes import GROUP_AXES
 
 
 @dataclass

@@ -17,6 +17,7 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import ParallelGroups
 from megatron_ext.parallel.param_meta import ParamSpec, get_spec
 
@@ -44,7 +45,7 @@ def _holders(spec: ParamSpec, groups: ParallelGroups) -> int:
     """Ranks holding some piece of the parameter: its whole pipeline stage, twice over for a
     weight tied across the first and last stage."""
     n = groups.topology.stage_size
-    if "embedding" in spec.grad_sync:
+    if Axis.EMBEDDING in spec.grad_sync:
         n *= groups.embedding.size
     return n
 

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from megatron_ext.data.batching import StepBatch, split_global_batch
 from megatron_ext.data.dataset import SampleOrder, TokenDataset, open_dataset
 from megatron_ext.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import ParallelGroups
 from megatron_ext.parallel.topology import Topology
 from megatron_ext.checkpoint import training_state as ckpt
@@ -325,7 +326,7 @@ class Trainer:
                            if k != "hf_config"},
                  "layout": {k: getattr(self.groups.topology, k) for k in
                             ("world", "pp", "attn_tp", "attn_cp", "attn_dp", "moe_tp", "moe_ep",
-                             "moe_dp")},
+                             Axis.MOE_DP)},
                  "data": self.plan.dataset.source, "seed": self.cfg.seed}
         return ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.step, self._shards(), state,
                                     keep=self.cfg.keep_checkpoints)

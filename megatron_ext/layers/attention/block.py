@@ -27,7 +27,9 @@ from torch import nn
 from megatron_ext.layers.linear import ColumnParallelLinear, RowParallelLinear
 from megatron_ext.layers.norm import RMSNorm
 from megatron_ext.layers.rope import RotaryEmbedding, apply_rotary
+from megatron_ext.communication.choices import CP_STRATEGIES, check_choice
 from megatron_ext.communication.collectives import copy_to_region
+from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import ParallelGroups
 
 
@@ -72,8 +74,7 @@ class AttentionBlock(nn.Module):
         tp_group = groups.attn_tp
         tp = tp_group.size
         check_head_split(num_heads, num_kv_heads, tp)
-        if cp_strategy not in ("all_gather", "p2p"):
-            raise ValueError(f"cp_strategy={cp_strategy!r} must be 'all_gather' or 'p2p'")
+        check_choice("cp_strategy", cp_strategy, CP_STRATEGIES)
         self.groups, self.tp_group, self.cp_group = groups, tp_group, groups.attn_cp
         self.hidden_size, self.head_dim = hidden_size, head_dim
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
@@ -82,7 +83,8 @@ class AttentionBlock(nn.Module):
         self.cp_strategy, self.softmax_scale = cp_strategy, softmax_scale
         self.sync_input_grad = sync_input_grad
         kv_parts = min(num_kv_heads, tp)
-        common = dict(grad_sync=("attn_dp_cp",), shard_axis="attn_tp", dtype=dtype, device=device)
+        common = dict(grad_sync=(Axis.ATTN_DP_CP,), shard_axis=Axis.ATTN_TP, dtype=dtype,
+                      device=device)
         self.q_proj = ColumnParallelLinear(hidden_size, num_heads * head_dim, tp_group, qkv_bias,
                                            sync_input_grad=False, name=_join(name, "q_proj"),
                                            **common)
@@ -98,9 +100,9 @@ class AttentionBlock(nn.Module):
                                         reduce_results=False, bias=o_bias,
                                         name=_join(name, "o_proj"), **common)
         if qk_norm:
-            self.q_norm = RMSNorm(head_dim, rms_norm_eps, grad_sync=("stage",),
+            self.q_norm = RMSNorm(head_dim, rms_norm_eps, grad_sync=(Axis.STAGE,),
                                   name=_join(name, "q_norm.weight"), dtype=dtype, device=device)
-            self.k_norm = RMSNorm(head_dim, rms_norm_eps, grad_sync=("stage",),
+            self.k_norm = RMSNorm(head_dim, rms_norm_eps, grad_sync=(Axis.STAGE,),
                                   name=_join(name, "k_norm.weight"), dtype=dtype, device=device)
         else:
             self.q_norm = self.k_norm = None

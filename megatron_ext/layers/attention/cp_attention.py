@@ -43,7 +43,8 @@ from megatron_ext.layers.attention.attention_math import (MaskKind, accum_dtype,
                                                 uses_flash)
 from megatron_ext.communication.raw import (exchange_async, gather_peers_async, log_collective,
                                          ring_exchange_async)
-from megatron_ext.layers.attention.cp_plan import STRATEGIES, CPAttentionPlan, plan_cp_attention
+from megatron_ext.communication.choices import CP_STRATEGIES, check_choice
+from megatron_ext.layers.attention.cp_plan import CPAttentionPlan, plan_cp_attention
 from megatron_ext.parallel.groups import AxisGroup
 
 log = logging.getLogger(__name__)
@@ -421,8 +422,7 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     padding (never attended; padded queries give zeros); None = one document. ``plan``: a
     :func:`plan_cp_attention` result for these shapes and indices, to reuse across layers
     (otherwise one is built: two small all-gathers). Collective over ``cp_group``."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy={strategy!r} must be one of {STRATEGIES}")
+    check_choice("strategy", strategy, CP_STRATEGIES)
     if plan is None:
         plan = plan_cp_attention(q, k, v, cp_group, token_index=token_index,
                                  segment_ids=segment_ids, strategy=strategy)

@@ -27,11 +27,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_ext.layers.attention.attention_math import MaskKind
+from megatron_ext.communication.choices import CP_STRATEGIES
 from megatron_ext.communication.raw import gather_into
 from megatron_ext.parallel.comm_counter import record
 from megatron_ext.parallel.groups import AxisGroup
 
-STRATEGIES = ("all_gather", "p2p")
 _BIG = 1 << 62
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
@@ -82,8 +82,8 @@ class CPAttentionPlan:
 # ------------------------------------------------------------------------------- validation
 def _local_problems(q, k, v, token_index, segment_ids, strategy) -> list[str]:
     errs = []
-    if strategy not in STRATEGIES:
-        errs.append(f"strategy={strategy!r} must be one of {STRATEGIES}")
+    if strategy not in CP_STRATEGIES:
+        errs.append(f"strategy={strategy!r} must be one of {CP_STRATEGIES}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return errs + [f"q, k, v must be [b, s, heads, head_dim], got {tuple(q.shape)}, "
                        f"{tuple(k.shape)}, {tuple(v.shape)}"]
@@ -143,7 +143,7 @@ def _exchange_header(q, k, errs: list[str], group: AxisGroup, strategy) -> None:
     b, s, hq, d = q.shape if ok else (0, 0, 0, 0)
     fields = dict(batch=b, s_local=s, heads=hq, kv_heads=k.shape[2] if ok else 0, head_dim=d,
                   dtype=_DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1,
-                  strategy=STRATEGIES.index(strategy) if strategy in STRATEGIES else -1)
+                  strategy=CP_STRATEGIES.index(strategy) if strategy in CP_STRATEGIES else -1)
     check_across_ranks(group, q.device, errs, fields, "context_parallel_attention")
 
 

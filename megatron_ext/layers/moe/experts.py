@@ -20,6 +20,7 @@ from torch import nn
 from megatron_ext.layers.linear import default_init
 from megatron_ext.layers.mlp import swiglu
 from megatron_ext.layers.moe.grouped_gemm import Counts, grouped_mm
+from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import ParallelGroups
 from megatron_ext.parallel.param_meta import ParamSpec, Split, set_spec
 
@@ -55,12 +56,12 @@ class RoutedExperts(nn.Module):
                           if s.chunks > 1)
         splits_out = tuple(s for s in (Split(0, ep.size, ep.rank), Split(2, tp.size, tp.rank))
                            if s.chunks > 1)
-        axis = "moe_shard" if ep.size * tp.size > 1 else None
+        axis = Axis.MOE_SHARD if ep.size * tp.size > 1 else None
 
         def make(shape, global_shape, splits, pname):
             p = nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
             default_init(p)
-            return set_spec(p, ParamSpec(global_shape, splits, ("moe_dp",), axis,
+            return set_spec(p, ParamSpec(global_shape, splits, (Axis.MOE_DP,), axis,
                                          f"{name}.{pname}" if name else pname))
 
         e, h, i = num_experts, hidden_size, intermediate_size

@@ -30,10 +30,9 @@ from megatron_ext.layers.moe.dispatch import (AllToAllDispatch, combine, gather_
 from megatron_ext.layers.moe.experts import RoutedExperts
 from megatron_ext.layers.moe.router import RouterStats, TopKRouter
 from megatron_ext.layers.moe.shared_expert import SharedExpert
+from megatron_ext.communication.choices import MOE_DISPATCHERS, check_choice
 from megatron_ext.communication.collectives import all_gather, copy_to_region, reduce_scatter
 from megatron_ext.parallel.groups import ParallelGroups
-
-DISPATCHERS = ("local", "all_to_all")
 
 
 class MoEOutput(NamedTuple):
@@ -56,8 +55,7 @@ class MoELayer(nn.Module):
                  sync_input_grad: bool = False, name: Optional[str] = "mlp",
                  dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
         super().__init__()
-        if dispatcher not in DISPATCHERS:
-            raise ValueError(f"dispatcher={dispatcher!r} must be one of {DISPATCHERS}")
+        check_choice("dispatcher", dispatcher, MOE_DISPATCHERS)
         if shared_expert_gate and not shared_expert_intermediate_size:
             raise ValueError("shared_expert_gate=True needs shared_expert_intermediate_size > 0")
         if dispatcher == "all_to_all" and sync_input_grad:

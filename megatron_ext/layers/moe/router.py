@@ -20,6 +20,7 @@ from torch import nn
 
 from megatron_ext.layers.linear import default_init
 from megatron_ext.communication.collectives import all_reduce
+from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import AxisGroup
 from megatron_ext.parallel.param_meta import ParamSpec, set_spec
 
@@ -66,7 +67,7 @@ class TopKRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=dtype,
                                                device=device))
         default_init(self.weight)
-        set_spec(self.weight, ParamSpec((num_experts, hidden_size), (), ("stage",), None,
+        set_spec(self.weight, ParamSpec((num_experts, hidden_size), (), (Axis.STAGE,), None,
                                         f"{name}.weight" if name else None))
 
     def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> RouterOutput:

@@ -17,6 +17,7 @@ from torch import nn
 
 from megatron_ext.layers.linear import default_init
 from megatron_ext.layers.mlp import SwiGLUMLP
+from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import ParallelGroups
 from megatron_ext.parallel.param_meta import ParamSpec, set_spec
 
@@ -40,12 +41,12 @@ class SharedExpert(nn.Module):
             raise ValueError(f"shared_expert_intermediate_size={intermediate_size} must be "
                              f"divisible by the MoE shard size moe_ep*moe_tp={shard.size}")
         self.mlp = SwiGLUMLP(hidden_size, intermediate_size, shard, sync_input_grad=False,
-                             grad_sync=("moe_dp",), shard_axis="moe_shard", name=name,
+                             grad_sync=(Axis.MOE_DP,), shard_axis=Axis.MOE_SHARD, name=name,
                              dtype=dtype, device=device)
         if gated:
             self.gate = nn.Linear(hidden_size, 1, bias=False, dtype=dtype, device=device)
             default_init(self.gate.weight)
-            set_spec(self.gate.weight, ParamSpec((1, hidden_size), (), ("stage",), None,
+            set_spec(self.gate.weight, ParamSpec((1, hidden_size), (), (Axis.STAGE,), None,
                                                  f"{name}_gate.weight" if name else None))
         else:
             self.gate = None
