@@ -25,7 +25,7 @@ from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import build_groups, init_distributed
 from megatron_ext.parallel.topology import add_layout_arguments, topology_from_args
 from megatron_ext.models.config import ModelConfig
-from megatron_ext.models.decoder import CausalLM, check_model_fits_layout
+from megatron_ext.models.decoder import CausalLM
 
 
 def _args(argv):
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # everything checkable before process groups exist
         topo = topology_from_args(args, world)
         config = ModelConfig.from_hf_dir(args.model)
-        check_model_fits_layout(config, topo)
+        config.check_fits(topo)
         dataset = open_dataset(args.data, load_tokenizer(args.tokenizer))
         if args.seq_len < 2 or args.num_samples < 1 or args.batch_size < 1:
             raise ValueError("--seq-len must be >= 2, --num-samples and --batch-size >= 1")

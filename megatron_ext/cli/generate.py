@@ -28,7 +28,7 @@ from megatron_ext.parallel.topology import (GROUP_AXES, add_layout_arguments,
                                             topology_from_args)
 from megatron_ext.serving import check_generate_inputs, greedy_generate
 from megatron_ext.models.config import ModelConfig
-from megatron_ext.models.decoder import CausalLM, check_model_fits_layout
+from megatron_ext.models.decoder import CausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # everything checkable before process groups exist
         topo = topology_from_args(args, world)
         config = ModelConfig.from_hf_dir(args.model)
-        check_model_fits_layout(config, topo)
+        config.check_fits(topo)
         tok = load_tokenizer(args.tokenizer)
         encoded = [tok.encode(p).tolist() for p in args.prompt]
         if any(not p for p in encoded):

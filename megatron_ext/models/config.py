@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+if TYPE_CHECKING:
+    from megatron_ext.parallel.topology import Topology
 
 ARCHITECTURES: tuple[str, ...] = ("qwen3_moe", "qwen2_moe", "llama")
 
@@ -110,6 +113,34 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    def check_fits(self, topo: "Topology") -> None:
+        """Sizes the parallel layers would reject later, named with the model field. Pure: runs
+        before any process group exists, so a launch fails with this message, not a hang."""
+        problems = []
+        if self.vocab_size % topo.attn_tp:
+            problems.append(f"vocab_size={self.vocab_size} must be divisible by attn_tp="
+                            f"{topo.attn_tp}")
+        if self.num_heads % topo.attn_tp:
+            problems.append(f"num_heads={self.num_heads} must be divisible by attn_tp="
+                            f"{topo.attn_tp}")
+        if not all(self.sparse_layers) and self.intermediate_size % topo.attn_tp:
+            problems.append(f"intermediate_size={self.intermediate_size} must be divisible by "
+                            f"attn_tp={topo.attn_tp}")
+        if any(self.sparse_layers):
+            if self.num_experts % topo.moe_ep:
+                problems.append(f"num_experts={self.num_experts} must be divisible by moe_ep="
+                                f"{topo.moe_ep}")
+            if self.moe_intermediate_size % topo.moe_tp:
+                problems.append(f"moe_intermediate_size={self.moe_intermediate_size} must be "
+                                f"divisible by moe_tp={topo.moe_tp}")
+            if self.shared_expert_intermediate_size % topo.moe_shard_size:
+                problems.append(f"shared_expert_intermediate_size="
+                                f"{self.shared_expert_intermediate_size} must be divisible by the "
+                                f"MoE shard size moe_ep*moe_tp={topo.moe_shard_size}")
+        if problems:
+            raise ValueError(f"{self.architecture} model does not fit the layout: "
+                             + "; ".join(problems))
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with some fields changed (validated again); drops the stored HF dict."""

@@ -19,18 +19,16 @@ the shared expert's inner MLP and gate, and a tied LM head on another pipeline s
 """
 from __future__ import annotations
 
-import re
-import zlib
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from megatron_ext.checkpoint.hf_sources import HFSource, HFTensor, stacked_keys
+from megatron_ext.checkpoint.hf_sources import HFSource
 from megatron_ext.communication.communicator import FusedReduceAddNorm, LayerCommunicator
 from megatron_ext.layers.attention.block import AttentionBlock
-from megatron_ext.layers.attention.cp_plan import plan_cp_attention
+from megatron_ext.layers.attention.cp_plan import QKVShapes, plan_cp_attention_for_shapes
 from megatron_ext.layers.cross_entropy import vocab_parallel_cross_entropy
 from megatron_ext.layers.embedding import VocabParallelEmbedding, VocabParallelLMHead
 from megatron_ext.layers.mlp import DenseMLP
@@ -39,13 +37,14 @@ from megatron_ext.layers.norm import RMSNorm
 from megatron_ext.layers.rope import RotaryEmbedding
 from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import ParallelGroups
-from megatron_ext.parallel.topology import Topology
-from megatron_ext.parallel.param_meta import get_spec
 from megatron_ext.communication.choices import CP_STRATEGIES, MOE_DISPATCHERS, check_choice
 from megatron_ext.communication.scatter_modes import LayerScatterModes
 from megatron_ext.communication.token_layout import TokenLayout
 from megatron_ext.models.config import ModelConfig
+from megatron_ext.models.hf_adapter import hf_sources
+from megatron_ext.models.init_weights import init_weights
 from megatron_ext.models.hf_keys import hf_tensor_shapes
+from megatron_ext.parallel.stages import stage_layer_range
 
 
 
@@ -117,8 +116,8 @@ class DecoderLayer(nn.Module):
         stats = None
         if self.is_sparse:
             mode = self.modes.mlp_mode
-            counts = layout.moe_shard_sizes if self.mlp.dispatcher == "all_to_all" else None
-            out = self.mlp(x, token_mask=inputs.token_masks.get(mode), token_counts=counts)
+            out = self.mlp(x, token_mask=inputs.token_masks.get(mode),
+                           token_counts=self.mlp.token_counts(layout))
             y, stats = out.hidden, out.router_stats
         else:
             y = self.mlp(x)
@@ -189,7 +188,7 @@ class CausalLM(nn.Module):
         if not 0 <= start < stop <= config.num_layers:
             raise ValueError(f"layer_range={layer_range} must be a non-empty range inside "
                              f"[0, num_layers={config.num_layers}]")
-        check_model_fits_layout(config, groups.topology)
+        config.check_fits(groups.topology)
         self.config, self.groups = config, groups
         self.pre_process, self.post_process = pre_process, post_process
         self.layer_range = (start, stop)
@@ -317,17 +316,15 @@ class CausalLM(nn.Module):
 
     def _attention_plan(self, b: int, s: int, inputs: StepInputs):
         """One CP attention plan per forward (block schedule + validation: a collective over
-        attn_cp), shared by every layer instead of one per layer. Only shapes matter here, so q
-        and k are zero-stride views."""
+        attn_cp), shared by every layer instead of one per layer."""
         attn = self.layers[0].self_attn
-        dtype = next(self.parameters()).dtype
-        scalar = torch.zeros((), dtype=dtype, device=inputs.position_ids.device)
-        q = scalar.expand(b, s, attn.local_heads, attn.head_dim)
-        k = scalar.expand(b, s, attn.local_kv_heads, attn.head_dim)
+        shapes = QKVShapes(b, s, attn.local_heads, attn.local_kv_heads, attn.head_dim,
+                           next(self.parameters()).dtype, inputs.position_ids.device)
         token_index = inputs.token_index if inputs.token_index is not None else \
             inputs.position_ids
-        return plan_cp_attention(q, k, k, self.groups.attn_cp, token_index=token_index,
-                                 segment_ids=inputs.segment_ids, strategy=attn.cp_strategy)
+        return plan_cp_attention_for_shapes(shapes, self.groups.attn_cp, token_index=token_index,
+                                            segment_ids=inputs.segment_ids,
+                                            strategy=attn.cp_strategy)
 
     def _token_masks(self, valid: torch.Tensor, layout: TokenLayout) -> dict:
         """Real-token masks on the rows each MoE layer reads (padding is left out of the
@@ -341,24 +338,8 @@ class CausalLM(nn.Module):
 
     # ------------------------------------------------------------------ weights
     def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
-        """Layout-independent initialisation: every global tensor is drawn from a generator
-        seeded by ``seed`` and the parameter's HF source, and each rank keeps its slice, so any
-        two layouts start from the same model. Norm weights are ones, biases zeros."""
-        sources = self.hf_sources()
-        with torch.no_grad():
-            for name, param in self.named_parameters():
-                spec = get_spec(param)
-                if name.endswith("norm.weight"):
-                    param.fill_(1.0)
-                    continue
-                if name.endswith(".bias"):
-                    param.zero_()
-                    continue
-                key = ",".join(sources[name].keys()[:1])
-                g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode()))
-                                                  % (2 ** 63))
-                full = torch.randn(spec.global_shape, generator=g, dtype=torch.float32) * std
-                param.copy_(spec.take_local(full))
+        """Layout-independent initialisation (:func:`~megatron_ext.models.init_weights.init_weights`)."""
+        init_weights(self, self.hf_sources(), seed, std)
 
     def hf_expected_shapes(self) -> dict[str, tuple[int, ...]]:
         return hf_tensor_shapes(self.config)
@@ -368,11 +349,7 @@ class CausalLM(nn.Module):
 
     def hf_sources(self) -> dict[str, HFSource]:
         """HF source of every parameter this rank holds (``megatron_ext.checkpoint``)."""
-        expected = self.hf_expected_shapes()
-        out: dict[str, HFSource] = {}
-        for name, _ in self.named_parameters():
-            out[name] = _hf_source(name, expected, self.config)
-        return out
+        return hf_sources((name for name, _ in self.named_parameters()), self.config)
 
     @classmethod
     def for_stage(cls, config: ModelConfig, groups: ParallelGroups, *,
@@ -402,76 +379,3 @@ class CausalLM(nn.Module):
         from megatron_ext.checkpoint.hf import save_hf_checkpoint
 
         save_hf_checkpoint(self, path, self.groups, **kwargs)
-
-
-_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
-_SHARED = re.compile(r"^(model\.layers\.\d+\.mlp\.shared_expert)\.(mlp\.(\w+)|gate)\.weight$")
-
-
-def _hf_source(name: str, expected: dict, config: ModelConfig) -> HFSource:
-    """Where parameter ``name`` lives in the HF checkpoint (see the module doc)."""
-    if name in expected:
-        return HFTensor(name, expected[name])
-    match = _EXPERTS.match(name)
-    if match:
-        prefix, proj = match.groups()
-        keys = [f"{prefix}.{e}.{proj}.weight" for e in range(config.num_experts)]
-        return stacked_keys(keys, expected[keys[0]])
-    match = _SHARED.match(name)
-    if match:
-        prefix, _, proj = match.groups()
-        key = f"{prefix}.{proj}.weight" if proj else f"{prefix}_gate.weight"
-        return HFTensor(key, expected[key])
-    if name == "lm_head.weight" and config.tie_word_embeddings:
-        key = "model.embed_tokens.weight"
-        return HFTensor(key, expected[key])
-    raise ValueError(f"parameter {name} has no place in the {config.architecture} HF checkpoint")
-
-
-def check_model_fits_layout(config: ModelConfig, topo: Topology) -> None:
-    """Sizes the layers would reject later, named here with the model field (pure: runs before
-    any process group exists, so a launch fails with this message instead of a hang)."""
-    problems = []
-    if config.vocab_size % topo.attn_tp:
-        problems.append(f"vocab_size={config.vocab_size} must be divisible by attn_tp="
-                        f"{topo.attn_tp}")
-    if config.num_heads % topo.attn_tp:
-        problems.append(f"num_heads={config.num_heads} must be divisible by attn_tp="
-                        f"{topo.attn_tp}")
-    if not all(config.sparse_layers) and config.intermediate_size % topo.attn_tp:
-        problems.append(f"intermediate_size={config.intermediate_size} must be divisible by "
-                        f"attn_tp={topo.attn_tp}")
-    if any(config.sparse_layers):
-        if config.num_experts % topo.moe_ep:
-            problems.append(f"num_experts={config.num_experts} must be divisible by moe_ep="
-                            f"{topo.moe_ep}")
-        if config.moe_intermediate_size % topo.moe_tp:
-            problems.append(f"moe_intermediate_size={config.moe_intermediate_size} must be "
-                            f"divisible by moe_tp={topo.moe_tp}")
-        if config.shared_expert_intermediate_size % topo.moe_shard_size:
-            problems.append(f"shared_expert_intermediate_size="
-                            f"{config.shared_expert_intermediate_size} must be divisible by the "
-                            f"MoE shard size moe_ep*moe_tp={topo.moe_shard_size}")
-    if problems:
-        raise ValueError(f"{config.architecture} model does not fit the layout: "
-                         + "; ".join(problems))
-
-
-
-def stage_layer_range(num_layers: int, pp: int, stage: int,
-                      layers_per_stage: Optional[Sequence[int]] = None) -> tuple[int, int]:
-    """``(start, stop)`` of pipeline stage ``stage``'s layers: ``layers_per_stage`` if given,
-    else as even as possible with the earlier stages one layer longer."""
-    if not 0 <= stage < pp:
-        raise ValueError(f"stage={stage} out of range for pp={pp}")
-    if layers_per_stage is None:
-        if num_layers < pp:
-            raise ValueError(f"num_layers={num_layers} < pp={pp}: every stage needs a layer")
-        base, extra = divmod(num_layers, pp)
-        layers_per_stage = [base + (1 if i < extra else 0) for i in range(pp)]
-    counts = list(layers_per_stage)
-    if len(counts) != pp or sum(counts) != num_layers or min(counts) < 1:
-        raise ValueError(f"layers_per_stage={counts} must have pp={pp} positive entries summing "
-                         f"to num_layers={num_layers}")
-    start = sum(counts[:stage])
-    return start, start + counts[stage]

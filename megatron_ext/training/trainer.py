@@ -90,12 +90,12 @@ def build_model_config(cfg: TrainConfig, tokenizer: Tokenizer):
 
 def validate_launch(cfg: TrainConfig, world: int) -> LaunchPlan:
     """Every check that needs no process group; raises ``ValueError`` naming the problem."""
-    from megatron_ext.models.decoder import check_model_fits_layout, stage_layer_range
+    from megatron_ext.parallel.stages import stage_layer_range
 
     topo = cfg.topology(world)
     tokenizer = load_tokenizer(cfg.tokenizer)
     model_config = build_model_config(cfg, tokenizer)
-    check_model_fits_layout(model_config, topo)
+    model_config.check_fits(topo)
     stage_layer_range(model_config.num_layers, topo.pp, 0)  # every stage gets a layer
     if cfg.seq_len > model_config.max_position_embeddings:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_position_embeddings="
@@ -171,7 +171,8 @@ def pick_device(cfg: TrainConfig) -> torch.device:
 class Trainer:
     def __init__(self, cfg: TrainConfig, groups: ParallelGroups, plan: LaunchPlan,
                  device: Optional[torch.device] = None) -> None:
-        from megatron_ext.models.decoder import CausalLM, stage_layer_range
+        from megatron_ext.models.decoder import CausalLM
+        from megatron_ext.parallel.stages import stage_layer_range
 
         self.cfg, self.groups, self.plan = cfg, groups, plan
         topo = groups.topology

@@ -184,10 +184,9 @@ def _re(text: str) -> str:
 
 def test_model_layout_fit_is_checked_before_any_collective():
     from megatron_ext.parallel.topology import Topology
-    from megatron_ext.models.decoder import check_model_fits_layout
 
     cfg = ModelConfig.preset("tiny-qwen3-moe")
-    check_model_fits_layout(cfg, Topology(world=8, attn_tp=2, moe_ep=4, moe_tp=2))
+    cfg.check_fits(Topology(world=8, attn_tp=2, moe_ep=4, moe_tp=2))
     for sizes, needle in [(dict(world=3, attn_tp=3, moe_tp=3, moe_ep=1),
                            "num_heads=4 must be divisible by attn_tp=3"),
                           (dict(world=3, attn_tp=1, moe_tp=1, moe_ep=3),
@@ -195,4 +194,4 @@ def test_model_layout_fit_is_checked_before_any_collective():
                           (dict(world=3, attn_tp=1, moe_tp=3, moe_ep=1),
                            "moe_intermediate_size=16 must be divisible by moe_tp=3")]:
         with pytest.raises(ValueError, match=_re(needle)):
-            check_model_fits_layout(cfg, Topology(**sizes))
+            cfg.check_fits(Topology(**sizes))

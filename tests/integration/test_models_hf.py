@@ -455,7 +455,7 @@ def test_tied_embeddings_and_pipeline_stages(tmp_path):
     from ``model.embed_tokens.weight``), and stage 0 -> stage 1 equals the unsplit model (which
     equals transformers), forward and backward of the token loss."""
     from megatron_ext.checkpoint.hf import load_hf_checkpoint
-    from megatron_ext.models.decoder import stage_layer_range
+    from megatron_ext.parallel.stages import stage_layer_range
     from tests.helpers.hf_oracle import build_hf_model, to_dtype
 
     cfg = ModelConfig.preset("tiny-qwen2-moe").replace(tie_word_embeddings=True)

@@ -80,27 +80,54 @@ class CPAttentionPlan:
 
 
 # ------------------------------------------------------------------------------- validation
-def _local_problems(q, k, v, token_index, segment_ids, strategy) -> list[str]:
-    errs = []
-    if strategy not in CP_STRATEGIES:
-        errs.append(f"strategy={strategy!r} must be one of {CP_STRATEGIES}")
+@dataclass(frozen=True)
+class QKVShapes:
+    """What a CP attention plan depends on: the local q/k/v shapes, dtype and device (planning
+    needs no tensors, so a model plans once per forward before any layer runs)."""
+
+    batch: int
+    seq: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @classmethod
+    def of(cls, q: torch.Tensor, k: torch.Tensor) -> "QKVShapes":
+        b, s, hq, d = q.shape
+        return cls(b, s, hq, k.shape[2], d, q.dtype, q.device)
+
+
+def _tensor_problems(q, k, v) -> list[str]:
+    """What the shapes alone cannot say: q/k/v ranks, k vs v, and their agreement with q."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        return errs + [f"q, k, v must be [b, s, heads, head_dim], got {tuple(q.shape)}, "
-                       f"{tuple(k.shape)}, {tuple(v.shape)}"]
+        return [f"q, k, v must be [b, s, heads, head_dim], got {tuple(q.shape)}, "
+                f"{tuple(k.shape)}, {tuple(v.shape)}"]
+    errs = []
     b, s, hq, d = q.shape
     if k.shape != v.shape:
         errs.append(f"k {tuple(k.shape)} and v {tuple(v.shape)} differ")
     if k.shape[0] != b or k.shape[1] != s or k.shape[3] != d:
         errs.append(f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)} in batch, length or "
                     f"head_dim")
-    hkv = k.shape[2]
+    if not (q.dtype == k.dtype == v.dtype):
+        errs.append(f"q, k, v dtypes {q.dtype}, {k.dtype}, {v.dtype} must agree and be floating")
+    return errs
+
+
+def _shape_problems(shapes: QKVShapes, token_index, segment_ids, strategy) -> list[str]:
+    errs = []
+    if strategy not in CP_STRATEGIES:
+        errs.append(f"strategy={strategy!r} must be one of {CP_STRATEGIES}")
+    b, s, hq, hkv = shapes.batch, shapes.seq, shapes.heads, shapes.kv_heads
     if hkv < 1 or hq % hkv:
         errs.append(f"mismatched head counts: q has {hq} heads, k/v have {hkv}; the number of "
                     f"query heads must be a multiple of the number of key/value heads")
     if s < 1:
         errs.append("the local sequence is empty")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
-        errs.append(f"q, k, v dtypes {q.dtype}, {k.dtype}, {v.dtype} must agree and be floating")
+    if shapes.dtype not in _DTYPES:
+        errs.append(f"q, k, v dtype {shapes.dtype} must be floating")
     for name, t in (("token_index", token_index), ("segment_ids", segment_ids)):
         if t is None:
             continue
@@ -138,13 +165,14 @@ def check_across_ranks(group: AxisGroup, device, errs: list[str], fields: dict[s
                          f"(these must agree on every rank): {detail}")
 
 
-def _exchange_header(q, k, errs: list[str], group: AxisGroup, strategy) -> None:
-    ok = q.dim() == 4 and k.dim() == 4
-    b, s, hq, d = q.shape if ok else (0, 0, 0, 0)
-    fields = dict(batch=b, s_local=s, heads=hq, kv_heads=k.shape[2] if ok else 0, head_dim=d,
-                  dtype=_DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1,
+def _exchange_header(shapes: Optional[QKVShapes], errs: list[str], group: AxisGroup, strategy,
+                     device) -> None:
+    sh = shapes or QKVShapes(0, 0, 0, 0, 0, torch.float32, device)
+    fields = dict(batch=sh.batch, s_local=sh.seq, heads=sh.heads, kv_heads=sh.kv_heads,
+                  head_dim=sh.head_dim,
+                  dtype=_DTYPES.index(sh.dtype) if sh.dtype in _DTYPES else -1,
                   strategy=CP_STRATEGIES.index(strategy) if strategy in CP_STRATEGIES else -1)
-    check_across_ranks(group, q.device, errs, fields, "context_parallel_attention")
+    check_across_ranks(group, device, errs, fields, "context_parallel_attention")
 
 
 # ------------------------------------------------------------------------------------ plan
@@ -168,21 +196,39 @@ def plan_cp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp_grou
                       token_index: Optional[torch.Tensor] = None,
                       segment_ids: Optional[torch.Tensor] = None,
                       strategy: str = "all_gather") -> CPAttentionPlan:
-    """Validate the inputs on every rank and plan the blocks (collective over ``cp_group``:
+    """Validate ``q, k, v`` on every rank and plan the blocks (collective over ``cp_group``:
     every CP rank calls it). ``token_index`` may be omitted only on a one-rank group (then
     ``0..s-1``)."""
+    errs = _tensor_problems(q, k, v)
+    shapes = QKVShapes.of(q, k) if q.dim() == 4 and k.dim() == 4 else None
+    return _plan(shapes, errs, cp_group, token_index, segment_ids, strategy, q.device)
+
+
+def plan_cp_attention_for_shapes(shapes: QKVShapes, cp_group: AxisGroup, *,
+                                 token_index: Optional[torch.Tensor] = None,
+                                 segment_ids: Optional[torch.Tensor] = None,
+                                 strategy: str = "all_gather") -> CPAttentionPlan:
+    """:func:`plan_cp_attention` from shapes alone (a model plans once per forward, before any
+    layer has computed q/k/v)."""
+    return _plan(shapes, [], cp_group, token_index, segment_ids, strategy, shapes.device)
+
+
+def _plan(shapes: Optional[QKVShapes], errs: list[str], cp_group: AxisGroup,
+          token_index: Optional[torch.Tensor], segment_ids: Optional[torch.Tensor],
+          strategy: str, device) -> CPAttentionPlan:
     if not isinstance(cp_group, AxisGroup):
         raise TypeError(f"cp_group must be an AxisGroup, got {type(cp_group).__name__}")
     if not cp_group.is_trivial and cp_group.group is None:
         raise ValueError(f"axis {cp_group.name} has {cp_group.size} ranks but no process group")
-    errs = _local_problems(q, k, v, token_index, segment_ids, strategy)
+    if shapes is not None:
+        errs = errs + _shape_problems(shapes, token_index, segment_ids, strategy)
     if token_index is None and not cp_group.is_trivial:
         errs.append("token_index is required when the CP group has more than one rank")
-    _exchange_header(q, k, errs, cp_group, strategy)
+    _exchange_header(shapes, errs, cp_group, strategy, device)
 
-    b, s, hq, d = q.shape
-    hkv = k.shape[2]
-    dev = q.device
+    b, s, hq, d = shapes.batch, shapes.seq, shapes.heads, shapes.head_dim
+    hkv = shapes.kv_heads
+    dev = device
     tok = (token_index if token_index is not None else torch.arange(s, device=dev))
     tok = tok.to(device=dev, dtype=torch.long).expand(b, s)
     seg = (segment_ids.to(device=dev, dtype=torch.long).expand(b, s) if segment_ids is not None

@@ -30,7 +30,7 @@ from megatron_ext.layers.moe.dispatch import (AllToAllDispatch, combine, gather_
 from megatron_ext.layers.moe.experts import RoutedExperts
 from megatron_ext.layers.moe.router import RouterStats, TopKRouter
 from megatron_ext.layers.moe.shared_expert import SharedExpert
-from megatron_ext.communication.choices import MOE_DISPATCHERS, check_choice
+from megatron_ext.communication.choices import MOE_DISPATCHERS, MoEDispatcher, check_choice
 from megatron_ext.communication.collectives import all_gather, copy_to_region, reduce_scatter
 from megatron_ext.parallel.groups import ParallelGroups
 
@@ -73,6 +73,11 @@ class MoELayer(nn.Module):
                                            device=device)
                               if shared_expert_intermediate_size else None)
 
+    def token_counts(self, layout) -> Optional[tuple[int, ...]]:
+        """What :meth:`forward` needs to know of the layout (a ``TokenLayout``): the per-rank token
+        counts of the MoE shard for ``all_to_all`` (SCATTERED tokens), nothing for ``local``."""
+        return layout.moe_shard_sizes if self.dispatcher == MoEDispatcher.ALL_TO_ALL else None
+
     def forward(self, hidden: torch.Tensor, token_mask: Optional[torch.Tensor] = None,
                 token_counts: Optional[Sequence[int]] = None) -> MoEOutput:
         """``hidden`` ``[..., H]``; ``token_mask`` (same leading shape, bool) marks real tokens
@@ -85,7 +90,7 @@ class MoELayer(nn.Module):
                              f"{tuple(hidden.shape[:-1])}")
         x = hidden.reshape(-1, self.hidden_size)
         mask = None if token_mask is None else token_mask.reshape(-1)
-        if self.dispatcher == "local":
+        if self.dispatcher == MoEDispatcher.LOCAL:
             if token_counts is not None:
                 raise ValueError("token_counts is only used by the 'all_to_all' dispatcher")
             out, stats = self._local(x, mask)
