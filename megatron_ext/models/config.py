@@ -115,15 +115,21 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     def check_fits(self, topo: "Topology") -> None:
-        """Sizes the parallel layers would reject later, named with the model field. Pure: runs
-        before any process group exists, so a launch fails with this message, not a hang."""
+        """Every size rule the parallel layers enforce at construction, named with the model
+        field. Pure: runs before any process group exists, so a launch fails with this message,
+        not a traceback or a hang (``tests/unit/test_fit_rules.py`` proves that no layout the
+        layers refuse passes here)."""
+        from megatron_ext.layers.attention.block import check_head_split
+        from megatron_ext.parallel.stages import stage_layer_range
+
         problems = []
         if self.vocab_size % topo.attn_tp:
             problems.append(f"vocab_size={self.vocab_size} must be divisible by attn_tp="
                             f"{topo.attn_tp}")
-        if self.num_heads % topo.attn_tp:
-            problems.append(f"num_heads={self.num_heads} must be divisible by attn_tp="
-                            f"{topo.attn_tp}")
+        try:
+            check_head_split(self.num_heads, self.num_kv_heads, topo.attn_tp)
+        except ValueError as err:
+            problems.append(str(err))
         if not all(self.sparse_layers) and self.intermediate_size % topo.attn_tp:
             problems.append(f"intermediate_size={self.intermediate_size} must be divisible by "
                             f"attn_tp={topo.attn_tp}")
@@ -138,6 +144,10 @@ class ModelConfig:
                 problems.append(f"shared_expert_intermediate_size="
                                 f"{self.shared_expert_intermediate_size} must be divisible by the "
                                 f"MoE shard size moe_ep*moe_tp={topo.moe_shard_size}")
+        try:
+            stage_layer_range(self.num_layers, topo.pp, 0)
+        except ValueError as err:
+            problems.append(str(err))
         if problems:
             raise ValueError(f"{self.architecture} model does not fit the layout: "
                              + "; ".join(problems))

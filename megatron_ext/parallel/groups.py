@@ -78,6 +78,16 @@ class ParallelGroups:
         topo = Topology(world=1)
         return cls(topo, 0, **{a: AxisGroup.single(a) for a in GROUP_AXES})
 
+    @classmethod
+    def without_process_groups(cls, topology: Topology, rank: int) -> "ParallelGroups":
+        """Rank ``rank``'s groups of ``topology`` with their rank lists but no process groups:
+        enough to build (not run) layers, e.g. to check what they would refuse before launch."""
+        mine = {}
+        for axis in GROUP_AXES:
+            ranks = next((tuple(r) for r in topology.group_lists(axis) if rank in r), (rank,))
+            mine[axis] = AxisGroup(axis, ranks, ranks.index(rank), None)
+        return cls(topology, rank, **mine)
+
     def to_megatron(self):
         """megatron-core's ``ProcessGroupCollection`` over these groups (tp=attn_tp, ep=moe_ep, …)."""
         from megatron.core.process_groups_config import ProcessGroupCollection
