@@ -34,13 +34,13 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_ext.communication.raw import (all_reduce_, gather_single, reduce_scatter_single,
+                                           summed_slice)
 from megatron_ext.parallel.comm_counter import record
 from megatron_ext.parallel.groups import AxisGroup
 
 BACKWARD_MODES = ("reduce_scatter", "own_rows")
 
-_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 # ---------------------------------------------------------------------------------------- checks
@@ -115,7 +115,7 @@ def _raw_all_gather(x0: torch.Tensor, group: AxisGroup, sizes: Optional[tuple[in
     record("all_gather", group.name, _nbytes(out), phase)
     if out.numel():
         if _use_native(group):
-            _gather_single(out, x0, group=group.group)
+            gather_single(out, x0, group=group.group)
         else:
             dist.all_gather(list(out.chunk(n)), x0, group=group.group)
     if sizes is None or all(s == rows for s in sizes):
@@ -128,10 +128,7 @@ def _raw_reduce_scatter(x0: torch.Tensor, group: AxisGroup, sizes: Optional[tupl
     start, length = _own_range(x0.shape[0], group, sizes, f"reduce_scatter over {group.name}")
     record("reduce_scatter", group.name, _nbytes(x0), phase)
     if not _use_native(group):  # gloo: all-reduce + own slice
-        full = x0.clone()
-        if full.numel():
-            dist.all_reduce(full, group=group.group)
-        return full[start:start + length].clone()
+        return summed_slice(x0, group, start, length)
     n = group.size
     rows = length if sizes is None else max(sizes)
     if sizes is not None and any(s != rows for s in sizes):  # pad every piece to the longest
@@ -143,15 +140,13 @@ def _raw_reduce_scatter(x0: torch.Tensor, group: AxisGroup, sizes: Optional[tupl
         x0 = padded
     out = x0.new_empty((rows,) + tuple(x0.shape[1:]))
     if out.numel():
-        _reduce_scatter_single(out, x0, group=group.group)
+        reduce_scatter_single(out, x0, group=group.group)
     return out[:length]
 
 
 def _raw_all_reduce(x: torch.Tensor, group: AxisGroup, phase: str) -> torch.Tensor:
     out = x.contiguous().clone()
-    record("all_reduce", group.name, _nbytes(out), phase)
-    if out.numel():
-        dist.all_reduce(out, group=group.group)
+    all_reduce_(out, group, phase=phase)
     return out
 
 

@@ -29,6 +29,9 @@ import torch
 from megatron_ext.parallel.comm_counter import record
 from megatron_ext.parallel.groups import AxisGroup, ParallelGroups
 from megatron_ext.communication.symm_mem import SymmMemAllReduce, SymmMemConfig, all_reduce_sum
+from megatron_ext.kernels.reference import rms_norm_reference
+from megatron_ext.kernels.launch import next_power_of_2, sm_count
+from megatron_ext.kernels.triton_loader import kernel_module
 
 FUSED = "fused"
 COMPOSED = "composed"
@@ -39,14 +42,6 @@ MAX_TRITON_HIDDEN = 16384
 
 
 # ---------------------------------------------------------------------- reference (torch ops)
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF ``Qwen3RMSNorm``: fp32 statistics, normalised value cast back before the weight."""
-    dtype = x.dtype
-    xf = x.to(torch.promote_types(dtype, torch.float32))
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(dtype)
-
-
 def add_rms_norm_reference(x: torch.Tensor, residual: Optional[torch.Tensor],
                            weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``h = x + residual`` (or ``x``), returns ``(rms_norm(h), h)``."""
@@ -71,62 +66,9 @@ def rms_norm_backward(grad_y: torch.Tensor, h: torch.Tensor, weight: torch.Tenso
 # ---------------------------------------------------------------------- Triton kernel
 @functools.lru_cache(maxsize=None)
 def _triton_kernel():
-    """Compile-on-first-use kernel; ``None`` when Triton is missing (CPU machines)."""
-    try:
-        import triton
-        import triton.language as tl
-    except Exception:  # noqa: BLE001
-        return None
-
-    @triton.jit
-    def add_rmsnorm_rows(x_ptr, peers_ptr, signals_ptr, residual_ptr, h_out_ptr, y_out_ptr,
-                         w_ptr, n_rows, n_cols, eps, nprog,
-                         RANK: tl.constexpr, WORLD: tl.constexpr, FROM_PEERS: tl.constexpr,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)  # nprog = grid size, passed in
-        if FROM_PEERS:
-            # Opening barrier, per program: flag (pid, RANK) on every peer, then wait for
-            # (pid, peer) on our pad and reset it. CAS loops: a flag still set by an earlier
-            # kernel is waited out, never counted twice.
-            own_pad = tl.load(signals_ptr + RANK).to(tl.pointer_type(tl.uint32))
-            for r in tl.static_range(WORLD):
-                if r != RANK:
-                    peer_pad = tl.load(signals_ptr + r).to(tl.pointer_type(tl.uint32))
-                    flag = peer_pad + pid * WORLD + RANK
-                    old = tl.atomic_cas(flag, 0, 1, sem="release", scope="sys")
-                    while old != 0:
-                        old = tl.atomic_cas(flag, 0, 1, sem="release", scope="sys")
-            for r in tl.static_range(WORLD):
-                if r != RANK:
-                    flag = own_pad + pid * WORLD + r
-                    old = tl.atomic_cas(flag, 1, 0, sem="acquire", scope="sys")
-                    while old != 1:
-                        old = tl.atomic_cas(flag, 1, 0, sem="acquire", scope="sys")
-        out_ty = h_out_ptr.dtype.element_ty
-        cols = tl.arange(0, BLOCK)
-        col_ok = cols < n_cols
-        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        for start in range(0, n_rows, nprog):
-            row = start + pid
-            mask = col_ok & (row < n_rows)
-            off = row.to(tl.int64) * n_cols + cols
-            if FROM_PEERS:
-                acc = tl.zeros([BLOCK], dtype=tl.float32)
-                for r in tl.static_range(WORLD):  # rank order: identical bits on every rank
-                    src = tl.load(peers_ptr + r).to(tl.pointer_type(out_ty))
-                    acc += tl.load(src + off, mask=mask, other=0.0).to(tl.float32)
-            else:
-                acc = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
-            h = acc.to(out_ty).to(tl.float32)
-            if HAS_RESIDUAL:
-                h = h + tl.load(residual_ptr + off, mask=mask, other=0.0).to(tl.float32)
-                h = h.to(out_ty).to(tl.float32)
-            tl.store(h_out_ptr + off, h.to(out_ty), mask=mask)
-            rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / n_cols + eps)
-            xhat = (h * rstd).to(out_ty).to(tl.float32)
-            tl.store(y_out_ptr + off, (xhat * w).to(y_out_ptr.dtype.element_ty), mask=mask)
-
-    return add_rmsnorm_rows
+    """The Triton kernels (:mod:`megatron_ext.kernels.add_rms_norm`); ``None`` without Triton."""
+    k = kernel_module("add_rms_norm")
+    return None if k is None else k.add_rmsnorm_rows
 
 
 def triton_available(device: torch.device) -> bool:
@@ -134,24 +76,17 @@ def triton_available(device: torch.device) -> bool:
         _triton_kernel() is not None
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _launch(x2: Optional[torch.Tensor], residual2: Optional[torch.Tensor], weight: torch.Tensor,
             eps: float, rows: int, cols: int, dtype: torch.dtype, device: torch.device,
             reducer: Optional[SymmMemAllReduce] = None,
             staged: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    import triton
-
     kernel = _triton_kernel()
     h = torch.empty((rows, cols), dtype=dtype, device=device)
     y_dtype = torch.promote_types(dtype, weight.dtype)
     y = torch.empty((rows, cols), dtype=y_dtype, device=device)
-    block = triton.next_power_of_2(cols)
+    block = next_power_of_2(cols)
     warps = max(1, min(16, block // 256))
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = sm_count(device)
     has_res = residual2 is not None
     if staged is not None:
         world = reducer.world_size

@@ -22,8 +22,9 @@ from megatron_ext.parallel.comm_counter import record
 from megatron_ext.parallel.groups import AxisGroup
 
 
-_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+# NCCL's single-tensor forms (newer torch names first)
+gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -33,7 +34,7 @@ def _nbytes(t: torch.Tensor) -> int:
 def gather_into(out: torch.Tensor, x: torch.Tensor, group: AxisGroup, async_op: bool = False):
     """Raw all-gather of contiguous ``x`` into contiguous ``out [cp, *x.shape]`` (flat views:
     gloo wants the output as a dim-0 concatenation)."""
-    return _GATHER(out.view(-1), x.view(-1), group=group.group, async_op=async_op)
+    return gather_single(out.view(-1), x.view(-1), group=group.group, async_op=async_op)
 
 
 class Pending:
@@ -63,10 +64,18 @@ def reduce_scatter(x: torch.Tensor, group: AxisGroup) -> torch.Tensor:
     record("reduce_scatter", group.name, _nbytes(x))
     if dist.get_backend(group.group) == "nccl":
         out = x.new_empty(x.shape[1:])
-        _REDUCE_SCATTER(out.view(-1), x.view(-1), group=group.group)
+        reduce_scatter_single(out.view(-1), x.view(-1), group=group.group)
         return out
-    dist.all_reduce(x, group=group.group)  # gloo builds without reduce-scatter exist
-    return x[group.rank].clone()
+    return summed_slice(x, group, group.rank, 1)[0]
+
+
+def summed_slice(x: torch.Tensor, group: AxisGroup, start: int, length: int) -> torch.Tensor:
+    """Reduce-scatter as gloo can always do it (builds without a native one exist): all-reduce a
+    copy of ``x`` (the caller logs the collective it implements), keep rows ``start:start+length``."""
+    full = x.clone()
+    if full.numel():
+        dist.all_reduce(full, group=group.group)
+    return full[start:start + length].clone()
 
 
 Tensors = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -117,6 +126,19 @@ def gather_peers_async(xs: Sequence[torch.Tensor], group: AxisGroup
             out[r] = [torch.empty_like(x) for x in xs]
             ops += _pair_ops(xs, out[r], r, r, group)
     return out, Pending(dist.batch_isend_irecv(ops) if ops else [])
+
+
+def all_reduce_(x: torch.Tensor, group: AxisGroup, op=dist.ReduceOp.SUM, async_op: bool = False,
+                phase: Optional[str] = None):
+    """In-place raw all-reduce of ``x`` over ``group``: logged (``phase`` as
+    :func:`~megatron_ext.parallel.comm_counter.record` takes it), nothing at all on a trivial
+    group, no traffic for an empty tensor. Every all-reduce of the package goes through here."""
+    if group.is_trivial:
+        return None
+    record("all_reduce", group.name, _nbytes(x), phase)
+    if not x.numel():
+        return None
+    return dist.all_reduce(x, op=op, group=group.group, async_op=async_op)
 
 
 def log_collective(kind: str, group: AxisGroup, nbytes: int) -> None:

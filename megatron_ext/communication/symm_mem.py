@@ -37,7 +37,15 @@ import torch.distributed as dist
 from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.comm_counter import record
 from megatron_ext.parallel.groups import AxisGroup
-from megatron_ext.kernels.symm_all_reduce import one_shot_kernel
+from megatron_ext.kernels.triton_loader import kernel_module
+from megatron_ext.communication.raw import all_reduce_
+
+
+def _one_shot_sum():
+    """The Triton one-shot sum (:mod:`megatron_ext.kernels.symm_all_reduce`), or ``None``."""
+    k = kernel_module("symm_all_reduce")
+    return None if k is None else k.one_shot_sum
+
 
 ONE_SHOT = "one_shot"
 TWO_SHOT = "two_shot"
@@ -143,7 +151,7 @@ def rank_unavailable_reason() -> Optional[str]:
 def _agree(axis: AxisGroup, device: torch.device, ok: bool) -> bool:
     """True only if every rank of the group says ok (one small all-reduce, at construction)."""
     flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=axis.group)
+    all_reduce_(flag, axis, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
 
@@ -357,7 +365,7 @@ class SymmMemAllReduce:
 
     def _use_triton_one_shot(self, nbytes: int) -> bool:
         choice = self.config.one_shot_kernel
-        if choice == "torch" or one_shot_kernel() is None:
+        if choice == "torch" or _one_shot_sum() is None:
             return False
         return (choice == "triton" or nbytes >= self.config.triton_eager_min_bytes
                 or torch.cuda.is_current_stream_capturing())
@@ -368,7 +376,7 @@ class SymmMemAllReduce:
         if self._sms is None:
             self._sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         grid = max(1, min(-(-numel // block), 2 * self._sms, self.signal_slots // self.world_size))
-        one_shot_kernel()[(grid,)](self.peer_pointers(src), self.signal_pointers(), out, numel,
+        _one_shot_sum()[(grid,)](self.peer_pointers(src), self.signal_pointers(), out, numel,
                                    grid, RANK=self.rank, WORLD=self.world_size, BLOCK=block,
                                    num_warps=8)
 

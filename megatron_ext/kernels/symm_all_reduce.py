@@ -12,46 +12,23 @@ Per-program barrier: program ``p`` raises flag ``(p, rank)`` in every peer's sig
 1→0, acquire). CAS loops wait out a flag still raised by an earlier kernel instead of counting it
 twice, and every flag ends at 0, so torch's own symmetric kernels can share the pads.
 """
-from __future__ import annotations
+import triton
+import triton.language as tl
 
-import functools
+from megatron_ext.kernels.symm_barrier import symm_barrier
 
 
-@functools.lru_cache(maxsize=None)
-def one_shot_kernel():
-    """The compiled-on-first-use kernel, or ``None`` without Triton."""
-    try:
-        import triton
-        import triton.language as tl
-    except Exception:  # noqa: BLE001
-        return None
-
-    @triton.jit
-    def one_shot_sum(peers_ptr, signals_ptr, out_ptr, numel, nprog,
-                     RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        own_pad = tl.load(signals_ptr + RANK).to(tl.pointer_type(tl.uint32))
-        for r in tl.static_range(WORLD):
-            if r != RANK:
-                peer_pad = tl.load(signals_ptr + r).to(tl.pointer_type(tl.uint32))
-                flag = peer_pad + pid * WORLD + RANK
-                old = tl.atomic_cas(flag, 0, 1, sem="release", scope="sys")
-                while old != 0:
-                    old = tl.atomic_cas(flag, 0, 1, sem="release", scope="sys")
-        for r in tl.static_range(WORLD):
-            if r != RANK:
-                flag = own_pad + pid * WORLD + r
-                old = tl.atomic_cas(flag, 1, 0, sem="acquire", scope="sys")
-                while old != 1:
-                    old = tl.atomic_cas(flag, 1, 0, sem="acquire", scope="sys")
-        out_ty = out_ptr.dtype.element_ty
-        for start in range(0, numel, nprog * BLOCK):
-            offs = start + pid * BLOCK + tl.arange(0, BLOCK)
-            mask = offs < numel
-            acc = tl.zeros([BLOCK], dtype=tl.float32)
-            for r in tl.static_range(WORLD):  # group-rank order: identical bits everywhere
-                src = tl.load(peers_ptr + r).to(tl.pointer_type(out_ty))
-                acc += tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(out_ptr + offs, acc.to(out_ty), mask=mask)
-
-    return one_shot_sum
+@triton.jit
+def one_shot_sum(peers_ptr, signals_ptr, out_ptr, numel, nprog,
+                 RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    symm_barrier(signals_ptr, pid, RANK, WORLD)  # opening barrier, per program
+    out_ty = out_ptr.dtype.element_ty
+    for start in range(0, numel, nprog * BLOCK):
+        offs = start + pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for r in tl.static_range(WORLD):  # group-rank order: identical bits everywhere
+            src = tl.load(peers_ptr + r).to(tl.pointer_type(out_ty))
+            acc += tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, acc.to(out_ty), mask=mask)

@@ -21,93 +21,26 @@ from torch import nn
 
 from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.param_meta import ParamSpec, set_spec
+from megatron_ext.kernels.reference import rms_norm_reference
+from megatron_ext.kernels.launch import cdiv, next_power_of_2, sm_count
+from megatron_ext.kernels.triton_loader import kernel_module
 
 MAX_TRITON_COLS = 16384
-
-
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``weight * (x / rms(x)).to(x.dtype)`` with the statistics in float32 (at least)."""
-    dtype = x.dtype
-    compute = torch.promote_types(dtype, torch.float32)
-    xf = x.to(compute)
-    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * normed.to(dtype)
 
 
 # ------------------------------------------------------------------------------ Triton kernels
 @functools.lru_cache(maxsize=None)
 def _kernels():
-    """Compiled on first use; ``None`` without Triton (CPU machines)."""
-    try:
-        import triton
-        import triton.language as tl
-    except Exception:  # noqa: BLE001
-        return None
-
-    @triton.jit
-    def rms_fwd(x_ptr, w_ptr, y_ptr, rstd_ptr, n_rows, n_cols, eps,
-                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.arange(0, BLOCK_C)
-        row_ok, col_ok = rows < n_rows, cols < n_cols
-        mask = row_ok[:, None] & col_ok[None, :]
-        off = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
-        x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
-        xhat = (x * rstd[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + off, (xhat * w[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
-        tl.store(rstd_ptr + rows, rstd, mask=row_ok)
-
-    @triton.jit
-    def rms_bwd(x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dw_ptr, n_rows, n_cols, n_blocks, nprog,
-                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        pid = tl.program_id(0)
-        cols = tl.arange(0, BLOCK_C)
-        col_ok = cols < n_cols
-        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        dw = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for start in range(0, n_blocks, nprog):
-            rows = (start + pid) * BLOCK_R + tl.arange(0, BLOCK_R)
-            row_ok = rows < n_rows
-            mask = row_ok[:, None] & col_ok[None, :]
-            off = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
-            x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
-            xhat = x * rstd[:, None]
-            dw += tl.sum(dy * xhat.to(x_ptr.dtype.element_ty).to(tl.float32), axis=0)
-            # d(normed) = dy * w, rounded to the input dtype as autograd's cast does
-            g = (dy * w[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)
-            c = tl.sum(g * xhat, axis=1) / n_cols
-            dx = rstd[:, None] * (g - xhat * c[:, None])
-            tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        tl.store(dw_ptr + pid.to(tl.int64) * n_cols + cols, dw, mask=col_ok)
-
-    return triton, rms_fwd, rms_bwd
+    """The Triton kernels (:mod:`megatron_ext.kernels.rms_norm`); ``None`` without Triton."""
+    k = kernel_module("rms_norm")
+    return None if k is None else (k.triton, k.rms_fwd, k.rms_bwd)
 
 
 def _tiles(n_cols: int) -> tuple[int, int, int]:
-    import triton
-
-    block_c = triton.next_power_of_2(n_cols)
+    block_c = next_power_of_2(n_cols)
     block_r = max(1, min(64, 2048 // block_c))
     warps = max(1, min(16, block_r * block_c // 512))
     return block_r, block_c, warps
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _sm_count(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _sm_count_of(index)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count_of(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 class _TritonRMSNorm(torch.autograd.Function):
@@ -121,7 +54,7 @@ class _TritonRMSNorm(torch.autograd.Function):
                         device=x.device)
         rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
         block_r, block_c, warps = _tiles(cols)
-        fwd[(_cdiv(rows, block_r),)](x2, weight.contiguous(), y, rstd, rows, cols, eps,
+        fwd[(cdiv(rows, block_r),)](x2, weight.contiguous(), y, rstd, rows, cols, eps,
                                            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.shape = x.shape
@@ -135,8 +68,8 @@ class _TritonRMSNorm(torch.autograd.Function):
         dy2 = dy.reshape(rows, cols).contiguous()
         dx = torch.empty_like(x2)
         block_r, block_c, warps = _tiles(cols)
-        n_blocks = _cdiv(rows, block_r)
-        nprog = max(1, min(n_blocks, 8 * _sm_count(x2.device)))
+        n_blocks = cdiv(rows, block_r)
+        nprog = max(1, min(n_blocks, 8 * sm_count(x2.device)))
         dw_part = torch.empty((nprog, cols), dtype=torch.float32, device=x2.device)
         bwd[(nprog,)](x2, weight.contiguous(), dy2, rstd, dx, dw_part, rows, cols, n_blocks, nprog,
                       BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)

@@ -64,6 +64,14 @@ class ParallelGroups:
     model: AxisGroup
 
     @property
+    def world(self) -> AxisGroup:
+        """Every rank of the run (loss reports, the global gradient norm)."""
+        if self.topology.world == 1:
+            return AxisGroup.single("world", self.global_rank)
+        return AxisGroup("world", tuple(range(self.topology.world)), self.global_rank,
+                         dist.group.WORLD)
+
+    @property
     def coords(self) -> RankCoords:
         return self.topology.coords(self.global_rank)
 

@@ -22,10 +22,10 @@ from typing import Iterable, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_ext.parallel.comm_counter import record
 from megatron_ext.parallel.groups import ParallelGroups
 from megatron_ext.parallel.param_meta import get_spec
 from megatron_ext.parallel.axes import GROUP_AXES
+from megatron_ext.communication.raw import all_reduce_
 
 
 @dataclass
@@ -96,9 +96,8 @@ class GradSync:
             works = []
             for b, flat in zip(self.buckets, flats):
                 if step < len(b.axes):
-                    record("all_reduce", b.axes[step], flat.numel() * flat.element_size())
-                    works.append(dist.all_reduce(flat, group=self.groups.axis(b.axes[step]).group,
-                                                 async_op=True))
+                    works.append(all_reduce_(flat, self.groups.axis(b.axes[step]),
+                                             async_op=True))
             for work in works:
                 work.wait()
         for bucket, flat in zip(self.buckets, flats):

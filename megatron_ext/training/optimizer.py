@@ -20,6 +20,7 @@ import torch.distributed as dist
 from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import ParallelGroups
 from megatron_ext.parallel.param_meta import ParamSpec, get_spec
+from megatron_ext.communication.raw import all_reduce_
 
 
 @dataclass(frozen=True)
@@ -78,10 +79,10 @@ def global_grad_norm(named_params: Iterable[tuple[str, torch.nn.Parameter]],
     for weight, grads in by_weight.items():
         norms = torch.stack(torch._foreach_norm(grads)).double()
         total += norms.pow(2).sum() * weight
-    if groups.topology.world > 1:  # the groups' world (a one-process run reduces nothing)
+    if not groups.world.is_trivial:
         if dist.get_backend() == "nccl" and total.device.type != "cuda":
             total = total.cuda()
-        dist.all_reduce(total)
+        all_reduce_(total, groups.world)
     return float(total.sqrt())
 
 

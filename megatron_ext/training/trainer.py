@@ -41,6 +41,7 @@ from megatron_ext.training.config import TrainConfig
 from megatron_ext.training.grad_sync import GradSync
 from megatron_ext.training.logging import MetricsLogger
 from megatron_ext.training.optimizer import LRSchedule, TrainOptimizer
+from megatron_ext.communication.raw import all_reduce_
 
 VOCAB_MULTIPLE = 64
 
@@ -289,7 +290,7 @@ class Trainer:
             return lm_mine, aux
         t = torch.tensor([lm_mine, aux], dtype=torch.float64,
                          device=self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(t)
+        all_reduce_(t, self.groups.world)
         return float(t[0]), float(t[1])
 
     def train_step(self) -> StepMetrics:

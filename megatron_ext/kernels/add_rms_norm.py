@@ -1,0 +1,40 @@
+"""Triton (reduce over symmetric peers +) residual add + RMSNorm, one row per program (see :mod:`megatron_ext.communication.fused_reduce_norm`).
+
+Imported only through :func:`megatron_ext.kernels.triton_loader.kernel_module` (needs Triton)."""
+import triton
+import triton.language as tl
+
+from megatron_ext.kernels.symm_barrier import symm_barrier
+
+
+@triton.jit
+def add_rmsnorm_rows(x_ptr, peers_ptr, signals_ptr, residual_ptr, h_out_ptr, y_out_ptr,
+                     w_ptr, n_rows, n_cols, eps, nprog,
+                     RANK: tl.constexpr, WORLD: tl.constexpr, FROM_PEERS: tl.constexpr,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)  # nprog = grid size, passed in
+    if FROM_PEERS:
+        symm_barrier(signals_ptr, pid, RANK, WORLD)  # opening barrier, per program
+    out_ty = h_out_ptr.dtype.element_ty
+    cols = tl.arange(0, BLOCK)
+    col_ok = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    for start in range(0, n_rows, nprog):
+        row = start + pid
+        mask = col_ok & (row < n_rows)
+        off = row.to(tl.int64) * n_cols + cols
+        if FROM_PEERS:
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for r in tl.static_range(WORLD):  # rank order: identical bits on every rank
+                src = tl.load(peers_ptr + r).to(tl.pointer_type(out_ty))
+                acc += tl.load(src + off, mask=mask, other=0.0).to(tl.float32)
+        else:
+            acc = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        h = acc.to(out_ty).to(tl.float32)
+        if HAS_RESIDUAL:
+            h = h + tl.load(residual_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            h = h.to(out_ty).to(tl.float32)
+        tl.store(h_out_ptr + off, h.to(out_ty), mask=mask)
+        rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / n_cols + eps)
+        xhat = (h * rstd).to(out_ty).to(tl.float32)
+        tl.store(y_out_ptr + off, (xhat * w).to(y_out_ptr.dtype.element_ty), mask=mask)
