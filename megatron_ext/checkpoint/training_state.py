@@ -67,12 +67,54 @@ class Shard:
         return ChunkStorageMetadata(offsets=torch.Size(self.offsets),
                                     sizes=torch.Size(self.tensor.shape))
 
+    @classmethod
+    def of_flat(cls, flat: torch.Tensor, spec: ParamSpec, local_start: int) -> list["Shard"]:
+        """A contiguous piece of the flattened local tensor (elements ``[local_start, local_start
+        + len(flat))``, e.g. the slice a distributed optimizer owns) as the rectangular chunks of
+        the global tensor it covers (views of ``flat``)."""
+        base = tuple(s.start for s in spec.global_slices())
+        out = []
+        for lo, hi, offsets, sizes in flat_range_chunks(spec.local_shape, local_start,
+                                                        local_start + flat.numel()):
+            view = flat[lo - local_start:hi - local_start].view(sizes)
+            out.append(cls(view, tuple(spec.global_shape),
+                           tuple(b + o for b, o in zip(base, offsets))))
+        return out
+
+
+def flat_range_chunks(shape: tuple[int, ...], start: int, stop: int
+                      ) -> list[tuple[int, int, tuple[int, ...], tuple[int, ...]]]:
+    """Row-major elements ``[start, stop)`` of a tensor of ``shape`` as ``(lo, hi, offsets,
+    sizes)`` rectangles (at most ``2·ndim - 1``): a partial leading row, whole rows, a partial
+    trailing row, each split the same way one dimension down."""
+    if start >= stop:
+        return []
+    if len(shape) <= 1:
+        return [(start, stop, (start,) * len(shape), (stop - start,) * len(shape))]
+    row = 1
+    for n in shape[1:]:
+        row *= n
+    first, last = start // row, (stop - 1) // row
+    if first == last:
+        inner = flat_range_chunks(shape[1:], start - first * row, stop - first * row)
+        return [(lo + first * row, hi + first * row, (first,) + o, (1,) + z)
+                for lo, hi, o, z in inner]
+    out = []
+    whole_lo = -(-start // row) * row
+    whole_hi = (stop // row) * row
+    out += flat_range_chunks(shape, start, whole_lo)
+    if whole_hi > whole_lo:
+        out.append((whole_lo, whole_hi, (whole_lo // row,) + (0,) * (len(shape) - 1),
+                    ((whole_hi - whole_lo) // row,) + tuple(shape[1:])))
+    out += flat_range_chunks(shape, max(whole_hi, whole_lo), stop)
+    return out
+
 
 # ---------------------------------------------------------------------- planners
 class ShardSavePlanner(DefaultSavePlanner):
     """Writes each :class:`Shard` as a chunk of its global tensor; other values as pickles."""
 
-    def __init__(self, shards: dict[str, Shard]) -> None:
+    def __init__(self, shards: dict[str, list[Shard]]) -> None:
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
         self.shards = shards
 
@@ -80,14 +122,14 @@ class ShardSavePlanner(DefaultSavePlanner):
         items = []
         for fqn, obj in self.state_dict.items():
             if fqn in self.shards:
-                shard = self.shards[fqn]
-                items.append(WriteItem(
-                    index=MetadataIndex(fqn, torch.Size(shard.offsets)),
-                    type=WriteItemType.SHARD,
-                    tensor_data=TensorWriteData(
-                        chunk=shard.chunk,
-                        properties=TensorProperties.create_from_tensor(shard.tensor),
-                        size=torch.Size(shard.global_shape))))
+                for shard in self.shards[fqn]:
+                    items.append(WriteItem(
+                        index=MetadataIndex(fqn, torch.Size(shard.offsets)),
+                        type=WriteItemType.SHARD,
+                        tensor_data=TensorWriteData(
+                            chunk=shard.chunk,
+                            properties=TensorProperties.create_from_tensor(shard.tensor),
+                            size=torch.Size(shard.global_shape))))
             else:
                 items.append(WriteItem(index=MetadataIndex(fqn), type=WriteItemType.BYTE_IO))
         self.plan = SavePlan(items)
@@ -95,14 +137,17 @@ class ShardSavePlanner(DefaultSavePlanner):
 
     def lookup_object(self, index: MetadataIndex) -> Any:
         if index.fqn in self.shards:
-            return self.shards[index.fqn].tensor.detach().cpu().contiguous()
+            for shard in self.shards[index.fqn]:
+                if tuple(shard.offsets) == tuple(index.offset):
+                    return shard.tensor.detach().cpu().contiguous()
+            raise KeyError(f"no local chunk of {index.fqn} at {tuple(index.offset)}")
         return self.state_dict[index.fqn]
 
 
 class ShardLoadPlanner(DefaultLoadPlanner):
     """Reads, for each :class:`Shard`, the part of the saved global tensor the shard covers."""
 
-    def __init__(self, shards: dict[str, Shard]) -> None:
+    def __init__(self, shards: dict[str, list[Shard]]) -> None:
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
         self.shards = shards
 
@@ -113,8 +158,8 @@ class ShardLoadPlanner(DefaultLoadPlanner):
         requests: list[ReadItem] = []
         for fqn in self.state_dict:
             if fqn in self.shards:
-                requests += create_read_items_for_chunk_list(fqn, saved[fqn],
-                                                             [self.shards[fqn].chunk])
+                requests += create_read_items_for_chunk_list(
+                    fqn, saved[fqn], [s.chunk for s in self.shards[fqn]])
             else:
                 index = MetadataIndex(fqn)
                 requests.append(ReadItem(type=LoadItemType.BYTE_IO, dest_index=index,
@@ -124,20 +169,22 @@ class ShardLoadPlanner(DefaultLoadPlanner):
         return LoadPlan(requests)
 
     def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
-        return self.shards[index.fqn].tensor
+        return self.shards[index.fqn][index.index].tensor
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         self.state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=False)
 
 
-def check_loadable(saved: dict, shards: dict[str, "Shard"], objects: list[str]) -> None:
+def check_loadable(saved: dict, shards: dict[str, list["Shard"]], objects: list[str]) -> None:
     """``ValueError`` naming the entry if the checkpoint lacks one or its global shape differs
     (checked before DCP starts reading, so the message is not buried in a DCP exception)."""
     for fqn in list(shards) + list(objects):
         if fqn not in saved:
             raise ValueError(f"checkpoint has no entry {fqn!r} (saved from another model?)")
-    for fqn, shard in shards.items():
-        md = saved[fqn]
+    for fqn, chunks in shards.items():
+        if not chunks:
+            continue
+        shard, md = chunks[0], saved[fqn]
         if not isinstance(md, TensorStorageMetadata):
             raise ValueError(f"checkpoint entry {fqn!r} is not a tensor")
         if tuple(md.size) != shard.global_shape:
@@ -162,14 +209,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def collect_shards(named_params: list[tuple[str, torch.nn.Parameter]],
-                   moments: Optional[dict[str, tuple[torch.nn.Parameter, torch.Tensor]]] = None
-                   ) -> dict[str, Shard]:
-    """``model/<name>`` for every parameter, ``optim/<name>/<moment>`` for Adam's state (laid out
-    like its parameter)."""
-    shards = {f"model/{name}": Shard.of(p.data, get_spec(p)) for name, p in named_params}
-    for key, (param, tensor) in (moments or {}).items():
-        shards[f"optim/{key}"] = Shard.of(tensor, get_spec(param))
+def param_pieces(named_params: list[tuple[str, torch.nn.Parameter]]
+                 ) -> list[tuple[str, ParamSpec, int, torch.Tensor]]:
+    """``model/<name>`` pieces of whole local parameters (for :func:`collect_shards`)."""
+    return [(f"model/{name}", get_spec(p), 0, p.data) for name, p in named_params]
+
+
+def collect_shards(pieces: list[tuple[str, ParamSpec, int, torch.Tensor]]
+                   ) -> dict[str, list[Shard]]:
+    """``{key: chunks}`` from ``(key, spec, local flat start, flat tensor)`` pieces (the
+    optimizer's ``checkpoint_tensors()``: ``model/<name>`` main weights, ``optim/<name>/<moment>``
+    Adam's state); a key may come in several pieces."""
+    shards: dict[str, list[Shard]] = {}
+    for key, spec, start, flat in pieces:
+        shards.setdefault(key, []).extend(Shard.of_flat(flat.reshape(-1), spec, start))
     return shards
 
 
@@ -231,7 +284,7 @@ def resolve_resume(resume: Optional[str], root: str) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------- save / load
-def save_checkpoint(root: str, step: int, shards: dict[str, Shard], train_state: dict,
+def save_checkpoint(root: str, step: int, shards: dict[str, list[Shard]], train_state: dict,
                     keep: int = 2, storage_writer: Optional[dcp.StorageWriter] = None) -> str:
     """Write and publish ``step_<step>`` (collective over the world). Returns its path."""
     final = checkpoint_path(root, step)
@@ -244,7 +297,7 @@ def save_checkpoint(root: str, step: int, shards: dict[str, Shard], train_state:
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         os.makedirs(partial)
     _barrier()
-    state_dict: dict[str, Any] = {k: s.tensor for k, s in shards.items()}
+    state_dict: dict[str, Any] = {k: (s[0].tensor if s else None) for k, s in shards.items()}
     state_dict[TRAIN_STATE_KEY] = train_state
     state_dict[f"rng/rank_{rank}"] = rng_state()
     writer = storage_writer or dcp.FileSystemWriter(partial, single_file_per_rank=True)
@@ -272,7 +325,7 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str, shards: dict[str, Shard]) -> dict:
+def load_checkpoint(path: str, shards: dict[str, list[Shard]]) -> dict:
     """Load ``shards`` in place from the checkpoint at ``path`` (any layout) and restore this
     rank's RNG state when the checkpoint has one for it. Returns the training state."""
     if not os.path.isfile(os.path.join(path, ".metadata")):
@@ -280,7 +333,7 @@ def load_checkpoint(path: str, shards: dict[str, Shard]) -> dict:
     reader = dcp.FileSystemReader(path)
     saved = reader.read_metadata().state_dict_metadata
     rng_key = f"rng/rank_{_rank()}"
-    state_dict: dict[str, Any] = {k: s.tensor for k, s in shards.items()}
+    state_dict: dict[str, Any] = {k: (s[0].tensor if s else None) for k, s in shards.items()}
     state_dict[TRAIN_STATE_KEY] = None
     if rng_key in saved:
         state_dict[rng_key] = None
@@ -306,12 +359,12 @@ def load_global_tensors(path: str) -> dict[str, torch.Tensor]:
     """Every saved tensor as a full global tensor (one process; for tests and conversion)."""
     reader = dcp.FileSystemReader(path)
     metadata = reader.read_metadata().state_dict_metadata
-    shards = {k: Shard(torch.empty(tuple(md.size), dtype=md.properties.dtype), tuple(md.size),
-                       (0,) * len(md.size))
+    shards = {k: [Shard(torch.empty(tuple(md.size), dtype=md.properties.dtype), tuple(md.size),
+                        (0,) * len(md.size))]
               for k, md in metadata.items() if isinstance(md, TensorStorageMetadata)}
-    state_dict: dict[str, Any] = {k: s.tensor for k, s in shards.items()}
+    state_dict: dict[str, Any] = {k: s[0].tensor for k, s in shards.items()}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state_dict, storage_reader=reader, planner=ShardLoadPlanner(shards),
                  no_dist=True)
-    return {k: s.tensor for k, s in shards.items()}
+    return {k: s[0].tensor for k, s in shards.items()}

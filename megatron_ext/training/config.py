@@ -15,6 +15,7 @@ from typing import Any, Optional
 from megatron_ext.communication.choices import CP_STRATEGIES
 from megatron_ext.parallel.topology import Topology
 
+RECOMPUTE_MODES = ("none", "selective", "full")
 LAYOUT_FIELDS = ("pp", "attn_tp", "attn_cp", "attn_dp", "moe_tp", "moe_ep", "moe_dp")
 
 
@@ -61,7 +62,18 @@ class TrainConfig:
     clip_grad: float = _help("clip the global gradient norm to this (0: off)", default=1.0)
     grad_bucket_mb: float = _help("gradient all-reduce bucket size in MiB", default=25.0)
     seed: int = _help("seed of initialisation and data order", default=1234)
-    dtype: str = _help("auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16", default="auto")
+    dtype: str = _help("auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16 (bf16 parameters and "
+                       "activations, fp32 main weights, gradients and optimizer)", default="auto")
+    distributed_optimizer: Optional[bool] = _help(
+        "shard main weights, gradients' reduction and AdamW state over each parameter's sync "
+        "group (ZeRO-1); default: on when any sync group has more than one rank", default=None)
+    overlap_grad_reduce: bool = _help("launch bucket gradient reductions from backward hooks",
+                                      default=True)
+    overlap_param_gather: bool = _help("distributed optimizer: wait for a bucket's parameter "
+                                       "all-gather only at its first use in the next forward",
+                                       default=True)
+    recompute: str = _help("activation recomputation: none, selective (attention core, expert "
+                           "activation) or full (every decoder layer)", default="none")
     device: str = _help("auto, cpu or cuda", default="auto")
     pp_schedule: str = _help("pipeline schedule: 1f1b or gpipe", default="1f1b")
     # output, checkpoints, logs
@@ -115,7 +127,8 @@ class TrainConfig:
         if not self.dist_timeout_s > 0:
             raise ValueError(f"dist_timeout_s={self.dist_timeout_s} must be > 0")
         choices = {"dtype": ("auto", "fp32", "bf16"), "device": ("auto", "cpu", "cuda"),
-                   "pp_schedule": ("1f1b", "gpipe"), "cp_comm": CP_STRATEGIES}
+                   "pp_schedule": ("1f1b", "gpipe"), "cp_comm": CP_STRATEGIES,
+                   "recompute": RECOMPUTE_MODES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of {allowed}")
@@ -146,6 +159,14 @@ class TrainConfig:
         if topo.pp > 1 and self.num_microbatches(topo) < 1:  # pragma: no cover - implied above
             raise ValueError("pipeline parallelism needs at least one micro-batch")
         return topo
+
+    def use_distributed_optimizer(self, topo: Topology) -> bool:
+        """``distributed_optimizer``, or by default: whether any gradient sync group (dense
+        attn_dp x attn_cp, expert moe_dp, the stage, the tied-embedding pair) has > 1 rank."""
+        if self.distributed_optimizer is not None:
+            return self.distributed_optimizer
+        return topo.world > 1  # a world of several ranks has a stage or embedding group > 1
+                               # (else every bucket is local and sharding changes nothing)
 
     def num_microbatches(self, topo: Topology) -> int:
         """Micro-batches each data-parallel rank runs per step."""

@@ -7,7 +7,7 @@ rank alike, so a bad launch is an error and never a hang. ``Trainer`` then runs 
 
 The loss is the mean over every real label token of the global batch: each micro-batch adds
 ``sum(per-token loss) / global label tokens`` (computed from the global batch, which every rank
-reads), and gradients are summed (``GradSync``).
+reads), and gradients are summed (``TrainOptimizer.finish_grad_sync``).
 
 The MoE load-balancing loss is ``router_aux_loss_coef`` times the mean over MoE layers of each
 layer's Switch/HF loss ``E·Σ f_e·P_e`` (over the tokens of the stage micro-batch), averaged over
@@ -38,7 +38,6 @@ from megatron_ext.parallel.groups import ParallelGroups
 from megatron_ext.parallel.topology import Topology
 from megatron_ext.checkpoint import training_state as ckpt
 from megatron_ext.training.config import TrainConfig
-from megatron_ext.training.grad_sync import GradSync
 from megatron_ext.training.logging import MetricsLogger
 from megatron_ext.training.optimizer import LRSchedule, TrainOptimizer
 from megatron_ext.communication.raw import all_reduce_
@@ -194,15 +193,20 @@ class Trainer:
         self._init_weights()
         self.named_params = [(checkpoint_name(n, mc), p)
                              for n, p in self.model.named_parameters() if p.requires_grad]
-        self.grad_sync = GradSync(self.named_params, groups,
-                                  bucket_bytes=int(cfg.grad_bucket_mb * 2**20))
+        self.use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
         self.schedule = LRSchedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.train_steps)
-        self.optimizer = TrainOptimizer(self.named_params, groups, self.schedule, cfg.clip_grad,
-                                        cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
-                                        cfg.adam_eps)
+        self.optimizer = TrainOptimizer(
+            self.named_params, groups, self.schedule, cfg.clip_grad, cfg.weight_decay,
+            (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps,
+            distributed=cfg.use_distributed_optimizer(topo),
+            param_dtype=torch.bfloat16 if self.use_bf16 else None,
+            bucket_bytes=int(cfg.grad_bucket_mb * 2**20),
+            overlap_grad_reduce=cfg.overlap_grad_reduce,
+            overlap_param_gather=cfg.overlap_param_gather)
+        if cfg.overlap_param_gather:
+            self.optimizer.attach_param_gather_hooks(self.model)
         self.order = SampleOrder(plan.dataset.num_samples(cfg.seq_len), cfg.seed, cfg.shuffle)
         self.micro_batches_per_rank = cfg.num_microbatches(topo)
-        self.use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
         self.step = 0
         self.consumed_samples = 0
         self.pipeline = None
@@ -298,9 +302,9 @@ class Trainer:
         batch = self.step_batch()
         inject = self.cfg.inject_nan_at_step is not None and \
             self.step == self.cfg.inject_nan_at_step
-        self.optimizer.zero_grad()
+        self.optimizer.zero_grad(self.micro_batches_per_rank)
         lm, aux = self._forward_backward(batch, inject)
-        self.grad_sync.sync()
+        self.optimizer.finish_grad_sync()
         loss, aux_loss = self._reduce_report(lm, aux)
         grad_norm = self.optimizer.grad_norm()
         if not (math.isfinite(loss) and math.isfinite(aux_loss) and math.isfinite(grad_norm)):
@@ -319,7 +323,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _shards(self) -> dict:
-        return ckpt.collect_shards(self.named_params, self.optimizer.moment_tensors())
+        self.optimizer.wait_params()
+        return ckpt.collect_shards(self.optimizer.checkpoint_tensors())
 
     def save(self) -> str:
         state = {"step": self.step, "consumed_samples": self.consumed_samples,
@@ -342,7 +347,7 @@ class Trainer:
                              f"with seed {self.cfg.seed} (the sample order would differ)")
         self.step = int(state["step"])
         self.consumed_samples = int(state["consumed_samples"])
-        self.optimizer.set_step_count(self.step)
+        self.optimizer.after_load(self.step)
         return state
 
     # ------------------------------------------------------------------ loop
@@ -374,6 +379,7 @@ class Trainer:
                 if logger:
                     logger.message(f"saved {path}")
         finally:
+            self.optimizer.wait_params()
             if logger:
                 logger.close()
         return history
