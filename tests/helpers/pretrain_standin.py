@@ -13,8 +13,10 @@ from megatron_ext.parallel.param_meta import ParamSpec, Split, set_spec
 H, V, E, M, LAYERS = 8, 16, 4, 8, 4
 
 
-def global_param_specs(groups: ParallelGroups) -> dict[str, ParamSpec]:
-    """Name -> spec of every parameter this rank holds (names are layout independent)."""
+def global_param_specs(groups: ParallelGroups, tied: bool = False) -> dict[str, ParamSpec]:
+    """Name -> spec of every parameter this rank holds (names are layout independent). ``tied``:
+    the LM head is the embedding (one tensor; a copy on the last stage synced over
+    ``embedding``)."""
     a, ep, mt = groups.attn_tp, groups.moe_ep, groups.moe_tp
     topo, stage = groups.topology, groups.coords.pp
     tp_axis = "attn_tp" if a.size > 1 else None
@@ -27,8 +29,9 @@ def global_param_specs(groups: ParallelGroups) -> dict[str, ParamSpec]:
                           if s.chunks > 1)
     specs: dict[str, ParamSpec] = {}
     per_stage = LAYERS // topo.pp
+    embed_sync = ("attn_dp_cp", "embedding") if tied else ("attn_dp_cp",)
     if stage == 0:
-        specs["embed.weight"] = ParamSpec((V, H), tp_split(0), ("attn_dp_cp",), tp_axis)
+        specs["embed.weight"] = ParamSpec((V, H), tp_split(0), embed_sync, tp_axis)
     for layer in range(stage * per_stage, (stage + 1) * per_stage):
         p = f"layers.{layer}."
         specs[p + "norm.weight"] = ParamSpec((H,), (), ("attn_dp_cp",))
@@ -39,7 +42,10 @@ def global_param_specs(groups: ParallelGroups) -> dict[str, ParamSpec]:
         specs[p + "experts.w"] = ParamSpec((E, H, M), expert_splits, ("moe_dp",), shard_axis)
     if stage == topo.pp - 1:
         specs["final_norm.weight"] = ParamSpec((H,), (), ("attn_dp_cp",))
-        specs["lm_head.weight"] = ParamSpec((V, H), tp_split(0), ("attn_dp_cp",), tp_axis)
+        if not tied:
+            specs["lm_head.weight"] = ParamSpec((V, H), tp_split(0), ("attn_dp_cp",), tp_axis)
+        elif topo.pp > 1:
+            specs["embed.weight"] = ParamSpec((V, H), tp_split(0), embed_sync, tp_axis)
     return specs
 
 
@@ -56,10 +62,11 @@ def global_tensor(name: str, seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=gen, dtype=torch.float64).float()
 
 
-def build_params(groups: ParallelGroups, seed: int) -> list[tuple[str, torch.nn.Parameter]]:
+def build_params(groups: ParallelGroups, seed: int, tied: bool = False
+                 ) -> list[tuple[str, torch.nn.Parameter]]:
     """This rank's parameters: slices of ``global_tensor(name, seed)`` with their specs."""
     out = []
-    for name, spec in global_param_specs(groups).items():
+    for name, spec in global_param_specs(groups, tied).items():
         p = torch.nn.Parameter(spec.take_local(global_tensor(name, seed)).clone())
         out.append((name, set_spec(p, spec)))
     return out
