@@ -1,4 +1,4 @@
-"""Collectives as autograd functions over an explicit :class:`AxisGroup` (DESIGN.md §4).
+"""Collectives as autograd functions over an explicit :class:`AxisGroup` (design §4).
 
 Every forward collective comes with its adjoint:
 
@@ -257,7 +257,7 @@ def all_gather(x: torch.Tensor, group: AxisGroup, dim: int = 0,
     * ``"own_rows"`` — every consumer computes the same thing: the grad is already whole, take
       own rows (no collective).
 
-    ``grad_sum_group`` — the consumers are sharded over a larger set than ``group`` (DESIGN §4
+    ``grad_sum_group`` — the consumers are sharded over a larger set than ``group`` (design §4
     worked case: a ``TP_ATTN_FULL → MOE_FULL`` gather over the token group ``moe_cp`` feeding a
     MoE sharded over the whole shard = ``moe_cp × attn_tp``): after the reduce-scatter over
     ``group`` the grads are still partial over ``grad_sum_group`` (``attn_tp``), so they are

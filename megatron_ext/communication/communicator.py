@@ -49,7 +49,7 @@ FusedReduceAddNorm = Callable[[torch.Tensor, Optional[torch.Tensor], nn.Module, 
 
 
 def norm_grad_sync(mode: ScatterMode) -> tuple[str, ...]:
-    """Grad-sync axes of a replicated norm weight that runs on ``mode`` rows (DESIGN §4 table)."""
+    """Grad-sync axes of a replicated norm weight that runs on ``mode`` rows (design §4 table)."""
     return (Axis.STAGE,) if ScatterMode(mode) is ScatterMode.SCATTERED else (Axis.ATTN_DP_CP,)
 
 

@@ -1,4 +1,4 @@
-"""The collectives that move hidden states between scatter modes (DESIGN.md §3–4).
+"""The collectives that move hidden states between scatter modes (design §3–4).
 
 Two kinds of moves, each one autograd-correct by construction:
 

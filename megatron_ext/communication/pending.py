@@ -1,4 +1,4 @@
-"""A reduction left for the next consumer, as a value (DESIGN.md §3).
+"""A reduction left for the next consumer, as a value (design §3).
 
 A block that ends in a row-parallel projection returns a partial sum. Instead of reducing it at
 once (and then adding the residual and normalising in separate passes), the communicator hands
@@ -9,7 +9,7 @@ knows exactly what is owed.
 
 A pending MoE sum on ``MOE_FULL`` rows completes *with* its scatter back to the residual mode
 (reduce-scatter over the shard, or all-reduce + own rows), so deferring across a ``MOE_FULL`` layer
-can never leave hidden states longer than the residual (seed 000). A pending value whose target is
+can never leave hidden states longer than the residual (design §1, origin 1). A pending value whose target is
 not a residual mode is refused at construction; one whose target differs from the consumer's
 residual mode is refused by the consumer.
 """

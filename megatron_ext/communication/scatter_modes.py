@@ -1,4 +1,4 @@
-"""Where tokens live between the blocks of a decoder layer (DESIGN.md §3).
+"""Where tokens live between the blocks of a decoder layer (design §3).
 
 * ``SCATTERED`` — a distinct slice of the attention group's tokens (``split_rows`` over attn_tp);
 * ``TP_ATTN_FULL`` — all tokens of the attention group (its dp/cp chunk), identical across
@@ -9,7 +9,7 @@
   sharded over the whole stage when ``moe_dp > 1``, so layers never ask for it.
 
 The residual stream lives in ``SCATTERED`` or ``TP_ATTN_FULL`` only: a ``MOE_FULL`` residual would
-be k× longer than the attention's tokens (seed 000's bug when a deferred reduction skipped the
+be k× longer than the attention's tokens (the bug of design §1, origin 1, when a deferred reduction skipped the
 scatter). One residual mode is used for the whole stack:
 
 * ``SCATTERED`` when ``allow_reduce_scatter`` (sequence-parallel style: every sum is a

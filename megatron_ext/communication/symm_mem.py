@@ -1,4 +1,4 @@
-"""Symmetric-memory all-reduce for attention-TP sums (seed 002).
+"""Symmetric-memory all-reduce for attention-TP sums (design §1, origin 3).
 
 Why: on one NVLink host an attention-TP all-reduce of a few hundred KB is latency-bound, and
 NCCL's launch + protocol cost dominates it. With the partial sums in torch symmetric memory
@@ -6,7 +6,7 @@ NCCL's launch + protocol cost dominates it. With the partial sums in torch symme
 one-shot kernel (each rank reads all peers and sums) or a two-shot kernel (reduce-scatter then
 all-gather through peer loads) finishes the sum in one launch.
 
-Rule (seed 002): symmetric kernels need every rank of the group to reduce the *same* number of
+Rule (design §1, origin 3): symmetric kernels need every rank of the group to reduce the *same* number of
 elements — otherwise they read past a peer's data or wait forever. That holds for attention TP
 (all ranks of the group hold the same ``TP_ATTN_FULL`` tokens); it does not hold across attention
 DP with uneven batches. So :class:`SymmMemAllReduce` is enabled by default only for the
@@ -124,8 +124,8 @@ def group_unavailable_reason(axis: AxisGroup, device: torch.device,
         return f"axis {axis.name} has no process group"
     uniform = (axis.name == Axis.ATTN_TP) if uniform_tokens is None else uniform_tokens
     if not uniform:
-        return (f"axis {axis.name}: ranks may hold different token counts (seed 002: symmetric "
-                f"memory only where every rank reduces the same size, e.g. attention TP)")
+        return (f"axis {axis.name}: ranks may hold different token counts (symmetric memory "
+                f"only where every rank reduces the same size, e.g. attention TP)")
     if device.type != "cuda":
         return f"device {device} is not CUDA"
     if not torch.cuda.is_available():

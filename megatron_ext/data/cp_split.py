@@ -1,7 +1,7 @@
 """Load-balanced split of sequences over context-parallel (CP) ranks, and its inverse.
 
 Causal attention costs more for late tokens than for early ones, so a sequence is cut into
-``2·cp`` equal chunks and CP rank ``c`` holds chunks ``c`` and ``2cp-1-c`` (DESIGN.md §5): every
+``2·cp`` equal chunks and CP rank ``c`` holds chunks ``c`` and ``2cp-1-c`` (design §5): every
 rank then does the same work. Pure index math here; no process group is touched (the gather back
 is :func:`megatron_ext.communication.local_batch.gather_from_cp`).
 

@@ -7,7 +7,7 @@
   a block that shares one input between several linears, passes ``False`` and syncs once.
 * :class:`RowParallelLinear` — input features split over the group; the output is a partial sum.
   ``reduce_results=False`` returns the partial so the communicator can fuse the reduction
-  (DESIGN.md §3: one reduction per layer).
+  (design §3: one reduction per layer).
 
 Output partitions fewer than ranks (GQA with ``kv_heads < attn_tp``): ``num_partitions`` pieces,
 each held by ``tp / num_partitions`` consecutive ranks. The replicas' weight gradients are partial

@@ -3,7 +3,7 @@
 HF normalises in float32 and casts back to the input dtype *before* multiplying by the weight
 (``weight * normed.to(input_dtype)``); matching that order keeps bf16 logits bit-compatible with
 ``transformers``. The weight is replicated; which axes its gradient is summed over depends on where
-the norm runs (DESIGN.md §4), so the caller says it.
+the norm runs (design §4), so the caller says it.
 
 On CUDA with fp16/bf16 inputs (and Triton present) forward and backward are one Triton kernel each
 (:func:`rms_norm` picks it): the torch composition is ~8 passes over the activations each way and

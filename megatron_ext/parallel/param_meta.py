@@ -1,5 +1,5 @@
 """Per-parameter layout metadata: which slice of the global tensor a rank holds, and over which
-groups its gradient is summed (DESIGN.md §4).
+groups its gradient is summed (design §4).
 
 Layers attach a :class:`ParamSpec` to every parameter they create. Gradient sync, the global
 gradient norm, layout-independent checkpoints and HF conversion all read it, so none of them needs

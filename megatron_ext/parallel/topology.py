@@ -1,4 +1,4 @@
-"""Pure rank math for megatron_ext's two layouts inside a pipeline stage (DESIGN.md §2).
+"""Pure rank math for megatron_ext's two layouts inside a pipeline stage (design §2).
 
 ``world = pp × S``; inside a stage the same ``S`` ranks are tiled twice:
 

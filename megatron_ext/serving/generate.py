@@ -1,4 +1,4 @@
-"""Greedy generation with the training layers, groups and communicator (DESIGN.md §5 "Serving").
+"""Greedy generation with the training layers, groups and communicator (design §5 "Serving").
 
 Flow, for prompts ``[B, S]`` identical on every rank (left-padded, like ``transformers``):
 

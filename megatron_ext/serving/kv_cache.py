@@ -1,5 +1,5 @@
 """This rank's KV cache for serving: per attention layer, the K/V of the tokens this CP rank owns
-(DESIGN.md §5 "Serving"). No collectives here.
+(design §5 "Serving"). No collectives here.
 
 Placement rules (every rank applies them alike, so nobody needs to ask where a token lives):
 

@@ -151,7 +151,7 @@ class StepMetrics:
 
 def fused_reduce_add_norm(groups: ParallelGroups, device: torch.device):
     """On CUDA with attention TP, pending attention-TP sums complete in one symmetric-memory
-    reduce + residual add + RMSNorm (DESIGN §6); elsewhere the communicator's unfused path.
+    reduce + residual add + RMSNorm (design §6); elsewhere the communicator's unfused path.
     Collective when it returns a hook: every rank builds its model at the same point."""
     if device.type != "cuda" or groups.attn_tp.is_trivial:
         return None

@@ -155,7 +155,7 @@ def _check_all_to_all(rank: int, g: AxisGroup, tag: int) -> None:
 
 
 def _check_worked_case(rank: int, tok: AxisGroup, tp: AxisGroup) -> None:
-    """DESIGN §4: gather over the token group (k=2), consumers sharded over tok × tp (4 ranks)."""
+    """design §4: gather over the token group (k=2), consumers sharded over tok × tp (4 ranks)."""
     chunks = [_rand(900 + j, 3, 4).requires_grad_() for j in range(tok.size)]
     ws = [_rand(950 + r, 6, 4) for r in range(4)]  # every rank consumes a different part
     y_ref = torch.cat(chunks)

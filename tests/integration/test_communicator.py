@@ -81,7 +81,7 @@ _BWD = {"all_reduce": [], "reduce_scatter": ["all_gather"], "gather": ["reduce_s
 
 
 def expected_ops(modes: list[LayerScatterModes], k: int) -> dict:
-    """Per step, the ops DESIGN §3–4 prescribe (one reduction per block output; gathers whose
+    """Per step, the ops design §3–4 prescribe (one reduction per block output; gathers whose
     adjoint sums over the consuming block's group; moves of whole tensors)."""
     rs = modes[0].allow_reduce_scatter
 

@@ -63,3 +63,15 @@ def test_product_modules_import_without_optional_packages():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"imported {len(plain)} refused {len(kernels)}" in proc.stdout
+
+
+def test_public_names_resolve_to_their_modules():
+    """Every name of ``megatron_ext.__all__`` resolves, and is the object its module defines."""
+    import importlib
+
+    for name in megatron_ext.__all__:
+        value = getattr(megatron_ext, name)
+        module = importlib.import_module(megatron_ext._EXPORTS[name])
+        assert value is getattr(module, name), name
+    assert {"Topology", "ParallelGroups", "build_groups", "init_distributed", "LayerCommunicator",
+            "CausalLM", "ModelConfig", "TrainConfig"} <= set(megatron_ext.__all__)

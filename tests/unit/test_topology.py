@@ -1,4 +1,4 @@
-"""Pure rank math: group lists against the DESIGN.md §2 formulas, validation, Megatron parity, CLI."""
+"""Pure rank math: group lists against the design §2 formulas, validation, Megatron parity, CLI."""
 import itertools
 import subprocess
 import sys
@@ -48,7 +48,7 @@ LAYOUTS = [
 
 def _expected(topo: Topology, axis: str) -> list[list[int]]:
     """Independent reference: group = all ranks agreeing on the coordinates the axis does not span,
-    ordered by the spanned coordinates (fastest first, as in DESIGN.md §2)."""
+    ordered by the spanned coordinates (fastest first, as in design §2)."""
     coords = [topo.coords(r) for r in range(topo.world)]
     k, A, E, M = topo.token_group_size, topo.attn_tp, topo.moe_ep, topo.moe_tp
     S = topo.stage_size

@@ -1,4 +1,4 @@
-"""Context-parallel causal attention (DESIGN.md §5), forward and hand-written backward.
+"""Context-parallel causal attention (design §5), forward and hand-written backward.
 
 Every CP rank holds its load-balanced share of the sequence (see
 :mod:`megatron_ext.data.cp_split`): ``q [b, s_local, hq, d]``, ``k, v [b, s_local, hkv, d]``

@@ -1,4 +1,4 @@
-"""Decode attention against a KV cache spread over the CP ranks (serving, DESIGN.md §5).
+"""Decode attention against a KV cache spread over the CP ranks (serving, design §5).
 
 After a CP prefill every rank keeps the K/V of its own tokens, so cache memory per rank shrinks
 with ``cp``. A decode step's new query tokens (the same on every CP rank) attend to each rank's

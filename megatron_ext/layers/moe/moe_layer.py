@@ -1,6 +1,6 @@
 """Sparse MoE MLP: router + routed experts (EP × TP inside the MoE shard) + optional shared expert.
 
-Two dispatchers, chosen by where the input tokens live (DESIGN.md §3):
+Two dispatchers, chosen by where the input tokens live (design §3):
 
 * ``"local"`` — MOE_FULL / TP_ATTN_FULL input, identical on every rank of the shard. Routing is
   identical everywhere, each rank runs its own experts (and its slice of the shared expert) on the

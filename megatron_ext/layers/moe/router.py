@@ -2,7 +2,7 @@
 
 The router weight is replicated on every rank. Each rank's gradient of it is partial (only its own
 experts' share of the output, or only its own tokens), so it is summed over the whole stage:
-``grad_sync=("stage",)`` (DESIGN.md §4).
+``grad_sync=("stage",)`` (design §4).
 
 The auxiliary loss is HF's ``load_balancing_loss_func``: ``E · Σ_e f_e · P_e`` with ``f_e`` the
 fraction of top-k assignments and ``P_e`` the mean router probability, both over all tokens of all

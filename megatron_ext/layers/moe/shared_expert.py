@@ -2,7 +2,7 @@
 
 Its intermediate dim is split over the whole MoE shard (``moe_ep × moe_tp`` ranks, shard-rank
 order), and its ``down`` projection keeps ``reduce_results=False``: the partial is added to the
-routed experts' partial so the MoE layer needs **one** reduction over the shard (seed 001). The
+routed experts' partial so the MoE layer needs **one** reduction over the shard (design §1, origin 2). The
 optional gate ``sigmoid(x · w_gate)`` is a replicated ``[1, H]`` weight; scaling a partial sum by a
 replicated factor keeps it a partial sum. Each rank's gate gradient sees only its slice of the
 shared expert, so the gate syncs over the whole stage.
