@@ -1,5 +1,5 @@
 """Contiguous parameter and main-gradient buckets, and the gradient reduction that fills them
-(DESIGN.md §4; Megatron's ``ParamAndGradBuffer`` + ``DistributedDataParallel`` idea, driven by each
+(design §4; Megatron's ``ParamAndGradBuffer`` + ``DistributedDataParallel`` idea, driven by each
 parameter's ``ParamSpec.grad_sync`` instead of two fixed groups).
 
 * Parameters with the same non-trivial sync axes and dtype share a bucket. Their storage becomes
