@@ -18,6 +18,8 @@ import time
 import torch
 
 from megatron_ext.communication.choices import CP_STRATEGIES, CPStrategy
+from megatron_ext.layers.backend import (TRANSFORMER_IMPLS, TransformerImpl,
+                                         resolve_transformer_impl)
 from megatron_ext.data.dataset import open_dataset
 from megatron_ext.data.tokenizer import load_tokenizer
 from megatron_ext.evaluation.loss import EvalResult, evaluate_loss
@@ -37,6 +39,9 @@ def _args(argv):
     p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--cp-comm", choices=CP_STRATEGIES, default=CPStrategy.ALL_GATHER)
+    p.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default=TransformerImpl.AUTO,
+                   help="layer implementation: native, te (TransformerEngine, CUDA) or auto (te "
+                        "where it imports on CUDA)")
     add_layout_arguments(p, (Axis.ATTN_TP, Axis.ATTN_CP, Axis.MOE_TP, Axis.MOE_EP, Axis.MOE_DP))
     return p.parse_args(argv)
 
@@ -45,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:  # everything checkable before process groups exist
+        impl = resolve_transformer_impl(args.transformer_impl)
         topo = topology_from_args(args, world)
         config = ModelConfig.from_hf_dir(args.model)
         config.check_fits(topo)
@@ -66,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
         else torch.device("cpu")
     model = CausalLM.from_pretrained(args.model, groups, cp_strategy=args.cp_comm,
+                                     transformer_impl=impl,
                                      device=device).eval()
     total, start = EvalResult(0.0, 0), time.perf_counter()
     for first in range(0, args.num_samples, args.batch_size):
@@ -77,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - start
     if groups.global_rank == 0:
         print(f"layout: attn tp={topo.attn_tp} cp={topo.attn_cp} dp={topo.attn_dp} | moe "
-              f"tp={topo.moe_tp} ep={topo.moe_ep} dp={topo.moe_dp}")
+              f"tp={topo.moe_tp} ep={topo.moe_ep} dp={topo.moe_dp} | {model.backend.describe()}")
         print(f"eval: {args.num_samples} x {args.seq_len} tokens, loss {total.loss:.4f}, "
               f"perplexity {total.perplexity:.2f}, {total.tokens / elapsed:.0f} tokens/s")
     return 0

@@ -21,6 +21,8 @@ import torch
 
 from megatron_ext.communication.choices import CP_STRATEGIES, CPStrategy
 from megatron_ext.data.tokenizer import load_tokenizer
+from megatron_ext.layers.backend import (TRANSFORMER_IMPLS, TransformerImpl,
+                                         resolve_transformer_impl)
 from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import (AxisGroup, ParallelGroups, build_groups,
                                           init_distributed)
@@ -45,6 +47,9 @@ def _args(argv):
                    help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--cp-comm", choices=CP_STRATEGIES, default=CPStrategy.ALL_GATHER,
                    help="K/V exchange of the CP prefill")
+    p.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default=TransformerImpl.AUTO,
+                   help="layer implementation: native, te (TransformerEngine, CUDA) or auto (te "
+                        "where it imports on CUDA)")
     add_layout_arguments(p, (Axis.ATTN_TP, Axis.ATTN_CP, Axis.MOE_TP, Axis.MOE_EP, Axis.MOE_DP))
     return p.parse_args(argv)
 
@@ -72,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:  # everything checkable before process groups exist
+        impl = resolve_transformer_impl(args.transformer_impl)
         topo = topology_from_args(args, world)
         config = ModelConfig.from_hf_dir(args.model)
         config.check_fits(topo)
@@ -93,13 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     model = CausalLM.from_pretrained(args.model, groups, cp_strategy=args.cp_comm, dtype=dtype,
-                                     device=device).eval()
+                                     transformer_impl=impl, device=device).eval()
     out = greedy_generate(model, groups, ids, args.max_new_tokens, eos, attention_mask=mask,
                           pad_token_id=eos)
     if groups.global_rank == 0:
         S = ids.shape[1]
         print(f"layout: attn tp={topo.attn_tp} cp={topo.attn_cp} dp={topo.attn_dp} | moe "
-              f"tp={topo.moe_tp} ep={topo.moe_ep} dp={topo.moe_dp}")
+              f"tp={topo.moe_tp} ep={topo.moe_ep} dp={topo.moe_dp} | {model.backend.describe()}")
         for i, prompt in enumerate(args.prompt):
             new = out.tokens[i, S:S + out.steps].tolist()
             if eos is not None and eos in new:

@@ -38,6 +38,7 @@ def _describe(trainer: Trainer) -> str:
             f"{mc.hidden_size}, {mc.num_experts} experts, vocab {mc.vocab_size}, "
             f"{n_params / 1e6:.2f}M params) on {trainer.device}, "
             f"{'bf16 autocast' if trainer.use_bf16 else 'fp32'}\n"
+            f"layers: {trainer.model.backend.describe()}\n"
             f"data: {trainer.plan.dataset.source} ({trainer.plan.dataset.meta.num_tokens} tokens, "
             f"tokenizer {trainer.plan.tokenizer.name}); {cfg.train_steps} steps x "
             f"{cfg.global_batch_size} x {cfg.seq_len} tokens, {trainer.micro_batches_per_rank} "

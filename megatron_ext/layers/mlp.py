@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_ext.layers.linear import ColumnParallelLinear, RowParallelLinear
+from megatron_ext.layers.backend import LayerBackend
 from megatron_ext.communication.collectives import copy_to_region
 from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import AxisGroup, ParallelGroups
@@ -84,23 +84,23 @@ class SwiGLUMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, group: AxisGroup, *,
                  sync_input_grad: bool = True, grad_sync: tuple[str, ...] = (Axis.ATTN_DP_CP,),
                  shard_axis: Optional[str] = None, name: Optional[str] = None,
+                 backend: Optional[LayerBackend] = None,
                  dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
         super().__init__()
+        backend = backend if backend is not None else LayerBackend()
         if intermediate_size % group.size:
             raise ValueError(f"MLP {name or ''}: intermediate_size={intermediate_size} must be "
                              f"divisible by the {group.name} size {group.size}")
         self.group, self.sync_input_grad = group, sync_input_grad
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
-        common = dict(grad_sync=grad_sync, shard_axis=shard_axis, dtype=dtype, device=device)
-        self.gate_proj = ColumnParallelLinear(hidden_size, intermediate_size, group,
-                                              sync_input_grad=False,
-                                              name=_join(name, "gate_proj"), **common)
-        self.up_proj = ColumnParallelLinear(hidden_size, intermediate_size, group,
-                                            sync_input_grad=False, name=_join(name, "up_proj"),
-                                            **common)
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, group,
-                                           reduce_results=False, name=_join(name, "down_proj"),
-                                           **common)
+        common = dict(grad_sync=grad_sync, shard_axis=shard_axis, kind="mlp_linear",
+                      dtype=dtype, device=device)
+        self.gate_proj = backend.column_linear(hidden_size, intermediate_size, group,
+                                               name=_join(name, "gate_proj"), **common)
+        self.up_proj = backend.column_linear(hidden_size, intermediate_size, group,
+                                             name=_join(name, "up_proj"), **common)
+        self.down_proj = backend.row_linear(intermediate_size, hidden_size, group,
+                                            name=_join(name, "down_proj"), **common)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sync_input_grad:
@@ -114,7 +114,9 @@ class DenseMLP(SwiGLUMLP):
 
     def __init__(self, hidden_size: int, intermediate_size: int, groups: ParallelGroups, *,
                  sync_input_grad: bool = True, name: Optional[str] = "mlp",
+                 backend: Optional[LayerBackend] = None,
                  dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
         super().__init__(hidden_size, intermediate_size, groups.attn_tp,
                          sync_input_grad=sync_input_grad, grad_sync=(Axis.ATTN_DP_CP,),
-                         shard_axis=Axis.ATTN_TP, name=name, dtype=dtype, device=device)
+                         shard_axis=Axis.ATTN_TP, name=name, backend=backend, dtype=dtype,
+                         device=device)

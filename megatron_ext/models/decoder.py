@@ -28,12 +28,12 @@ from torch import nn
 from megatron_ext.checkpoint.hf_sources import HFSource
 from megatron_ext.communication.communicator import FusedReduceAddNorm, LayerCommunicator
 from megatron_ext.layers.attention.block import AttentionBlock
+from megatron_ext.layers.backend import LayerBackend
 from megatron_ext.layers.attention.cp_plan import QKVShapes, plan_cp_attention_for_shapes
 from megatron_ext.layers.cross_entropy import vocab_parallel_cross_entropy
 from megatron_ext.layers.embedding import VocabParallelEmbedding, VocabParallelLMHead
 from megatron_ext.layers.mlp import DenseMLP
 from megatron_ext.layers.moe import MoELayer, RouterStats, load_balancing_loss
-from megatron_ext.layers.norm import RMSNorm
 from megatron_ext.layers.rope import RotaryEmbedding
 from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import ParallelGroups
@@ -70,30 +70,32 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, groups: ParallelGroups,
                  modes: LayerScatterModes, *, rope: RotaryEmbedding, cp_strategy: str,
                  moe_dispatcher: str, fused_reduce_add_norm: Optional[FusedReduceAddNorm] = None,
-                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
+                 backend: Optional[LayerBackend] = None, dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
         super().__init__()
         c, prefix = config, f"model.layers.{layer_idx}"
         self.layer_idx, self.hidden_size = layer_idx, c.hidden_size
         self.is_sparse = c.is_sparse(layer_idx)
         kw = dict(dtype=dtype, device=device)
-        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps,
-                                       name=f"{prefix}.input_layernorm.weight", **kw)
+        backend = backend if backend is not None else LayerBackend()
+        self.input_layernorm = backend.rms_norm(c.hidden_size, c.rms_norm_eps,
+                                                name=f"{prefix}.input_layernorm.weight", **kw)
         self.self_attn = AttentionBlock(
             c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, groups, rope=rope,
             qkv_bias=c.qkv_bias, qk_norm=c.qk_norm, rms_norm_eps=c.rms_norm_eps,
-            cp_strategy=cp_strategy, sync_input_grad=False, name=f"{prefix}.self_attn", **kw)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps,
-                                                name=f"{prefix}.post_attention_layernorm.weight",
-                                                **kw)
+            cp_strategy=cp_strategy, sync_input_grad=False, name=f"{prefix}.self_attn",
+            backend=backend, **kw)
+        self.post_attention_layernorm = backend.rms_norm(
+            c.hidden_size, c.rms_norm_eps, name=f"{prefix}.post_attention_layernorm.weight", **kw)
         if self.is_sparse:
             self.mlp = MoELayer(c.hidden_size, c.num_experts, c.num_experts_per_tok,
                                 c.moe_intermediate_size, groups, norm_topk_prob=c.norm_topk_prob,
                                 shared_expert_intermediate_size=c.shared_expert_intermediate_size,
                                 shared_expert_gate=c.shared_expert_gate, dispatcher=moe_dispatcher,
-                                sync_input_grad=False, name=f"{prefix}.mlp", **kw)
+                                sync_input_grad=False, name=f"{prefix}.mlp", backend=backend,
+                                **kw)
         else:
             self.mlp = DenseMLP(c.hidden_size, c.intermediate_size, groups, sync_input_grad=False,
-                                name=f"{prefix}.mlp", **kw)
+                                name=f"{prefix}.mlp", backend=backend, **kw)
         self.modes = modes
         # a plain attribute, not a submodule: the norms are registered above
         self.comm = LayerCommunicator(modes, groups, self.input_layernorm,
@@ -158,7 +160,7 @@ class _Backbone(nn.Module):
         super().__init__()
         self.embed_tokens: Optional[VocabParallelEmbedding] = None
         self.layers = nn.ModuleDict()
-        self.norm: Optional[RMSNorm] = None
+        self.norm: Optional[nn.Module] = None
 
 
 class CausalLM(nn.Module):
@@ -173,6 +175,9 @@ class CausalLM(nn.Module):
     * ``moe_dispatcher``: ``"local"`` (MoE on the token group's gathered tokens, one reduction
       over the shard) or ``"all_to_all"`` (SCATTERED tokens exchanged over ``moe_ep``).
     * ``defer_reductions``: leave each MLP sum pending for the next layer's fused completion.
+    * ``transformer_impl``: ``native``, ``te`` or ``auto`` (TE where it imports on CUDA), resolved
+      once here (:class:`~megatron_ext.layers.backend.LayerBackend`); ``self.backend.describe()``
+      says what each module kind got (logged once). Parameters and checkpoints do not depend on it.
     """
 
     def __init__(self, config: ModelConfig, groups: ParallelGroups, *, pre_process: bool = True,
@@ -180,9 +185,11 @@ class CausalLM(nn.Module):
                  cp_strategy: str = "all_gather", allow_reduce_scatter: bool = False,
                  moe_dispatcher: str = "local", defer_reductions: bool = True,
                  fused_reduce_add_norm: Optional[FusedReduceAddNorm] = None,
+                 transformer_impl: str = "native",
                  dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
         super().__init__()
         check_choice("cp_strategy", cp_strategy, CP_STRATEGIES)
+        backend = LayerBackend.resolve(transformer_impl)
         check_choice("moe_dispatcher", moe_dispatcher, MOE_DISPATCHERS)
         start, stop = layer_range if layer_range is not None else (0, config.num_layers)
         if not 0 <= start < stop <= config.num_layers:
@@ -209,15 +216,18 @@ class CausalLM(nn.Module):
         for i in range(start, stop):
             self.model.layers[str(i)] = DecoderLayer(
                 config, i, groups, modes[i - start], rope=rope, cp_strategy=cp_strategy,
-                moe_dispatcher=moe_dispatcher, fused_reduce_add_norm=fused_reduce_add_norm, **kw)
+                moe_dispatcher=moe_dispatcher, fused_reduce_add_norm=fused_reduce_add_norm,
+                backend=backend, **kw)
         self.lm_head: Optional[VocabParallelLMHead] = None
         if post_process:
-            self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps,
-                                      name="model.norm.weight", **kw)
+            self.model.norm = backend.rms_norm(config.hidden_size, config.rms_norm_eps,
+                                               name="model.norm.weight", **kw)
             tied = self.model.embed_tokens if config.tie_word_embeddings and pre_process else None
             self.lm_head = VocabParallelLMHead(
                 config.hidden_size, config.vocab_size, groups.attn_tp, tied_embedding=tied,
                 sync_input_grad=False, grad_sync=emb_sync, name="lm_head", **kw)
+        self.backend = backend
+        backend.log_once()
 
     # ------------------------------------------------------------------ forward
     @property

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from megatron_ext.communication.choices import CP_STRATEGIES
+from megatron_ext.layers.backend import TRANSFORMER_IMPLS
 from megatron_ext.parallel.topology import Topology
 
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -42,6 +43,9 @@ class TrainConfig:
     init_from_hf: bool = _help("load HF weights when --model is a directory with safetensors",
                                default=True)
     cp_comm: str = _help("CP attention K/V exchange: all_gather or p2p", default="all_gather")
+    transformer_impl: str = _help("layer implementation: native, te (TransformerEngine; CUDA) or "
+                                  "auto (te where it imports on CUDA, else native)",
+                                  default="auto")
     # data
     data: Optional[str] = _help("prepared dataset prefix (examples/prepare_data.py); "
                                 "default: the embedded corpus", default=None)
@@ -128,7 +132,7 @@ class TrainConfig:
             raise ValueError(f"dist_timeout_s={self.dist_timeout_s} must be > 0")
         choices = {"dtype": ("auto", "fp32", "bf16"), "device": ("auto", "cpu", "cuda"),
                    "pp_schedule": ("1f1b", "gpipe"), "cp_comm": CP_STRATEGIES,
-                   "recompute": RECOMPUTE_MODES}
+                   "recompute": RECOMPUTE_MODES, "transformer_impl": TRANSFORMER_IMPLS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of {allowed}")

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ext.data.batching import StepBatch, split_global_batch
+from megatron_ext.layers.backend import resolve_transformer_impl
 from megatron_ext.data.dataset import SampleOrder, TokenDataset, open_dataset
 from megatron_ext.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_ext.parallel.axes import Axis
@@ -58,6 +59,7 @@ class LaunchPlan:
     tokenizer: Tokenizer
     dataset: TokenDataset
     resume_from: Optional[str]
+    transformer_impl: str = "native"  # resolved: native or te
 
 
 def build_model_config(cfg: TrainConfig, tokenizer: Tokenizer):
@@ -104,7 +106,9 @@ def validate_launch(cfg: TrainConfig, world: int) -> LaunchPlan:
     dataset.check_for(cfg.seq_len, cfg.global_batch_size, model_config.vocab_size,
                       tokenizer.name)
     resume_from = ckpt.resolve_resume(cfg.resume, cfg.checkpoint_dir)
-    return LaunchPlan(topo, model_config, tokenizer, dataset, resume_from)
+    on_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    impl = resolve_transformer_impl(cfg.transformer_impl, cuda_available=on_cuda)
+    return LaunchPlan(topo, model_config, tokenizer, dataset, resume_from, impl)
 
 
 def aux_loss_share(stats: list, groups: ParallelGroups, num_moe_layers: int
@@ -189,6 +193,7 @@ class Trainer:
         self.model = CausalLM(mc, groups, pre_process=self.is_first_stage,
                               post_process=self.is_last_stage, layer_range=layer_range,
                               cp_strategy=cfg.cp_comm, device=self.device,
+                              transformer_impl=plan.transformer_impl,
                               fused_reduce_add_norm=fused_reduce_add_norm(groups, self.device))
         self._init_weights()
         self.named_params = [(checkpoint_name(n, mc), p)

@@ -24,8 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from megatron_ext.layers.linear import ColumnParallelLinear, RowParallelLinear
-from megatron_ext.layers.norm import RMSNorm
+from megatron_ext.layers.backend import LayerBackend
 from megatron_ext.layers.rope import RotaryEmbedding, apply_rotary
 from megatron_ext.communication.choices import CP_STRATEGIES, check_choice
 from megatron_ext.communication.collectives import copy_to_region
@@ -69,7 +68,7 @@ class AttentionBlock(nn.Module):
                  qk_norm: bool = False, rms_norm_eps: float = 1e-6,
                  cp_strategy: str = "all_gather", softmax_scale: Optional[float] = None,
                  sync_input_grad: bool = True, name: Optional[str] = "self_attn",
-                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
+                 backend: Optional[LayerBackend] = None, dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
         super().__init__()
         tp_group = groups.attn_tp
         tp = tp_group.size
@@ -83,27 +82,27 @@ class AttentionBlock(nn.Module):
         self.cp_strategy, self.softmax_scale = cp_strategy, softmax_scale
         self.sync_input_grad = sync_input_grad
         kv_parts = min(num_kv_heads, tp)
-        common = dict(grad_sync=(Axis.ATTN_DP_CP,), shard_axis=Axis.ATTN_TP, dtype=dtype,
-                      device=device)
-        self.q_proj = ColumnParallelLinear(hidden_size, num_heads * head_dim, tp_group, qkv_bias,
-                                           sync_input_grad=False, name=_join(name, "q_proj"),
-                                           **common)
-        self.k_proj = ColumnParallelLinear(hidden_size, num_kv_heads * head_dim, tp_group,
-                                           qkv_bias, num_partitions=kv_parts,
-                                           sync_input_grad=False, name=_join(name, "k_proj"),
-                                           **common)
-        self.v_proj = ColumnParallelLinear(hidden_size, num_kv_heads * head_dim, tp_group,
-                                           qkv_bias, num_partitions=kv_parts,
-                                           sync_input_grad=False, name=_join(name, "v_proj"),
-                                           **common)
-        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden_size, tp_group,
-                                        reduce_results=False, bias=o_bias,
-                                        name=_join(name, "o_proj"), **common)
+        backend = backend if backend is not None else LayerBackend()
+        self.attention_kernel = backend.attention_kernel()
+        common = dict(grad_sync=(Axis.ATTN_DP_CP,), shard_axis=Axis.ATTN_TP, kind="attn_linear",
+                      dtype=dtype, device=device)
+        self.q_proj = backend.column_linear(hidden_size, num_heads * head_dim, tp_group, qkv_bias,
+                                            name=_join(name, "q_proj"), **common)
+        self.k_proj = backend.column_linear(hidden_size, num_kv_heads * head_dim, tp_group,
+                                            qkv_bias, num_partitions=kv_parts,
+                                            name=_join(name, "k_proj"), **common)
+        self.v_proj = backend.column_linear(hidden_size, num_kv_heads * head_dim, tp_group,
+                                            qkv_bias, num_partitions=kv_parts,
+                                            name=_join(name, "v_proj"), **common)
+        self.o_proj = backend.row_linear(num_heads * head_dim, hidden_size, tp_group, o_bias,
+                                         name=_join(name, "o_proj"), **common)
         if qk_norm:
-            self.q_norm = RMSNorm(head_dim, rms_norm_eps, grad_sync=(Axis.STAGE,),
-                                  name=_join(name, "q_norm.weight"), dtype=dtype, device=device)
-            self.k_norm = RMSNorm(head_dim, rms_norm_eps, grad_sync=(Axis.STAGE,),
-                                  name=_join(name, "k_norm.weight"), dtype=dtype, device=device)
+            self.q_norm = backend.rms_norm(head_dim, rms_norm_eps, grad_sync=(Axis.STAGE,),
+                                           name=_join(name, "q_norm.weight"), dtype=dtype,
+                                           device=device)
+            self.k_norm = backend.rms_norm(head_dim, rms_norm_eps, grad_sync=(Axis.STAGE,),
+                                           name=_join(name, "k_norm.weight"), dtype=dtype,
+                                           device=device)
         else:
             self.q_norm = self.k_norm = None
         self.rope = rope if rope is not None else RotaryEmbedding(head_dim, rope_theta)
@@ -148,7 +147,7 @@ class AttentionBlock(nn.Module):
         out = context_parallel_attention(
             q, k, v, self.cp_group, token_index=positions if token_index is None else token_index,
             segment_ids=segment_ids, strategy=self.cp_strategy, softmax_scale=self.softmax_scale,
-            plan=plan)
+            plan=plan, backend=self.attention_kernel)
         if kv_cache is not None:
             kv_cache.store(k, v)
         return self.o_proj(out.reshape(b, s, self.local_heads * self.head_dim))

@@ -27,7 +27,7 @@ from torch import nn
 
 from megatron_ext.layers.moe.dispatch import (AllToAllDispatch, combine, gather_rows,
                                               local_dispatch)
-from megatron_ext.layers.moe.experts import RoutedExperts
+from megatron_ext.layers.backend import LayerBackend
 from megatron_ext.layers.moe.router import RouterStats, TopKRouter
 from megatron_ext.layers.moe.shared_expert import SharedExpert
 from megatron_ext.communication.choices import MOE_DISPATCHERS, MoEDispatcher, check_choice
@@ -53,7 +53,7 @@ class MoELayer(nn.Module):
                  norm_topk_prob: bool = False, shared_expert_intermediate_size: int = 0,
                  shared_expert_gate: bool = False, dispatcher: str = "local",
                  sync_input_grad: bool = False, name: Optional[str] = "mlp",
-                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
+                 backend: Optional[LayerBackend] = None, dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
         super().__init__()
         check_choice("dispatcher", dispatcher, MOE_DISPATCHERS)
         if shared_expert_gate and not shared_expert_intermediate_size:
@@ -65,10 +65,12 @@ class MoELayer(nn.Module):
         self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
         self.gate = TopKRouter(hidden_size, num_experts, top_k, norm_topk_prob=norm_topk_prob,
                                name=_join(name, "gate"), dtype=dtype, device=device)
-        self.experts = RoutedExperts(num_experts, hidden_size, moe_intermediate_size, groups,
-                                     name=_join(name, "experts"), dtype=dtype, device=device)
+        backend = backend if backend is not None else LayerBackend()
+        self.experts = backend.routed_experts(num_experts, hidden_size, moe_intermediate_size,
+                                              groups, name=_join(name, "experts"), dtype=dtype,
+                                              device=device)
         self.shared_expert = (SharedExpert(hidden_size, shared_expert_intermediate_size, groups,
-                                           gated=shared_expert_gate,
+                                           gated=shared_expert_gate, backend=backend,
                                            name=_join(name, "shared_expert"), dtype=dtype,
                                            device=device)
                               if shared_expert_intermediate_size else None)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_ext.layers.linear import default_init
+from megatron_ext.layers.backend import LayerBackend
 from megatron_ext.layers.mlp import SwiGLUMLP
 from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import ParallelGroups
@@ -34,7 +35,7 @@ class SharedExpert(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, groups: ParallelGroups, *,
                  gated: bool = False, name: Optional[str] = "shared_expert",
-                 dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
+                 backend: Optional[LayerBackend] = None, dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
         super().__init__()
         shard = groups.moe_shard
         if intermediate_size % shard.size:
@@ -42,7 +43,7 @@ class SharedExpert(nn.Module):
                              f"divisible by the MoE shard size moe_ep*moe_tp={shard.size}")
         self.mlp = SwiGLUMLP(hidden_size, intermediate_size, shard, sync_input_grad=False,
                              grad_sync=(Axis.MOE_DP,), shard_axis=Axis.MOE_SHARD, name=name,
-                             dtype=dtype, device=device)
+                             backend=backend, dtype=dtype, device=device)
         if gated:
             self.gate = nn.Linear(hidden_size, 1, bias=False, dtype=dtype, device=device)
             default_init(self.gate.weight)

@@ -1,0 +1,1 @@
+"""TransformerEngine-backed layers (CUDA only; built by :class:`megatron_ext.layers.backend.LayerBackend`)."""
