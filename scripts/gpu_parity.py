@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._common import device_name, init_nccl, table  # noqa: E402
 from megatron_ext.communication.fused_reduce_norm import build_symm_mem_reduce_add_norm  # noqa: E402
+from megatron_ext.layers.backend import TRANSFORMER_IMPLS, resolve_transformer_impl  # noqa: E402
 from megatron_ext.parallel.groups import build_groups  # noqa: E402
 from megatron_ext.parallel.param_meta import get_spec  # noqa: E402
 from megatron_ext.parallel.topology import Topology  # noqa: E402
@@ -118,14 +119,16 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def run_layout(layout: Layout, path: str, ids, labels, ref, floor, world, device):
+def run_layout(layout: Layout, path: str, ids, labels, ref, floor, world, device,
+               transformer_impl: str = "native"):
     """Errors of ``layout`` vs the float64 reference ``ref``, each also as a ratio to the error
     of transformers' own bf16 run (``floor``, the precision floor) on the same quantity."""
     ref_logits, ref_grads = ref
     groups = build_groups(Topology(world=world, **layout.sizes))
     hook = build_symm_mem_reduce_add_norm(groups, device) if layout.symm else None
     model = CausalLM.from_pretrained(path, groups, dtype=torch.bfloat16, device=device,
-                                     fused_reduce_add_norm=hook, **layout.options)
+                                     fused_reduce_add_norm=hook, transformer_impl=transformer_impl,
+                                     **layout.options)
     batch = split_batch(groups, ids.to(device), labels.to(device), rows_per_dp=layout.rows_per_dp)
     out = model(**batch.model_kwargs(), gather_logits=True)
     logits = gather_to_global(out.logits.detach().float(), batch, groups)
@@ -162,6 +165,13 @@ def run_layout(layout: Layout, path: str, ids, labels, ref, floor, world, device
 
 
 def main() -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="bf16 NCCL parity vs transformers")
+    parser.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default="native",
+                        help="layer implementation of every layout (te: TransformerEngine)")
+    args = parser.parse_args()
+    impl = resolve_transformer_impl(args.transformer_impl)  # before NCCL: a refusal is one line
     rank, world, device = init_nccl()
     tmp = tempfile.mkdtemp(prefix="gpu_parity_") if rank == 0 else None
     box = [tmp]
@@ -185,7 +195,7 @@ def main() -> int:
                   flush=True)
         for layout in (LAYOUTS_4GPU if world == 4 else LAYOUTS):
             try:
-                r = run_layout(layout, path, ids, labels, ref, floor, world, device)
+                r = run_layout(layout, path, ids, labels, ref, floor, world, device, impl)
             except Exception as exc:  # noqa: BLE001 - a failing layout is a failed check
                 r = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
             ok = ("error" not in r and (r["logits"] <= LOGITS_RTOL or
@@ -204,7 +214,8 @@ def main() -> int:
             if rank == 0:
                 print(name, layout.label, r, flush=True)
     if rank == 0:
-        print(f"\nGPU parity vs transformers (float64), bf16 on {device_name()}; "
+        print(f"\nGPU parity vs transformers (float64), bf16 on {device_name()}, "
+              f"transformer-impl {impl}; "
               f"tolerances: logits {LOGITS_RTOL}, grads {GRAD_RTOL} (relative norm)")
         print(table(["model", "layout", "logits rel", "÷ HF bf16", "worst grad rel",
                      "÷ HF bf16 (worst over tol)", "that tensor", "symm on", "result"], rows))
