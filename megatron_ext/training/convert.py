@@ -31,22 +31,41 @@ def resolve_checkpoint(path: str) -> str:
     return latest
 
 
+def checkpoint_model_config(path: str):
+    """The :class:`ModelConfig` a training checkpoint was trained with (one process, no
+    collectives) and the complete checkpoint directory it came from."""
+    from megatron_ext.checkpoint.training_state import read_train_state
+    from megatron_ext.models.config import ModelConfig
+
+    resolved = resolve_checkpoint(path)
+    state = read_train_state(resolved)
+    fields = dict(state["model"])
+    fields["sparse_layers"] = tuple(fields["sparse_layers"])
+    return ModelConfig(**fields), resolved, state
+
+
+def load_training_weights(model, path: str) -> None:
+    """Load the weights of the complete training checkpoint ``path`` into ``model``, built in any
+    layout: each rank reads only the slices its parameters hold (DCP; collective over the world
+    when ``torch.distributed`` is initialised)."""
+    from megatron_ext.checkpoint.training_state import collect_shards, load_checkpoint
+    from megatron_ext.training.trainer import checkpoint_name
+
+    named = [(checkpoint_name(n, model.config), p) for n, p in model.named_parameters()]
+    load_checkpoint(path, collect_shards(named))
+
+
 def training_to_hf(checkpoint: str, output: str, dtype: Optional[str] = None) -> str:
     """Write the model of training checkpoint ``checkpoint`` as an HF directory ``output``.
     Returns the checkpoint directory that was converted."""
     from megatron_ext.parallel.groups import ParallelGroups
-    from megatron_ext.checkpoint.training_state import load_global_tensors, read_train_state
+    from megatron_ext.checkpoint.training_state import load_global_tensors
     from megatron_ext.training.trainer import checkpoint_name
-    from megatron_ext.models.config import ModelConfig
     from megatron_ext.models.decoder import CausalLM
 
     if dtype is not None and dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r}; use one of {sorted(_DTYPES)}")
-    path = resolve_checkpoint(checkpoint)
-    state = read_train_state(path)
-    fields = dict(state["model"])
-    fields["sparse_layers"] = tuple(fields["sparse_layers"])
-    config = ModelConfig(**fields)
+    config, path, _ = checkpoint_model_config(checkpoint)
     tensors = load_global_tensors(path)
     model = CausalLM(config, ParallelGroups.single_process(), dtype=torch.float32)
     with torch.no_grad():

@@ -1,0 +1,74 @@
+"""What an evaluation runs on: an HF directory or a training checkpoint (any layout it was saved
+in), opened the same way so no conversion step is needed.
+
+:func:`open_model_source` reads only configs (one process, no collectives), so every setting can
+be checked before process groups exist; :meth:`ModelSource.load` then builds the model in the
+evaluation's layout and reads this rank's slices (HF: safetensors slices; training: DCP chunks,
+through :func:`megatron_ext.training.convert.load_training_weights`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_ext.models.config import ModelConfig
+from megatron_ext.parallel.groups import ParallelGroups
+
+HF = "hf"
+TRAINING = "training"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """``kind``: ``"hf"`` or ``"training"``; ``path``: the directory read (for a training run
+    directory, its newest complete ``step_N``); ``tokenizer``: the tokenizer a training run was
+    trained with (``None`` for HF directories)."""
+
+    kind: str
+    path: str
+    config: ModelConfig
+    tokenizer: Optional[str] = None
+    step: Optional[int] = None
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "path": os.path.abspath(self.path), "step": self.step,
+                "architecture": self.config.architecture,
+                "config": {k: v for k, v in self.config.__dict__.items() if k != "hf_config"}}
+
+    def load(self, groups: ParallelGroups, *, dtype: Optional[torch.dtype] = None,
+             device: Optional[torch.device] = None, **model_kwargs):
+        """This rank's :class:`~megatron_ext.models.decoder.CausalLM` in ``groups``' layout, in
+        eval mode (collective over the world for a training checkpoint)."""
+        from megatron_ext.models.decoder import CausalLM
+
+        if self.kind == HF:
+            model = CausalLM.from_pretrained(self.path, groups, dtype=dtype, device=device,
+                                             **model_kwargs)
+        else:
+            from megatron_ext.training.convert import load_training_weights
+
+            model = CausalLM.for_stage(self.config, groups, dtype=dtype, device=device,
+                                       **model_kwargs)
+            load_training_weights(model, self.path)
+        return model.eval()
+
+
+def open_model_source(path: str) -> ModelSource:
+    """An HF directory (``config.json``) or a training checkpoint (a ``step_N`` directory or the
+    directory holding them); ``ValueError`` naming ``path`` otherwise."""
+    if not os.path.isdir(path):
+        raise ValueError(f"--model {path!r} is not a directory")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return ModelSource(HF, path, ModelConfig.from_hf_dir(path))
+    from megatron_ext.training.convert import checkpoint_model_config
+
+    try:
+        config, resolved, state = checkpoint_model_config(path)
+    except ValueError as err:
+        raise ValueError(f"--model {path!r} is neither an HF directory (no config.json) nor a "
+                         f"training checkpoint: {err}") from err
+    tokenizer = (state.get("config") or {}).get("tokenizer")
+    return ModelSource(TRAINING, resolved, config, tokenizer, state.get("step"))
