@@ -41,12 +41,14 @@ def _config(preset: str) -> ModelConfig:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
+    from tests.helpers.byte_hf_tokenizer import save_byte_tokenizer
     from tests.helpers.hf_oracle import build_hf_model
 
     out = {}
     for preset in ("tiny-llama", "tiny-qwen3-moe"):
         path = str(tmp_path_factory.mktemp(preset))
         out[preset] = (build_hf_model(_config(preset), path), path)
+        save_byte_tokenizer(path)
     return out
 
 
@@ -70,6 +72,28 @@ def _passkey_samples() -> list[RetrievalSample]:
     return [builder.sample(PASSKEY_LEN, d, rng) for d in (0.0, 0.5, 1.0)]
 
 
+LL_REQUESTS = [("Question: is the sky blue?\nAnswer:", " yes"), ("Question: is the sky blue?\nAnswer:",
+                " no, it is green"), ("The sky is ", "blue"), ("", "An empty context."),
+               ("x" * 40, " long context, truncated on the left")]
+ROLLING = ["A short text.", "A text longer than one window of the rolling evaluation: it is cut "
+                            "into several windows."]
+GEN = [("Once upon a time", {"until": ["\n"], "max_gen_toks": 5}),
+       ("The pass key is 123", {"until": [".", "\n"], "max_gen_toks": 4, "do_sample": False}),
+       ("Q", {"max_gen_toks": 3})]
+LL_MAX, ROLLING_MAX = 48, 16
+
+
+def _adapter_results(model, groups) -> dict:
+    from megatron_ext.evaluation.lm_eval_adapter import ParallelLMScorer
+
+    tok = ByteTokenizer()
+    scorer = ParallelLMScorer(model, groups, tok, max_length=LL_MAX, batch_size=2)
+    rolling = ParallelLMScorer(model, groups, tok, max_length=ROLLING_MAX, batch_size=3)
+    return {"loglikelihood": scorer.loglikelihood(LL_REQUESTS),
+            "rolling": rolling.loglikelihood_rolling([(t,) for t in ROLLING]),
+            "generate": scorer.generate_until(GEN)}
+
+
 def _eval_rank(rank, world, paths, ckpt, windows, samples):
     from megatron_ext.evaluation.model_source import open_model_source
     from megatron_ext.parallel.groups import build_groups
@@ -85,6 +109,7 @@ def _eval_rank(rank, world, paths, ckpt, windows, samples):
             if name == "tiny-llama" and li in PASSKEY_LAYOUTS:
                 item["answers"] = answer_samples(model, groups, ByteTokenizer(), samples,
                                                  ANSWER_TOKENS, batch_size=2)
+                item["adapter"] = _adapter_results(model, groups)
             out.append(item)
         if li == 1:   # the training checkpoint, saved by one process, in a tp 2 x cp 2 layout
             model = open_model_source(ckpt).load(groups, dtype=torch.float64)
@@ -136,6 +161,8 @@ def test_position_loss_and_passkey_match_transformers(models, training_checkpoin
                                  pad_token_id=ByteTokenizer.pad_id)[:, PASSKEY_LEN:].tolist()
     ref_tokens = [row[:row.index(256)] if 256 in row else row for row in ref_tokens]
 
+    adapter_want = _harness_reference(hf, models["tiny-llama"][1])
+
     paths = {name: path for name, (_, path) in models.items()}
     results = run_ranks(_eval_rank, 4, paths, training_checkpoint, windows, samples, timeout=240)
     seen = set()
@@ -148,4 +175,75 @@ def test_position_loss_and_passkey_match_transformers(models, training_checkpoin
                 assert got == ref_tokens, (item["layout"], got, ref_tokens)
                 for a, s, ref in zip(item["answers"], samples, ref_tokens):
                     assert a["correct"] == is_exact_match(ByteTokenizer().decode(ref), s.answer)
+                _check_adapter(item["adapter"], adapter_want)
     assert len(seen) == len(LAYOUTS) * len(models) + 1
+
+
+def _instances(kind: str, args: list) -> list:
+    from lm_eval.api.instance import Instance
+
+    return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+
+
+def _harness_reference(hf, path: str) -> dict:
+    """The harness's own HF backend on the float64 transformers model, and log-likelihoods
+    computed by hand from transformers' logits (the same numbers without the harness)."""
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    kw = dict(pretrained=hf, tokenizer=tok, batch_size=1, device="cpu", prefix_token_id=256)
+    lm, lm_rolling = HFLM(max_length=LL_MAX, **kw), HFLM(max_length=ROLLING_MAX, **kw)
+    want = {"loglikelihood": lm.loglikelihood(_instances("loglikelihood", LL_REQUESTS)),
+            "rolling": lm_rolling.loglikelihood_rolling(
+                _instances("loglikelihood_rolling", [(t,) for t in ROLLING])),
+            "generate": lm.generate_until(_instances("generate_until", GEN))}
+    by_hand = []
+    for context, continuation in LL_REQUESTS:   # left-truncated to max_length + 1 tokens
+        stripped = context.rstrip()                 # trailing spaces belong to the continuation
+        context, continuation = stripped, context[len(stripped):] + continuation
+        ctx_ids = list(tok.encode(context)) or [256]
+        cont = list(tok.encode(context + continuation))[len(tok.encode(context)):]
+        ids = torch.tensor([(ctx_ids + cont)[-(LL_MAX + 1):]])
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(input_ids=ids).logits[0, :-1].double(), -1)
+        n = ids.shape[1] - 1
+        picked = logp[torch.arange(n - len(cont), n), torch.tensor(cont)]
+        by_hand.append(float(picked.sum()))
+    for (h, _), w in zip(want["loglikelihood"], by_hand):
+        assert abs(h - w) < 1e-9, (h, w)   # the harness backend itself agrees with transformers
+    return want
+
+
+def _check_adapter(got: dict, want: dict) -> None:
+    assert len(got["loglikelihood"]) == len(want["loglikelihood"])
+    for (g, g_greedy), (w, w_greedy) in zip(got["loglikelihood"], want["loglikelihood"]):
+        assert abs(g - w) <= 1e-7 * abs(w) and g_greedy == w_greedy, (got, want)
+    for g, w in zip(got["rolling"], want["rolling"]):
+        assert abs(g - w) <= 1e-7 * abs(w), (got["rolling"], want["rolling"])
+    assert got["generate"] == want["generate"]
+
+
+def test_rolling_windows_and_real_harness_class(models):
+    """The windows equal the harness's own; the harness's LM subclass returns the adapter's
+    numbers (one process)."""
+    from lm_eval.api.model import LM
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    from megatron_ext.evaluation.lm_eval_adapter import (ParallelLMScorer, lm_eval_model,
+                                                         rolling_windows)
+    from megatron_ext.models.decoder import CausalLM
+
+    for n in (1, 5, 16, 17, 40, 64):
+        for max_len in (1, 4, 16):
+            tokens = list(range(100, 100 + n))
+            want = [make_disjoint_window(w) for w in get_rolling_token_windows(
+                tokens, prefix_token=7, max_seq_len=max_len, context_len=1)]
+            assert rolling_windows(tokens, 7, max_len) == [(list(a), list(b)) for a, b in want]
+    groups = ParallelGroups.single_process()
+    model = CausalLM.from_pretrained(models["tiny-llama"][1], groups, dtype=torch.float64)
+    scorer = ParallelLMScorer(model, groups, ByteTokenizer(), max_length=LL_MAX)
+    lm = lm_eval_model(scorer)
+    assert isinstance(lm, LM) and lm.max_length == LL_MAX
+    requests = _instances("loglikelihood", LL_REQUESTS)
+    assert lm.loglikelihood(requests) == scorer.loglikelihood(LL_REQUESTS)
