@@ -48,11 +48,12 @@ def load_training_weights(model, path: str) -> None:
     """Load the weights of the complete training checkpoint ``path`` into ``model``, built in any
     layout: each rank reads only the slices its parameters hold (DCP; collective over the world
     when ``torch.distributed`` is initialised)."""
-    from megatron_ext.checkpoint.training_state import collect_shards, load_checkpoint
+    from megatron_ext.checkpoint.training_state import (collect_shards, load_checkpoint,
+                                                       param_pieces)
     from megatron_ext.training.trainer import checkpoint_name
 
     named = [(checkpoint_name(n, model.config), p) for n, p in model.named_parameters()]
-    load_checkpoint(path, collect_shards(named))
+    load_checkpoint(path, collect_shards(param_pieces(named)))
 
 
 def training_to_hf(checkpoint: str, output: str, dtype: Optional[str] = None) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 
 def save_as_training_checkpoint(hf_path: str, root: str, step: int = 7) -> str:
-    from megatron_ext.checkpoint.training_state import collect_shards, save_checkpoint
+    from megatron_ext.checkpoint.training_state import (collect_shards, param_pieces,
+                                                       save_checkpoint)
     from megatron_ext.models.decoder import CausalLM
     from megatron_ext.parallel.groups import ParallelGroups
     from megatron_ext.training.trainer import checkpoint_name
@@ -14,4 +15,4 @@ def save_as_training_checkpoint(hf_path: str, root: str, step: int = 7) -> str:
     fields = {k: v for k, v in model.config.__dict__.items() if k != "hf_config"}
     state = {"step": step, "model": fields, "config": {"tokenizer": "byte"}}
     named = [(checkpoint_name(n, model.config), p) for n, p in model.named_parameters()]
-    return save_checkpoint(root, step, collect_shards(named), state)
+    return save_checkpoint(root, step, collect_shards(param_pieces(named)), state)
