@@ -28,7 +28,10 @@ setup(
     extras_require={
         # The CPU path pins the CPU build that is on local disk, so no CUDA build is ever pulled.
         "cpu": ["torch==2.13.0"],
-        "test": ["pytest", "pytest-timeout", "transformers>=4.51", "safetensors", "tensorboard"],
+        "test": ["pytest", "pytest-timeout", "transformers>=4.51", "safetensors", "tensorboard",
+                 "matplotlib", "lm_eval>=0.4"],
+        # eval job: PNG plots, and lm-evaluation-harness tasks (--task lm_eval)
+        "eval": ["matplotlib", "lm_eval>=0.4"],
         "te": ["transformer-engine[pytorch]"],
         "tb": ["tensorboard"],
     },

@@ -17,6 +17,7 @@ from megatron_ext.evaluation.retrieval import RetrievalSample, answer_samples, i
 from megatron_ext.models.config import ModelConfig
 from megatron_ext.parallel.groups import ParallelGroups
 from megatron_ext.parallel.topology import Topology
+from tests.helpers.hf_oracle import to_dtype
 from tests.helpers.multirank import run_ranks
 
 LAYOUTS = [
@@ -120,7 +121,6 @@ def _eval_rank(rank, world, paths, ckpt, windows, samples):
 
 
 def _hf_position_loss(hf_model, windows: torch.Tensor, edges) -> PositionLoss:
-    from tests.helpers.hf_oracle import to_dtype
 
     ref = to_dtype(hf_model, torch.float64)
     with torch.no_grad():
@@ -153,7 +153,7 @@ def test_position_loss_and_passkey_match_transformers(models, training_checkpoin
         _check_position_loss(want[name], _hf_position_loss(hf, windows, edges), HF_TOL[name])
     want["training"] = want["tiny-llama"]
     # transformers' greedy answers to the same prompts
-    hf = models["tiny-llama"][0].double()
+    hf = to_dtype(models["tiny-llama"][0], torch.float64)
     ids = torch.as_tensor(np.stack([s.prompt_ids for s in samples]))
     with torch.no_grad():
         ref_tokens = hf.generate(ids, max_new_tokens=ANSWER_TOKENS, do_sample=False,
@@ -224,9 +224,36 @@ def _check_adapter(got: dict, want: dict) -> None:
     assert got["generate"] == want["generate"]
 
 
-def test_rolling_windows_and_real_harness_class(models):
-    """The windows equal the harness's own; the harness's LM subclass returns the adapter's
-    numbers (one process)."""
+MC_DOCS = [{"question": "What colour is the sky?", "choices": ["blue", "green", "red"], "answer": 0},
+           {"question": "How many legs has a cat?", "choices": ["two", "four"], "answer": 1},
+           {"question": "Which is a fruit?", "choices": ["apple", "stone", "cloud"], "answer": 0}]
+MC_TASK = """task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def _run_mc_task(lm, include: str) -> dict:
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=include, include_defaults=False)
+    return simple_evaluate(model=lm, tasks=["tiny_mc"], task_manager=manager, log_samples=True,
+                           bootstrap_iters=0, verbosity="ERROR")
+
+
+def test_rolling_windows_and_real_harness_class(models, tmp_path):
+    """The windows equal the harness's own; the harness's LM subclass scores a local
+    multiple-choice task file exactly as the harness's HF backend does (one process)."""
     from lm_eval.api.model import LM
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
@@ -247,3 +274,22 @@ def test_rolling_windows_and_real_harness_class(models):
     assert isinstance(lm, LM) and lm.max_length == LL_MAX
     requests = _instances("loglikelihood", LL_REQUESTS)
     assert lm.loglikelihood(requests) == scorer.loglikelihood(LL_REQUESTS)
+
+    import json
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer
+
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in MC_DOCS))
+    (tmp_path / "tiny_mc.yaml").write_text(MC_TASK.format(data=data))
+    ours = _run_mc_task(lm, str(tmp_path))
+    hf = to_dtype(models["tiny-llama"][0], torch.float64)
+    ref = _run_mc_task(HFLM(pretrained=hf, tokenizer=AutoTokenizer.from_pretrained(
+        models["tiny-llama"][1]), batch_size=1, device="cpu", max_length=LL_MAX,
+        prefix_token_id=256), str(tmp_path))
+    got = [[r[0][0] for r in s["resps"]] for s in ours["samples"]["tiny_mc"]]
+    want = [[r[0][0] for r in s["resps"]] for s in ref["samples"]["tiny_mc"]]
+    assert len(got) == len(MC_DOCS) and [len(g) for g in got] == [3, 2, 3]
+    for g, w in zip(sum(got, []), sum(want, [])):
+        assert abs(g - w) <= 1e-7 * abs(w), (got, want)
+    assert ours["results"]["tiny_mc"]["acc,none"] == ref["results"]["tiny_mc"]["acc,none"]
