@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import torch
@@ -23,7 +22,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import device_name, init_nccl, table, write_results  # noqa: E402
+from benchmarks._common import (device_name, init_nccl, table, time_long_forward,  # noqa: E402
+                               write_results)
 from megatron_ext.evaluation.position_loss import (evaluate_position_loss,  # noqa: E402
                                                    position_buckets)
 from megatron_ext.models.config import ModelConfig  # noqa: E402
@@ -54,29 +54,9 @@ def main() -> None:
                             generator=torch.Generator(device=device).manual_seed(seq),
                             device=device)
         edges = position_buckets(seq, 16)
-        try:
-            torch.cuda.reset_peak_memory_stats()
-            times = []
-            for i in range(args.reps + 1):
-                dist.barrier()
-                torch.cuda.synchronize()
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                evaluate_position_loss(model, groups, ids, edges, vocab_size=cfg.vocab_size)
-                end.record()
-                end.synchronize()
-                if i:
-                    times.append(start.elapsed_time(end) / 1000)
-            t = statistics.median(times)
-            res = {"s": t, "tok_per_s": seq / t, "peak_GiB": torch.cuda.max_memory_allocated()
-                   / 2**30, "weights_GiB": weights_gib}
-        except torch.OutOfMemoryError as exc:
-            res = {"error": f"OOM: {str(exc)[:80]}"}
-        torch.cuda.empty_cache()
-        peaks = [None] * world
-        dist.all_gather_object(peaks, res.get("peak_GiB"))
-        res["peak_GiB_per_rank"] = peaks
+        res = time_long_forward(lambda: evaluate_position_loss(
+            model, groups, ids, edges, vocab_size=cfg.vocab_size), seq, args.reps, world,
+            weights_gib)
         results[seq] = res
         if rank == 0:
             print(f"[{layout}] S={seq}: {res}", flush=True)

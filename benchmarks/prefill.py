@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import statistics
 import sys
 
 import torch
@@ -28,7 +27,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import device_name, init_nccl, table, write_results  # noqa: E402
+from benchmarks._common import (device_name, init_nccl, table, time_long_forward,  # noqa: E402
+                               write_results)
 from megatron_ext.communication.fused_reduce_norm import build_symm_mem_reduce_add_norm  # noqa: E402
 from megatron_ext.parallel.groups import build_groups  # noqa: E402
 from megatron_ext.communication.symm_mem import SymmMemConfig  # noqa: E402
@@ -68,32 +68,9 @@ def run_layout(name, sizes, symm, cfg, seqs, reps, rank, world, device):
     for seq in seqs:
         gen = torch.Generator(device=device).manual_seed(seq)
         ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=gen, device=device)
-        try:
-            batch = split_batch(groups, ids)
-            kwargs = batch.model_kwargs()
-            times = []
-            torch.cuda.reset_peak_memory_stats()
-            with torch.no_grad():
-                for i in range(reps + 1):
-                    dist.barrier()
-                    torch.cuda.synchronize()
-                    start = torch.cuda.Event(enable_timing=True)
-                    end = torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    model(**kwargs, return_logits=False)
-                    end.record()
-                    end.synchronize()
-                    if i:
-                        times.append(start.elapsed_time(end) / 1000)
-            t = statistics.median(times)
-            peak = torch.cuda.max_memory_allocated() / 2**30
-            res = {"s": t, "tok_per_s": seq / t, "peak_GiB": peak, "weights_GiB": weights_gib}
-        except torch.OutOfMemoryError as exc:
-            res = {"error": f"OOM: {str(exc)[:80]}"}
-        torch.cuda.empty_cache()
-        peaks = [None] * world
-        dist.all_gather_object(peaks, res.get("peak_GiB"))
-        res["peak_GiB_per_rank"] = peaks
+        kwargs = split_batch(groups, ids).model_kwargs()
+        res = time_long_forward(lambda: model(**kwargs, return_logits=False), seq, reps, world,
+                                weights_gib)
         out[seq] = res
         if rank == 0:
             print(f"[{name}] S={seq}: {res}", flush=True)
