@@ -95,9 +95,6 @@ def _args(argv):
     p.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default=TransformerImpl.AUTO,
                    help="layer implementation: native, te (TransformerEngine, CUDA) or auto (te "
                         "where it imports on CUDA)")
-    p.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default=TransformerImpl.AUTO,
-                   help="layer implementation: native, te (TransformerEngine, CUDA) or auto (te "
-                        "where it imports on CUDA)")
     add_layout_arguments(p, (Axis.ATTN_TP, Axis.ATTN_CP, Axis.MOE_TP, Axis.MOE_EP, Axis.MOE_DP))
     args = p.parse_args(argv)
     args.task = list(dict.fromkeys(args.task or ["perplexity"]))
