@@ -34,7 +34,9 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-from megatron_ext.communication.mode_transitions import check_rows, complete_sum, moe_rows_mode, to_consumer
+from megatron_ext.communication.mode_transitions import (check_rows, complete_sum,
+                                                        gather_attention_rows, moe_rows_mode,
+                                                        to_consumer)
 from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import AxisGroup, ParallelGroups
 from megatron_ext.parallel.param_meta import get_spec, set_spec
@@ -128,12 +130,14 @@ class LayerCommunicator:
     def prepare_attn(self, hidden: Hidden, residual: Optional[torch.Tensor],
                      layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
         """Complete a pending sum + residual add + ``input_layernorm`` on the layer input mode;
-        return ``(attention input on TP_ATTN_FULL, residual)``. ``residual=None``: first layer."""
+        return ``(attention input on TP_ATTN_FULL, residual)``. ``residual=None``: first layer.
+        Decode with one owner per token (``layout.attn_gathers_cp``): the attention input holds
+        the rows of the whole CP group (``layout.attention_rows``)."""
         mode = self.modes.layer_input_mode
         normed, residual = self._complete_add_norm(hidden, residual, self.input_layernorm, mode,
                                                    layout)
-        return to_consumer(normed, mode, self.modes.attn_mode, Axis.ATTN_TP, self.groups,
-                           layout), residual
+        x = to_consumer(normed, mode, self.modes.attn_mode, Axis.ATTN_TP, self.groups, layout)
+        return gather_attention_rows(x, self.groups, layout), residual
 
     def prepare_mlp(self, attn_output: torch.Tensor, residual: torch.Tensor,
                     layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,6 +29,9 @@ complete tensor → input of a block whose output is partial over G
   SCATTERED → MOE_FULL          all_gather(moe_shard)   (backward reduce-scatter over the shard)
   TP_ATTN_FULL → MOE_FULL       all_gather(moe_cp, grad_sum_group=attn_tp)
                                 (backward reduce-scatter(moe_cp) + all_reduce(attn_tp))
+decode with one owner per token (``layout.attn_gathers_cp``), attention input
+  TP_ATTN_FULL (owned rows) → every row of the CP group   all_gather(attn_cp)
+                                (:func:`gather_attention_rows`; backward reduce-scatter over attn_cp)
 complete tensor → whole-grad consumer (residual moves, all-to-all MoE input)
   TP_ATTN_FULL → SCATTERED      own rows(attn_tp)   (backward all-gather)
   SCATTERED → TP_ATTN_FULL      all_gather(attn_tp, backward own rows)
@@ -151,3 +154,16 @@ def to_consumer(x: torch.Tensor, from_mode: ScatterMode, to_mode: ScatterMode,
     return C.all_gather(x, groups.moe_cp, sizes=layout.moe_cp_sizes, backward="reduce_scatter",
                         grad_sum_group=groups.attn_tp)
 
+
+
+def gather_attention_rows(x: torch.Tensor, groups: ParallelGroups,
+                          layout: TokenLayout) -> torch.Tensor:
+    """Decode with one owner per token: the attention input (this rank's owned TP_ATTN_FULL rows)
+    → the rows of every rank of its CP group, CP order (``layout.attention_rows``). Each CP rank
+    scores them against its own KV share and keeps its own rows of the output, so the input
+    grads are partial over attn_cp: backward reduce-scatter. Identity without
+    ``attn_gathers_cp``."""
+    check_rows(x, T, layout, "attention input in TP_ATTN_FULL")
+    if not layout.attn_gathers_cp:
+        return x
+    return C.all_gather(x, groups.attn_cp, sizes=layout.attn_cp_sizes, backward="reduce_scatter")

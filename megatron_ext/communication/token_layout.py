@@ -9,6 +9,13 @@ Tokens are along dim 0 of the hidden states (``[tokens, H]`` or Megatron's ``[se
 **Split rule for SCATTERED** (``split_rows``): an attention group's ``n`` tokens are cut into
 ``attn_tp`` contiguous slices in attn_tp-rank order, the first ``n % attn_tp`` slices one row
 longer (``n = 5, attn_tp = 2 → [3, 2]``; ``n = 1, attn_tp = 4 → [1, 0, 0, 0]``).
+
+**Decode with one owner per token** (``attn_gathers_cp``): a serving decode step gives each new
+token to exactly one CP rank of its attention-DP group; ``tokens_per_attn_group`` then counts the
+rows each CP rank *owns* (its residual stream, norms, MLP/MoE and LM head), so a ``MOE_FULL``
+gather brings every token once. Only attention reads more: each CP rank scores every query of
+its CP group against its own KV share, so the attention input is gathered over ``attn_cp``
+(``attention_rows`` rows, CP order) and the block keeps ``own_attention_rows`` of its output.
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ class TokenLayout:
     topology: Topology
     global_rank: int
     tokens_per_attn_group: tuple[int, ...]
+    attn_gathers_cp: bool = False
 
     def __post_init__(self) -> None:
         n_groups = self.topology.attn_dp * self.topology.attn_cp
@@ -60,9 +68,10 @@ class TokenLayout:
         return cls(topo, groups.global_rank, (tokens,) * (topo.attn_dp * topo.attn_cp))
 
     @classmethod
-    def from_counts(cls, groups: ParallelGroups, tokens_per_attn_group: Sequence[int]
-                    ) -> "TokenLayout":
-        return cls(groups.topology, groups.global_rank, tuple(tokens_per_attn_group))
+    def from_counts(cls, groups: ParallelGroups, tokens_per_attn_group: Sequence[int], *,
+                    attn_gathers_cp: bool = False) -> "TokenLayout":
+        return cls(groups.topology, groups.global_rank, tuple(tokens_per_attn_group),
+                   attn_gathers_cp)
 
     @classmethod
     def exchange(cls, groups: ParallelGroups, local_tokens: int) -> "TokenLayout":
@@ -97,6 +106,29 @@ class TokenLayout:
     def attn_tp_sizes(self) -> tuple[int, ...]:
         """SCATTERED rows of every rank of this rank's attn_tp group."""
         return split_rows(self.local_tokens, self.topology.attn_tp)
+
+    @cached_property
+    def attn_cp_sizes(self) -> tuple[int, ...]:
+        """TP_ATTN_FULL rows of every rank of this rank's attn_cp group (CP order)."""
+        cp = self.topology.attn_cp
+        first = (self._attn_group // cp) * cp
+        return self.tokens_per_attn_group[first:first + cp]
+
+    @property
+    def attention_rows(self) -> int:
+        """Rows the attention block reads: this rank's rows, or with ``attn_gathers_cp`` the rows
+        of its whole CP group."""
+        return sum(self.attn_cp_sizes) if self.attn_gathers_cp else self.local_tokens
+
+    @property
+    def own_attention_rows(self) -> slice:
+        """This rank's rows within the attention block's rows (all of them without
+        ``attn_gathers_cp``)."""
+        if not self.attn_gathers_cp:
+            return slice(0, self.local_tokens)
+        c = self._attn_group % self.topology.attn_cp
+        start = sum(self.attn_cp_sizes[:c])
+        return slice(start, start + self.local_tokens)
 
     @cached_property
     def moe_cp_sizes(self) -> tuple[int, ...]:

@@ -61,6 +61,8 @@ class StepInputs:
     token_masks: dict = field(default_factory=dict)   # ScatterMode -> [rows] bool, for MoE stats
     attn_plan: Optional[object] = None                # CP attention plan shared by every layer
     kv_cache: Optional[object] = None                 # serving: megatron_ext.serving.KVCache
+    attn_position_ids: Optional[torch.Tensor] = None  # decode, one owner per token: every row
+                                                      # the attention reads (layout.attention_rows)
 
 
 class DecoderLayer(nn.Module):
@@ -110,10 +112,14 @@ class DecoderLayer(nn.Module):
         x, residual = self.comm.prepare_attn(hidden, residual, layout)
         kv_cache = (inputs.kv_cache.layer(self.layer_idx) if inputs.kv_cache is not None
                     else None)
-        attn = self.self_attn(x.view(inputs.batch, inputs.seq, self.hidden_size),
-                              inputs.position_ids, token_index=inputs.token_index,
+        if layout.attn_gathers_cp:   # decode, one owner per token: x holds the CP group's rows
+            positions, own_rows = inputs.attn_position_ids, layout.own_attention_rows
+        else:
+            positions, own_rows = inputs.position_ids, None
+        attn = self.self_attn(x.view(positions.shape[0], inputs.seq, self.hidden_size),
+                              positions, token_index=inputs.token_index,
                               segment_ids=inputs.segment_ids, plan=inputs.attn_plan,
-                              kv_cache=kv_cache)
+                              kv_cache=kv_cache, own_rows=own_rows)
         x, residual = self.comm.prepare_mlp(attn.reshape(-1, self.hidden_size), residual, layout)
         stats = None
         if self.is_sparse:
@@ -241,7 +247,8 @@ class CausalLM(nn.Module):
                 labels: Optional[torch.Tensor] = None, layout: Optional[TokenLayout] = None,
                 return_logits: bool = True, gather_logits: bool = False,
                 compute_aux_loss: Optional[bool] = None, kv_cache=None,
-                compute_lm_head: bool = True) -> CausalLMOutput:
+                compute_lm_head: bool = True,
+                attn_position_ids: Optional[torch.Tensor] = None) -> CausalLMOutput:
         """One stage's forward on this rank's CP-local tokens.
 
         ``position_ids`` ``[b, s_local]`` (RoPE positions; gives the local batch shape);
@@ -258,6 +265,10 @@ class CausalLM(nn.Module):
         block store its K/V (prefill) or attend to the cache spread over attn_cp (decode step,
         ``kv_cache.decoding``: no CP attention plan is built). ``compute_lm_head=False`` stops
         after the last layer (no final norm, logits or loss): a prefill that only fills the cache.
+        A decode step with one owner per token (``layout.attn_gathers_cp``): ``input_ids`` /
+        ``position_ids`` are this rank's owned rows, ``attn_position_ids``
+        ``[layout.attention_rows, s]`` the positions of every row of its CP group, which the
+        attention reads.
         """
         if position_ids.dim() != 2:
             raise ValueError(f"position_ids must be [b, s_local], got {tuple(position_ids.shape)}")
@@ -280,8 +291,17 @@ class CausalLM(nn.Module):
         if layout.local_tokens != b * s:
             raise ValueError(f"layout says this rank's attention group holds "
                              f"{layout.local_tokens} tokens but the batch has b*s_local={b * s}")
+        if layout.attn_gathers_cp:
+            if kv_cache is None or not kv_cache.decoding:
+                raise ValueError("a layout with attn_gathers_cp (one owner per decode token) is "
+                                 "for decode steps with a decoding kv_cache")
+            want = (layout.attention_rows, s)
+            if attn_position_ids is None or tuple(attn_position_ids.shape) != want:
+                raise ValueError(f"attn_position_ids must be [attention_rows, s]={want} for a "
+                                 f"decode step with one owner per token, got "
+                                 f"{None if attn_position_ids is None else tuple(attn_position_ids.shape)}")
         inputs = StepInputs(b, s, position_ids, token_index, segment_ids, layout,
-                            kv_cache=kv_cache)
+                            kv_cache=kv_cache, attn_position_ids=attn_position_ids)
         if kv_cache is None or not kv_cache.decoding:
             inputs.attn_plan = self._attention_plan(b, s, inputs)
         if segment_ids is not None:
@@ -289,7 +309,8 @@ class CausalLM(nn.Module):
 
         layers = self.layers
         if self.pre_process:
-            embeds = self.model.embed_tokens(input_ids).reshape(b * s, -1)
+            embeds = self.model.embed_tokens(input_ids)
+            embeds = embeds.reshape(b * s, embeds.shape[-1])
             hidden = layers[0].comm.embedding_output(embeds, layout, is_partial=True)
         else:
             if hidden_states is None:
@@ -321,7 +342,7 @@ class CausalLM(nn.Module):
         if return_logits:
             if gather_logits:
                 logits = self.lm_head.gather_logits(logits)
-            out.logits = logits.view(b, s, -1)
+            out.logits = logits.view(b, s, logits.shape[-1])
         return out
 
     def _attention_plan(self, b: int, s: int, inputs: StepInputs):

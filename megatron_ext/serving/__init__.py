@@ -1,8 +1,15 @@
-"""Serving: greedy generation with the training layers (CP prefill, CP decode with a KV cache
-spread over the CP ranks). See :mod:`megatron_ext.serving.generate` for the rules."""
-from megatron_ext.serving.generate import (GenerationOutput, check_generate_inputs, generate,
+"""Serving: batched generation with the training layers (CP prefill, decode with one owner per
+token under CP and a KV cache spread over the CP ranks, sampling, CUDA-graph decode steps). See
+:mod:`megatron_ext.serving.generate` for the rules."""
+from megatron_ext.serving.decode_step import batch_bucket, owned_rows
+from megatron_ext.serving.generate import (GenerationOutput, check_generate_inputs,
+                                           cuda_graphs_supported, generate, generate_batch,
                                            greedy_generate, prompt_lengths)
 from megatron_ext.serving.kv_cache import KVCache, LayerKVCache, decode_owner, decode_slots
+from megatron_ext.serving.sampling import (SamplingParams, filtered_probs, request_uniform,
+                                           sample_tokens)
 
-__all__ = ["GenerationOutput", "KVCache", "LayerKVCache", "check_generate_inputs", "decode_owner",
-           "decode_slots", "generate", "greedy_generate", "prompt_lengths"]
+__all__ = ["GenerationOutput", "KVCache", "LayerKVCache", "SamplingParams", "batch_bucket",
+           "check_generate_inputs", "cuda_graphs_supported", "decode_owner", "decode_slots",
+           "generate", "generate_batch", "greedy_generate", "owned_rows", "prompt_lengths",
+           "request_uniform", "sample_tokens", "filtered_probs"]

@@ -1,81 +1,88 @@
-"""Greedy generation with the training layers, groups and communicator (design §5 "Serving").
+"""Batched generation with the training layers, groups and communicator (design §5 "Serving").
 
-Flow, for prompts ``[B, S]`` identical on every rank (left-padded, like ``transformers``):
+Flow, for prompts ``[B, S]`` identical on every rank (left-padded, like ``transformers``) and one
+:class:`~megatron_ext.serving.sampling.SamplingParams` per request:
 
-1. Rows are split over attention DP as :func:`megatron_ext.communication.local_batch.split_batch`
-   does (contiguous, the first ranks one row more); ``B >= attn_dp``.
-2. **Prefill** (one forward): every row's prompt *except its last token* is split over attention
-   CP with the training load-balanced split (one padded length for the batch); each CP rank's
-   attention blocks store the K/V of their own chunks in this rank's
-   :class:`~megatron_ext.serving.kv_cache.KVCache` (KV memory per rank ``~1/cp`` of the prompt).
-   No final norm or LM head runs: prefill logits are not needed (step 3 gives them).
-3. **Decode steps**: step ``t`` feeds one token per row (step 0: the last prompt token) at RoPE
-   position ``prompt_len - 1 + t``; each attention layer attends to the cache spread over the CP
-   ranks with :func:`~megatron_ext.layers.attention.cp_decode.cp_decode_attention` (partials merged by
-   log-sum-exp), after the step's owner (CP rank ``t mod cp``) appended the token's K/V. The
-   greedy next token is the argmax of the full-vocabulary logits.
-
-**Decode tokens in the token layout** (the choice, and why): every CP rank of an attention group
-holds that group's new tokens — attention needs the query on every CP rank anyway (each rank
-scores it against its own cache share) — and the :class:`~megatron_ext.communication.token_layout.TokenLayout`
-of a decode step counts them on every CP rank (``rows`` per attention group). The layer code and
-the ``LayerCommunicator`` then run unchanged, with every reduction they do in training: residual
-stream, norms and a dense MLP see each token once per CP rank, and a MoE on ``MOE_FULL`` rows
-(token group ``k > 1``) receives the ``k`` CP copies gathered over the token group and routes
-each identically. The duplicate work is ``k×`` the MoE FLOPs on one token per row (cp× for a
-dense MLP); in decode the MoE is bound by reading expert weights, which duplicates that pick the
-same experts do not multiply. Giving the MLP one owner per token instead (counts ``[rows, 0,
-…]``) would need CP-aware moves in the communicator (replicated ``TP_ATTN_FULL → MOE_FULL``
-without a gather); left for later. Each copy is computed independently, so copies can differ in
-the last bits; the tokens (and returned logits) of CP rank 0 are the ones every rank adopts
-(one small all-gather over ``attn_dp_cp`` per step, which also shares the DP groups' rows).
+1. Requests are split over attention DP as :func:`megatron_ext.communication.local_batch.split_batch`
+   does (contiguous, the first ranks one request more); ``B >= attn_dp``.
+2. **Prefill** (one eager forward): every request's prompt *except its last token* is split
+   over attention CP with the training load-balanced split (one padded length for the batch);
+   each CP rank's attention blocks store the K/V of their own chunks in this rank's
+   preallocated :class:`~megatron_ext.serving.kv_cache.KVCache` (KV memory per rank ``~1/cp``).
+3. **Decode steps** (:mod:`megatron_ext.serving.decode_step`): step ``t`` feeds one token per
+   request (step 0: the last prompt token) at RoPE position ``prompt_len - 1 + t``. Each token
+   has **one owner**, a CP rank of its DP group (contiguous blocks of rows): the owner runs the
+   residual stream, norms, MLP/MoE, LM head and the sampler for it; only the attention input is
+   gathered over ``attn_cp`` (each CP rank scores every query against its KV share; partials
+   merged by log-sum-exp), so a ``MOE_FULL`` MoE sees each token once. The step has no host
+   sync and runs as a CUDA graph per batch shape on CUDA (eagerly elsewhere).
+4. **Every ``check_every`` steps** (and at the end) the host looks: one all-gather over
+   ``attn_dp_cp`` brings every owner's tokens and finished flags to every rank. When every
+   request is finished, generation stops. Requests that finished (EOS or their own
+   ``max_new_tokens``) **leave the batch**: every rank drops the same rows from its KV cache
+   and the step continues on the live ones (kept at :func:`~megatron_ext.serving.decode_step.batch_bucket`
+   rows — padded with finished rows — so CUDA graphs are captured for few shapes). Between
+   checks a finished request still runs (its tokens are the pad id): attention work stops at
+   the next check, not at once.
 
 **Prompts of different lengths**: left padding, marked by ``attention_mask`` (1 = real token,
 zeros only before a row's first real token) — ``transformers``' convention, with the same RoPE
 positions (``0..len-1`` per row). Rows keep their padding in the output.
 
-**EOS**: after a row emits ``eos_token_id`` it gets ``pad_token_id`` (default: the EOS id) and
-generation stops once every row is done; the output is still ``[B, S + max_new_tokens]``, the
-unused tail filled with ``pad_token_id``. ``transformers`` returns the shorter tensor.
+**Output**: ``tokens`` ``[B, S + max(max_new_tokens)]``; after a request's EOS (and after its own
+``max_new_tokens``) its row holds ``pad_token_id`` (default: the EOS id, else 0).
+``transformers`` returns the shorter tensor. Greedy requests (``temperature=0``) pick the
+argmax of the full-vocabulary logits — the tokens of ``transformers``' greedy ``generate``.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
 from megatron_ext.communication.collectives import all_gather
 from megatron_ext.data.cp_split import required_padded_length, split_batch_for_cp
 from megatron_ext.parallel.groups import ParallelGroups
+from megatron_ext.serving.decode_step import (DecodeBatch, DecodeState, StepRunner, batch_bucket)
 from megatron_ext.serving.kv_cache import KVCache
+from megatron_ext.serving.sampling import SamplingParams
 from megatron_ext.communication.token_layout import TokenLayout, split_rows
 
 
 @dataclass(frozen=True)
 class GenerationOutput:
-    """What :func:`greedy_generate` returns (identical on every rank except the cache fields).
+    """What :func:`generate_batch` returns (identical on every rank except the cache fields).
 
-    * ``tokens`` ``[B, S + max_new_tokens]``: prompts then generated tokens (pad after EOS).
-    * ``last_logits`` ``[B, V]``: full-vocabulary logits of the last decode step run.
-    * ``steps``: decode steps run (``< max_new_tokens`` when every row hit EOS).
+    * ``tokens`` ``[B, S + max_new]``: prompts then generated tokens (pad after EOS / a
+      request's own ``max_new_tokens``).
+    * ``last_logits`` ``[B, V]``: full-vocabulary logits of each request's last decode step
+      (``None`` unless asked for).
+    * ``steps``: tokens generated by the longest request (up to and including its EOS);
+      ``steps_run``: decode steps executed (at most ``check_every - 1`` more than ``steps``).
     * ``prefill_seconds`` / ``decode_seconds``: wall time of the two phases on this rank.
-    * ``prompt_lengths``: real tokens per row.
+    * ``prompt_lengths``: real tokens per row; ``new_tokens``: tokens generated per row.
     * ``cache_slots``: filled cache slots per row on this rank at the end (prefill share incl.
-      CP padding + owned decode tokens); ``cache_tokens`` ``[b_local]``: real tokens among them;
-      ``cache_bytes``: K/V buffer bytes on this rank (all layers, allocated capacity).
+      CP padding + owned decode tokens); ``cache_tokens`` ``[rows]``: real tokens among them
+      (rows still in the batch at the end); ``cache_bytes``: K/V buffer bytes on this rank.
     """
 
     tokens: torch.Tensor
-    last_logits: torch.Tensor
+    last_logits: Optional[torch.Tensor]
     steps: int
+    steps_run: int
     prefill_seconds: float
     decode_seconds: float
     prompt_lengths: tuple[int, ...]
+    new_tokens: tuple[int, ...]
     cache_slots: int
     cache_tokens: torch.Tensor
     cache_bytes: int
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return sum(self.new_tokens) / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -120,11 +127,13 @@ def prompt_lengths(prompt_ids: torch.Tensor,
 
 
 def check_generate_inputs(model, groups: ParallelGroups, prompt_ids: torch.Tensor,
-                          max_new_tokens: int, eos_token_id: Optional[int] = None,
+                          max_new_tokens: Union[int, Sequence[int]],
+                          eos_token_id: Optional[int] = None,
                           attention_mask: Optional[torch.Tensor] = None,
                           pad_token_id: Optional[int] = None) -> tuple[int, ...]:
     """Every check that needs no collective (so bad input is the same ``ValueError`` on every
-    rank, never a hang); returns the prompt lengths."""
+    rank, never a hang); returns the prompt lengths. ``max_new_tokens``: one for every request,
+    or one per request."""
     topo = groups.topology
     if topo.pp != 1:
         raise ValueError(f"generation runs one pipeline stage (pp=1); got pp={topo.pp}")
@@ -138,9 +147,13 @@ def check_generate_inputs(model, groups: ParallelGroups, prompt_ids: torch.Tenso
         raise ValueError(f"prompt_ids must be an integer tensor [B, S] with B, S >= 1, got "
                          f"{getattr(prompt_ids, 'dtype', type(prompt_ids))} "
                          f"{tuple(getattr(prompt_ids, 'shape', ()))}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-            or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int")
+    B = prompt_ids.shape[0]
+    per_row = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(per_row) != B:
+        raise ValueError(f"{len(per_row)} max_new_tokens values for {B} prompts")
+    for n in per_row:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"max_new_tokens={n!r} must be a positive int")
     config = model.config
     vocab = config.vocab_size
     bad = (prompt_ids < 0) | (prompt_ids >= vocab)
@@ -151,16 +164,17 @@ def check_generate_inputs(model, groups: ParallelGroups, prompt_ids: torch.Tenso
         if tok is not None and not 0 <= int(tok) < vocab:
             raise ValueError(f"{name}={tok} is outside the model's vocabulary [0, {vocab})")
     lengths = prompt_lengths(prompt_ids, attention_mask)
-    longest, max_pos = max(lengths), config.max_position_embeddings
-    if longest > max_pos:
-        raise ValueError(f"prompt of {longest} tokens is longer than the model's "
+    max_pos = config.max_position_embeddings
+    if max(lengths) > max_pos:
+        raise ValueError(f"prompt of {max(lengths)} tokens is longer than the model's "
                          f"max_position_embeddings={max_pos}")
-    if longest + max_new_tokens > max_pos:
-        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} needs "
-                         f"positions up to {longest + max_new_tokens - 1}, beyond the model's "
-                         f"max_position_embeddings={max_pos}")
-    if prompt_ids.shape[0] < topo.attn_dp:
-        raise ValueError(f"{prompt_ids.shape[0]} prompts for attn_dp={topo.attn_dp}: every "
+    for n, new in zip(lengths, per_row):
+        if n + new > max_pos:
+            raise ValueError(f"prompt of {n} tokens + max_new_tokens={new} needs positions up "
+                             f"to {n + new - 1}, beyond the model's "
+                             f"max_position_embeddings={max_pos}")
+    if B < topo.attn_dp:
+        raise ValueError(f"{B} prompts for attn_dp={topo.attn_dp}: every "
                          f"attention-DP group needs at least one prompt")
     return lengths
 
@@ -201,40 +215,102 @@ def _layout(groups: ParallelGroups, rows: Sequence[int], per_row: int) -> TokenL
                                             for _ in range(topo.attn_cp)])
 
 
-def _from_cp_rank0(local: torch.Tensor, groups: ParallelGroups,
-                   rows: Sequence[int]) -> torch.Tensor:
-    """``[b_local, ...]`` on every rank -> ``[B, ...]``: each DP group's rows as CP rank 0 holds
-    them (one all-gather over ``attn_dp_cp``; none when it is a one-rank axis)."""
+def _per_request(sampling: Union[SamplingParams, Sequence[SamplingParams]],
+                 batch: int) -> list[SamplingParams]:
+    if isinstance(sampling, SamplingParams):
+        return [sampling] * batch
+    params = list(sampling)
+    if len(params) != batch or not all(isinstance(p, SamplingParams) for p in params):
+        raise ValueError(f"sampling must be one SamplingParams or one per prompt ({batch}), got "
+                         f"{len(params)} items of types {sorted({type(p).__name__ for p in params})}")
+    return params
+
+
+def cuda_graphs_supported(model) -> tuple[bool, str]:
+    """Whether the decode step of ``model`` can be captured (no host sync inside): CUDA, half
+    precision (the grouped-GEMM kernel takes device counts) and MoE layers that hold every expert
+    of their shard locally (``moe_ep == 1``, local dispatcher: nothing filtered by host-known
+    sizes). Returns ``(ok, why not)``."""
+    param = next(model.parameters())
+    if param.device.type != "cuda":
+        return False, "not on CUDA"
+    sparse = [layer.mlp for layer in model.layers if layer.is_sparse]
+    if not sparse:
+        return True, ""
+    if param.dtype not in (torch.bfloat16, torch.float16):
+        return False, f"MoE grouped GEMM in {param.dtype} syncs (counts on the host)"
+    if model.groups.topology.moe_ep != 1 or any(m.dispatcher != "local" for m in sparse):
+        return False, "moe_ep > 1 or the all_to_all dispatcher picks rows with host-known sizes"
+    return True, ""
+
+
+def _collect(state: DecodeState, groups: ParallelGroups, tokens: torch.Tensor,
+             finished: list[bool], last_logits: Optional[torch.Tensor]) -> None:
+    """Periodic check: every owner's tokens, finished flags (and logits) to every rank (one
+    all-gather over ``attn_dp_cp``; a host sync), written into the host arrays by request id."""
     topo = groups.topology
-    sizes = [rows[d] for d in range(topo.attn_dp) for _ in range(topo.attn_cp)]
-    every = all_gather(local.contiguous(), groups.attn_dp_cp, sizes=sizes, backward="own_rows")
-    if groups.attn_dp_cp.is_trivial:
-        return every
-    offsets = [sum(sizes[:g]) for g in range(len(sizes))]
-    return torch.cat([every[offsets[d * topo.attn_cp]:offsets[d * topo.attn_cp] + rows[d]]
-                      for d in range(topo.attn_dp)])
+    sizes = state.layout.tokens_per_attn_group
+    packed = torch.cat([state.tokens, state.finished.to(torch.long)[:, None]], 1)
+    every = all_gather(packed, groups.attn_dp_cp, sizes=sizes, backward="own_rows").cpu()
+    order = [r for d in range(topo.attn_dp) for c in range(topo.attn_cp)
+             for r in state.batch.owned_requests(groups, d, c)]
+    index = torch.tensor(order, dtype=torch.long)
+    tokens[index] = every[:, :-1]
+    for r, f in zip(order, every[:, -1].tolist()):
+        finished[r] = bool(f)
+    if last_logits is not None:
+        logits = all_gather(state.last_logits, groups.attn_dp_cp, sizes=sizes,
+                            backward="own_rows")
+        last_logits[index] = logits.to(device=last_logits.device, dtype=last_logits.dtype)
+
+
+def _shrink(batch: DecodeBatch, finished: list[bool]) -> DecodeBatch:
+    """Drop finished requests, keeping ``batch_bucket(live)`` rows per DP group (at least one;
+    finished rows pad), in the old row order."""
+    groups_rows = []
+    for rows in batch.requests:
+        live = [r for r in rows if not finished[r]]
+        target = min(len(rows), batch_bucket(max(len(live), 1)))
+        pad = [r for r in rows if finished[r]][:target - len(live)]
+        keep = set(live + pad)
+        groups_rows.append(tuple(r for r in rows if r in keep))
+    return DecodeBatch(tuple(groups_rows))
 
 
 @torch.no_grad()
-def greedy_generate(model, groups: ParallelGroups, prompt_ids: torch.Tensor, max_new_tokens: int,
-                    eos_token_id: Optional[int] = None, *,
-                    attention_mask: Optional[torch.Tensor] = None,
-                    pad_token_id: Optional[int] = None) -> GenerationOutput:
-    """Greedy decoding of ``prompt_ids`` ``[B, S]`` (the same on every rank; left-padded rows
-    marked by ``attention_mask``) with ``model`` (a :class:`megatron_ext.models.decoder.CausalLM` built on
-    ``groups``, pp = 1). Collective over the stage; see the module doc for the rules."""
-    lengths = check_generate_inputs(model, groups, prompt_ids, max_new_tokens, eos_token_id,
+def generate_batch(model, groups: ParallelGroups, prompt_ids: torch.Tensor,
+                   sampling: Union[SamplingParams, Sequence[SamplingParams]],
+                   eos_token_id: Optional[int] = None, *,
+                   attention_mask: Optional[torch.Tensor] = None,
+                   pad_token_id: Optional[int] = None, check_every: int = 8,
+                   return_logits: bool = False, use_cuda_graphs: Optional[bool] = None,
+                   on_check: Optional[Callable[[int, int], None]] = None) -> GenerationOutput:
+    """Generate for ``prompt_ids`` ``[B, S]`` (the same on every rank; left-padded rows marked by
+    ``attention_mask``) with ``model`` (a :class:`megatron_ext.models.decoder.CausalLM` built on
+    ``groups``, pp = 1), one ``SamplingParams`` for all requests or one each. Collective over the
+    stage; see the module doc. ``check_every``: decode steps between host checks;
+    ``use_cuda_graphs``: default :func:`cuda_graphs_supported`; ``on_check(steps, finished)``:
+    called at every check (progress bars)."""
+    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+        raise ValueError(f"check_every={check_every!r} must be a positive int")
+    B = prompt_ids.shape[0] if isinstance(prompt_ids, torch.Tensor) and prompt_ids.dim() else 0
+    params = _per_request(sampling, B)
+    max_new = [p.max_new_tokens for p in params]
+    lengths = check_generate_inputs(model, groups, prompt_ids, max_new, eos_token_id,
                                     attention_mask, pad_token_id)
     if pad_token_id is None:
         pad_token_id = eos_token_id if eos_token_id is not None else 0
+    if use_cuda_graphs is None:
+        use_cuda_graphs = cuda_graphs_supported(model)[0]
     device = next(model.parameters()).device
     prompts = prompt_ids.to(device=device, dtype=torch.long)
-    B, S = prompts.shape
+    S = prompts.shape[1]
+    topo, coords = groups.topology, groups.coords
     local = _split_prompts(groups, prompts, lengths, pad_token_id)
-    rows, b = local.rows_per_dp, local.batch
-    cp = groups.topology.attn_cp
+    rows, cp = local.rows_per_dp, topo.attn_cp
+    steps_max = max(max_new)
     slot_valid = None if local.segment_ids is None else local.segment_ids >= 0
-    cache = KVCache(groups.attn_cp, b, local.padded_len // cp, max_new_tokens, slot_valid,
+    cache = KVCache(groups.attn_cp, local.batch, local.padded_len // cp, steps_max, slot_valid,
                     device=device)
 
     t0 = time.perf_counter()
@@ -245,40 +321,91 @@ def greedy_generate(model, groups: ParallelGroups, prompt_ids: torch.Tensor, max
     cache.start_decoding()
     t1 = time.perf_counter()
 
-    tokens = torch.full((B, S + max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    tokens[:, :S] = prompts
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    mine = slice(local.row_start, local.row_start + b)
-    current = prompts[mine, S - 1]
-    positions = local.lengths - 1
-    decode_layout = _layout(groups, rows, 1)
-    logits = None
-    steps = 0
-    for t in range(max_new_tokens):
-        out = model(current[:, None], position_ids=(positions + t)[:, None], layout=decode_layout,
-                    kv_cache=cache, gather_logits=True, compute_aux_loss=False)
-        cache.end_step()
-        steps += 1
-        logits = out.logits[:, -1]
-        chosen = _from_cp_rank0(logits.argmax(-1), groups, rows)
-        if eos_token_id is not None:
-            chosen = torch.where(finished, torch.full_like(chosen, pad_token_id), chosen)
-            finished |= chosen == eos_token_id
-        tokens[:, S + t] = chosen
-        if eos_token_id is not None and bool(finished.all()):
+    tokens = torch.full((B, steps_max), pad_token_id, dtype=torch.long)   # host results
+    finished = [False] * B
+    vocab = model.config.vocab_size
+    last_logits = torch.zeros(B, vocab, dtype=torch.float64) if return_logits else None
+    starts = [sum(rows[:d]) for d in range(topo.attn_dp)]
+    batch = DecodeBatch(tuple(tuple(range(starts[d], starts[d] + rows[d]))
+                              for d in range(topo.attn_dp)))
+
+    def build(batch: DecodeBatch, t: int) -> DecodeState:
+        mine = batch.requests[coords.attn_dp]
+        owned = batch.owned_requests(groups, coords.attn_dp, coords.attn_cp)
+        last = prompts[list(owned), S - 1] if t == 0 else tokens[list(owned), t - 1].to(device)
+        return DecodeState(
+            model, groups, cache, batch,
+            positions=torch.tensor([lengths[r] - 1 + t for r in mine], dtype=torch.long,
+                                   device=device),
+            input_ids=last.clone(),
+            finished=torch.tensor([finished[r] for r in owned], dtype=torch.bool,
+                                  device=device),
+            tokens=tokens[list(owned)].to(device), params=[params[r] for r in owned],
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, keep_logits=return_logits,
+            vocab_size=vocab)
+
+    state = build(batch, 0)
+    runner = StepRunner(use_cuda_graphs)
+    t = 0
+    while t < steps_max:
+        runner.run(state)
+        cache.host_step_end()
+        t += 1
+        if t % check_every and t < steps_max:
+            continue
+        _collect(state, groups, tokens, finished, last_logits)
+        if on_check is not None:
+            on_check(t, sum(finished))
+        if all(finished) or t == steps_max:
             break
-        current = chosen[mine]
+        smaller = _shrink(batch, finished)
+        if smaller != batch:
+            old = batch.requests[coords.attn_dp]
+            keep = [old.index(r) for r in smaller.requests[coords.attn_dp]]
+            cache.select_rows(torch.tensor(keep, dtype=torch.long, device=device))
+            batch = smaller
+            state = build(batch, t)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     t2 = time.perf_counter()
-    last_logits = _from_cp_rank0(logits, groups, rows)
-    return GenerationOutput(tokens.to(prompt_ids.device), last_logits, steps, t1 - t0, t2 - t1,
-                            lengths, cache.slots, cache.tokens(), cache.nbytes())
+
+    new_tokens = []
+    for r in range(B):
+        row = tokens[r, :max_new[r]]
+        hit = (row == eos_token_id).nonzero() if eos_token_id is not None else row[:0]
+        new_tokens.append(int(hit[0]) + 1 if hit.numel() else max_new[r])
+    out_tokens = torch.cat([prompt_ids.cpu().to(torch.long), tokens], 1)
+    return GenerationOutput(out_tokens.to(prompt_ids.device), last_logits, max(new_tokens), t,
+                            t1 - t0, t2 - t1, lengths, tuple(new_tokens), cache.slots,
+                            cache.tokens(), cache.nbytes())
 
 
-def generate(model, groups: ParallelGroups, prompt_ids: torch.Tensor, max_new_tokens: int,
-             eos_token_id: Optional[int] = None, *, attention_mask: Optional[torch.Tensor] = None,
+def greedy_generate(model, groups: ParallelGroups, prompt_ids: torch.Tensor,
+                    max_new_tokens: Union[int, Sequence[int]],
+                    eos_token_id: Optional[int] = None, *,
+                    attention_mask: Optional[torch.Tensor] = None,
+                    pad_token_id: Optional[int] = None, **kwargs) -> GenerationOutput:
+    """Greedy decoding (what ``transformers``' ``generate(do_sample=False)`` picks), with the
+    last logits of every request. See :func:`generate_batch`."""
+    B = prompt_ids.shape[0] if isinstance(prompt_ids, torch.Tensor) and prompt_ids.dim() else 0
+    per_row = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    params = [SamplingParams(max_new_tokens=n) if isinstance(n, int) and not isinstance(n, bool)
+              and n >= 1 else None for n in per_row]
+    if any(p is None for p in params) or not params:
+        check_generate_inputs(model, groups, prompt_ids, max_new_tokens, eos_token_id,
+                              attention_mask, pad_token_id)
+    kwargs.setdefault("return_logits", True)
+    return generate_batch(model, groups, prompt_ids, params, eos_token_id,
+                          attention_mask=attention_mask, pad_token_id=pad_token_id, **kwargs)
+
+
+def generate(model, groups: ParallelGroups, prompt_ids: torch.Tensor,
+             max_new_tokens: Union[int, Sequence[int]], eos_token_id: Optional[int] = None, *,
+             attention_mask: Optional[torch.Tensor] = None,
              pad_token_id: Optional[int] = None) -> torch.Tensor:
     """Greedy tokens ``[B, S + max_new_tokens]``, identical on every rank (what
     ``transformers``' ``generate(do_sample=False)`` returns, padded to full length after an
-    all-rows EOS). See :func:`greedy_generate`."""
+    EOS). See :func:`generate_batch`."""
     return greedy_generate(model, groups, prompt_ids, max_new_tokens, eos_token_id,
-                           attention_mask=attention_mask, pad_token_id=pad_token_id).tokens
+                           attention_mask=attention_mask, pad_token_id=pad_token_id,
+                           return_logits=False).tokens

@@ -15,7 +15,15 @@ Placement rules (every rank applies them alike, so nobody needs to ask where a t
 
 Attention-TP ranks of one CP rank cache their own KV heads (the same tokens). Buffers are
 allocated once, at the first write, for the whole generation (``prefill_slots + decode slots``
-of this rank), so a decode step never reallocates.
+of this rank, plus one scratch slot), heads first (``[b, kv_heads, slots, head_dim]``: each
+head's keys are one contiguous matrix, read in place by the decode attention).
+
+**A decode step without host syncs** (so it can be captured in a CUDA graph): the step counter
+and the filled length live on the device; every CP rank writes the new K/V at slot ``length``
+(the owner's write counts, the others' land in a slot that stays invalid and is overwritten
+later — the scratch slot when a rank is full), and the attention reads the whole buffer with a
+validity mask computed on the device. The host keeps the same counters for accounting
+(:meth:`KVCache.host_step_end`); nothing on the device path reads them.
 """
 from __future__ import annotations
 
@@ -40,8 +48,9 @@ def decode_slots(cp_rank: int, cp_size: int, steps: int) -> int:
 
 class LayerKVCache:
     """One attention layer's share of the cache on this rank (the protocol
-    :class:`~megatron_ext.layers.attention.block.AttentionBlock` calls: ``decoding``, ``store``,
-    ``append``). Tensors are ``[b, slots, local_kv_heads, head_dim]`` (post-RoPE K)."""
+    :class:`~megatron_ext.layers.attention.block.AttentionBlock` calls: ``decoding``,
+    ``first_step``, ``store``, ``append``). Buffers ``[b, local_kv_heads, capacity + 1,
+    head_dim]`` (post-RoPE K)."""
 
     def __init__(self, parent: "KVCache", layer_idx: int):
         self._parent, self.layer_idx = parent, layer_idx
@@ -60,15 +69,17 @@ class LayerKVCache:
     def _alloc(self, like: torch.Tensor) -> None:
         p = self._parent
         if self.k is None:
-            shape = (p.batch, p.capacity) + tuple(like.shape[2:])
+            shape = (p.batch, like.shape[2], p.capacity + 1, like.shape[3])
             self.k = like.new_zeros(shape)
             self.v = like.new_zeros(shape)
-        elif tuple(like.shape[2:]) != tuple(self.k.shape[2:]) or like.dtype != self.k.dtype:
+        elif (like.shape[2], like.shape[3]) != (self.k.shape[1], self.k.shape[3]) \
+                or like.dtype != self.k.dtype:
             raise ValueError(f"layer {self.layer_idx}: K/V {tuple(like.shape)} {like.dtype} do "
                              f"not match the cache {tuple(self.k.shape)} {self.k.dtype}")
 
     def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Prefill: this rank's K/V of its ``[b, prefill_slots]`` prompt tokens."""
+        """Prefill: this rank's K/V ``[b, prefill_slots, kv_heads, head_dim]`` of its prompt
+        tokens."""
         p = self._parent
         if p.decoding:
             raise ValueError(f"layer {self.layer_idx}: store() is for the prefill; the cache is "
@@ -78,32 +89,29 @@ class LayerKVCache:
                              f"{tuple(v.shape)} must be [b={p.batch}, "
                              f"prefill_slots={p.prefill_slots}, kv_heads, head_dim]")
         self._alloc(k)
-        self.k[:, :p.prefill_slots] = k.detach()
-        self.v[:, :p.prefill_slots] = v.detach()
+        self.k[:, :, :p.prefill_slots] = k.detach().transpose(1, 2)
+        self.v[:, :, :p.prefill_slots] = v.detach().transpose(1, 2)
         p.stored.add(self.layer_idx)
 
     def append(self, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """Decode step: write the new tokens' K/V ``[b, 1, kv_heads, head_dim]`` if this rank owns
-        the step, and return this rank's cache ``(k, v, valid)`` including them (``valid``
-        ``[b, slots]`` bool, or None when every slot is filled)."""
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decode step: write the new tokens' K/V ``[b, 1, kv_heads, head_dim]`` at slot
+        ``length`` (module doc) and return this rank's whole buffers ``(k, v, valid)`` (heads
+        first; ``valid`` ``[b, capacity + 1]`` bool: the filled slots, the new token's on its
+        owner). No host sync."""
         p = self._parent
         if tuple(k.shape[:2]) != (p.batch, 1) or k.shape != v.shape:
             raise ValueError(f"layer {self.layer_idx}: a decode step feeds one token per row: "
                              f"K/V must be [b={p.batch}, 1, kv_heads, head_dim], got "
                              f"{tuple(k.shape)}, {tuple(v.shape)}")
         self._alloc(k)
-        n = p.length
-        if p.owns_step:
-            if n >= p.capacity:
-                raise ValueError(f"layer {self.layer_idx}: the cache of CP rank {p.cp_rank} is "
-                                 f"full ({p.capacity} slots): more decode steps than "
-                                 f"max_new_tokens={p.max_new_tokens}")
-            self.k[:, n] = k[:, 0].detach()
-            self.v[:, n] = v[:, 0].detach()
-            n += 1
-        valid = None if p.all_valid else p.valid[:, :n]
-        return self.k[:, :n], self.v[:, :n], valid
+        self.k.index_copy_(2, p.length_t.view(1), k.detach().transpose(1, 2))
+        self.v.index_copy_(2, p.length_t.view(1), v.detach().transpose(1, 2))
+        return self.k, self.v, p.step_valid()
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        if self.k is not None:
+            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
 
     def nbytes(self) -> int:
         """Bytes of this layer's K/V buffers on this rank (allocated capacity)."""
@@ -119,7 +127,10 @@ class KVCache:
     (False = CP padding), default all real; ``max_new_tokens``: decode steps to make room for.
 
     Call order: the prefill forward (``decoding`` False: layers ``store``), then
-    :meth:`start_decoding`; per decode step a forward (layers ``append``) then :meth:`end_step`.
+    :meth:`start_decoding`; per decode step a forward (layers ``append``), then
+    :meth:`device_step_end` (device counters; part of a captured step) and
+    :meth:`host_step_end` (host counters) — :meth:`end_step` does both.
+    :meth:`select_rows` keeps some rows (finished requests leave the batch).
     """
 
     def __init__(self, cp_group: AxisGroup, batch: int, prefill_slots: int, max_new_tokens: int,
@@ -131,19 +142,23 @@ class KVCache:
         self.cp_size, self.cp_rank = cp_group.size, cp_group.rank
         self.batch, self.prefill_slots, self.max_new_tokens = batch, prefill_slots, max_new_tokens
         self.capacity = prefill_slots + decode_slots(self.cp_rank, self.cp_size, max_new_tokens)
-        self.valid = torch.ones(batch, self.capacity, dtype=torch.bool, device=device)
+        # [batch, capacity + 1]: prefill slots as given (CP padding False), decode slots True
+        self.base_valid = torch.ones(batch, self.capacity + 1, dtype=torch.bool, device=device)
         if slot_valid is not None:
             if tuple(slot_valid.shape) != (batch, prefill_slots) or slot_valid.dtype != torch.bool:
                 raise ValueError(f"slot_valid must be bool [batch={batch}, prefill_slots="
                                  f"{prefill_slots}], got {slot_valid.dtype} "
                                  f"{tuple(slot_valid.shape)}")
-            self.valid[:, :prefill_slots] = slot_valid.to(self.valid.device)
-        self.all_valid = bool(self.valid.all())
+            self.base_valid[:, :prefill_slots] = slot_valid.to(self.base_valid.device)
+        self.slot_ids = torch.arange(self.capacity + 1, device=device)
         self.decoding = False
-        self.length = 0          # slots filled on this rank (per row)
-        self.step = 0            # decode steps completed (over every CP rank)
+        self.length = 0          # host: slots filled on this rank (per row)
+        self.step = 0            # host: decode steps completed (over every CP rank)
+        self.length_t = torch.zeros((), dtype=torch.long, device=device)   # device mirrors
+        self.step_t = torch.zeros((), dtype=torch.long, device=device)
         self.stored: set[int] = set()
         self._layers: dict[int, LayerKVCache] = {}
+        self._valid: Optional[torch.Tensor] = None
 
     def layer(self, layer_idx: int) -> LayerKVCache:
         if layer_idx not in self._layers:
@@ -157,23 +172,47 @@ class KVCache:
             raise ValueError(f"the prefill did not fill every layer's cache (missing layers "
                              f"{missing or 'all'})")
         self.length, self.decoding = self.prefill_slots, True
+        self.length_t.fill_(self.prefill_slots)
 
-    @property
-    def owner(self) -> int:
-        """CP rank caching the token of the current decode step."""
-        return decode_owner(self.step, self.cp_size)
+    # ------------------------------------------------------------------ device step state
+    def owns_step_t(self) -> torch.Tensor:
+        """Device bool: this CP rank caches the current step's token (:func:`decode_owner`)."""
+        return torch.remainder(self.step_t, self.cp_size) == self.cp_rank
 
-    @property
-    def owns_step(self) -> bool:
-        return self.owner == self.cp_rank
+    def step_valid(self) -> torch.Tensor:
+        """``[batch, capacity + 1]`` slots attended to this step (computed once per step, shared
+        by every layer)."""
+        if self._valid is None:
+            filled = self.length_t + self.owns_step_t().to(torch.long)
+            self._valid = self.base_valid & (self.slot_ids < filled)[None]
+        return self._valid
 
-    def end_step(self) -> None:
-        """Close a decode step: the owner's new slot counts from now on."""
+    def device_step_end(self) -> None:
+        """Close a decode step on the device: the owner's new slot counts from now on."""
+        self.length_t.add_(self.owns_step_t().to(torch.long))
+        self.step_t.add_(1)
+        self._valid = None
+
+    def host_step_end(self) -> None:
+        """The host's mirror of :meth:`device_step_end` (accounting, ``first_step``)."""
         if not self.decoding:
             raise ValueError("end_step() before start_decoding()")
-        if self.owns_step:
+        if decode_owner(self.step, self.cp_size) == self.cp_rank:
             self.length += 1
         self.step += 1
+        self._valid = None
+
+    def end_step(self) -> None:
+        self.device_step_end()
+        self.host_step_end()
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` (in that order) of every buffer: requests that finished leave."""
+        for layer in self._layers.values():
+            layer.select_rows(index)
+        self.base_valid = self.base_valid.index_select(0, index)
+        self.batch = int(index.numel())
+        self._valid = None
 
     # ------------------------------------------------------------------ accounting
     @property
@@ -183,7 +222,7 @@ class KVCache:
 
     def tokens(self) -> torch.Tensor:
         """Real (non-padding) cached tokens per row on this rank, ``[batch]``."""
-        return self.valid[:, :self.length].sum(1)
+        return self.base_valid[:, :self.length].sum(1)
 
     def nbytes(self) -> int:
         """Bytes of every layer's K/V buffers on this rank."""

@@ -110,14 +110,16 @@ class AttentionBlock(nn.Module):
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, *,
                 token_index: Optional[torch.Tensor] = None,
                 segment_ids: Optional[torch.Tensor] = None, plan=None,
-                kv_cache=None) -> torch.Tensor:
+                kv_cache=None, own_rows: Optional[slice] = None) -> torch.Tensor:
         """``hidden`` ``[b, s_local, H]`` (TP_ATTN_FULL), ``positions`` ``[b, s_local]`` or
         ``[s_local]`` (RoPE positions of this rank's tokens). ``token_index`` (causal order in the
         full sequence; default ``positions``) and ``segment_ids`` (packed documents) go to
         :func:`context_parallel_attention`, with ``plan`` (a ``plan_cp_attention`` result shared by
         all layers of a step). Pass the CP split's ``token_index`` whenever the batch is padded or
         packed. ``kv_cache``: serving (module doc); None for training. Returns the partial sum
-        over ``attn_tp``."""
+        over ``attn_tp``. ``own_rows`` (decode steps only): the rows of ``hidden`` this rank owns
+        (one owner per decode token under CP) — every row attends, only these are projected and
+        returned."""
         from megatron_ext.layers.attention.cp_attention import context_parallel_attention
 
         if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
@@ -135,15 +137,19 @@ class AttentionBlock(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = self.rope(positions, dtype=q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if kv_cache is not None and kv_cache.decoding:
+        decoding = kv_cache is not None and kv_cache.decoding
+        if own_rows is not None and not decoding:
+            raise ValueError("own_rows (one owner per decode token) needs a decoding kv_cache")
+        if decoding:
             from megatron_ext.layers.attention.cp_decode import cp_decode_attention
 
             k_all, v_all, valid = kv_cache.append(k, v)
             # shapes are fixed for a whole generation: agree on them across CP at its first step
             out = cp_decode_attention(q, k_all, v_all, self.cp_group, kv_valid=valid,
                                       softmax_scale=self.softmax_scale,
-                                      check=kv_cache.first_step)
-            return self.o_proj(out.reshape(b, s, self.local_heads * self.head_dim))
+                                      check=kv_cache.first_step, out_rows=own_rows,
+                                      heads_first_cache=True)
+            return self.o_proj(out.reshape(out.shape[0], s, self.local_heads * self.head_dim))
         out = context_parallel_attention(
             q, k, v, self.cp_group, token_index=positions if token_index is None else token_index,
             segment_ids=segment_ids, strategy=self.cp_strategy, softmax_scale=self.softmax_scale,

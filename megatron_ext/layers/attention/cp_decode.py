@@ -12,16 +12,15 @@ from typing import Optional
 
 import torch
 
-from megatron_ext.layers.attention.attention_math import (MaskKind, accum_dtype, block_forward,
-                                                default_scale)
+from megatron_ext.layers.attention.attention_math import accum_dtype, default_scale
 from megatron_ext.communication.raw import all_gather_async
 from megatron_ext.layers.attention.cp_plan import check_across_ranks
 from megatron_ext.parallel.groups import AxisGroup
 
 
-def _local_problems(q, k_cache, v_cache, kv_valid) -> list[str]:
+def _local_problems(q, k_cache, v_cache, kv_valid, heads_first: bool) -> list[str]:
     if q.dim() != 4 or k_cache.dim() != 4 or v_cache.dim() != 4:
-        return [f"q, k_cache, v_cache must be [b, s, heads, head_dim], got {tuple(q.shape)}, "
+        return [f"q, k_cache, v_cache must be 4-d [b, s, heads, head_dim], got {tuple(q.shape)}, "
                 f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}"]
     errs = []
     b, sq, hq, d = q.shape
@@ -30,59 +29,102 @@ def _local_problems(q, k_cache, v_cache, kv_valid) -> list[str]:
     if k_cache.shape[0] != b or k_cache.shape[3] != d:
         errs.append(f"cache {tuple(k_cache.shape)} does not match q {tuple(q.shape)} in batch "
                     f"or head_dim")
-    hkv = k_cache.shape[2]
+    hkv, sk = (k_cache.shape[1], k_cache.shape[2]) if heads_first else k_cache.shape[2:0:-1]
     if hkv < 1 or hq % hkv:
         errs.append(f"mismatched head counts: q has {hq} heads, the cache {hkv}; the number of "
                     f"query heads must be a multiple of the number of key/value heads")
     if kv_valid is not None:
-        sk = k_cache.shape[1]
         if kv_valid.dtype != torch.bool or tuple(kv_valid.shape) not in ((b, sk), (b, sq, sk)):
             errs.append(f"kv_valid must be bool [b, s_cache]={(b, sk)} or [b, s_q, s_cache], got "
                         f"{kv_valid.dtype} {tuple(kv_valid.shape)}")
     return errs
 
 
+def _bmm(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``a @ b`` over leading dims with results in ``acc``: half-precision CUDA inputs are read
+    as they are (no upcast copy of the cache) with float32 accumulation and output."""
+    lead = a.shape[:-2]
+    a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+    if a.dtype == acc:
+        out = torch.bmm(a3, b3)
+    elif a.is_cuda:
+        out = torch.bmm(a3, b3, out_dtype=acc)
+    else:
+        out = torch.bmm(a3.to(acc), b3.to(acc))
+    return out.view(*lead, *out.shape[-2:])
+
+
+def partial_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             kv_valid: Optional[torch.Tensor], scale: float
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of a decode step's attention: ``q [b, s_q, hq, d]`` against a
+    heads-first cache ``k, v [b, hkv, s_cache, d]`` (query head ``h`` uses KV head
+    ``h // (hq / hkv)``); ``kv_valid`` ``[b, s_q, s_cache]`` bool or None. Returns ``(out
+    [b, s_q, hq, d], lse [b, hq, s_q])`` in the accumulation dtype; a query that sees nothing
+    gets ``out = 0`` and ``lse = -inf``. The cache is read once, in its own dtype, by two batched
+    matmuls (decode is bound by reading it); no host sync, so it can run in a CUDA graph."""
+    b, sq, hq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    acc = accum_dtype(q.dtype)
+    qh = q.reshape(b, sq, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * sq, d)
+    scores = _bmm(qh, k.transpose(-1, -2), acc) * scale            # [b, hkv, g*sq, sk]
+    if kv_valid is not None:
+        scores = scores.view(b, hkv, g, sq, sk).masked_fill(
+            ~kv_valid[:, None, None], float("-inf")).view(b, hkv, g * sq, sk)
+    lse = torch.logsumexp(scores, dim=-1)
+    p = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))
+    out = _bmm(p.to(v.dtype), v, acc)                               # [b, hkv, g*sq, d]
+    out = out.view(b, hkv, g, sq, d).permute(0, 3, 1, 2, 4).reshape(b, sq, hq, d)
+    return out, lse.view(b, hq, sq)
+
+
 @torch.no_grad()
 def cp_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         cp_group: AxisGroup, *, kv_valid: Optional[torch.Tensor] = None,
-                        softmax_scale: Optional[float] = None, check: bool = True) -> torch.Tensor:
+                        softmax_scale: Optional[float] = None, check: bool = True,
+                        out_rows: Optional[slice] = None,
+                        heads_first_cache: bool = False) -> torch.Tensor:
     """``q [b, s_q, hq, d]`` (identical on every CP rank) against this rank's cache share
-    ``k_cache, v_cache [b, s_cache_local, hkv, d]`` (lengths may differ between ranks).
+    ``k_cache, v_cache [b, s_cache_local, hkv, d]`` (``[b, hkv, s_cache_local, d]`` with
+    ``heads_first_cache``, the KV cache's own layout; lengths may differ between ranks).
     ``kv_valid`` ``[b, s_cache_local]`` (filled slots) or ``[b, s_q, s_cache_local]`` (per query,
     e.g. causal among several new tokens); None = every slot valid. Returns ``[b, s_q, hq, d]``
-    on every rank; a query that sees no valid slot anywhere gets zeros. Collective over
-    ``cp_group``. ``check=False`` skips the cross-rank agreement on shapes (one small all-gather)
-    for callers whose shapes cannot change since a checked call, e.g. later steps of one
-    generation; local problems still raise."""
-    errs = _local_problems(q, k_cache, v_cache, kv_valid)
+    on every rank — or only the rows ``out_rows`` (decode with one owner per token: each CP rank
+    keeps the rows it owns); a query that sees no valid slot anywhere gets zeros. Collective
+    over ``cp_group``. ``check=False`` skips the cross-rank agreement on shapes (one small
+    all-gather) for callers whose shapes cannot change since a checked call, e.g. later steps of
+    one generation; local problems still raise."""
+    errs = _local_problems(q, k_cache, v_cache, kv_valid, heads_first_cache)
     if not check and errs:
         raise ValueError("cp_decode_attention: " + "; ".join(errs))
     ok = not errs or q.dim() == 4
     b, sq, hq, d = q.shape if ok else (0, 0, 0, 0)
     if check:
-        fields = dict(batch=b, q_len=sq, heads=hq, head_dim=d,
-                      kv_heads=k_cache.shape[2] if k_cache.dim() == 4 else 0)
+        kv_heads = (k_cache.shape[1] if heads_first_cache else k_cache.shape[2]) \
+            if k_cache.dim() == 4 else 0
+        fields = dict(batch=b, q_len=sq, heads=hq, head_dim=d, kv_heads=kv_heads)
         check_across_ranks(cp_group, q.device, errs, fields, "cp_decode_attention")
     scale = softmax_scale if softmax_scale is not None else default_scale(d)
     acc = accum_dtype(q.dtype)
-    sk = k_cache.shape[1]
+    k, v = (k_cache, v_cache) if heads_first_cache else (k_cache.transpose(1, 2),
+                                                         v_cache.transpose(1, 2))
+    sk = k.shape[2]
+    rows = out_rows if out_rows is not None else slice(0, b)
     if sk == 0:
         out = torch.zeros(b, sq, hq, d, dtype=acc, device=q.device)
         lse = torch.full((b, hq, sq), float("-inf"), dtype=acc, device=q.device)
     else:
-        if kv_valid is None:
-            kind, mask = MaskKind.FULL, None
-        else:
-            kind, mask = MaskKind.GENERAL, kv_valid.expand(b, sq, sk) if kv_valid.dim() == 3 \
-                else kv_valid[:, None, :].expand(b, sq, sk)
-        out, lse, _ = block_forward(q, k_cache, v_cache, scale, kind, mask)
-        out, lse = out.to(acc), lse.to(acc)
+        valid = None if kv_valid is None else (
+            kv_valid if kv_valid.dim() == 3 else kv_valid[:, None, :].expand(b, sq, sk))
+        out, lse = partial_decode_attention(q, k, v, valid, scale)
     if cp_group.is_trivial:
-        return out.to(q.dtype)
+        return out[rows].to(q.dtype)
     packed = torch.cat([out, lse.transpose(1, 2).unsqueeze(-1)], -1)  # [b, sq, hq, d + 1]
     gathered, pending = all_gather_async(packed, cp_group)
     pending.wait()
-    outs, lses = gathered[..., :d], gathered[..., d]  # [cp, b, sq, hq, (d)]
+    gathered = gathered[:, rows]
+    outs, lses = gathered[..., :d], gathered[..., d]  # [cp, rows, sq, hq, (d)]
     top = lses.amax(0)
     top = torch.where(torch.isinf(top), 0.0, top)
     w = torch.exp(lses - top)  # 0 for ranks that saw nothing

@@ -1,0 +1,163 @@
+"""One batched decode step, without host syncs, and its CUDA-graph replay.
+
+**One owner per decode token.** The rows of an attention-DP group (its requests, in cache-row
+order) are split in contiguous blocks over its CP ranks (:func:`owned_rows`, the
+``split_rows`` rule: the first ranks one row more). A CP rank embeds, normalises, runs the
+MLP/MoE, the LM head and the sampler for its own rows only; the attention input is gathered
+over ``attn_cp`` because every CP rank scores every query against its KV share
+(:class:`~megatron_ext.communication.token_layout.TokenLayout` ``attn_gathers_cp``). A MoE on
+``MOE_FULL`` rows therefore sees each token once: no expert work is duplicated. The sampled
+token stays on its owner: it is the next step's input there, and nobody else needs it until
+the periodic check (:mod:`megatron_ext.serving.generate`).
+
+**No host syncs.** Every per-step quantity lives in a preallocated device buffer updated in
+place: the input tokens, RoPE positions, the finished flags, the output tokens (column = the
+step counter on the device), the KV cache's length and step counter. The host only counts
+steps. On CUDA :class:`StepRunner` captures the step in a CUDA graph per batch shape (one eager
+step first as warm-up, then capture, then replay); elsewhere the same function runs eagerly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from megatron_ext.communication.token_layout import TokenLayout, split_rows
+from megatron_ext.parallel.groups import ParallelGroups
+from megatron_ext.serving.kv_cache import KVCache
+from megatron_ext.serving.sampling import SamplingParams, SamplingTensors, sample_tokens
+
+
+def owned_rows(batch: int, cp_size: int, cp_rank: int) -> slice:
+    """Rows of an attention-DP group's ``batch`` decode rows that CP rank ``cp_rank`` owns."""
+    sizes = split_rows(batch, cp_size)
+    start = sum(sizes[:cp_rank])
+    return slice(start, start + sizes[cp_rank])
+
+
+def batch_bucket(n: int) -> int:
+    """Rows a batch of ``n`` live requests is kept at (CUDA graphs are captured per shape):
+    powers of two up to 8, then multiples of 8."""
+    if n <= 8:
+        return 1 << max(0, (n - 1).bit_length())
+    return -(-n // 8) * 8
+
+
+@dataclass(frozen=True)
+class DecodeBatch:
+    """Which requests every attention-DP group decodes, in cache-row order (the same on every
+    rank of the stage)."""
+
+    requests: tuple[tuple[int, ...], ...]   # [attn_dp][row] -> request id
+
+    def rows(self, dp_rank: int) -> int:
+        return len(self.requests[dp_rank])
+
+    def layout(self, groups: ParallelGroups) -> TokenLayout:
+        """Owned rows of every attention group (``attn_gathers_cp``)."""
+        cp = groups.topology.attn_cp
+        counts = [len(range(len(rows))[owned_rows(len(rows), cp, c)])
+                  for rows in self.requests for c in range(cp)]
+        return TokenLayout.from_counts(groups, counts, attn_gathers_cp=True)
+
+    def owned_requests(self, groups: ParallelGroups, dp_rank: int, cp_rank: int
+                       ) -> tuple[int, ...]:
+        rows = self.requests[dp_rank]
+        return rows[owned_rows(len(rows), groups.topology.attn_cp, cp_rank)]
+
+
+class DecodeState:
+    """This rank's device buffers of one :class:`DecodeBatch` and the step that updates them.
+
+    ``positions`` ``[b]``: RoPE position of each row's next input token (every row of the DP
+    group: the attention reads them all); ``input_ids`` / ``finished`` / ``tokens`` ``[n, ...]``:
+    this rank's owned rows (``tokens[:, t]`` = the token generated at step ``t``, pad once
+    finished); ``last_logits`` ``[n, V]`` (optional): logits of each row's last live step."""
+
+    def __init__(self, model, groups: ParallelGroups, cache: KVCache, batch: DecodeBatch, *,
+                 positions: torch.Tensor, input_ids: torch.Tensor, finished: torch.Tensor,
+                 tokens: torch.Tensor, params: Sequence[SamplingParams],
+                 eos_token_id: Optional[int], pad_token_id: int,
+                 keep_logits: bool, vocab_size: int):
+        coords = groups.coords
+        self.model, self.groups, self.cache, self.batch = model, groups, cache, batch
+        self.layout = batch.layout(groups)
+        self.own = owned_rows(batch.rows(coords.attn_dp), groups.topology.attn_cp,
+                              coords.attn_cp)
+        self.positions = positions
+        self.own_positions = positions[self.own]   # a view: updated with ``positions``
+        self.input_ids, self.finished, self.tokens = input_ids, finished, tokens
+        dev = positions.device
+        self.sampling = SamplingTensors.build(params, dev)
+        self.max_new = torch.tensor([p.max_new_tokens for p in params], dtype=torch.long,
+                                    device=dev)
+        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+        self.last_logits = (torch.zeros(len(params), vocab_size, device=dev,
+                                        dtype=next(model.parameters()).dtype)
+                            if keep_logits else None)
+
+    @property
+    def key(self) -> tuple:
+        """What a captured graph depends on: the rows of every DP group."""
+        return tuple(len(r) for r in self.batch.requests)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One decode step of every row: forward, sample on the owner, update the buffers.
+        Device work only (capturable)."""
+        cache = self.cache
+        out = self.model(self.input_ids[:, None], position_ids=self.own_positions[:, None],
+                         attn_position_ids=self.positions[:, None], layout=self.layout,
+                         kv_cache=cache, gather_logits=True, compute_aux_loss=False)
+        logits = out.logits[:, -1]
+        t = cache.step_t
+        chosen = sample_tokens(logits, self.sampling, t)
+        chosen = torch.where(self.finished, self.pad_token_id, chosen)
+        self.tokens.index_copy_(1, t.view(1), chosen[:, None])
+        if self.last_logits is not None:
+            self.last_logits.copy_(torch.where(self.finished[:, None], self.last_logits,
+                                               logits.to(self.last_logits.dtype)))
+        done = t + 1 >= self.max_new
+        if self.eos_token_id is not None:
+            done = done | (chosen == self.eos_token_id)
+        self.finished |= done
+        self.input_ids.copy_(chosen)
+        self.positions.add_(1)
+        cache.device_step_end()
+
+
+class StepRunner:
+    """Runs :meth:`DecodeState.step`: eagerly, or on CUDA as CUDA graphs keyed by batch shape
+    (first step of a shape eager — warm-up, lazy allocations —, then captured once and replayed;
+    every graph shares one memory pool)."""
+
+    def __init__(self, use_cuda_graphs: bool):
+        self.use_cuda_graphs = bool(use_cuda_graphs)
+        self._graphs: dict = {}
+        self._warm: set = set()
+        self._pool = None
+        self.captures = 0
+
+    def run(self, state: DecodeState) -> None:
+        key = (id(state), state.key)
+        if not self.use_cuda_graphs or key not in self._warm:
+            self._warm.add(key)
+            state.step()
+            return
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._capture(state.step)
+            self._graphs = {k: g for k, g in self._graphs.items() if k[0] == id(state)}
+            self._graphs[key] = graph
+        graph.replay()
+
+    def _capture(self, fn: Callable[[], None]):
+        torch.cuda.synchronize()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            fn()
+        self.captures += 1
+        return graph
