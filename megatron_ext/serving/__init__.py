@@ -2,6 +2,7 @@
 token under CP and a KV cache spread over the CP ranks, sampling, CUDA-graph decode steps). See
 :mod:`megatron_ext.serving.generate` for the rules."""
 from megatron_ext.serving.decode_step import batch_bucket, owned_rows
+from megatron_ext.serving.engine import Completion, Engine, left_pad
 from megatron_ext.serving.generate import (GenerationOutput, check_generate_inputs,
                                            cuda_graphs_supported, generate, generate_batch,
                                            greedy_generate, prompt_lengths)
@@ -9,7 +10,7 @@ from megatron_ext.serving.kv_cache import KVCache, LayerKVCache, decode_owner, d
 from megatron_ext.serving.sampling import (SamplingParams, filtered_probs, request_uniform,
                                            sample_tokens)
 
-__all__ = ["GenerationOutput", "KVCache", "LayerKVCache", "SamplingParams", "batch_bucket",
+__all__ = ["Completion", "Engine", "GenerationOutput", "left_pad", "KVCache", "LayerKVCache", "SamplingParams", "batch_bucket",
            "check_generate_inputs", "cuda_graphs_supported", "decode_owner", "decode_slots",
            "generate", "generate_batch", "greedy_generate", "owned_rows", "prompt_lengths",
            "request_uniform", "sample_tokens", "filtered_probs"]

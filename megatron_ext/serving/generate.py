@@ -63,6 +63,8 @@ class GenerationOutput:
       ``steps_run``: decode steps executed (at most ``check_every - 1`` more than ``steps``).
     * ``prefill_seconds`` / ``decode_seconds``: wall time of the two phases on this rank.
     * ``prompt_lengths``: real tokens per row; ``new_tokens``: tokens generated per row.
+    * ``rows_per_step``: rows this rank's attention-DP group decoded at each step (it shrinks
+      when finished requests leave the batch).
     * ``cache_slots``: filled cache slots per row on this rank at the end (prefill share incl.
       CP padding + owned decode tokens); ``cache_tokens`` ``[rows]``: real tokens among them
       (rows still in the batch at the end); ``cache_bytes``: K/V buffer bytes on this rank.
@@ -76,6 +78,7 @@ class GenerationOutput:
     decode_seconds: float
     prompt_lengths: tuple[int, ...]
     new_tokens: tuple[int, ...]
+    rows_per_step: tuple[int, ...]
     cache_slots: int
     cache_tokens: torch.Tensor
     cache_bytes: int
@@ -346,8 +349,9 @@ def generate_batch(model, groups: ParallelGroups, prompt_ids: torch.Tensor,
 
     state = build(batch, 0)
     runner = StepRunner(use_cuda_graphs)
-    t = 0
+    t, rows_per_step = 0, []
     while t < steps_max:
+        rows_per_step.append(batch.rows(coords.attn_dp))
         runner.run(state)
         cache.host_step_end()
         t += 1
@@ -376,7 +380,8 @@ def generate_batch(model, groups: ParallelGroups, prompt_ids: torch.Tensor,
         new_tokens.append(int(hit[0]) + 1 if hit.numel() else max_new[r])
     out_tokens = torch.cat([prompt_ids.cpu().to(torch.long), tokens], 1)
     return GenerationOutput(out_tokens.to(prompt_ids.device), last_logits, max(new_tokens), t,
-                            t1 - t0, t2 - t1, lengths, tuple(new_tokens), cache.slots,
+                            t1 - t0, t2 - t1, lengths, tuple(new_tokens), tuple(rows_per_step),
+                            cache.slots,
                             cache.tokens(), cache.nbytes())
 
 

@@ -1,5 +1,7 @@
-"""Greedy generation (CP prefill + CP decode against a KV cache spread over CP ranks) equals
-transformers' ``generate(do_sample=False)`` in every layout, with ~1/cp of the KV per CP rank."""
+"""Generation (CP prefill + decode with one owner per token against a KV cache spread over CP
+ranks) equals transformers' ``generate(do_sample=False)`` in every layout, with ~1/cp of the KV
+per CP rank; sampled tokens are the same in every layout; requests with their own
+max_new_tokens leave the batch when finished; per-step collectives are pinned."""
 from __future__ import annotations
 
 import pytest
@@ -16,6 +18,7 @@ LAYOUTS = [
     dict(world=4, attn_tp=2, attn_cp=2, moe_dp=1),            # seed: MOE_FULL k=2, moe_tp 4
     dict(world=4, attn_cp=4, moe_ep=4, moe_tp=1, moe_dp=1),   # k=4, 1/4 of the KV per rank
     dict(world=4, attn_cp=2, moe_ep=2, moe_tp=1, moe_dp=2),   # attn_dp 2 x cp 2, k=2
+    dict(world=4, attn_tp=2, attn_cp=2, moe_ep=2, moe_tp=2, moe_dp=1),  # moe_ep x moe_tp, k=2
 ]
 # other model options on the Qwen2-MoE (shared expert): SCATTERED residual + all-to-all MoE with
 # decode rows spread over attn_tp (3 rows over attn_tp 4: one rank holds none), p2p CP prefill
@@ -26,10 +29,21 @@ VARIANTS = [
 ]
 SEED = 1
 EOS_LAYOUT = 3
+COUNTED = (1, 3, 4)    # layouts whose per-step collectives are pinned
+VARIED_LAYOUTS = (2, 3)  # layouts that also run requests with their own max_new_tokens
+VARIED = (6, 2, 4)       # max_new_tokens per request (row 1 leaves the batch after 2 steps)
 LENGTHS = (11, 6, 9)   # left-padded to 11
 NEW = 6
 HF_ATOL = 2e-5       # float64 vs transformers' float64 with float32 islands (router softmax)
 EXACT_ATOL = 1e-10   # any layout vs the single-process run, both float64
+
+
+def _sampled():
+    from megatron_ext.serving import SamplingParams
+
+    return [SamplingParams(NEW, temperature=0.8, top_p=0.9, seed=11),
+            SamplingParams(NEW, temperature=1.3, top_k=5, seed=7),
+            SamplingParams(NEW, temperature=0.7, top_p=0.5, seed=2 ** 40 + 3)]
 
 
 def _prompts():
@@ -46,7 +60,7 @@ def _prompts():
 def _generate_rank(rank, world, paths, ids, mask, eos):
     from megatron_ext.parallel.comm_counter import count_collectives
     from megatron_ext.parallel.groups import build_groups
-    from megatron_ext.serving import greedy_generate
+    from megatron_ext.serving import Engine, SamplingParams, generate_batch, greedy_generate
     from megatron_ext.models.decoder import CausalLM
 
     out = []
@@ -61,17 +75,30 @@ def _generate_rank(rank, world, paths, ids, mask, eos):
             if li == EOS_LAYOUT:
                 item["eos_tokens"] = greedy_generate(model, groups, ids, NEW, eos[mi],
                                                      attention_mask=mask, pad_token_id=0).tokens
-            if li == SEED and mi == 0:
+            if mi == 0:
+                item["sampled"] = generate_batch(model, groups, ids, _sampled(),
+                                                 attention_mask=mask).tokens
+            if mi == 0 and li in VARIED_LAYOUTS:
+                v = greedy_generate(model, groups, ids, list(VARIED), attention_mask=mask,
+                                    pad_token_id=0, check_every=1)
+                item["varied"] = (v.tokens, v.last_logits, v.rows_per_step)
+            if mi == 0 and li in COUNTED:
                 counts = []
-                for n in (1, 2):   # two decode steps minus one = one decode step
+                for n in (2, 3):   # three decode steps minus two = one decode step
                     with count_collectives() as log:
                         greedy_generate(model, groups, ids, n, attention_mask=mask)
-                    counts.append(log.by_kind_axis())
-                item["step_collectives"] = dict(counts[1] - counts[0])
-                try:   # bad input: the same ValueError on every rank, before any collective
-                    greedy_generate(model, groups, ids + 128, 2, attention_mask=mask)
-                except ValueError as err:
-                    item["bad_input"] = str(err)
+                    counts.append(log.records)
+                item["step_collectives"] = _difference(*counts)
+            if li == SEED and mi == 0:
+                # bad input: the same ValueError on every rank, before any collective
+                item["bad_input"] = [_error(lambda: greedy_generate(model, groups, ids + 128, 2,
+                                                                    attention_mask=mask)),
+                                     _error(lambda: Engine(model, groups).generate([[1, 2], []])),
+                                     _error(lambda: generate_batch(
+                                         model, groups, ids, SamplingParams(10 ** 6),
+                                         attention_mask=mask)),
+                                     _error(lambda: SamplingParams(4, temperature=-1.0)),
+                                     _error(lambda: SamplingParams(4, top_p=0.0))]
             out.append(item)
     for vi, (sizes, kwargs) in enumerate(VARIANTS):
         groups = build_groups(Topology(**sizes))
@@ -79,6 +106,27 @@ def _generate_rank(rank, world, paths, ids, mask, eos):
         r = greedy_generate(model, groups, ids, NEW, attention_mask=mask)
         out.append(dict(variant=vi, tokens=r.tokens, logits=r.last_logits))
     return out
+
+
+def _error(fn) -> str:
+    try:
+        fn()
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
+def _difference(small, large) -> dict:
+    """``{(kind, axis): (count, bytes)}`` of the records in ``large`` beyond ``small`` (kinds
+    whose count is unchanged are left out: the final check's gather is wider by one column)."""
+    from collections import Counter
+
+    count, nbytes = Counter(), Counter()
+    for sign, records in ((-1, small), (1, large)):
+        for r in records:
+            count[(r.kind, str(r.axis))] += sign
+            nbytes[(r.kind, str(r.axis))] += sign * r.nbytes
+    return {k: (count[k], nbytes[k]) for k in count if count[k]}
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +142,7 @@ def reference(tmp_path_factory):
         path = str(tmp_path_factory.mktemp(name))
         hf = to_dtype(build_hf_model(ModelConfig.preset(name), path), torch.float64)
         paths.append(path)
-        rows, last = [], []
+        rows, last, varied = [], [], []
         for i, n in enumerate(LENGTHS):
             prompt = ids[i:i + 1, S - n:]
             gen = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
@@ -102,8 +150,12 @@ def reference(tmp_path_factory):
             rows.append(torch.cat([ids[i, :S - n], gen[0]]))
             with torch.no_grad():
                 last.append(hf(gen[:, :-1]).logits[0, -1])
+                if name == MODELS[0]:   # request i stops after VARIED[i] tokens
+                    varied.append(hf(gen[:, :n + VARIED[i] - 1]).logits[0, -1])
         want.append(torch.stack(rows))
         logits.append(torch.stack(last))
+        if varied:
+            varied_logits = torch.stack(varied)
         # EOS: the token row 0 produces at its 3rd step; rows stop there, the rest is padding
         eos_id = int(want[-1][0, S + 2])
         eos.append(eos_id)
@@ -116,27 +168,33 @@ def reference(tmp_path_factory):
             full[S - n:S - n + gen.numel()] = gen
             rows.append(full)
         want_eos.append(torch.stack(rows))
+    varied_tokens = want[0].clone()
+    for i, m in enumerate(VARIED):
+        varied_tokens[i, S + m:] = 0
     return dict(paths=paths, ids=ids, mask=mask, tokens=want, logits=logits, eos=eos,
-                eos_tokens=want_eos)
+                eos_tokens=want_eos, varied_tokens=varied_tokens, varied_logits=varied_logits)
 
 
 @pytest.fixture(scope="module")
 def single_process(reference):
     """megatron_ext on one process (no torch.distributed), float64."""
-    from megatron_ext.serving import greedy_generate
+    from megatron_ext.serving import generate_batch, greedy_generate
     from megatron_ext.models.decoder import CausalLM
 
     groups = ParallelGroups.single_process()
     outs = []
-    for path in reference["paths"]:
+    for mi, path in enumerate(reference["paths"]):
         model = CausalLM.from_pretrained(path, groups, dtype=torch.float64)
         outs.append(greedy_generate(model, groups, reference["ids"], NEW,
                                     attention_mask=reference["mask"]))
-    return outs
+        if mi == 0:
+            sampled = generate_batch(model, groups, reference["ids"], _sampled(),
+                                     attention_mask=reference["mask"]).tokens
+    return dict(greedy=outs, sampled=sampled)
 
 
 def test_single_process_matches_transformers(reference, single_process):
-    for mi, out in enumerate(single_process):
+    for mi, out in enumerate(single_process["greedy"]):
         assert torch.equal(out.tokens, reference["tokens"][mi])
         torch.testing.assert_close(out.last_logits, reference["logits"][mi], atol=HF_ATOL,
                                    rtol=0)
@@ -158,6 +216,31 @@ def test_eos_stops_early_and_pads(reference):
     assert out.steps == 3
     assert torch.equal(out.tokens, ref["eos_tokens"][0][:1])
     assert out.tokens[0, -(NEW - 3):].eq(0).all()
+
+
+def test_engine_requests_of_different_lengths(reference):
+    """The offline API on token lists: each request its own max_new_tokens; a request leaves the
+    batch at the first check after it finished (rows 3 → 2 → 1), and the results are
+    transformers' greedy tokens cut at each request's length, or at its EOS."""
+    from megatron_ext.serving import Engine, SamplingParams
+    from megatron_ext.models.decoder import CausalLM
+
+    ref = reference
+    S = ref["ids"].shape[1]
+    prompts = [ref["ids"][i, S - n:].tolist() for i, n in enumerate(LENGTHS)]
+    groups = ParallelGroups.single_process()
+    model = CausalLM.from_pretrained(ref["paths"][0], groups, dtype=torch.float64)
+    engine = Engine(model, groups, check_every=2)
+    done = engine.generate(prompts, [SamplingParams(m) for m in VARIED])
+    for i, m in enumerate(VARIED):
+        assert done[i].token_ids == ref["tokens"][0][i, S:S + m].tolist()
+        assert done[i].finish_reason == "length"
+    assert engine.last_output.rows_per_step == (3, 3, 2, 2, 1, 1)
+    eos = ref["eos"][0]   # request 0 emits it as its 3rd token
+    done = Engine(model, groups, eos_token_id=eos, check_every=1).generate(
+        prompts[:1], SamplingParams(NEW))
+    assert done[0].token_ids == ref["tokens"][0][0, S:S + 3].tolist()
+    assert done[0].finish_reason == "eos"
 
 
 def test_transformers_left_padding_convention(reference):
@@ -187,7 +270,7 @@ def test_generation_matches_transformers_in_every_layout(reference, single_proce
                 assert torch.equal(it["tokens"], ref["tokens"][mi]), (sizes, MODELS[mi])
                 torch.testing.assert_close(it["logits"], ref["logits"][mi], atol=HF_ATOL,
                                            rtol=0)
-                torch.testing.assert_close(it["logits"], single_process[mi].last_logits,
+                torch.testing.assert_close(it["logits"], single_process["greedy"][mi].last_logits,
                                            atol=EXACT_ATOL, rtol=0)
                 assert it["steps"] == NEW
                 if "eos_tokens" in it:
@@ -197,25 +280,84 @@ def test_generation_matches_transformers_in_every_layout(reference, single_proce
         for per_rank in results:
             it = next(it for it in per_rank if it.get("variant") == vi)
             assert torch.equal(it["tokens"], ref["tokens"][1]), VARIANTS[vi]
-            torch.testing.assert_close(it["logits"], single_process[1].last_logits,
+            torch.testing.assert_close(it["logits"], single_process["greedy"][1].last_logits,
                                        atol=EXACT_ATOL, rtol=0)
+    _check_sampling(results, ref, single_process["sampled"])
+    _check_varied(results, ref)
     seeds = [next(it for it in per_rank if it.get("layout") == SEED and it.get("model") == 0)
              for per_rank in results]
-    assert all("outside the model's vocabulary" in it["bad_input"] for it in seeds)
-    seed = seeds[0]
-    # one later decode step of the seed layout (2 layers, both MoE on MOE_FULL): per layer the
-    # attention sum over attn_tp, the partial (out, lse) gather of cp_decode over attn_cp (shapes
-    # were agreed at the first step), the MOE_FULL gather over moe_cp and the one MoE reduction
-    # over the shard; then the logits gather over attn_tp and the token agreement over attn_dp_cp
-    layers = ModelConfig.preset(MODELS[0]).num_layers
-    assert seed["step_collectives"] == {
-        ("all_reduce", "attn_tp"): 1 + layers,            # embedding + attention o_proj sums
-        ("all_gather", "attn_cp"): layers,                # cp_decode: (out, lse)
-        ("all_gather", "moe_cp"): layers,                 # TP_ATTN_FULL -> MOE_FULL
-        ("all_reduce", "moe_shard"): layers,              # the MoE's one reduction
-        ("all_gather", "attn_tp"): 1,                     # full-vocabulary logits
-        ("all_gather", "attn_dp_cp"): 1,                  # the step's tokens
-    }, seed["step_collectives"]
+    for it in seeds:   # every rank names the same problem
+        assert it["bad_input"] == seeds[0]["bad_input"]
+    msgs = seeds[0]["bad_input"]
+    assert "outside the model's vocabulary" in msgs[0]
+    assert "prompt 1 is empty" in msgs[1]
+    assert "beyond the model's max_position_embeddings" in msgs[2]
+    assert "temperature=-1.0 must be a finite number >= 0" in msgs[3]
+    assert "top_p=0.0 must be in (0, 1]" in msgs[4]
+    _check_step_collectives(results)
+
+
+def _check_step_collectives(results) -> None:
+    """One later decode step with one owner per token: per layer the attention input gathered
+    over attn_cp, the attention sum over attn_tp, the partial (out, lse) gather over attn_cp
+    (shapes were agreed at the first step), the MOE_FULL gather over moe_cp of *owned* rows
+    (each token once: the bytes are the DP group's rows, padded to the largest owner's share,
+    not cp copies of them) and the one MoE reduction over the shard; the embedding's sum and the
+    logits gather over attn_tp. Nothing over attn_dp_cp: tokens stay on their owners between
+    checks."""
+    from megatron_ext.communication.token_layout import split_rows
+
+    cfg = ModelConfig.preset(MODELS[0])
+    L, H, f64 = cfg.num_layers, cfg.hidden_size, 8
+    for li in COUNTED:
+        topo = Topology(**LAYOUTS[li])
+        tp, cp = topo.attn_tp, topo.attn_cp
+        for per_rank in results:
+            it = next(it for it in per_rank if it.get("layout") == li and it.get("model") == 0)
+            rows = split_rows(len(LENGTHS), topo.attn_dp)[it["dp_rank"]]
+            row_bytes = cp * max(split_rows(rows, cp)) * H * f64   # one gather over cp owners
+            want = {("all_gather", "attn_cp"): (2 * L, L * row_bytes + L * cp * rows * (
+                        cfg.num_heads // tp) * (cfg.head_dim + 1) * f64),
+                    ("all_gather", "moe_cp"): (L, L * row_bytes),
+                    ("all_reduce", "moe_shard"): (L, None)}
+            if tp > 1:
+                want[("all_reduce", "attn_tp")] = (1 + L, None)
+                want[("all_gather", "attn_tp")] = (1, None)
+            got = it["step_collectives"]
+            assert set(got) == set(want), (LAYOUTS[li], got)
+            for key, (n, nbytes) in want.items():
+                assert got[key][0] == n, (LAYOUTS[li], key, got)
+                if nbytes is not None:
+                    assert got[key][1] == nbytes, (LAYOUTS[li], key, got)
+
+
+def _check_sampling(results, ref, single_sampled) -> None:
+    """Sampled tokens (temperature, top-k, top-p, a seed per request): the same on every rank of
+    every layout as in the single-process run, and not the greedy tokens."""
+    for per_rank in results:
+        for it in per_rank:
+            if "sampled" in it:
+                assert torch.equal(it["sampled"], single_sampled), LAYOUTS[it["layout"]]
+    S = ref["ids"].shape[1]
+    assert not torch.equal(single_sampled[:, S:], ref["tokens"][0][:, S:])
+
+
+def _check_varied(results, ref) -> None:
+    """Requests with their own max_new_tokens (6, 2, 4), checked every step: each row stops at
+    its own length (pad after), its last logits are those of its last step, and a finished
+    request leaves its DP group's batch at the next check."""
+    for per_rank in results:
+        for it in per_rank:
+            if "varied" not in it:
+                continue
+            tokens, logits, rows = it["varied"]
+            assert torch.equal(tokens, ref["varied_tokens"]), LAYOUTS[it["layout"]]
+            torch.testing.assert_close(logits, ref["varied_logits"], atol=HF_ATOL, rtol=0)
+            topo = Topology(**LAYOUTS[it["layout"]])
+            if topo.attn_dp == 1:     # requests 0, 1, 2: 3 rows, 1 after request 1 and 2 end
+                assert rows == (3, 3, 2, 2, 1, 1), rows
+            elif it["dp_rank"] == 0:  # requests 0, 1
+                assert rows == (2, 2, 1, 1, 1, 1), rows
 
 
 def _check_cache_balance(items, topo: Topology, S: int) -> None:
