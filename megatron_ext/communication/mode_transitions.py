@@ -31,7 +31,8 @@ complete tensor → input of a block whose output is partial over G
                                 (backward reduce-scatter(moe_cp) + all_reduce(attn_tp))
 decode with one owner per token (``layout.attn_gathers_cp``), attention input
   TP_ATTN_FULL (owned rows) → every row of the CP group   all_gather(attn_cp)
-                                (:func:`gather_attention_rows`; backward reduce-scatter over attn_cp)
+                                (:func:`gather_attention_rows`; backward reduce-scatter
+                                over attn_cp)
 complete tensor → whole-grad consumer (residual moves, all-to-all MoE input)
   TP_ATTN_FULL → SCATTERED      own rows(attn_tp)   (backward all-gather)
   SCATTERED → TP_ATTN_FULL      all_gather(attn_tp, backward own rows)

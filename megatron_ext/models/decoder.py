@@ -296,10 +296,10 @@ class CausalLM(nn.Module):
                 raise ValueError("a layout with attn_gathers_cp (one owner per decode token) is "
                                  "for decode steps with a decoding kv_cache")
             want = (layout.attention_rows, s)
-            if attn_position_ids is None or tuple(attn_position_ids.shape) != want:
+            got = None if attn_position_ids is None else tuple(attn_position_ids.shape)
+            if got != want:
                 raise ValueError(f"attn_position_ids must be [attention_rows, s]={want} for a "
-                                 f"decode step with one owner per token, got "
-                                 f"{None if attn_position_ids is None else tuple(attn_position_ids.shape)}")
+                                 f"decode step with one owner per token, got {got}")
         inputs = StepInputs(b, s, position_ids, token_index, segment_ids, layout,
                             kv_cache=kv_cache, attn_position_ids=attn_position_ids)
         if kv_cache is None or not kv_cache.decoding:

@@ -10,7 +10,8 @@ from megatron_ext.serving.kv_cache import KVCache, LayerKVCache, decode_owner, d
 from megatron_ext.serving.sampling import (SamplingParams, filtered_probs, request_uniform,
                                            sample_tokens)
 
-__all__ = ["Completion", "Engine", "GenerationOutput", "left_pad", "KVCache", "LayerKVCache", "SamplingParams", "batch_bucket",
+__all__ = ["Completion", "Engine", "GenerationOutput", "left_pad", "KVCache", "LayerKVCache",
+           "SamplingParams", "batch_bucket",
            "check_generate_inputs", "cuda_graphs_supported", "decode_owner", "decode_slots",
            "generate", "generate_batch", "greedy_generate", "owned_rows", "prompt_lengths",
            "request_uniform", "sample_tokens", "filtered_probs"]

@@ -3,8 +3,8 @@
 Flow, for prompts ``[B, S]`` identical on every rank (left-padded, like ``transformers``) and one
 :class:`~megatron_ext.serving.sampling.SamplingParams` per request:
 
-1. Requests are split over attention DP as :func:`megatron_ext.communication.local_batch.split_batch`
-   does (contiguous, the first ranks one request more); ``B >= attn_dp``.
+1. Requests are split over attention DP as
+   :func:`megatron_ext.communication.local_batch.split_batch` does (contiguous, the first ranks one request more); ``B >= attn_dp``.
 2. **Prefill** (one eager forward): every request's prompt *except its last token* is split
    over attention CP with the training load-balanced split (one padded length for the batch);
    each CP rank's attention blocks store the K/V of their own chunks in this rank's
@@ -20,8 +20,8 @@ Flow, for prompts ``[B, S]`` identical on every rank (left-padded, like ``transf
    ``attn_dp_cp`` brings every owner's tokens and finished flags to every rank. When every
    request is finished, generation stops. Requests that finished (EOS or their own
    ``max_new_tokens``) **leave the batch**: every rank drops the same rows from its KV cache
-   and the step continues on the live ones (kept at :func:`~megatron_ext.serving.decode_step.batch_bucket`
-   rows — padded with finished rows — so CUDA graphs are captured for few shapes). Between
+   and the step continues on the live ones (kept at
+   :func:`~megatron_ext.serving.decode_step.batch_bucket` rows — padded with finished rows — so CUDA graphs are captured for few shapes). Between
    checks a finished request still runs (its tokens are the pad id): attention work stops at
    the next check, not at once.
 
@@ -225,7 +225,8 @@ def _per_request(sampling: Union[SamplingParams, Sequence[SamplingParams]],
     params = list(sampling)
     if len(params) != batch or not all(isinstance(p, SamplingParams) for p in params):
         raise ValueError(f"sampling must be one SamplingParams or one per prompt ({batch}), got "
-                         f"{len(params)} items of types {sorted({type(p).__name__ for p in params})}")
+                         f"{len(params)} items of types "
+                         f"{sorted({type(p).__name__ for p in params})}")
     return params
 
 

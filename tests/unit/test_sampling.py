@@ -1,5 +1,5 @@
-"""The decode sampler: its filtered distribution equals transformers' temperature → top-k → top-p
-warpers, its draws follow that distribution, greedy rows are the argmax, and parameters are
+"""The decode sampler: its filtered distribution equals transformers' temperature → top-k →
+top-p warpers, its draws follow that distribution, greedy rows are the argmax, and parameters are
 validated."""
 from __future__ import annotations
 
