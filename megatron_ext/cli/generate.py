@@ -1,19 +1,28 @@
-"""Greedy generation with attention CP / TP / DP and any MoE layout (pp = 1):
+"""Generation (greedy or sampled) with attention CP / TP / DP and any MoE layout (pp = 1):
 
     torchrun --nproc-per-node 4 examples/generate.py --model runs/hf --prompt "Once upon" \\
         --attn-tp 2 --attn-cp 2 --moe-dp 1 --max-new-tokens 64
     torchrun --nproc-per-node 4 examples/generate.py --model runs/hf --attn-cp 2 --moe-dp 2 \\
         --prompt "first prompt" --prompt "a second, longer prompt"
+    torchrun --nproc-per-node 2 examples/generate.py --model runs/hf --attn-cp 2 --moe-dp 1 \
+        --prompts-file requests.jsonl --output completions.jsonl --temperature 0.7 --top-p 0.9
 
 ``--model``: an HF directory (e.g. from examples/convert_checkpoint.py). ``--tokenizer``: ``byte``
 (default) or a local HF tokenizer directory; generation stops at its EOS token. Several
 ``--prompt`` flags make a batch (left-padded; split over attention DP). The prefill splits each
 prompt over attention CP and every CP rank keeps the KV of its own chunks; decode steps attend to
 the cache spread over the CP ranks. Exit code 2: invalid input, nothing ran.
+
+``--prompts-file``: JSONL, one request per line: ``{"prompt": "..."}`` plus any of
+``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed`` (defaults: the flags).
+``--output``: JSONL, one line per request in input order: ``prompt``, ``completion``,
+``token_ids``, ``finish_reason`` (``eos`` / ``length``). Rank 0 shows progress at every check
+and the decode tokens/s at the end.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -28,7 +37,8 @@ from megatron_ext.parallel.groups import (AxisGroup, ParallelGroups, build_group
                                           init_distributed)
 from megatron_ext.parallel.topology import (GROUP_AXES, add_layout_arguments,
                                             topology_from_args)
-from megatron_ext.serving import check_generate_inputs, greedy_generate
+from megatron_ext.serving import (SamplingParams, check_generate_inputs, generate_batch,
+                                  left_pad)
 from megatron_ext.models.config import ModelConfig
 from megatron_ext.models.decoder import CausalLM
 
@@ -38,8 +48,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch
 def _args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="HF model directory")
-    p.add_argument("--prompt", action="append", required=True,
+    p.add_argument("--prompt", action="append", default=[],
                    help="prompt text (repeat for a batch)")
+    p.add_argument("--prompts-file", help="JSONL requests (module doc); adds to --prompt")
+    p.add_argument("--output", help="write the completions as JSONL here (rank 0)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = whole vocabulary")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed of every request")
+    p.add_argument("--check-every", type=int, default=8,
+                   help="decode steps between checks for finished requests")
     p.add_argument("--tokenizer", default="byte", help="'byte' or a local HF tokenizer dir")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--no-eos", action="store_true", help="ignore the tokenizer's EOS token")
@@ -54,14 +72,41 @@ def _args(argv):
     return p.parse_args(argv)
 
 
-def _left_pad(prompts: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    return ids, mask
+_REQUEST_KEYS = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed")
+
+
+def _requests(args) -> list[tuple[str, SamplingParams]]:
+    """``(prompt, SamplingParams)`` of every request (``ValueError`` naming the file and line)."""
+    defaults = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    out = [(text, SamplingParams(**defaults)) for text in args.prompt]
+    if args.prompts_file:
+        try:
+            lines = open(args.prompts_file, encoding="utf-8").read().splitlines()
+        except OSError as err:
+            raise ValueError(f"--prompts-file {args.prompts_file}: {err.strerror}") from None
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"--prompts-file {args.prompts_file} line {n}"
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: not JSON ({err.msg})") from None
+            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+                raise ValueError(f'{where}: needs an object with a string "prompt"')
+            unknown = sorted(set(item) - set(_REQUEST_KEYS))
+            if unknown:
+                raise ValueError(f"{where}: unknown keys {unknown} (known: {list(_REQUEST_KEYS)})")
+            try:
+                params = SamplingParams(**{**defaults, **{k: v for k, v in item.items()
+                                                          if k != "prompt"}})
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
+            out.append((item["prompt"], params))
+    if not out:
+        raise ValueError("no prompts: pass --prompt or --prompts-file")
+    return out
 
 
 class _ConfigOnly:
@@ -82,14 +127,19 @@ def main(argv: list[str] | None = None) -> int:
         config = ModelConfig.from_hf_dir(args.model)
         config.check_fits(topo)
         tok = load_tokenizer(args.tokenizer)
-        encoded = [tok.encode(p).tolist() for p in args.prompt]
-        if any(not p for p in encoded):
-            raise ValueError("every --prompt must encode to at least one token")
-        ids, mask = _left_pad(encoded, pad_id=0)
+        requests = _requests(args)
+        encoded = [tok.encode(text).tolist() for text, _ in requests]
+        for i, p in enumerate(encoded):
+            if not p:
+                raise ValueError(f"prompt {i} ({requests[i][0]!r}) encodes to no token")
+        ids, mask = left_pad(encoded, pad_id=0)
+        params = [p for _, p in requests]
         eos = None if args.no_eos or tok.eos_id >= config.vocab_size else tok.eos_id
         stand_in = ParallelGroups(topo, 0, **{a: AxisGroup.single(a) for a in GROUP_AXES})
-        check_generate_inputs(_ConfigOnly(config, stand_in), stand_in, ids, args.max_new_tokens,
-                              eos, mask)
+        check_generate_inputs(_ConfigOnly(config, stand_in), stand_in, ids,
+                              [p.max_new_tokens for p in params], eos, mask)
+        if isinstance(args.check_every, bool) or args.check_every < 1:
+            raise ValueError(f"--check-every={args.check_every} must be >= 1")
     except ValueError as err:
         print(f"invalid generation: {err}", file=sys.stderr)
         return 2
@@ -100,21 +150,39 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     model = CausalLM.from_pretrained(args.model, groups, cp_strategy=args.cp_comm, dtype=dtype,
                                      transformer_impl=impl, device=device).eval()
-    out = greedy_generate(model, groups, ids, args.max_new_tokens, eos, attention_mask=mask,
-                          pad_token_id=eos)
-    if groups.global_rank == 0:
+    rank0 = groups.global_rank == 0
+    total = len(requests)
+
+    def progress(steps: int, finished: int) -> None:
+        if rank0:
+            done = int(30 * finished / total)
+            print(f"\r[{'#' * done}{'.' * (30 - done)}] {finished}/{total} requests done, "
+                  f"{steps} steps", end="", file=sys.stderr, flush=True)
+
+    out = generate_batch(model, groups, ids, params, eos, attention_mask=mask,
+                         pad_token_id=eos, check_every=args.check_every, on_check=progress)
+    if rank0:
+        print(file=sys.stderr)
         S = ids.shape[1]
         print(f"layout: attn tp={topo.attn_tp} cp={topo.attn_cp} dp={topo.attn_dp} | moe "
               f"tp={topo.moe_tp} ep={topo.moe_ep} dp={topo.moe_dp} | {model.backend.describe()}")
-        for i, prompt in enumerate(args.prompt):
-            new = out.tokens[i, S:S + out.steps].tolist()
-            if eos is not None and eos in new:
-                new = new[:new.index(eos)]
-            print(f"[{i}] {prompt}{tok.decode(new)}")
+        rows = []
+        for i, (text, _) in enumerate(requests):
+            ids_new = out.tokens[i, S:S + out.new_tokens[i]].tolist()
+            hit_eos = eos is not None and bool(ids_new) and ids_new[-1] == eos
+            shown = ids_new[:-1] if hit_eos else ids_new
+            rows.append(dict(prompt=text, completion=tok.decode(shown), token_ids=ids_new,
+                             finish_reason="eos" if hit_eos else "length"))
+            if not args.output:
+                print(f"[{i}] {text}{rows[-1]['completion']}")
+        if args.output:
+            with open(args.output, "w", encoding="utf-8") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in rows)
+            print(f"{len(rows)} completions -> {args.output}")
         prompt_tokens = sum(out.prompt_lengths)
         print(f"prefill: {prompt_tokens} prompt tokens in {out.prefill_seconds:.3f} s | decode: "
-              f"{out.steps} steps x {len(args.prompt)} rows in {out.decode_seconds:.3f} s, "
-              f"{out.steps * len(args.prompt) / max(out.decode_seconds, 1e-9):.1f} tokens/s | "
+              f"{sum(out.new_tokens)} tokens ({out.steps_run} steps, up to {total} rows) in "
+              f"{out.decode_seconds:.3f} s, {out.decode_tokens_per_second:.1f} tokens/s | "
               f"KV cache on rank 0: {out.cache_slots} slots/row, "
               f"{out.cache_bytes / 2 ** 10:.1f} KiB")
     return 0

@@ -141,9 +141,16 @@ class StepRunner:
 
     def run(self, state: DecodeState) -> None:
         key = (id(state), state.key)
-        if not self.use_cuda_graphs or key not in self._warm:
-            self._warm.add(key)
+        if not self.use_cuda_graphs:
             state.step()
+            return
+        if key not in self._warm:    # a real step, on a side stream as capture warm-ups should be
+            self._warm.add(key)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                state.step()
+            torch.cuda.current_stream().wait_stream(side)
             return
         graph = self._graphs.get(key)
         if graph is None:

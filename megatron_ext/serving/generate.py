@@ -64,7 +64,7 @@ class GenerationOutput:
     * ``prefill_seconds`` / ``decode_seconds``: wall time of the two phases on this rank.
     * ``prompt_lengths``: real tokens per row; ``new_tokens``: tokens generated per row.
     * ``rows_per_step``: rows this rank's attention-DP group decoded at each step (it shrinks
-      when finished requests leave the batch).
+      when finished requests leave the batch); ``cuda_graphs``: decode-step graphs captured.
     * ``cache_slots``: filled cache slots per row on this rank at the end (prefill share incl.
       CP padding + owned decode tokens); ``cache_tokens`` ``[rows]``: real tokens among them
       (rows still in the batch at the end); ``cache_bytes``: K/V buffer bytes on this rank.
@@ -79,6 +79,7 @@ class GenerationOutput:
     prompt_lengths: tuple[int, ...]
     new_tokens: tuple[int, ...]
     rows_per_step: tuple[int, ...]
+    cuda_graphs: int
     cache_slots: int
     cache_tokens: torch.Tensor
     cache_bytes: int
@@ -238,6 +239,9 @@ def cuda_graphs_supported(model) -> tuple[bool, str]:
     param = next(model.parameters())
     if param.device.type != "cuda":
         return False, "not on CUDA"
+    backend = getattr(model, "backend", None)
+    if backend is not None and backend.uses_te:
+        return False, "TransformerEngine modules: decode graphs are checked for the native ones"
     sparse = [layer.mlp for layer in model.layers if layer.is_sparse]
     if not sparse:
         return True, ""
@@ -382,7 +386,7 @@ def generate_batch(model, groups: ParallelGroups, prompt_ids: torch.Tensor,
     out_tokens = torch.cat([prompt_ids.cpu().to(torch.long), tokens], 1)
     return GenerationOutput(out_tokens.to(prompt_ids.device), last_logits, max(new_tokens), t,
                             t1 - t0, t2 - t1, lengths, tuple(new_tokens), tuple(rows_per_step),
-                            cache.slots,
+                            runner.captures, cache.slots,
                             cache.tokens(), cache.nbytes())
 
 

@@ -243,6 +243,55 @@ def test_engine_requests_of_different_lengths(reference):
     assert done[0].finish_reason == "eos"
 
 
+def test_cli_prompts_file_and_sampling_flags(reference, tmp_path):
+    """``examples/generate.py --prompts-file`` (one process): per-request settings, JSONL out in
+    input order with the Engine's tokens for the same requests, tokens/s printed; a bad line
+    exits 2 with one line naming the file, the line and the rule, and writes nothing."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from megatron_ext.serving import Engine, SamplingParams
+    from megatron_ext.models.decoder import CausalLM
+    from tests.helpers.cli import REPO, checkout_env
+
+    path = reference["paths"][0]
+    reqs, out = tmp_path / "requests.jsonl", tmp_path / "out.jsonl"
+    reqs.write_text(json.dumps({"prompt": "To be", "max_new_tokens": 4}) + "\n\n"
+                    + json.dumps({"prompt": "or not", "temperature": 0.8, "top_k": 5,
+                                  "seed": 3}) + "\n")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, os.path.join(REPO, "examples", "generate.py"), "--model", path,
+           "--prompts-file", str(reqs), "--output", str(out), "--max-new-tokens", "6",
+           "--dtype", "float64"]
+    run = subprocess.run(cmd, env=checkout_env(MASTER_PORT=port), capture_output=True,
+                         text=True, timeout=180)
+    assert run.returncode == 0, run.stderr
+    assert "tokens/s" in run.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    groups = ParallelGroups.single_process()
+    model = CausalLM.from_pretrained(path, groups, dtype=torch.float64)
+    want = Engine(model, groups).generate(
+        [list(b"To be"), list(b"or not")],
+        [SamplingParams(4), SamplingParams(6, temperature=0.8, top_k=5, seed=3)])
+    assert [r["prompt"] for r in rows] == ["To be", "or not"]
+    assert [r["token_ids"] for r in rows] == [c.token_ids for c in want]
+    assert [r["finish_reason"] for r in rows] == ["length", "length"]
+    reqs.write_text('{"prompt": "x", "top_p": 0}\n')
+    out.unlink()
+    run = subprocess.run(cmd, env=checkout_env(MASTER_PORT=port), capture_output=True,
+                         text=True, timeout=180)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        f"invalid generation: --prompts-file {reqs} line 1: top_p=0 must be in (0, 1] (1 = no "
+        f"nucleus filter)"], run.stderr
+    assert not out.exists()
+
+
 def test_transformers_left_padding_convention(reference):
     """Our left-padding convention is transformers' own: its batched, padded float32 generate
     gives the same tokens as each prompt alone."""

@@ -1,0 +1,307 @@
+"""Batched decode throughput on 2 GPUs: the seed's moe_dp = 1 gain (experts split over the CP
+ranks instead of replicated per CP group) where it lives — decode steps, which read every expert
+weight each step.
+
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
+        torchrun --nproc_per_node 2 benchmarks/decode.py \\
+        [--layers 48] [--batch 16 64 256] [--prompt 1024 8192] [--new 128] [--hf]
+
+Model: preset ``qwen3-30b-a3b`` (48 layers, hidden 2048, 32/4 heads × 128, 128 experts top-8,
+width 768, vocab 151936), random bf16 weights drawn on the GPU (replicated parameters equal on
+every rank). For each prompt length the KV cache is filled with random K/V (a prefill of
+256 × 8K tokens is not what is measured here), then ``--new`` decode steps of the whole batch
+run as a CUDA graph (the production step: :class:`megatron_ext.serving.decode_step.DecodeState`
+with one owner per token, greedy sampling on the owner). Layouts of the same 2 GPUs:
+
+* ``a cp2 moe_dp1`` — attn_cp 2, experts split over both GPUs (moe_tp 2), MOE_FULL k = 2;
+* ``b cp2 moe_dp2`` — attn_cp 2, every GPU holds every expert (the seed's baseline);
+* ``c tp2``         — attn_tp 2, moe_tp 2 (k = 1).
+
+Per row: ms per step, decode tokens/s (both GPUs together: batch / step time), and the
+weight-read bound: bytes a GPU must read per step (its dense weights and LM head, the expected
+share of its expert weights that the step's tokens route to, its KV cache) / the HBM bandwidth
+measured in the same run (a 4 GiB device copy), and step time / bound. ``--moe-reduction``: one
+MoE layer with a shared expert (Qwen2-MoE style; Qwen3 has none) at decode batch sizes inside a
+CUDA graph, routed + shared partials reduced separately (``two``) vs added first (``one``).
+``--hf``: ``transformers`` ``generate`` on GPU 0 with the same model and batch (if installed).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks._common import device_name, init_nccl, table, time_graph, write_results  # noqa: E402
+from megatron_ext.models.config import ModelConfig  # noqa: E402
+from megatron_ext.models.decoder import CausalLM  # noqa: E402
+from megatron_ext.parallel.groups import build_groups  # noqa: E402
+from megatron_ext.parallel.topology import Topology  # noqa: E402
+from megatron_ext.serving import SamplingParams  # noqa: E402
+from megatron_ext.serving.decode_step import DecodeBatch, DecodeState, StepRunner  # noqa: E402
+from megatron_ext.serving.kv_cache import KVCache  # noqa: E402
+
+LAYOUTS = {
+    "a cp2 moe_dp1": dict(attn_cp=2, moe_tp=2, moe_ep=1, moe_dp=1),
+    "b cp2 moe_dp2": dict(attn_cp=2, moe_dp=2, moe_tp=1, moe_ep=1),
+    "c tp2": dict(attn_tp=2, moe_tp=2, moe_ep=1),
+}
+BF16 = torch.bfloat16
+
+
+def random_model(cfg: ModelConfig, groups, device) -> CausalLM:
+    """bf16 weights drawn on the GPU; the same generator state on every rank, so replicated
+    parameters (router, norms) agree, as the MoE's shard needs."""
+    model = CausalLM(cfg, groups, dtype=BF16, device=device).eval()
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    return model
+
+
+def elapsed_ms(fn, device) -> float:
+    """Wall time of ``fn`` (CUDA events on a GPU; ranks aligned by a barrier first)."""
+    dist.barrier()
+    if device.type != "cuda":
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1000
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def hbm_bandwidth(device) -> float:
+    """Bytes/s of a 4 GiB device-to-device copy (read + write counted)."""
+    src = torch.empty(2 ** 31, dtype=BF16, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(2):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    end.synchronize()
+    seconds = start.elapsed_time(end) / 1000 / 10
+    del src, dst
+    return 2 * 2 ** 32 / seconds
+
+
+def bytes_per_step(model: CausalLM, cfg: ModelConfig, moe_tokens: int, kv_bytes: int) -> float:
+    """What this GPU must read per decode step: every non-expert weight but the embedding table
+    (rows only), the expected fraction of its experts that ``moe_tokens`` routed tokens hit
+    (``1 - (1 - top_k/E)^tokens``), and its KV cache."""
+    dense = experts = 0
+    for name, p in model.named_parameters():
+        n = p.numel() * p.element_size()
+        if ".experts." in name:
+            experts += n
+        elif "embed_tokens" not in name:
+            dense += n
+    hit = 1 - (1 - cfg.num_experts_per_tok / cfg.num_experts) ** moe_tokens
+    return dense + hit * experts + kv_bytes
+
+
+def decode_case(model, groups, cfg, batch: int, prompt: int, new: int, device) -> dict:
+    topo, coords = groups.topology, groups.coords
+    cp = topo.attn_cp
+    warm = 2
+    attn = model.layers[0].self_attn
+    cache = KVCache(groups.attn_cp, batch, prompt // cp, new + warm, device=device)
+    gen = torch.Generator(device=device).manual_seed(1)
+    for layer in model.layers:
+        shape = (batch, prompt // cp, attn.local_kv_heads, attn.head_dim)
+        k = torch.randn(shape, generator=gen, device=device, dtype=BF16)
+        cache.layer(layer.layer_idx).store(k, torch.randn_like(k))
+        del k
+    cache.start_decoding()
+    requests = DecodeBatch((tuple(range(batch)),))
+    owned = requests.owned_requests(groups, coords.attn_dp, coords.attn_cp)
+    params = [SamplingParams(new + warm)] * len(owned)
+    state = DecodeState(model, groups, cache, requests,
+                        positions=torch.full((batch,), prompt, dtype=torch.long, device=device),
+                        input_ids=torch.ones(len(owned), dtype=torch.long, device=device),
+                        finished=torch.zeros(len(owned), dtype=torch.bool, device=device),
+                        tokens=torch.zeros(len(owned), new + warm, dtype=torch.long,
+                                           device=device),
+                        params=params, eos_token_id=None, pad_token_id=0, keep_logits=False,
+                        vocab_size=cfg.vocab_size)
+    runner = StepRunner(use_cuda_graphs=device.type == "cuda")
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            runner.run(state)
+            cache.host_step_end()
+
+    steps(warm)            # eager warm-up step, then the capture (+ its replay)
+    ms = elapsed_ms(lambda: steps(new), device) / new
+    # the MoE sees its token group's owned rows once: k x (this rank's rows) for MOE_FULL
+    moe_tokens = len(owned) * topo.token_group_size
+    filled = cache.length
+    kv = sum(2 * layer.k[:, :, :filled].numel() * layer.k.element_size()
+             for layer in cache._layers.values())
+    result = dict(ms_per_step=ms, tokens_per_s=batch / (ms / 1000), captures=runner.captures,
+                  bytes_per_step=bytes_per_step(model, cfg, moe_tokens, kv),
+                  peak_GiB=torch.cuda.max_memory_allocated() / 2 ** 30
+                  if device.type == "cuda" else 0.0)
+    del state, runner, cache
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def moe_reduction(device, world: int, tokens_list) -> list:
+    """One shared-expert MoE layer (moe_tp over both GPUs, k = 1) at decode batch sizes in a CUDA
+    graph: routed and shared partials all-reduced separately vs added, then one all-reduce."""
+    from benchmarks.moe_layer import routed_and_shared
+    from megatron_ext.communication.collectives import all_reduce
+    from megatron_ext.layers.moe.moe_layer import MoELayer
+
+    groups = build_groups(Topology(world=world, attn_tp=world, moe_tp=world, moe_ep=1))
+    torch.manual_seed(0)
+    layer = MoELayer(2048, 128, 8, 768, groups, shared_expert_intermediate_size=4096,
+                     shared_expert_gate=True, dtype=BF16, device=device)
+    shard = groups.moe_shard
+    rows = []
+    for tokens in tokens_list:
+        x = torch.randn(tokens, 2048, device=device, dtype=BF16)
+        with torch.no_grad():
+            two = time_graph(lambda: sum(all_reduce(p, shard) for p in routed_and_shared(layer, x)))
+            one = time_graph(lambda: all_reduce(layer(x).hidden, shard))
+        rows.append([tokens, two, one, (two / one) if two and one else None])
+    return rows
+
+
+def hf_generate(cfg: ModelConfig, batch: int, prompt: int, new: int, device) -> float:
+    """tokens/s of transformers' greedy generate (decode part: total minus a 1-token run)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = cfg.to_hf_dict()
+    d.pop("architectures", None)
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d),
+                                          dtype=BF16).to(device).eval()
+    ids = torch.randint(1, cfg.vocab_size, (batch, prompt), device=device)
+
+    def run(n):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                    min_new_tokens=n)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    run(2)
+    seconds = run(new) - run(1)
+    del hf
+    return batch * (new - 1) / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="qwen3-30b-a3b")
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="gloo on CPU, float32, no timing claims (checks the script runs)")
+    parser.add_argument("--batch", type=int, nargs="*", default=[16, 64, 256])
+    parser.add_argument("--prompt", type=int, nargs="*", default=[1024, 8192])
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--layouts", nargs="*", default=list(LAYOUTS))
+    parser.add_argument("--moe-reduction", action="store_true")
+    parser.add_argument("--hf", action="store_true")
+    args = parser.parse_args()
+    global BF16
+    if args.cpu_smoke:
+        from megatron_ext.parallel.groups import init_distributed
+        init_distributed()
+        rank, world, device, BF16 = dist.get_rank(), dist.get_world_size(), \
+            torch.device("cpu"), torch.float32
+    else:
+        rank, world, device = init_nccl()
+    cfg = ModelConfig.preset(args.preset)
+    if args.layers is not None and args.layers != cfg.num_layers:
+        import dataclasses
+        cfg = dataclasses.replace(cfg, num_layers=args.layers)
+    bandwidth = hbm_bandwidth(device) if device.type == "cuda" else 1e12
+    if rank == 0:
+        print(f"device: {device_name() if device.type == 'cuda' else 'cpu'}; "
+              f"{cfg.num_layers} layers; HBM copy bandwidth "
+              f"{bandwidth / 1e12:.2f} TB/s", flush=True)
+    rows, results = [], []
+    for name in args.layouts:
+        groups = build_groups(Topology(world=world, **LAYOUTS[name]))
+        model = random_model(cfg, groups, device)
+        for prompt in args.prompt:
+            for batch in args.batch:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                try:
+                    r = decode_case(model, groups, cfg, batch, prompt, args.new, device)
+                except torch.cuda.OutOfMemoryError:
+                    r = None
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                if r is None:
+                    rows.append([name, prompt, batch, "OOM", None, None, None, None])
+                    continue
+                bound_ms = r["bytes_per_step"] / bandwidth * 1000
+                r.update(layout=name, prompt=prompt, batch=batch, bound_ms=bound_ms)
+                results.append(r)
+                rows.append([name, prompt, batch, r["ms_per_step"], r["tokens_per_s"],
+                             bound_ms, r["ms_per_step"] / bound_ms, r["peak_GiB"]])
+                if rank == 0:
+                    print(rows[-1], flush=True)
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    out = {"device": device_name() if device.type == "cuda" else "cpu", "layers": cfg.num_layers, "new": args.new,
+           "hbm_bytes_per_s": bandwidth, "decode": results}
+    if rank == 0:
+        print(table(["layout", "prompt", "batch", "ms/step", "tokens/s", "bound ms",
+                     "x bound", "peak GiB"], rows))
+        for prompt in args.prompt:
+            for batch in args.batch:
+                by = {r["layout"]: r for r in results
+                      if r["prompt"] == prompt and r["batch"] == batch}
+                a, b = by.get("a cp2 moe_dp1"), by.get("b cp2 moe_dp2")
+                if a and b:
+                    print(f"prompt {prompt} batch {batch}: a / b tokens/s = "
+                          f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x")
+    if args.moe_reduction:
+        red = moe_reduction(device, world, [16, 64, 256])
+        out["moe_reduction"] = red
+        if rank == 0:
+            print(table(["tokens", "two µs", "one µs", "two / one"], red))
+    if args.hf and rank == 0:
+        try:
+            hf = {f"{p}x{b}": hf_generate(cfg, b, p, args.new, device)
+                  for p in args.prompt for b in args.batch}
+        except Exception as exc:  # noqa: BLE001 - transformers absent or OOM: report it
+            hf = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        out["transformers_tokens_per_s"] = hf
+        print("transformers generate (1 GPU):", hf, flush=True)
+    if rank == 0:
+        write_results("decode", out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
