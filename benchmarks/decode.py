@@ -38,7 +38,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import device_name, init_nccl, table, time_graph, write_results  # noqa: E402
+from benchmarks._common import (device_name, init_nccl, table, time_graph,  # noqa: E402
+                                write_results)
 from megatron_ext.models.config import ModelConfig  # noqa: E402
 from megatron_ext.models.decoder import CausalLM  # noqa: E402
 from megatron_ext.parallel.groups import build_groups  # noqa: E402
@@ -271,7 +272,8 @@ def main() -> None:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    out = {"device": device_name() if device.type == "cuda" else "cpu", "layers": cfg.num_layers, "new": args.new,
+    out = {"device": device_name() if device.type == "cuda" else "cpu",
+           "layers": cfg.num_layers, "new": args.new,
            "hbm_bytes_per_s": bandwidth, "decode": results}
     if rank == 0:
         print(table(["layout", "prompt", "batch", "ms/step", "tokens/s", "bound ms",

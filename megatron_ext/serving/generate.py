@@ -4,7 +4,8 @@ Flow, for prompts ``[B, S]`` identical on every rank (left-padded, like ``transf
 :class:`~megatron_ext.serving.sampling.SamplingParams` per request:
 
 1. Requests are split over attention DP as
-   :func:`megatron_ext.communication.local_batch.split_batch` does (contiguous, the first ranks one request more); ``B >= attn_dp``.
+   :func:`megatron_ext.communication.local_batch.split_batch` does (contiguous, the first ranks
+   one request more); ``B >= attn_dp``.
 2. **Prefill** (one eager forward): every request's prompt *except its last token* is split
    over attention CP with the training load-balanced split (one padded length for the batch);
    each CP rank's attention blocks store the K/V of their own chunks in this rank's
@@ -21,8 +22,8 @@ Flow, for prompts ``[B, S]`` identical on every rank (left-padded, like ``transf
    request is finished, generation stops. Requests that finished (EOS or their own
    ``max_new_tokens``) **leave the batch**: every rank drops the same rows from its KV cache
    and the step continues on the live ones (kept at
-   :func:`~megatron_ext.serving.decode_step.batch_bucket` rows — padded with finished rows — so CUDA graphs are captured for few shapes). Between
-   checks a finished request still runs (its tokens are the pad id): attention work stops at
+   :func:`~megatron_ext.serving.decode_step.batch_bucket` rows — padded with finished rows —
+   so CUDA graphs are captured for few shapes). Between checks a finished request still runs (its tokens are the pad id): attention work stops at
    the next check, not at once.
 
 **Prompts of different lengths**: left padding, marked by ``attention_mask`` (1 = real token,
