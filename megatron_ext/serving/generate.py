@@ -23,8 +23,8 @@ Flow, for prompts ``[B, S]`` identical on every rank (left-padded, like ``transf
    ``max_new_tokens``) **leave the batch**: every rank drops the same rows from its KV cache
    and the step continues on the live ones (kept at
    :func:`~megatron_ext.serving.decode_step.batch_bucket` rows — padded with finished rows —
-   so CUDA graphs are captured for few shapes). Between checks a finished request still runs (its tokens are the pad id): attention work stops at
-   the next check, not at once.
+   so CUDA graphs are captured for few shapes). Between checks a finished request still runs
+   (its tokens are the pad id): its attention work stops at the next check, not at once.
 
 **Prompts of different lengths**: left padding, marked by ``attention_mask`` (1 = real token,
 zeros only before a row's first real token) — ``transformers``' convention, with the same RoPE
