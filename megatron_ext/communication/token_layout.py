@@ -110,9 +110,7 @@ class TokenLayout:
     @cached_property
     def attn_cp_sizes(self) -> tuple[int, ...]:
         """TP_ATTN_FULL rows of every rank of this rank's attn_cp group (CP order)."""
-        cp = self.topology.attn_cp
-        first = (self._attn_group // cp) * cp
-        return self.tokens_per_attn_group[first:first + cp]
+        return self._aligned_block(self.topology.attn_cp)
 
     @property
     def attention_rows(self) -> int:
@@ -133,9 +131,13 @@ class TokenLayout:
     @cached_property
     def moe_cp_sizes(self) -> tuple[int, ...]:
         """TP_ATTN_FULL rows of every rank of this rank's token group (moe_cp order)."""
-        k = self.topology.token_group_size
-        first = (self._attn_group // k) * k
-        return self.tokens_per_attn_group[first:first + k]
+        return self._aligned_block(self.topology.token_group_size)
+
+    def _aligned_block(self, size: int) -> tuple[int, ...]:
+        """Counts of the ``size`` consecutive attention groups (aligned to ``size``) holding this
+        rank's: its CP group, or its token group."""
+        first = (self._attn_group // size) * size
+        return self.tokens_per_attn_group[first:first + size]
 
     @cached_property
     def moe_shard_sizes(self) -> tuple[int, ...]:
