@@ -90,7 +90,7 @@ class TopKRouter(nn.Module):
         if token_mask is None:
             prob_sum = probs32.sum(0)
             flat_ids, flat_w = top_ids.reshape(-1), None
-            num_tokens = torch.tensor(float(x.shape[0]), device=x.device)
+            num_tokens = torch.full((), float(x.shape[0]), device=x.device)  # capturable
         else:
             m = token_mask.to(probs32.dtype)
             prob_sum = (probs32 * m.unsqueeze(-1)).sum(0)
