@@ -15,7 +15,8 @@ token to exactly one CP rank of its attention-DP group; ``tokens_per_attn_group`
 rows each CP rank *owns* (its residual stream, norms, MLP/MoE and LM head), so a ``MOE_FULL``
 gather brings every token once. Only attention reads more: each CP rank scores every query of
 its CP group against its own KV share, so the attention input is gathered over ``attn_cp``
-(``attention_rows`` rows, CP order) and the block keeps ``own_attention_rows`` of its output.
+(``attention_rows`` rows, CP order) and the block keeps this rank's rows of its output
+(``attn_cp_sizes`` says whose rows are where).
 """
 from __future__ import annotations
 
@@ -117,16 +118,6 @@ class TokenLayout:
         """Rows the attention block reads: this rank's rows, or with ``attn_gathers_cp`` the rows
         of its whole CP group."""
         return sum(self.attn_cp_sizes) if self.attn_gathers_cp else self.local_tokens
-
-    @property
-    def own_attention_rows(self) -> slice:
-        """This rank's rows within the attention block's rows (all of them without
-        ``attn_gathers_cp``)."""
-        if not self.attn_gathers_cp:
-            return slice(0, self.local_tokens)
-        c = self._attn_group % self.topology.attn_cp
-        start = sum(self.attn_cp_sizes[:c])
-        return slice(start, start + self.local_tokens)
 
     @cached_property
     def moe_cp_sizes(self) -> tuple[int, ...]:

@@ -113,13 +113,13 @@ class DecoderLayer(nn.Module):
         kv_cache = (inputs.kv_cache.layer(self.layer_idx) if inputs.kv_cache is not None
                     else None)
         if layout.attn_gathers_cp:   # decode, one owner per token: x holds the CP group's rows
-            positions, own_rows = inputs.attn_position_ids, layout.own_attention_rows
+            positions, owner_rows = inputs.attn_position_ids, layout.attn_cp_sizes
         else:
-            positions, own_rows = inputs.position_ids, None
+            positions, owner_rows = inputs.position_ids, None
         attn = self.self_attn(x.view(positions.shape[0], inputs.seq, self.hidden_size),
                               positions, token_index=inputs.token_index,
                               segment_ids=inputs.segment_ids, plan=inputs.attn_plan,
-                              kv_cache=kv_cache, own_rows=own_rows)
+                              kv_cache=kv_cache, owner_rows=owner_rows)
         x, residual = self.comm.prepare_mlp(attn.reshape(-1, self.hidden_size), residual, layout)
         stats = None
         if self.is_sparse:

@@ -348,8 +348,8 @@ def test_generation_matches_transformers_in_every_layout(reference, single_proce
 
 def _check_step_collectives(results) -> None:
     """One later decode step with one owner per token: per layer the attention input gathered
-    over attn_cp, the attention sum over attn_tp, the partial (out, lse) gather over attn_cp
-    (shapes were agreed at the first step), the MOE_FULL gather over moe_cp of *owned* rows
+    over attn_cp, the attention sum over attn_tp, the partial (out, lse) all-to-all over attn_cp
+    (each owner receives its rows' partials; shapes were agreed at the first step), the MOE_FULL gather over moe_cp of *owned* rows
     (each token once: the bytes are the DP group's rows, padded to the largest owner's share,
     not cp copies of them) and the one MoE reduction over the shard; the embedding's sum and the
     logits gather over attn_tp. Nothing over attn_dp_cp: tokens stay on their owners between
@@ -365,8 +365,9 @@ def _check_step_collectives(results) -> None:
             it = next(it for it in per_rank if it.get("layout") == li and it.get("model") == 0)
             rows = split_rows(len(LENGTHS), topo.attn_dp)[it["dp_rank"]]
             row_bytes = cp * max(split_rows(rows, cp)) * H * f64   # one gather over cp owners
-            want = {("all_gather", "attn_cp"): (2 * L, L * row_bytes + L * cp * rows * (
-                        cfg.num_heads // tp) * (cfg.head_dim + 1) * f64),
+            want = {("all_gather", "attn_cp"): (L, L * row_bytes),
+                    ("all_to_all", "attn_cp"): (L, L * rows * (cfg.num_heads // tp)
+                                                * (cfg.head_dim + 1) * f64),
                     ("all_gather", "moe_cp"): (L, L * row_bytes),
                     ("all_reduce", "moe_shard"): (L, None)}
             if tp > 1:

@@ -110,16 +110,16 @@ class AttentionBlock(nn.Module):
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, *,
                 token_index: Optional[torch.Tensor] = None,
                 segment_ids: Optional[torch.Tensor] = None, plan=None,
-                kv_cache=None, own_rows: Optional[slice] = None) -> torch.Tensor:
+                kv_cache=None, owner_rows: Optional[tuple[int, ...]] = None) -> torch.Tensor:
         """``hidden`` ``[b, s_local, H]`` (TP_ATTN_FULL), ``positions`` ``[b, s_local]`` or
         ``[s_local]`` (RoPE positions of this rank's tokens). ``token_index`` (causal order in the
         full sequence; default ``positions``) and ``segment_ids`` (packed documents) go to
         :func:`context_parallel_attention`, with ``plan`` (a ``plan_cp_attention`` result shared by
         all layers of a step). Pass the CP split's ``token_index`` whenever the batch is padded or
         packed. ``kv_cache``: serving (module doc); None for training. Returns the partial sum
-        over ``attn_tp``. ``own_rows`` (decode steps only): the rows of ``hidden`` this rank owns
-        (one owner per decode token under CP) — every row attends, only these are projected and
-        returned."""
+        over ``attn_tp``. ``owner_rows`` (decode steps only): the rows of ``hidden`` each CP rank
+        owns (one owner per decode token under CP; contiguous blocks in CP order) — every row
+        attends, only this rank's are merged, projected and returned."""
         from megatron_ext.layers.attention.cp_attention import context_parallel_attention
 
         if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
@@ -138,8 +138,8 @@ class AttentionBlock(nn.Module):
         cos, sin = self.rope(positions, dtype=q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         decoding = kv_cache is not None and kv_cache.decoding
-        if own_rows is not None and not decoding:
-            raise ValueError("own_rows (one owner per decode token) needs a decoding kv_cache")
+        if owner_rows is not None and not decoding:
+            raise ValueError("owner_rows (one owner per decode token) needs a decoding kv_cache")
         if decoding:
             from megatron_ext.layers.attention.cp_decode import cp_decode_attention
 
@@ -147,7 +147,7 @@ class AttentionBlock(nn.Module):
             # shapes are fixed for a whole generation: agree on them across CP at its first step
             out = cp_decode_attention(q, k_all, v_all, self.cp_group, kv_valid=valid,
                                       softmax_scale=self.softmax_scale,
-                                      check=kv_cache.first_step, out_rows=own_rows,
+                                      check=kv_cache.first_step, owner_rows=owner_rows,
                                       heads_first_cache=True)
             return self.o_proj(out.reshape(out.shape[0], s, self.local_heads * self.head_dim))
         out = context_parallel_attention(

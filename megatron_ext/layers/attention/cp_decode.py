@@ -8,11 +8,12 @@ Inference only: no autograd.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from megatron_ext.layers.attention.attention_math import accum_dtype, default_scale
+from megatron_ext.communication.collectives import all_to_all
 from megatron_ext.communication.raw import all_gather_async
 from megatron_ext.layers.attention.cp_plan import check_across_ranks
 from megatron_ext.parallel.groups import AxisGroup
@@ -83,16 +84,18 @@ def partial_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def cp_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         cp_group: AxisGroup, *, kv_valid: Optional[torch.Tensor] = None,
                         softmax_scale: Optional[float] = None, check: bool = True,
-                        out_rows: Optional[slice] = None,
+                        owner_rows: Optional[Sequence[int]] = None,
                         heads_first_cache: bool = False) -> torch.Tensor:
     """``q [b, s_q, hq, d]`` (identical on every CP rank) against this rank's cache share
     ``k_cache, v_cache [b, s_cache_local, hkv, d]`` (``[b, hkv, s_cache_local, d]`` with
     ``heads_first_cache``, the KV cache's own layout; lengths may differ between ranks).
     ``kv_valid`` ``[b, s_cache_local]`` (filled slots) or ``[b, s_q, s_cache_local]`` (per query,
     e.g. causal among several new tokens); None = every slot valid. Returns ``[b, s_q, hq, d]``
-    on every rank — or only the rows ``out_rows`` (decode with one owner per token: each CP rank
-    keeps the rows it owns); a query that sees no valid slot anywhere gets zeros. Collective
-    over ``cp_group``. ``check=False`` skips the cross-rank agreement on shapes (one small
+    on every rank (one all-gather of the partial ``(out, lse)``) — or, with ``owner_rows`` (rows
+    owned by each CP rank, CP order, contiguous blocks summing to ``b``: decode with one owner
+    per token), only this rank's own rows (one all-to-all: each rank receives the partials of
+    its rows only). A query that sees no valid slot anywhere gets zeros. Collective over
+    ``cp_group``. ``check=False`` skips the cross-rank agreement on shapes (one small
     all-gather) for callers whose shapes cannot change since a checked call, e.g. later steps of
     one generation; local problems still raise."""
     errs = _local_problems(q, k_cache, v_cache, kv_valid, heads_first_cache)
@@ -110,7 +113,15 @@ def cp_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     k, v = (k_cache, v_cache) if heads_first_cache else (k_cache.transpose(1, 2),
                                                          v_cache.transpose(1, 2))
     sk = k.shape[2]
-    rows = out_rows if out_rows is not None else slice(0, b)
+    if owner_rows is not None:
+        owner_rows = tuple(int(n) for n in owner_rows)
+        if len(owner_rows) != cp_group.size or sum(owner_rows) != b or min(owner_rows) < 0:
+            raise ValueError(f"cp_decode_attention: owner_rows={owner_rows} must give each of the "
+                             f"{cp_group.size} CP ranks its rows, summing to b={b}")
+        start = sum(owner_rows[:cp_group.rank])
+        rows = slice(start, start + owner_rows[cp_group.rank])
+    else:
+        rows = slice(0, b)
     if sk == 0:
         out = torch.zeros(b, sq, hq, d, dtype=acc, device=q.device)
         lse = torch.full((b, hq, sq), float("-inf"), dtype=acc, device=q.device)
@@ -121,9 +132,13 @@ def cp_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     if cp_group.is_trivial:
         return out[rows].to(q.dtype)
     packed = torch.cat([out, lse.transpose(1, 2).unsqueeze(-1)], -1)  # [b, sq, hq, d + 1]
-    gathered, pending = all_gather_async(packed, cp_group)
-    pending.wait()
-    gathered = gathered[:, rows]
+    if owner_rows is None:
+        gathered, pending = all_gather_async(packed, cp_group)
+        pending.wait()
+    else:   # every rank's partials of this rank's rows
+        n = rows.stop - rows.start
+        gathered = all_to_all(packed, cp_group, [n] * cp_group.size, owner_rows)
+        gathered = gathered.view(cp_group.size, n, *packed.shape[1:])
     outs, lses = gathered[..., :d], gathered[..., d]  # [cp, rows, sq, hq, (d)]
     top = lses.amax(0)
     top = torch.where(torch.isinf(top), 0.0, top)
