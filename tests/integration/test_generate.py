@@ -349,9 +349,9 @@ def test_generation_matches_transformers_in_every_layout(reference, single_proce
 def _check_step_collectives(results) -> None:
     """One later decode step with one owner per token: per layer the attention input gathered
     over attn_cp, the attention sum over attn_tp, the partial (out, lse) all-to-all over attn_cp
-    (each owner receives its rows' partials; shapes were agreed at the first step), the MOE_FULL gather over moe_cp of *owned* rows
-    (each token once: the bytes are the DP group's rows, padded to the largest owner's share,
-    not cp copies of them) and the one MoE reduction over the shard; the embedding's sum and the
+    (each owner receives its rows' partials; shapes were agreed at the first step), the MOE_FULL
+    gather over moe_cp of *owned* rows (each token once: the bytes are the DP group's rows,
+    padded to the largest owner's share, not cp copies of them) and the one MoE reduction over the shard; the embedding's sum and the
     logits gather over attn_tp. Nothing over attn_dp_cp: tokens stay on their owners between
     checks."""
     from megatron_ext.communication.token_layout import split_rows
