@@ -18,6 +18,7 @@ step first as warm-up, then capture, then replay); elsewhere the same function r
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -75,12 +76,15 @@ class DecodeState:
     this rank's owned rows (``tokens[:, t]`` = the token generated at step ``t``, pad once
     finished); ``last_logits`` ``[n, V]`` (optional): logits of each row's last live step."""
 
+    _serials = itertools.count()
+
     def __init__(self, model, groups: ParallelGroups, cache: KVCache, batch: DecodeBatch, *,
                  positions: torch.Tensor, input_ids: torch.Tensor, finished: torch.Tensor,
                  tokens: torch.Tensor, params: Sequence[SamplingParams],
                  eos_token_id: Optional[int], pad_token_id: int,
                  keep_logits: bool, vocab_size: int):
         coords = groups.coords
+        self.serial = next(DecodeState._serials)   # graphs belong to one state's buffers
         self.model, self.groups, self.cache, self.batch = model, groups, cache, batch
         self.layout = batch.layout(groups)
         self.own = owned_rows(batch.rows(coords.attn_dp), groups.topology.attn_cp,
@@ -140,7 +144,7 @@ class StepRunner:
         self.captures = 0
 
     def run(self, state: DecodeState) -> None:
-        key = (id(state), state.key)
+        key = (state.serial, state.key)
         if not self.use_cuda_graphs:
             state.step()
             return
@@ -155,7 +159,7 @@ class StepRunner:
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._capture(state.step)
-            self._graphs = {k: g for k, g in self._graphs.items() if k[0] == id(state)}
+            self._graphs = {k: g for k, g in self._graphs.items() if k[0] == state.serial}
             self._graphs[key] = graph
         graph.replay()
 
