@@ -148,11 +148,14 @@ def load_params(params: Iterable[tuple[str, torch.Tensor]], sources: dict[str, H
                              f"tensor of shape {tuple(source.shape)} but the parameter spec says "
                              f"{tuple(spec.global_shape)}")
         block = source.read(reader.read, spec.global_slices())
-        if tuple(block.shape) != tuple(param.shape):
+        real = spec.real_part(param)
+        if tuple(block.shape) != tuple(real.shape):
             raise ValueError(f"parameter {name}: read a block of shape {tuple(block.shape)} from "
-                             f"the checkpoint, local parameter has {tuple(param.shape)}")
+                             f"the checkpoint, local parameter has {tuple(real.shape)}")
         with torch.no_grad():
-            param.copy_(block)
+            if real.shape != param.shape:
+                param.zero_()  # padding (vocabulary rows the checkpoint does not have)
+            real.copy_(block)
         count += 1
     return count
 
@@ -266,7 +269,8 @@ def save_hf_checkpoint(model: HFConvertible, path: str, groups: Optional[Paralle
             error = f"{type(exc).__name__}: {exc}"
     for bucket in buckets:
         # the source travels with the piece: rank 0 may hold no such parameter (other stages)
-        pieces = [(n, get_spec(params[n]), sources[n], params[n].detach().to("cpu"))
+        pieces = [(n, get_spec(params[n]), sources[n],
+                   get_spec(params[n]).real_part(params[n].detach()).to("cpu"))
                   for n in mine[bucket]]
         if distributed:
             gathered: Optional[list] = [None] * dist.get_world_size() if rank == 0 else None

@@ -48,7 +48,8 @@ TRAIN_STATE_KEY = "train_state"
 
 @dataclass(frozen=True)
 class Shard:
-    """A local tensor and where it sits in its global tensor."""
+    """A local tensor (never padding: see ``ParamSpec.real_part``) and where it sits in its
+    global tensor."""
 
     tensor: torch.Tensor
     global_shape: tuple[int, ...]
@@ -60,7 +61,7 @@ class Shard:
             raise ValueError(f"tensor {spec.name or '?'} has shape {tuple(tensor.shape)}, its spec "
                              f"says local shape {spec.local_shape}")
         offsets = tuple(s.start for s in spec.global_slices())
-        return cls(tensor, tuple(spec.global_shape), offsets)
+        return cls(spec.real_part(tensor), tuple(spec.global_shape), offsets)
 
     @property
     def chunk(self) -> ChunkStorageMetadata:
@@ -71,14 +72,19 @@ class Shard:
     def of_flat(cls, flat: torch.Tensor, spec: ParamSpec, local_start: int) -> list["Shard"]:
         """A contiguous piece of the flattened local tensor (elements ``[local_start, local_start
         + len(flat))``, e.g. the slice a distributed optimizer owns) as the rectangular chunks of
-        the global tensor it covers (views of ``flat``)."""
+        the global tensor it covers (views of ``flat``). Padding (a padded vocabulary's rows past
+        the real ones) is cut off: it is never stored."""
         base = tuple(s.start for s in spec.global_slices())
+        real = tuple(s.stop - s.start for s in spec.global_slices())  # from local index 0
         out = []
         for lo, hi, offsets, sizes in flat_range_chunks(spec.local_shape, local_start,
                                                         local_start + flat.numel()):
             view = flat[lo - local_start:hi - local_start].view(sizes)
-            out.append(cls(view, tuple(spec.global_shape),
-                           tuple(b + o for b, o in zip(base, offsets))))
+            view = view[tuple(slice(0, max(0, min(o + z, r) - o))
+                              for o, z, r in zip(offsets, sizes, real))]
+            if view.numel():
+                out.append(cls(view, tuple(spec.global_shape),
+                               tuple(b + o for b, o in zip(base, offsets))))
         return out
 
 

@@ -35,6 +35,7 @@ from megatron_ext.evaluation.model_source import open_model_source
 from megatron_ext.evaluation.results import ResultsStore
 from megatron_ext.evaluation.retrieval import DEFAULT_ANSWER_TOKENS, GridSettings
 from megatron_ext.evaluation.windows import WindowSettings
+from megatron_ext.layers.embedding import padded_vocab_size
 from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import build_groups, init_distributed
 from megatron_ext.parallel.topology import add_layout_arguments, topology_from_args
@@ -95,6 +96,9 @@ def _args(argv):
     p.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default=TransformerImpl.AUTO,
                    help="layer implementation: native, te (TransformerEngine, CUDA) or auto (te "
                         "where it imports on CUDA)")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the vocabulary in memory to a multiple of this x attn_tp "
+                        "(Megatron's default 128; files keep the real size)")
     add_layout_arguments(p, (Axis.ATTN_TP, Axis.ATTN_CP, Axis.MOE_TP, Axis.MOE_EP, Axis.MOE_DP))
     args = p.parse_args(argv)
     args.task = list(dict.fromkeys(args.task or ["perplexity"]))
@@ -112,6 +116,7 @@ def _plan(args, world: int) -> dict:
     source = open_model_source(args.model)
     config = source.config
     config.check_fits(topo)
+    padded_vocab_size(config.vocab_size, topo.attn_tp, args.make_vocab_size_divisible_by)
     tokenizer = load_tokenizer(args.tokenizer or source.tokenizer or "byte")
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"--tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens, more "
@@ -210,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
         else torch.device("cpu")
     model = plan["source"].load(groups, dtype=_DTYPES.get(args.dtype), device=device,
-                                cp_strategy=args.cp_comm, transformer_impl=plan["impl"])
+                                cp_strategy=args.cp_comm, transformer_impl=plan["impl"],
+                                make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
     layout = {k: getattr(topo, k) for k in ("world", "attn_tp", "attn_cp", "attn_dp", "moe_tp",
                                             "moe_ep", "moe_dp")}
     layout.update(cp_comm=str(args.cp_comm), backend=model.backend.describe())

@@ -40,6 +40,7 @@ from megatron_ext.parallel.topology import (GROUP_AXES, add_layout_arguments,
 from megatron_ext.serving import (SamplingParams, check_generate_inputs, generate_batch,
                                   left_pad)
 from megatron_ext.models.config import ModelConfig
+from megatron_ext.layers.embedding import padded_vocab_size
 from megatron_ext.models.decoder import CausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -68,6 +69,9 @@ def _args(argv):
     p.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default=TransformerImpl.AUTO,
                    help="layer implementation: native, te (TransformerEngine, CUDA) or auto (te "
                         "where it imports on CUDA)")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the vocabulary in memory to a multiple of this x attn_tp "
+                        "(Megatron's default 128; files keep the real size)")
     add_layout_arguments(p, (Axis.ATTN_TP, Axis.ATTN_CP, Axis.MOE_TP, Axis.MOE_EP, Axis.MOE_DP))
     return p.parse_args(argv)
 
@@ -126,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         topo = topology_from_args(args, world)
         config = ModelConfig.from_hf_dir(args.model)
         config.check_fits(topo)
+        padded_vocab_size(config.vocab_size, topo.attn_tp, args.make_vocab_size_divisible_by)
         tok = load_tokenizer(args.tokenizer)
         requests = _requests(args)
         encoded = [tok.encode(text).tolist() for text, _ in requests]
@@ -149,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     model = CausalLM.from_pretrained(args.model, groups, cp_strategy=args.cp_comm, dtype=dtype,
-                                     transformer_impl=impl, device=device).eval()
+                                     transformer_impl=impl, device=device,
+                                     make_vocab_size_divisible_by=args.make_vocab_size_divisible_by
+                                     ).eval()
     rank0 = groups.global_rank == 0
     total = len(requests)
 

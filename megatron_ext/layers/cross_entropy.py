@@ -15,6 +15,7 @@ logits and log-sum-exp.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 
@@ -71,7 +72,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         local_label = labels - start
         mine = (local_label >= 0) & (local_label < shard) & (labels != ignore_index)
         idx = torch.where(mine, local_label, torch.zeros_like(local_label))
-        target = torch.gather(lf, -1, idx.unsqueeze(-1)).squeeze(-1).to(lse.dtype) * mine
+        target = torch.gather(lf, -1, idx.unsqueeze(-1)).squeeze(-1).to(lse.dtype)
+        target = torch.where(mine, target, torch.zeros_like(target))  # -inf padding x 0 is nan
         target = all_reduce(target, group)
         keep = labels != ignore_index
         loss = (lse - target) * keep
@@ -105,17 +107,21 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 
 def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, labels: torch.Tensor,
-                                 tp_group: AxisGroup, ignore_index: int = -100) -> torch.Tensor:
+                                 tp_group: AxisGroup, ignore_index: int = -100,
+                                 vocab_size: Optional[int] = None) -> torch.Tensor:
     """Per-token loss (float32 or wider, shape ``labels.shape``; 0 where
     ``labels == ignore_index``) of logits split over ``tp_group`` along the last dim (rank ``r``
-    holds columns ``[r·V/p, (r+1)·V/p)``, as :class:`VocabParallelLMHead` yields). Equals
-    ``F.cross_entropy(full_logits, labels, reduction="none", ignore_index=...)`` in value and
-    gradient. Labels outside ``[0, V)`` (other than ``ignore_index``) raise before any collective.
+    holds columns ``[r·Vp/p, (r+1)·Vp/p)``, as :class:`VocabParallelLMHead` yields; padding
+    columns ``-inf`` take no part). Equals ``F.cross_entropy(full_logits, labels,
+    reduction="none", ignore_index=...)`` in value and gradient. Labels outside ``[0, V)``
+    (``vocab_size``, default all columns; other than ``ignore_index``) raise before any
+    collective.
     """
     if logits_shard.shape[:-1] != labels.shape:
         raise ValueError(f"logits shard {tuple(logits_shard.shape)} does not match labels "
                          f"{tuple(labels.shape)} (need logits [..., V/p] and labels [...])")
-    vocab_size = logits_shard.shape[-1] * tp_group.size
+    if vocab_size is None:
+        vocab_size = logits_shard.shape[-1] * tp_group.size
     _check_labels(labels, vocab_size, ignore_index)
     flat = logits_shard.reshape(-1, logits_shard.shape[-1])
     loss = _VocabParallelCrossEntropy.apply(flat, labels.reshape(-1), tp_group, ignore_index)

@@ -6,8 +6,11 @@ communicator (or ``reduce_results=True``) completes it. The LM head is column-pa
 vocabulary and yields this rank's logit shard, which :func:`vocab_parallel_cross_entropy` consumes
 without ever gathering the full ``[tokens, V]`` logits.
 
-The vocabulary must divide evenly over the group (no silent padding, so the global shape stays the
-HF shape); out-of-range token ids raise before any collective.
+A vocabulary that does not divide is padded, as Megatron does, to a multiple of
+``vocab_multiple · p`` (``--make-vocab-size-divisible-by``): the padding rows exist only in memory
+(ParamSpec ``padded_shape``: checkpoints and HF files keep the real ``[V, H]``), stay zero, are
+never looked up, and their logits are ``-inf`` so they take no part in the loss, softmax, argmax
+or sampling, and get no gradient. Out-of-range token ids raise before any collective.
 """
 from __future__ import annotations
 
@@ -24,12 +27,19 @@ from megatron_ext.parallel.groups import AxisGroup
 from megatron_ext.parallel.param_meta import ParamSpec, Split, set_spec
 
 
-def vocab_range(vocab_size: int, group: AxisGroup, what: str = "vocab") -> tuple[int, int]:
-    """``(start, end)`` of this rank's vocabulary rows."""
-    if vocab_size % group.size:
-        raise ValueError(f"{what}: vocab_size={vocab_size} must be divisible by the {group.name} "
-                         f"size {group.size} (pad the vocabulary in the checkpoint if needed)")
-    per = vocab_size // group.size
+def padded_vocab_size(vocab_size: int, tp_size: int, vocab_multiple: int = 1) -> int:
+    """The vocabulary rounded up to a multiple of ``vocab_multiple · tp_size`` (Megatron's
+    ``make_vocab_size_divisible_by × tensor_model_parallel_size``)."""
+    for name, value in (("vocab_size", vocab_size), ("vocab_multiple", vocab_multiple)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+    unit = vocab_multiple * tp_size
+    return -(-vocab_size // unit) * unit
+
+
+def vocab_range(padded_vocab: int, group: AxisGroup) -> tuple[int, int]:
+    """``(start, end)`` of this rank's rows of the padded vocabulary."""
+    per = padded_vocab // group.size
     return group.rank * per, (group.rank + 1) * per
 
 
@@ -46,20 +56,26 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
                          f"(ids span [{lo}, {hi}])")
 
 
-def vocab_shard_weight(vocab_size: int, hidden_size: int, tp_group: AxisGroup, grad_sync,
-                       shard_axis: Optional[str], name: Optional[str], init_method: InitFn,
-                       dtype: Optional[torch.dtype], device: Optional[torch.device]
-                       ) -> nn.Parameter:
-    """This rank's ``[V/p, H]`` rows of a ``[V, H]`` table split over ``tp_group`` (embedding and
-    untied LM head), initialised and carrying its ParamSpec."""
-    start, end = vocab_range(vocab_size, tp_group)
+def vocab_shard_weight(vocab_size: int, padded_vocab: int, hidden_size: int, tp_group: AxisGroup,
+                       grad_sync, shard_axis: Optional[str], name: Optional[str],
+                       init_method: InitFn, dtype: Optional[torch.dtype],
+                       device: Optional[torch.device]) -> nn.Parameter:
+    """This rank's ``[Vp/p, H]`` rows of a ``[V, H]`` table padded to ``Vp`` rows and split over
+    ``tp_group`` (embedding and untied LM head), initialised (padding rows zero) and carrying its
+    ParamSpec."""
+    start, end = vocab_range(padded_vocab, tp_group)
     weight = nn.Parameter(torch.empty(end - start, hidden_size, dtype=dtype, device=device))
     init_method(weight)
     parts = tp_group.size
     split = (Split(0, parts, tp_group.rank),) if parts > 1 else ()
     axis = shard_axis_name(tp_group, shard_axis) if parts > 1 else None
-    set_spec(weight, ParamSpec((vocab_size, hidden_size), split, tuple(grad_sync), axis,
-                               f"{name}.weight" if name else None))
+    padded = (padded_vocab, hidden_size) if padded_vocab != vocab_size else None
+    spec = ParamSpec((vocab_size, hidden_size), split, tuple(grad_sync), axis,
+                     f"{name}.weight" if name else None, padded_shape=padded)
+    if padded is not None:
+        with torch.no_grad():
+            weight[spec.real_part(weight).shape[0]:].zero_()
+    set_spec(weight, spec)
     return weight
 
 
@@ -73,18 +89,19 @@ class VocabParallelEmbedding(nn.Module):
     """
 
     def __init__(self, vocab_size: int, hidden_size: int, tp_group: AxisGroup, *,
-                 reduce_results: bool = False, check_ids: bool = True,
+                 vocab_multiple: int = 1, reduce_results: bool = False, check_ids: bool = True,
                  grad_sync: tuple[str, ...] = (Axis.ATTN_DP_CP,), shard_axis: Optional[str] = None,
                  name: Optional[str] = None, init_method: InitFn = default_init,
                  dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
         super().__init__()
         if hidden_size < 1:
             raise ValueError(f"VocabParallelEmbedding hidden_size={hidden_size} must be >= 1")
-        self.start, self.end = vocab_range(vocab_size, tp_group, "VocabParallelEmbedding")
+        self.padded_vocab = padded_vocab_size(vocab_size, tp_group.size, vocab_multiple)
+        self.start, self.end = vocab_range(self.padded_vocab, tp_group)
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.tp_group, self.reduce_results, self.check_ids = tp_group, reduce_results, check_ids
-        self.weight = vocab_shard_weight(vocab_size, hidden_size, tp_group, grad_sync,
-                                         shard_axis, name, init_method, dtype, device)
+        self.weight = vocab_shard_weight(vocab_size, self.padded_vocab, hidden_size, tp_group,
+                                         grad_sync, shard_axis, name, init_method, dtype, device)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.check_ids:
@@ -98,8 +115,8 @@ class VocabParallelEmbedding(nn.Module):
         return all_reduce(out, self.tp_group) if self.reduce_results else out
 
     def extra_repr(self) -> str:
-        return (f"vocab={self.vocab_size} (rows {self.start}:{self.end}), hidden="
-                f"{self.hidden_size}, axis={self.tp_group.name}")
+        return (f"vocab={self.vocab_size} (padded {self.padded_vocab}, rows {self.start}:"
+                f"{self.end}), hidden={self.hidden_size}, axis={self.tp_group.name}")
 
 
 class VocabParallelLMHead(nn.Module):
@@ -112,21 +129,26 @@ class VocabParallelLMHead(nn.Module):
     """
 
     def __init__(self, hidden_size: int, vocab_size: int, tp_group: AxisGroup, *,
+                 vocab_multiple: int = 1,
                  tied_embedding: Optional[VocabParallelEmbedding] = None,
                  sync_input_grad: bool = True, grad_sync: tuple[str, ...] = (Axis.ATTN_DP_CP,),
                  shard_axis: Optional[str] = None, name: Optional[str] = None,
                  init_method: InitFn = default_init, dtype: Optional[torch.dtype] = None,
                  device: Optional[torch.device] = None):
         super().__init__()
-        self.start, self.end = vocab_range(vocab_size, tp_group, "VocabParallelLMHead")
+        self.padded_vocab = padded_vocab_size(vocab_size, tp_group.size, vocab_multiple)
+        self.start, self.end = vocab_range(self.padded_vocab, tp_group)
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.tp_group, self.sync_input_grad = tp_group, sync_input_grad
         self.tied = tied_embedding is not None
         if tied_embedding is not None:
-            if (tied_embedding.vocab_size, tied_embedding.hidden_size) != (vocab_size, hidden_size):
-                raise ValueError(f"tied embedding is [{tied_embedding.vocab_size}, "
-                                 f"{tied_embedding.hidden_size}] but the LM head is "
-                                 f"[{vocab_size}, {hidden_size}]")
+            mine = (vocab_size, self.padded_vocab, hidden_size)
+            theirs = (tied_embedding.vocab_size, tied_embedding.padded_vocab,
+                      tied_embedding.hidden_size)
+            if theirs != mine:
+                raise ValueError(f"tied embedding is [{theirs[0]} (padded {theirs[1]}), "
+                                 f"{theirs[2]}] but the LM head is [{mine[0]} (padded "
+                                 f"{mine[1]}), {mine[2]}]")
             if tied_embedding.tp_group.ranks != tp_group.ranks:
                 raise ValueError(f"tied embedding is split over {tied_embedding.tp_group.name} "
                                  f"{tied_embedding.tp_group.ranks} but the LM head over "
@@ -135,27 +157,37 @@ class VocabParallelLMHead(nn.Module):
             self.register_parameter("weight", None)
         else:
             self._embedding = ()
-            self.weight = vocab_shard_weight(vocab_size, hidden_size, tp_group, grad_sync,
-                                             shard_axis, name, init_method, dtype, device)
+            self.weight = vocab_shard_weight(vocab_size, self.padded_vocab, hidden_size,
+                                             tp_group, grad_sync, shard_axis, name, init_method,
+                                             dtype, device)
 
     @property
     def table(self) -> torch.Tensor:
         return self._embedding[0].weight if self.tied else self.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """This rank's logits ``[..., V/p]`` (vocab rows ``start:end``)."""
+        """This rank's logits ``[..., Vp/p]`` (rows ``start:end`` of the padded vocabulary;
+        padding columns are ``-inf``)."""
         if hidden.shape[-1] != self.hidden_size:
             raise ValueError(f"VocabParallelLMHead expects last dim {self.hidden_size}, got "
                              f"shape {tuple(hidden.shape)}")
         if self.sync_input_grad:
             hidden = copy_to_region(hidden, self.tp_group)
-        return F.linear(hidden, self.table)
+        logits = F.linear(hidden, self.table)
+        real = max(0, min(self.end, self.vocab_size) - self.start)
+        if real < self.end - self.start:  # masked_fill: no gradient reaches the padding rows
+            padding = torch.arange(self.end - self.start, device=logits.device) >= real
+            logits = logits.masked_fill(padding, float("-inf"))
+        return logits
 
     def gather_logits(self, logits_shard: torch.Tensor) -> torch.Tensor:
-        """Full ``[..., V]`` logits on every rank (inference / sampling). The gathered logits are
-        consumed identically on every rank, so the backward keeps own columns."""
-        return all_gather(logits_shard, self.tp_group, dim=-1, backward="own_rows")
+        """Full ``[..., V]`` logits (real vocabulary only) on every rank (inference / sampling).
+        The gathered logits are consumed identically on every rank, so the backward keeps own
+        columns."""
+        full = all_gather(logits_shard, self.tp_group, dim=-1, backward="own_rows")
+        return full[..., :self.vocab_size]
 
     def extra_repr(self) -> str:
-        return (f"hidden={self.hidden_size}, vocab={self.vocab_size} (rows {self.start}:"
-                f"{self.end}), axis={self.tp_group.name}, tied={self.tied}")
+        return (f"hidden={self.hidden_size}, vocab={self.vocab_size} (padded "
+                f"{self.padded_vocab}, rows {self.start}:{self.end}), axis={self.tp_group.name}, "
+                f"tied={self.tied}")

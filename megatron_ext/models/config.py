@@ -123,9 +123,6 @@ class ModelConfig:
         from megatron_ext.parallel.stages import stage_layer_range
 
         problems = []
-        if self.vocab_size % topo.attn_tp:
-            problems.append(f"vocab_size={self.vocab_size} must be divisible by attn_tp="
-                            f"{topo.attn_tp}")
         try:
             check_head_split(self.num_heads, self.num_kv_heads, topo.attn_tp)
         except ValueError as err:

@@ -137,8 +137,9 @@ class DecoderLayer(nn.Module):
 class CausalLMOutput:
     """What one stage returns.
 
-    * ``logits`` (last stage): ``[b, s_local, V/attn_tp]``, this rank's vocabulary shard
-      (columns ``attn_tp_rank·V/attn_tp …``), or ``[b, s_local, V]`` with ``gather_logits=True``.
+    * ``logits`` (last stage): ``[b, s_local, Vp/attn_tp]``, this rank's shard of the padded
+      vocabulary (columns ``attn_tp_rank·Vp/attn_tp …``, padding columns ``-inf``), or
+      ``[b, s_local, V]`` (the real vocabulary) with ``gather_logits=True``.
     * ``loss`` (last stage, with ``labels``): per-token cross-entropy ``[b, s_local]`` in float32,
       0 where ``labels == -100``; identical on every attn_tp rank. Normalising (e.g. by the global
       count of labelled tokens) is the caller's choice.
@@ -184,6 +185,9 @@ class CausalLM(nn.Module):
     * ``transformer_impl``: ``native``, ``te`` or ``auto`` (TE where it imports on CUDA), resolved
       once here (:class:`~megatron_ext.layers.backend.LayerBackend`); ``self.backend.describe()``
       says what each module kind got (logged once). Parameters and checkpoints do not depend on it.
+    * ``make_vocab_size_divisible_by``: the embedding and LM head pad the vocabulary to a multiple
+      of this × attn_tp (Megatron's ``--make-vocab-size-divisible-by``, default 128); padding
+      rows live only in memory and their logits take no part in loss or sampling.
     """
 
     def __init__(self, config: ModelConfig, groups: ParallelGroups, *, pre_process: bool = True,
@@ -192,6 +196,7 @@ class CausalLM(nn.Module):
                  moe_dispatcher: str = "local", defer_reductions: bool = True,
                  fused_reduce_add_norm: Optional[FusedReduceAddNorm] = None,
                  transformer_impl: str = "native",
+                 make_vocab_size_divisible_by: int = 128,
                  dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None):
         super().__init__()
         check_choice("cp_strategy", cp_strategy, CP_STRATEGIES)
@@ -213,6 +218,7 @@ class CausalLM(nn.Module):
         if pre_process:
             self.model.embed_tokens = VocabParallelEmbedding(
                 config.vocab_size, config.hidden_size, groups.attn_tp, reduce_results=False,
+                vocab_multiple=make_vocab_size_divisible_by,
                 grad_sync=emb_sync, name="model.embed_tokens", **kw)
         rope = RotaryEmbedding(config.head_dim, config.rope_theta)
         stage_sparse = [i - start for i in range(start, stop) if config.is_sparse(i)]
@@ -231,6 +237,7 @@ class CausalLM(nn.Module):
             tied = self.model.embed_tokens if config.tie_word_embeddings and pre_process else None
             self.lm_head = VocabParallelLMHead(
                 config.hidden_size, config.vocab_size, groups.attn_tp, tied_embedding=tied,
+                vocab_multiple=make_vocab_size_divisible_by,
                 sync_input_grad=False, grad_sync=emb_sync, name="lm_head", **kw)
         self.backend = backend
         backend.log_once()
@@ -338,7 +345,8 @@ class CausalLM(nn.Module):
         logits = self.lm_head(x)
         if labels is not None:
             out.loss = vocab_parallel_cross_entropy(logits, labels.reshape(-1),
-                                                    self.groups.attn_tp).view(b, s)
+                                                    self.groups.attn_tp,
+                                                    vocab_size=self.config.vocab_size).view(b, s)
         if return_logits:
             if gather_logits:
                 logits = self.lm_head.gather_logits(logits)

@@ -42,6 +42,9 @@ class ParamSpec:
       across pipeline stages).
     * ``shard_axis``: the axis whose ranks hold the distinct pieces (``attn_tp``, ``moe_shard``,
       or ``None``): the global gradient norm sums over it once and skips replicas.
+    * ``padded_shape``: the splits cut this shape instead of ``global_shape`` (a padded
+      vocabulary): elements past ``global_shape`` are padding that exists only in memory, zero and
+      never trained; checkpoints and HF files hold ``global_shape`` (see :meth:`real_part`).
     """
 
     global_shape: tuple[int, ...]
@@ -49,27 +52,48 @@ class ParamSpec:
     grad_sync: tuple[str, ...] = (Axis.ATTN_DP_CP,)
     shard_axis: Optional[str] = None
     name: Optional[str] = field(default=None, compare=False)
+    padded_shape: Optional[tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
+        if self.padded_shape is not None and (
+                len(self.padded_shape) != len(self.global_shape)
+                or any(p < g for p, g in zip(self.padded_shape, self.global_shape))):
+            raise ValueError(f"padded shape {self.padded_shape} must not be smaller than the "
+                             f"global shape {self.global_shape}")
         for split in self.splits:
-            if self.global_shape[split.dim] % split.chunks:
-                raise ValueError(f"dim {split.dim} of global shape {self.global_shape} does not "
+            if self.split_shape[split.dim] % split.chunks:
+                raise ValueError(f"dim {split.dim} of global shape {self.split_shape} does not "
                                  f"split into {split.chunks} chunks")
 
     @property
+    def split_shape(self) -> tuple[int, ...]:
+        """The shape the splits cut: ``padded_shape`` if any, else ``global_shape``."""
+        return self.padded_shape if self.padded_shape is not None else self.global_shape
+
+    @property
     def local_shape(self) -> tuple[int, ...]:
-        shape = list(self.global_shape)
+        shape = list(self.split_shape)
         for split in self.splits:
             shape[split.dim] //= split.chunks
         return tuple(shape)
 
     def global_slices(self) -> tuple[slice, ...]:
-        """The slices of the global tensor that this rank's local tensor holds."""
+        """The slices of the global tensor that this rank's local tensor holds (without padding:
+        a rank may hold fewer real rows than its local tensor, or none)."""
         slices = [slice(0, n) for n in self.global_shape]
         for split in self.splits:
-            size = self.global_shape[split.dim] // split.chunks
-            slices[split.dim] = slice(split.index * size, (split.index + 1) * size)
+            size = self.split_shape[split.dim] // split.chunks
+            end = self.global_shape[split.dim]
+            slices[split.dim] = slice(min(split.index * size, end),
+                                      min((split.index + 1) * size, end))
         return tuple(slices)
+
+    def real_part(self, local: torch.Tensor) -> torch.Tensor:
+        """The view of a local tensor (parameter, gradient, optimizer moment) that holds real
+        elements of the global tensor, i.e. ``global[global_slices()]``; the rest is padding."""
+        if self.padded_shape is None:
+            return local
+        return local[tuple(slice(0, s.stop - s.start) for s in self.global_slices())]
 
     @property
     def distinct_pieces(self) -> int:
@@ -84,7 +108,12 @@ class ParamSpec:
         if tuple(full.shape) != self.global_shape:
             raise ValueError(f"tensor {self.name or '?'}: expected global shape "
                              f"{self.global_shape}, got {tuple(full.shape)}")
-        return full[self.global_slices()]
+        piece = full[self.global_slices()]
+        if self.padded_shape is None:
+            return piece
+        local = piece.new_zeros(self.local_shape)
+        self.real_part(local).copy_(piece)
+        return local
 
 
 def set_spec(param: torch.Tensor, spec: ParamSpec) -> torch.Tensor:

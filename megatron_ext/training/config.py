@@ -46,6 +46,9 @@ class TrainConfig:
     transformer_impl: str = _help("layer implementation: native, te (TransformerEngine; CUDA) or "
                                   "auto (te where it imports on CUDA, else native)",
                                   default="auto")
+    make_vocab_size_divisible_by: int = _help(
+        "pad the vocabulary in memory to a multiple of this x attn_tp (Megatron's default; "
+        "checkpoints keep the real size)", default=128)
     # data
     data: Optional[str] = _help("prepared dataset prefix (examples/prepare_data.py); "
                                 "default: the embedded corpus", default=None)
@@ -98,7 +101,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "micro_batch_size", "global_batch_size", "train_steps",
-                     "keep_checkpoints", "log_interval", "pp"):
+                     "keep_checkpoints", "log_interval", "pp", "make_vocab_size_divisible_by"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")

@@ -68,7 +68,9 @@ def training_to_hf(checkpoint: str, output: str, dtype: Optional[str] = None) ->
         raise ValueError(f"dtype={dtype!r}; use one of {sorted(_DTYPES)}")
     config, path, _ = checkpoint_model_config(checkpoint)
     tensors = load_global_tensors(path)
-    model = CausalLM(config, ParallelGroups.single_process(), dtype=torch.float32)
+    # one process holds every global tensor whole: no vocabulary padding needed
+    model = CausalLM(config, ParallelGroups.single_process(), dtype=torch.float32,
+                     make_vocab_size_divisible_by=1)
     with torch.no_grad():
         for name, param in model.named_parameters():
             key = "model/" + checkpoint_name(name, config)  # see training.checkpoint.collect_shards

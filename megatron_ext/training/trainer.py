@@ -194,6 +194,7 @@ class Trainer:
                               post_process=self.is_last_stage, layer_range=layer_range,
                               cp_strategy=cfg.cp_comm, device=self.device,
                               transformer_impl=plan.transformer_impl,
+                              make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
                               fused_reduce_add_norm=fused_reduce_add_norm(groups, self.device))
         self._init_weights()
         self.named_params = [(checkpoint_name(n, mc), p)

@@ -80,21 +80,30 @@ def _check_linears(groups: ParallelGroups, seed: int) -> None:
 
 
 def _check_vocab(groups: ParallelGroups, seed: int) -> None:
+    # (vocabulary, vocab_multiple): divides; padded (tp 4: the last rank holds 5 real rows of
+    # 6); padded so far that the last tp-4 rank holds only padding (all its logits -inf)
+    for vocab, multiple in ((VOCAB, 1), (VOCAB - 1, 1), (VOCAB - 1, 4)):
+        _check_vocab_size(groups, seed, vocab, multiple)
+
+
+def _check_vocab_size(groups: ParallelGroups, seed: int, VOCAB: int, multiple: int) -> None:
     tp, d = groups.attn_tp, groups.coords.attn_dp
     n_dp = groups.topology.attn_dp
     gen = torch.Generator().manual_seed(seed)
     ids_all = torch.randint(0, VOCAB, (n_dp, 2, 5), generator=gen)
     labels_all = torch.randint(0, VOCAB, (n_dp, 2, 5), generator=gen)
     labels_all[:, 0, 1] = -100
+    labels_all[:, 1, 2] = VOCAB - 1  # the last real column, next to the padding
     g_all = _rand(gen, n_dp, 2, 5, HID)
     for tied in (False, True):
         for reduce in (False, True):
             ref_e = _init(VocabParallelEmbedding(VOCAB, HID, SINGLE.attn_tp, dtype=F64), seed)
             ref_h = _init(VocabParallelLMHead(HID, VOCAB, SINGLE.attn_tp, dtype=F64,
                                               tied_embedding=ref_e if tied else None), seed + 1)
-            emb = VocabParallelEmbedding(VOCAB, HID, tp, reduce_results=reduce, dtype=F64)
+            emb = VocabParallelEmbedding(VOCAB, HID, tp, reduce_results=reduce, dtype=F64,
+                                         vocab_multiple=multiple)
             head = VocabParallelLMHead(HID, VOCAB, tp, tied_embedding=emb if tied else None,
-                                       dtype=F64)
+                                       dtype=F64, vocab_multiple=multiple)
             load_from_reference(emb, ref_e)
             load_from_reference(head, ref_h)
             hr = ref_e(ids_all)
@@ -107,8 +116,8 @@ def _check_vocab(groups: ParallelGroups, seed: int) -> None:
             h = h if reduce else all_reduce(h, tp)
             h.retain_grad()
             logits = head(torch.tanh(h))
-            loss = vocab_parallel_cross_entropy(logits, labels_all[d], tp)
-            what = f"vocab {groups.topology} tied={tied} reduce={reduce}"
+            loss = vocab_parallel_cross_entropy(logits, labels_all[d], tp, vocab_size=VOCAB)
+            what = f"vocab {VOCAB} (x{multiple}) {groups.topology} tied={tied} reduce={reduce}"
             assert_close(h, hr[d], atol=1e-12, rtol=0, what=f"{what} embedding fwd")
             assert_close(head.gather_logits(logits), logits_r[d], atol=1e-12,
                          rtol=0, what=f"{what} logits")

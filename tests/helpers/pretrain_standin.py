@@ -1,7 +1,9 @@
 """A stand-in model for the training-infrastructure tests: parameters laid out like the real layers
 (vocab-parallel embedding, attention-TP sharded linears, replicated norms, stage-synced router,
 experts split over moe_ep x moe_tp), split over pipeline stages, built from global tensors drawn
-from a seed, so every layout holds slices of the same global model.
+from a seed, so every layout holds slices of the same global model. The vocabulary (13) is padded
+in memory as the real layers pad it: the embedding to a multiple of 4·attn_tp, the LM head to
+16·attn_tp (so with attn_tp 2 its second rank holds padding only); on disk it is 13 rows.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import torch
 from megatron_ext.parallel.groups import ParallelGroups
 from megatron_ext.parallel.param_meta import ParamSpec, Split, set_spec
 
-H, V, E, M, LAYERS = 8, 16, 4, 8, 4
+H, V, E, M, LAYERS = 8, 13, 4, 8, 4
 
 
 def global_param_specs(groups: ParallelGroups, tied: bool = False) -> dict[str, ParamSpec]:
@@ -25,13 +27,18 @@ def global_param_specs(groups: ParallelGroups, tied: bool = False) -> dict[str, 
     def tp_split(dim: int) -> tuple[Split, ...]:
         return (Split(dim, a.size, a.rank),) if a.size > 1 else ()
 
+    def vocab_spec(multiple: int, grad_sync: tuple[str, ...]) -> ParamSpec:
+        unit = multiple * a.size
+        return ParamSpec((V, H), tp_split(0), grad_sync, tp_axis,
+                         padded_shape=(-(-V // unit) * unit, H))
+
     expert_splits = tuple(s for s in (Split(0, ep.size, ep.rank), Split(2, mt.size, mt.rank))
                           if s.chunks > 1)
     specs: dict[str, ParamSpec] = {}
     per_stage = LAYERS // topo.pp
     embed_sync = ("attn_dp_cp", "embedding") if tied else ("attn_dp_cp",)
     if stage == 0:
-        specs["embed.weight"] = ParamSpec((V, H), tp_split(0), embed_sync, tp_axis)
+        specs["embed.weight"] = vocab_spec(4, embed_sync)
     for layer in range(stage * per_stage, (stage + 1) * per_stage):
         p = f"layers.{layer}."
         specs[p + "norm.weight"] = ParamSpec((H,), (), ("attn_dp_cp",))
@@ -43,9 +50,9 @@ def global_param_specs(groups: ParallelGroups, tied: bool = False) -> dict[str, 
     if stage == topo.pp - 1:
         specs["final_norm.weight"] = ParamSpec((H,), (), ("attn_dp_cp",))
         if not tied:
-            specs["lm_head.weight"] = ParamSpec((V, H), tp_split(0), ("attn_dp_cp",), tp_axis)
+            specs["lm_head.weight"] = vocab_spec(16, ("attn_dp_cp",))
         elif topo.pp > 1:
-            specs["embed.weight"] = ParamSpec((V, H), tp_split(0), embed_sync, tp_axis)
+            specs["embed.weight"] = vocab_spec(4, embed_sync)
     return specs
 
 

@@ -132,8 +132,9 @@ def test_vocab_cross_entropy_matches_torch():
 def test_bad_inputs_give_clear_errors():
     fake2 = AxisGroup("attn_tp", (0, 1), 0, None)   # construction-time checks need no collective
     fake4 = AxisGroup("attn_tp", (0, 1, 2, 3), 1, None)
-    with pytest.raises(ValueError, match="vocab_size=11 must be divisible by the attn_tp size 2"):
-        VocabParallelEmbedding(11, 8, fake2)
+    assert VocabParallelEmbedding(11, 8, fake2).padded_vocab == 12   # padded, not refused
+    with pytest.raises(ValueError, match="vocab_multiple=0 must be a positive integer"):
+        VocabParallelEmbedding(11, 8, fake2, vocab_multiple=0)
     with pytest.raises(ValueError, match="out_features=6 must be divisible by num_partitions=4"):
         ColumnParallelLinear(8, 6, fake4)
     with pytest.raises(ValueError, match="num_partitions=3 must divide the attn_tp size 4"):
@@ -157,7 +158,7 @@ def test_bad_inputs_give_clear_errors():
         vocab_parallel_cross_entropy(torch.randn(2, 10), torch.tensor([1, 12]), SINGLE.attn_tp)
     with pytest.raises(ValueError, match="does not match labels"):
         vocab_parallel_cross_entropy(torch.randn(2, 10), torch.tensor([1]), SINGLE.attn_tp)
-    with pytest.raises(ValueError, match="tied embedding is \\[10, 4\\] but the LM head is"):
+    with pytest.raises(ValueError, match=r"tied embedding is \[10 \(padded 10\), 4\] but the LM"):
         VocabParallelLMHead(8, 10, SINGLE.attn_tp, tied_embedding=emb)
     with pytest.raises(ValueError, match="expects hidden \\[b, s, 8\\]"):
         AttentionBlock(8, 2, 2, 4, SINGLE)(torch.randn(3, 8), torch.arange(3))

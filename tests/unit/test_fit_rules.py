@@ -30,7 +30,7 @@ SHAPES = [
     dict(moe_intermediate_size=12),          # expert width over moe_tp
     dict(shared_expert_intermediate_size=20),  # shared expert over the MoE shard
     dict(num_layers=1, sparse_layers=(True,)),  # layers over pp
-    dict(vocab_size=130),                    # vocabulary over attn_tp
+    dict(vocab_size=130),                    # vocabulary: padded, fits every attn_tp
 ]
 
 
