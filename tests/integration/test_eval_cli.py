@@ -14,6 +14,7 @@ import torch
 
 from megatron_ext.models.config import ModelConfig
 from tests.helpers.cli import REPO, checkout_env
+from tests.helpers.multirank import free_port
 
 SEQ_LEN, SAMPLES = 48, 2
 ARGS = ["--task", "perplexity", "position_loss", "passkey", "needle", "--seq-len", str(SEQ_LEN),
@@ -25,7 +26,7 @@ def _eval(model: str, output: str, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, os.path.join(REPO, "examples", "eval.py"), "--model", model,
            "--output", output, *ARGS, *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=240,
-                          env=checkout_env(OMP_NUM_THREADS="1"))
+                          env=checkout_env(OMP_NUM_THREADS="1", MASTER_PORT=str(free_port())))
 
 
 @pytest.fixture(scope="module")
