@@ -77,7 +77,8 @@ def full_layer(groups, device, tokens: int) -> list[dict]:
     from megatron_ext.models.decoder import CausalLM
 
     cfg = ModelConfig.preset("tiny-qwen3-moe").replace(
-        num_layers=1, vocab_size=1024, hidden_size=2048, num_heads=16, num_kv_heads=4,
+        num_layers=1, sparse_layers=(True,), vocab_size=1024, hidden_size=2048, num_heads=16,
+        num_kv_heads=4,
         head_dim=128, moe_intermediate_size=768, num_experts=16, num_experts_per_tok=4)
     seq = tokens
     ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))

@@ -103,8 +103,10 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = vocab_shard_weight(vocab_size, self.padded_vocab, hidden_size, tp_group,
                                          grad_sync, shard_axis, name, init_method, dtype, device)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.check_ids:
+    def forward(self, ids: torch.Tensor, check_ids: bool = True) -> torch.Tensor:
+        """``check_ids=False``: the caller vouches for the ids (a decode step feeding back its
+        own sampled tokens), so no host sync — a CUDA graph can capture the step."""
+        if self.check_ids and check_ids:
             check_token_ids(ids, self.vocab_size)
         if self.tp_group.is_trivial:
             return F.embedding(ids, self.weight)

@@ -255,7 +255,8 @@ class CausalLM(nn.Module):
                 return_logits: bool = True, gather_logits: bool = False,
                 compute_aux_loss: Optional[bool] = None, kv_cache=None,
                 compute_lm_head: bool = True,
-                attn_position_ids: Optional[torch.Tensor] = None) -> CausalLMOutput:
+                attn_position_ids: Optional[torch.Tensor] = None,
+                check_input_ids: bool = True) -> CausalLMOutput:
         """One stage's forward on this rank's CP-local tokens.
 
         ``position_ids`` ``[b, s_local]`` (RoPE positions; gives the local batch shape);
@@ -275,7 +276,8 @@ class CausalLM(nn.Module):
         A decode step with one owner per token (``layout.attn_gathers_cp``): ``input_ids`` /
         ``position_ids`` are this rank's owned rows, ``attn_position_ids``
         ``[layout.attention_rows, s]`` the positions of every row of its CP group, which the
-        attention reads.
+        attention reads. ``check_input_ids=False`` skips the embedding's id range check (the host
+        sync a captured decode step cannot have): for ids the caller vouches for, e.g. sampled ones.
         """
         if position_ids.dim() != 2:
             raise ValueError(f"position_ids must be [b, s_local], got {tuple(position_ids.shape)}")
@@ -316,7 +318,7 @@ class CausalLM(nn.Module):
 
         layers = self.layers
         if self.pre_process:
-            embeds = self.model.embed_tokens(input_ids)
+            embeds = self.model.embed_tokens(input_ids, check_ids=check_input_ids)
             embeds = embeds.reshape(b * s, embeds.shape[-1])
             hidden = layers[0].comm.embedding_output(embeds, layout, is_partial=True)
         else:

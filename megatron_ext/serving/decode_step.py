@@ -113,7 +113,8 @@ class DecodeState:
         cache = self.cache
         out = self.model(self.input_ids[:, None], position_ids=self.own_positions[:, None],
                          attn_position_ids=self.positions[:, None], layout=self.layout,
-                         kv_cache=cache, gather_logits=True, compute_aux_loss=False)
+                         kv_cache=cache, gather_logits=True, compute_aux_loss=False,
+                         check_input_ids=False)  # the sampler's own tokens: no host sync
         logits = out.logits[:, -1]
         t = cache.step_t
         chosen = sample_tokens(logits, self.sampling, t)
