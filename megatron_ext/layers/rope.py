@@ -47,7 +47,8 @@ class RotaryEmbedding(nn.Module):
     """
 
     def __init__(self, head_dim: int, rope_theta: float = 10000.0,
-                 inv_freq: Optional[torch.Tensor] = None, attention_scaling: float = 1.0):
+                 inv_freq: Optional[torch.Tensor] = None, attention_scaling: float = 1.0,
+                 device: Optional[torch.device] = None):
         super().__init__()
         if inv_freq is None:
             inv_freq = default_inv_freq(head_dim, rope_theta)
@@ -57,7 +58,8 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.rope_theta = rope_theta
         self.attention_scaling = float(attention_scaling)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        # on the model's device: a captured decode step may not copy from the host
+        self.register_buffer("inv_freq", inv_freq.float().to(device), persistent=False)
 
     def forward(self, positions: torch.Tensor,
                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:

@@ -220,7 +220,7 @@ class CausalLM(nn.Module):
                 config.vocab_size, config.hidden_size, groups.attn_tp, reduce_results=False,
                 vocab_multiple=make_vocab_size_divisible_by,
                 grad_sync=emb_sync, name="model.embed_tokens", **kw)
-        rope = RotaryEmbedding(config.head_dim, config.rope_theta)
+        rope = RotaryEmbedding(config.head_dim, config.rope_theta, device=device)
         stage_sparse = [i - start for i in range(start, stop) if config.is_sparse(i)]
         modes = LayerScatterModes.for_stack(
             stop - start, stage_sparse, groups.topology, allow_reduce_scatter,

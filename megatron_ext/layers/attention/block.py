@@ -105,7 +105,8 @@ class AttentionBlock(nn.Module):
                                            device=device)
         else:
             self.q_norm = self.k_norm = None
-        self.rope = rope if rope is not None else RotaryEmbedding(head_dim, rope_theta)
+        self.rope = rope if rope is not None else RotaryEmbedding(head_dim, rope_theta,
+                                                                  device=device)
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, *,
                 token_index: Optional[torch.Tensor] = None,
