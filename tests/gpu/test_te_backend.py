@@ -44,7 +44,9 @@ def _run(config, groups, impl: str, device, options: dict):
     from megatron_ext.communication.local_batch import split_batch
     from megatron_ext.models.decoder import CausalLM
 
-    model = CausalLM(config, groups, dtype=BF16, device=device, transformer_impl=impl, **options)
+    options = dict(options)
+    dtype = options.pop("dtype", BF16)
+    model = CausalLM(config, groups, dtype=dtype, device=device, transformer_impl=impl, **options)
     model.init_weights(seed=3)
     g = torch.Generator().manual_seed(11)
     ids = torch.randint(0, config.vocab_size, (B, S), generator=g).to(device)
@@ -68,9 +70,13 @@ def _compare(config, groups, device, options: dict) -> list[str]:
         problems.append(f"no module on TE: {te_backend.describe()}")
     if list(te_grads) != list(nat_grads):
         problems.append(f"parameter names differ: {set(te_grads) ^ set(nat_grads)}")
+    # float32 runs route every token alike in both backends (bf16 rounding can flip a top-k
+    # choice near a tie, which moves the experts' and router's gradients by several percent)
+    logits_rtol, grad_rtol = (LOGITS_RTOL, GRAD_RTOL) if options.get("dtype", BF16) == BF16 \
+        else (1e-3, 1e-2)
     err = _rel(te_logits, nat_logits)
-    if err > LOGITS_RTOL:
-        problems.append(f"logits rel {err:.3g} > {LOGITS_RTOL}")
+    if err > logits_rtol:
+        problems.append(f"logits rel {err:.3g} > {logits_rtol}")
     for name, want in nat_grads.items():
         got = te_grads.get(name)
         if got is None or got.shape != want.shape:
@@ -79,8 +85,8 @@ def _compare(config, groups, device, options: dict) -> list[str]:
         if want.norm() == 0 and got.norm() == 0:
             continue
         err = _rel(got, want)
-        if err > GRAD_RTOL and not name.endswith("k_proj.bias"):
-            problems.append(f"grad {name} rel {err:.3g} > {GRAD_RTOL}")
+        if err > grad_rtol and not name.endswith("k_proj.bias"):
+            problems.append(f"grad {name} rel {err:.3g} > {grad_rtol}")
     return problems
 
 
@@ -100,6 +106,8 @@ LAYOUTS_2GPU = [
     ("attn_tp2 moe_tp2", dict(attn_tp=2, attn_cp=1, attn_dp=1, moe_tp=2, moe_ep=1, moe_dp=1), {}),
     ("attn_cp2 moe_ep2 (MOE_FULL)", dict(attn_tp=1, attn_cp=2, attn_dp=1, moe_tp=1, moe_ep=2,
                                          moe_dp=1), {}),
+    ("attn_cp2 moe_ep2 (MOE_FULL) float32", dict(attn_tp=1, attn_cp=2, attn_dp=1, moe_tp=1,
+                                                 moe_ep=2, moe_dp=1), {"dtype": torch.float32}),
     ("attn_cp2 p2p moe_ep2", dict(attn_tp=1, attn_cp=2, attn_dp=1, moe_tp=1, moe_ep=2, moe_dp=1),
      {"cp_strategy": "p2p"}),
     ("attn_tp2 reduce-scatter all_to_all", dict(attn_tp=2, attn_cp=1, attn_dp=1, moe_tp=1,
