@@ -22,5 +22,6 @@ class EvalContext:
     def is_writer(self) -> bool:
         return self.groups.global_rank == 0
 
-    def progress(self, label: str, cells: int, tokens: int) -> Progress:
-        return Progress(label, cells, tokens, enabled=self.show_progress and self.is_writer)
+    def progress(self, label: str, cells: int, tokens: int, unit: str = "tokens") -> Progress:
+        return Progress(label, cells, tokens, enabled=self.show_progress and self.is_writer,
+                        unit=unit)

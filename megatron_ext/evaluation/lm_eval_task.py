@@ -59,7 +59,7 @@ def run_lm_eval(ctx, settings: LMEvalSettings) -> dict:
     manager = TaskManager(include_path=settings.include) if settings.include else TaskManager()
     cells = ctx.store.cells(TASK)
     todo = [t for t in settings.tasks if t not in cells]
-    progress = ctx.progress(TASK, len(todo), len(todo))
+    progress = ctx.progress(TASK, len(todo), len(todo), unit="harness tasks")
     for name in todo:
         out = simple_evaluate(model=lm, tasks=[name], limit=settings.limit, task_manager=manager,
                               log_samples=False, bootstrap_iters=0, verbosity="WARNING")

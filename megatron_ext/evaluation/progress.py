@@ -19,8 +19,8 @@ class Progress:
     a terminal). ``enabled=False`` (other ranks) prints nothing."""
 
     def __init__(self, label: str, cells: int, tokens: int, *, enabled: bool,
-                 stream: Optional[IO[str]] = None) -> None:
-        self.label, self.cells, self.tokens = label, cells, tokens
+                 stream: Optional[IO[str]] = None, unit: str = "tokens") -> None:
+        self.label, self.cells, self.tokens, self.unit = label, cells, tokens, unit
         self.enabled = enabled and cells > 0
         self.stream = stream or sys.stderr
         self.done_cells = self.done_tokens = 0
@@ -37,9 +37,10 @@ class Progress:
         left = self.tokens - self.done_tokens
         eta = _duration(left / rate) if rate > 0 else "?"
         pct = 100.0 * self.done_tokens / self.tokens if self.tokens else 100.0
+        shown = f"{rate:,.2f}" if rate < 10 else f"{rate:,.0f}"
         return (f"[{self.label}] {self.done_cells}/{self.cells} cells {pct:5.1f}% | "
-                f"{rate:,.0f} tokens/s | elapsed {_duration(time.perf_counter() - self.start)} | "
-                f"ETA {eta}")
+                f"{shown} {self.unit}/s | elapsed "
+                f"{_duration(time.perf_counter() - self.start)} | ETA {eta}")
 
     def advance(self, tokens: int) -> None:
         self.done_cells += 1
