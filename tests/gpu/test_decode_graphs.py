@@ -18,7 +18,8 @@ def _model(dtype, device):
     from megatron_ext.models.decoder import CausalLM
 
     groups = ParallelGroups.single_process()
-    model = CausalLM(ModelConfig.preset("tiny-qwen3-moe"), groups, dtype=dtype, device=device)
+    model = CausalLM(ModelConfig.preset("tiny-qwen3-moe"), groups, dtype=dtype, device=device,
+                     transformer_impl="native")
     model.init_weights(seed=3, std=0.1)
     return model.eval(), groups
 
