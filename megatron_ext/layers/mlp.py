@@ -59,6 +59,15 @@ class _TritonSwiGLU(torch.autograd.Function):
         return dg, du
 
 
+def swiglu_recomputed(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """:func:`swiglu` that keeps only ``gate`` and ``up`` for backward (which the projections
+    produced anyway) and recomputes the activation there: Megatron's ``moe_act`` recompute,
+    collective-free."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(swiglu, gate, up, use_reentrant=False)
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up``: Triton kernels on CUDA fp16/bf16 (same shapes and dtype), torch ops
     otherwise."""
@@ -102,10 +111,13 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = backend.row_linear(intermediate_size, hidden_size, group,
                                             name=_join(name, "down_proj"), **common)
 
+    recompute_activation = False  # CausalLM.set_recompute("selective")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sync_input_grad:
             x = copy_to_region(x, self.group)
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        act = swiglu_recomputed if self.recompute_activation else swiglu
+        return self.down_proj(act(self.gate_proj(x), self.up_proj(x)))
 
 
 class DenseMLP(SwiGLUMLP):

@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megatron_ext.checkpoint.hf_sources import HFSource
 from megatron_ext.communication.communicator import FusedReduceAddNorm, LayerCommunicator
@@ -37,7 +38,8 @@ from megatron_ext.layers.moe import MoELayer, RouterStats, load_balancing_loss
 from megatron_ext.layers.rope import RotaryEmbedding
 from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import ParallelGroups
-from megatron_ext.communication.choices import CP_STRATEGIES, MOE_DISPATCHERS, check_choice
+from megatron_ext.communication.choices import (CP_STRATEGIES, MOE_DISPATCHERS, RECOMPUTE_MODES,
+                                                Recompute, check_choice)
 from megatron_ext.communication.scatter_modes import LayerScatterModes
 from megatron_ext.communication.token_layout import TokenLayout
 from megatron_ext.models.config import ModelConfig
@@ -242,6 +244,22 @@ class CausalLM(nn.Module):
         self.backend = backend
         backend.log_once()
 
+    recompute: str = Recompute.NONE
+
+    def set_recompute(self, mode: str) -> None:
+        """Activation recomputation for training. ``full``: each decoder layer keeps only its
+        inputs and runs again in backward — with its collectives (TP/CP/MOE_FULL/all-to-all),
+        which re-run in the same order on every rank because every rank of a group recomputes
+        the same layers at the same point of the same backward graph. ``selective``: only the
+        SwiGLU activation of experts and MLPs, a collective-free region. The attention core is
+        not recomputed in either mode's selective part: CP attention already keeps only q, k, v,
+        its output and the log-sum-exp (flash-style), so recomputing it would save nothing."""
+        check_choice("recompute", mode, RECOMPUTE_MODES)
+        self.recompute = Recompute(mode)
+        for module in self.modules():
+            if hasattr(module, "recompute_activation"):
+                module.recompute_activation = mode == Recompute.SELECTIVE
+
     # ------------------------------------------------------------------ forward
     @property
     def layers(self) -> list[DecoderLayer]:
@@ -327,8 +345,13 @@ class CausalLM(nn.Module):
             hidden = hidden_states
         residual = None
         stats: list[RouterStats] = []
+        full_recompute = self.recompute == Recompute.FULL and torch.is_grad_enabled()
         for layer in layers:
-            hidden, residual, layer_stats = layer(hidden, residual, inputs)
+            if full_recompute:  # the layer's collectives re-run in backward, see set_recompute
+                hidden, residual, layer_stats = checkpoint(layer, hidden, residual, inputs,
+                                                           use_reentrant=False)
+            else:
+                hidden, residual, layer_stats = layer(hidden, residual, inputs)
             if layer_stats is not None:
                 stats.append(layer_stats)
 

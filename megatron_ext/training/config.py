@@ -12,11 +12,10 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
-from megatron_ext.communication.choices import CP_STRATEGIES
+from megatron_ext.communication.choices import CP_STRATEGIES, RECOMPUTE_MODES
 from megatron_ext.layers.backend import TRANSFORMER_IMPLS
 from megatron_ext.parallel.topology import Topology
 
-RECOMPUTE_MODES = ("none", "selective", "full")
 LAYOUT_FIELDS = ("pp", "attn_tp", "attn_cp", "attn_dp", "moe_tp", "moe_ep", "moe_dp")
 
 

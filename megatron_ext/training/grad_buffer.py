@@ -166,6 +166,7 @@ class GradReducer:
     buckets: list[Bucket]
     groups: ParallelGroups
     overlap: bool = True
+    launched_in_backward: int = 0    # buckets whose reduction a backward hook started, this step
     _next: int = 0
     _hooks: list = field(default_factory=list)
 
@@ -196,6 +197,7 @@ class GradReducer:
             bucket.work, bucket.launched = None, False
             bucket.remaining = len(bucket.slots) * micro_batches if self.overlap else 0
         self._next = 0
+        self.launched_in_backward = 0
 
     def _launch_ready(self) -> None:
         while self._next < len(self.buckets):
@@ -204,6 +206,7 @@ class GradReducer:
                 return
             self._launch(bucket)
             self._next += 1
+            self.launched_in_backward += bool(bucket.axes)
 
     def _launch(self, bucket: Bucket) -> None:
         bucket.launched = True

@@ -197,6 +197,7 @@ class Trainer:
                               make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
                               fused_reduce_add_norm=fused_reduce_add_norm(groups, self.device))
         self._init_weights()
+        self.model.set_recompute(cfg.recompute)
         self.named_params = [(checkpoint_name(n, mc), p)
                              for n, p in self.model.named_parameters() if p.requires_grad]
         self.use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from megatron_ext.layers.linear import default_init
-from megatron_ext.layers.mlp import swiglu
+from megatron_ext.layers.mlp import swiglu, swiglu_recomputed
 from megatron_ext.layers.moe.grouped_gemm import Counts, grouped_mm
 from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import ParallelGroups
@@ -69,6 +69,8 @@ class RoutedExperts(nn.Module):
         self.up_proj = make((self.num_local, local_i, h), (e, i, h), splits_in, "up_proj")
         self.down_proj = make((self.num_local, h, local_i), (e, h, i), splits_out, "down_proj")
 
+    recompute_activation = False  # CausalLM.set_recompute("selective")
+
     def forward(self, x_sorted: torch.Tensor, counts: Counts) -> torch.Tensor:
         """``x_sorted`` ``[N, H]`` rows grouped by local expert (``counts[j]`` rows for local
         expert ``j``) → ``[N, H]`` unweighted expert outputs (partial over ``moe_tp``)."""
@@ -78,7 +80,8 @@ class RoutedExperts(nn.Module):
         k = self.use_kernel
         gate = grouped_mm(x_sorted, self.gate_proj.transpose(1, 2), counts, k)
         up = grouped_mm(x_sorted, self.up_proj.transpose(1, 2), counts, k)
-        return grouped_mm(swiglu(gate, up), self.down_proj.transpose(1, 2), counts, k)
+        act = swiglu_recomputed if self.recompute_activation else swiglu
+        return grouped_mm(act(gate, up), self.down_proj.transpose(1, 2), counts, k)
 
     def extra_repr(self) -> str:
         return (f"experts {self.first_expert}:{self.first_expert + self.num_local} of "
