@@ -37,13 +37,34 @@ def _describe(trainer: Trainer) -> str:
             f"model: {cfg.model} ({mc.architecture}, {mc.num_layers} layers, hidden "
             f"{mc.hidden_size}, {mc.num_experts} experts, vocab {mc.vocab_size}, "
             f"{n_params / 1e6:.2f}M params) on {trainer.device}, "
-            f"{'bf16 autocast' if trainer.use_bf16 else 'fp32'}\n"
+            f"{'bf16 (fp32 main weights)' if trainer.use_bf16 else 'fp32'}, distributed "
+            f"optimizer {trainer.optimizer.distributed}, recompute {cfg.recompute}\n"
             f"layers: {trainer.model.backend.describe()}\n"
+            f"{_memory_line(trainer)}\n"
             f"data: {trainer.plan.dataset.source} ({trainer.plan.dataset.meta.num_tokens} tokens, "
             f"tokenizer {trainer.plan.tokenizer.name}); {cfg.train_steps} steps x "
             f"{cfg.global_batch_size} x {cfg.seq_len} tokens, {trainer.micro_batches_per_rank} "
             f"micro-batch(es) per rank"
             + (f", {trainer.pipeline.schedule_name}" if trainer.pipeline else ""))
+
+
+def _memory_line(trainer: Trainer) -> str:
+    """The estimator's per-rank figures, and on CUDA the recompute mode that would fit."""
+    from megatron_ext.training.memory import advise_recompute, estimate
+
+    cfg = trainer.cfg
+    kw = dict(seq_len=cfg.seq_len, micro_batch_size=cfg.micro_batch_size, bf16=trainer.use_bf16,
+              distributed=trainer.optimizer.distributed,
+              micro_batches=trainer.micro_batches_per_rank)
+    mc, topo = trainer.plan.model_config, trainer.groups.topology
+    line = "memory estimate per rank: " + estimate(mc, topo, recompute=cfg.recompute,
+                                                   **kw).describe()
+    if trainer.device.type == "cuda":
+        capacity = torch.cuda.get_device_properties(trainer.device).total_memory
+        advice = advise_recompute(mc, topo, capacity, **kw)
+        line += (f"; fits {capacity / 2**30:.0f} GiB with --recompute {advice}" if advice else
+                 f"; does not fit {capacity / 2**30:.0f} GiB in any recompute mode")
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:

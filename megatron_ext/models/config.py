@@ -248,6 +248,11 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
         vocab_size=151936, hidden_size=2048, num_layers=48, num_heads=32, num_kv_heads=4,
         head_dim=128, intermediate_size=6144, num_experts=128, num_experts_per_tok=8,
         moe_intermediate_size=768, max_position_embeddings=40960),
+    # 12 layers of qwen3-30b-a3b with its layer dimensions: the 2-GPU training benchmark
+    "qwen3-30b-a3b-12l": lambda: _qwen3_moe(
+        vocab_size=151936, hidden_size=2048, num_layers=12, num_heads=32, num_kv_heads=4,
+        head_dim=128, intermediate_size=6144, num_experts=128, num_experts_per_tok=8,
+        moe_intermediate_size=768, max_position_embeddings=40960),
     "qwen1.5-moe-a2.7b": lambda: _qwen2_moe(
         vocab_size=151936, hidden_size=2048, num_layers=24, num_heads=16, num_kv_heads=16,
         head_dim=128, intermediate_size=5632, num_experts=60, num_experts_per_tok=4,

@@ -9,6 +9,7 @@ from megatron_ext.models.config import load_model_config
 from megatron_ext.models.decoder import CausalLM
 from megatron_ext.parallel.groups import ParallelGroups, build_groups
 from megatron_ext.training.config import TrainConfig
+from megatron_ext.training.memory import model_state_bytes
 from megatron_ext.training.trainer import Trainer, validate_launch
 from tests.helpers.multirank import run_ranks
 
@@ -75,6 +76,11 @@ def _layouts_rank(rank: int, world: int, root: str) -> dict:
             groups = groups or build_groups(cfg.topology(world), timeout_s=60)
             trainer = Trainer(cfg, groups, validate_launch(cfg, world))
             assert trainer.optimizer.distributed
+            _, _, _, optim = model_state_bytes(trainer.plan.model_config, groups.topology, rank,
+                                               bf16=False, distributed=True)
+            slack = 8 * sum(groups.axis(b.shard_axis).size for b in trainer.optimizer.buckets
+                            if b.shard_axis)  # bucket padding
+            assert abs(trainer.optimizer.state_bytes() - optim) <= slack, (name, optim)
             history, early = [], []
             for _ in range(cfg.train_steps):
                 m = trainer.train_step()
@@ -90,7 +96,8 @@ def test_recompute_in_parallel_layouts_trains_bitwise_like_no_recompute(tmp_path
     """4 ranks, fp32, distributed optimizer with overlapped reductions: the seed layout, attn_cp 2
     x attn_dp 2 with experts moe_ep 2 x moe_dp 2, and pp 2 x attn_cp 2 — three steps with
     selective and full recompute give bitwise the losses, aux losses, gradient norms and
-    parameters of the run without recompute; bucket reductions started inside backward."""
+    parameters of the run without recompute; bucket reductions started inside backward; each
+    rank's sharded AdamW state is the estimator's figure (up to bucket padding)."""
     results = run_ranks(_layouts_rank, 4, str(tmp_path), timeout=300)
     for rank, out in enumerate(results):
         for name in LAYOUTS:

@@ -1,0 +1,246 @@
+"""Per-rank training memory estimate: parameters, main weights, gradients, optimizer state,
+activations (per recompute mode) and communication buffers — and which layouts of a world fit.
+
+    python -m megatron_ext.training.memory --model qwen3-30b-a3b --world 8 --attn-cp 2 --moe-ep 8 \
+        --moe-dp 1 --seq-len 4096 --micro-batch-size 1 --recompute selective
+    python -m megatron_ext.training.memory --model qwen3-30b-a3b --world 16 --gpu-memory-gb 141
+
+Model state is exact: the rank's parameters are built on the ``meta`` device from its layout (so
+every ``ParamSpec`` split and sync group is the real one) and bucketed as the optimizer does.
+Activations are a count of what autograd keeps per token, mirroring the layers (norm inputs and
+outputs, q/k/v/out and log-sum-exp of flash-style CP attention, router logits, the MoE's sorted
+rows and SwiGLU intermediates, the fp32 logits of the loss), times the micro-batches a pipeline
+stage holds under 1F1B; ``tests/integration/test_memory.py`` checks it against the bytes autograd
+saves on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_ext.communication.choices import RECOMPUTE_MODES, Recompute
+from megatron_ext.parallel.groups import ParallelGroups
+from megatron_ext.parallel.param_meta import get_spec
+from megatron_ext.parallel.topology import LAYOUT_SIZES, Topology, add_layout_arguments
+
+GIB = 2**30
+
+
+def format_bytes(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.2f} MiB"
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes on the busiest rank (of the first stage: it holds the most 1F1B micro-batches)."""
+
+    params: int
+    main_weights: int
+    grads: int
+    optimizer: int
+    activations: int
+    buffers: int
+
+    @property
+    def total(self) -> int:
+        return (self.params + self.main_weights + self.grads + self.optimizer + self.activations
+                + self.buffers)
+
+    def rows(self) -> list[tuple[str, int]]:
+        return [("parameters", self.params), ("main weights", self.main_weights),
+                ("gradients", self.grads), ("optimizer state", self.optimizer),
+                ("activations", self.activations), ("comm/KV buffers", self.buffers),
+                ("total", self.total)]
+
+    def describe(self) -> str:
+        return ", ".join(f"{k} {format_bytes(v)}" for k, v in self.rows())
+
+
+def _stage_params(config, topo: Topology, rank: int) -> list[torch.nn.Parameter]:
+    from megatron_ext.models.decoder import CausalLM
+    from megatron_ext.parallel.stages import stage_layer_range
+
+    groups = ParallelGroups.without_process_groups(topo, rank)
+    stage = groups.coords.pp
+    model = CausalLM(config, groups, pre_process=stage == 0, post_process=stage == topo.pp - 1,
+                     layer_range=stage_layer_range(config.num_layers, topo.pp, stage),
+                     device=torch.device("meta"))
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def model_state_bytes(config, topo: Topology, rank: int, bf16: bool, distributed: bool
+                      ) -> tuple[int, int, int, int]:
+    """``(params, main weights, grads, optimizer)`` bytes of ``rank``: bf16 parameters with fp32
+    main weights/grads, or fp32 parameters updated in place; AdamW's two fp32 moments; the main
+    weights and moments of 1/N of each parameter with the distributed optimizer (N = size of its
+    first non-trivial sync group)."""
+    groups = ParallelGroups.without_process_groups(topo, rank)
+    params = main = grads = optim = 0
+    for p in _stage_params(config, topo, rank):
+        n = p.numel()
+        shard = 1
+        if distributed:
+            axes = [a for a in get_spec(p).grad_sync if groups.axis(a).size > 1]
+            shard = groups.axis(axes[0]).size if axes else 1
+        params += n * (2 if bf16 else 4)
+        grads += n * 4
+        main += (n // shard) * 4 if bf16 else 0
+        optim += (n // shard) * 8
+    return params, main, grads, optim
+
+
+def activation_bytes(config, topo: Topology, seq_len: int, micro_batch_size: int,
+                     recompute: str, bf16: bool, stage: int = 0, micro_batches: int = 1) -> int:
+    """What autograd keeps for one stage's forward (see the module doc), times the micro-batches
+    in flight on ``stage`` (1F1B: ``min(pp - stage, micro_batches)``)."""
+    from megatron_ext.parallel.stages import stage_layer_range
+
+    b = 2 if bf16 else 4
+    h, d = config.hidden_size, config.head_dim
+    tp, cp = topo.attn_tp, topo.attn_cp
+    t = micro_batch_size * -(-seq_len // (2 * cp)) * 2  # tokens of this rank's attention group
+    nq, nkv = config.num_heads // tp, max(1, config.num_kv_heads // tp)
+    start, stop = stage_layer_range(config.num_layers, topo.pp, stage)
+    per_layer = []
+    for i in range(start, stop):
+        norms = 2 * (2 * h * b + 4)                       # two RMSNorms: input, output, rstd
+        attn = h * b + (nq + 2 * nkv) * d * b + 2 * d * 4  # projections' input, q/k/v, cos/sin
+        if config.qk_norm:
+            attn += 2 * (nq + nkv) * d * b + (nq + nkv) * 4
+        attn += (nq + 2 * nkv) * d * b + nq * d * b + nq * 4  # rotated q/k, v, output, lse
+        if config.is_sparse(i):
+            k = topo.token_group_size
+            rows = k * config.num_experts_per_tok / topo.moe_ep  # expert rows per local token
+            inter = config.moe_intermediate_size // topo.moe_tp
+            swiglu = (3 if recompute == Recompute.SELECTIVE else 4) * inter * b
+            mlp = k * (h * b + config.num_experts * 4 + config.num_experts_per_tok * 12) \
+                + rows * (2 * h * b + swiglu + 16)
+            if config.shared_expert_intermediate_size:
+                si = config.shared_expert_intermediate_size // topo.moe_shard_size
+                mlp += k * (h * b + (3 if recompute == Recompute.SELECTIVE else 4) * si * b)
+        else:
+            inter = config.intermediate_size // tp
+            mlp = h * b + (3 if recompute == Recompute.SELECTIVE else 4) * inter * b
+        per_token = norms + attn + mlp
+        if recompute == Recompute.FULL:
+            per_token = 2 * h * b                        # the layer's inputs: hidden, residual
+        per_layer.append(per_token)
+    total = t * sum(per_layer)
+    if stage == topo.pp - 1:  # final norm + fp32 logits of the vocabulary shard
+        total += t * (2 * h * b + 4 + config.vocab_size // tp * 4)
+    in_flight = min(topo.pp - stage, micro_batches) if topo.pp > 1 else 1
+    return int(total * in_flight)
+
+
+def buffer_bytes(config, topo: Topology, seq_len: int, micro_batch_size: int, bf16: bool) -> int:
+    """Transient buffers of one layer: the CP all-gathered K/V and the MoE token-group gather."""
+    b = 2 if bf16 else 4
+    nkv = max(1, config.num_kv_heads // topo.attn_tp)
+    full = micro_batch_size * seq_len
+    kv = 2 * full * nkv * config.head_dim * b if topo.attn_cp > 1 else 0
+    t = full / topo.attn_cp
+    moe = t * topo.token_group_size * config.hidden_size * b * 2 if any(config.sparse_layers) \
+        else 0
+    return int(kv + moe)
+
+
+def estimate(config, topo: Topology, *, seq_len: int, micro_batch_size: int, recompute: str,
+             bf16: bool = True, distributed: bool = True, micro_batches: int = 1
+             ) -> MemoryEstimate:
+    """The estimate for the first stage's rank 0 (the busiest under 1F1B)."""
+    params, main, grads, optim = model_state_bytes(config, topo, 0, bf16, distributed)
+    acts = activation_bytes(config, topo, seq_len, micro_batch_size, recompute, bf16, 0,
+                            micro_batches)
+    return MemoryEstimate(params, main, grads, optim, acts,
+                          buffer_bytes(config, topo, seq_len, micro_batch_size, bf16))
+
+
+def advise_recompute(config, topo: Topology, capacity_bytes: float, **kw) -> Optional[str]:
+    """The lightest recompute mode whose estimate fits ``capacity_bytes`` (None: none fits)."""
+    for mode in RECOMPUTE_MODES:
+        if estimate(config, topo, recompute=mode, **kw).total <= capacity_bytes:
+            return mode
+    return None
+
+
+def layouts_of(world: int, config) -> list[Topology]:
+    """Every layout of ``world`` ranks the model fits (pp, attention tp/cp, experts ep/tp)."""
+    divisors = [d for d in range(1, world + 1) if world % d == 0]
+    found = []
+    for pp in divisors:
+        stage = world // pp
+        for tp in (d for d in divisors if stage % d == 0):
+            for cp in (d for d in divisors if stage % (tp * d) == 0):
+                for ep in (d for d in divisors if stage % d == 0):
+                    for mt in (d for d in divisors if stage % (ep * d) == 0):
+                        try:
+                            topo = Topology(world=world, pp=pp, attn_tp=tp, attn_cp=cp,
+                                            moe_ep=ep, moe_tp=mt)
+                            config.check_fits(topo)
+                            if config.num_layers < pp:
+                                continue
+                        except ValueError:
+                            continue
+                        found.append(topo)
+    return found
+
+
+def _layout_name(topo: Topology) -> str:
+    return (f"pp{topo.pp} tp{topo.attn_tp} cp{topo.attn_cp} dp{topo.attn_dp} | "
+            f"ep{topo.moe_ep} etp{topo.moe_tp} edp{topo.moe_dp}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from megatron_ext.models.config import load_model_config
+
+    parser = argparse.ArgumentParser(prog="python -m megatron_ext.training.memory",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="preset name or HF directory")
+    parser.add_argument("--world", type=int, required=True)
+    add_layout_arguments(parser)
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--micro-batch-size", type=int, default=1)
+    parser.add_argument("--micro-batches", type=int, default=1, help="per rank per step")
+    parser.add_argument("--recompute", choices=RECOMPUTE_MODES, default="none")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--distributed-optimizer", type=int, choices=(0, 1), default=1)
+    parser.add_argument("--gpu-memory-gb", type=float, default=None,
+                        help="list every layout of --world that fits this memory")
+    args = parser.parse_args(argv)
+    try:
+        config = load_model_config(args.model)
+        kw = dict(seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,
+                  bf16=args.dtype == "bf16", distributed=bool(args.distributed_optimizer),
+                  micro_batches=args.micro_batches)
+        if args.gpu_memory_gb is None:
+            sizes = {k: getattr(args, k) for k in LAYOUT_SIZES if getattr(args, k) is not None}
+            topo = Topology(world=args.world, **sizes)
+            config.check_fits(topo)
+            print(f"{args.model} {_layout_name(topo)}, seq {args.seq_len} x mbs "
+                  f"{args.micro_batch_size}, {args.dtype}, distributed optimizer "
+                  f"{bool(args.distributed_optimizer)}; per rank:")
+            for mode in RECOMPUTE_MODES:
+                est = estimate(config, topo, recompute=mode, **kw)
+                print(f"  recompute {mode:9s}: " + est.describe())
+            return 0
+        limit = args.gpu_memory_gb * 1e9
+        print(f"layouts of {args.world} ranks for {args.model} within {args.gpu_memory_gb} GB "
+              f"(seq {args.seq_len} x mbs {args.micro_batch_size}, {args.dtype}):")
+        for topo in layouts_of(args.world, config):
+            mode = advise_recompute(config, topo, limit, **kw)
+            if mode is not None:
+                est = estimate(config, topo, recompute=mode, **kw)
+                print(f"  {_layout_name(topo):40s} recompute {mode:9s} "
+                      f"{est.total / GIB:7.1f} GiB")
+        return 0
+    except ValueError as err:
+        print(f"memory: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
