@@ -29,12 +29,12 @@ import torch
 
 from megatron_ext.communication.choices import CP_STRATEGIES, CPStrategy
 from megatron_ext.evaluation.context import EvalContext
-from megatron_ext.layers.backend import (TRANSFORMER_IMPLS, TransformerImpl,
-                                         resolve_transformer_impl)
+from megatron_ext.layers.backend import resolve_transformer_impl
 from megatron_ext.evaluation.model_source import open_model_source
 from megatron_ext.evaluation.results import ResultsStore
 from megatron_ext.evaluation.retrieval import DEFAULT_ANSWER_TOKENS, GridSettings
 from megatron_ext.evaluation.windows import WindowSettings
+from megatron_ext.cli.model_args import add_model_build_arguments
 from megatron_ext.layers.embedding import padded_vocab_size
 from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import build_groups, init_distributed
@@ -93,12 +93,7 @@ def _args(argv):
     p.add_argument("--lm-eval-include", default=None, help="lm_eval: directory of task YAMLs")
     p.add_argument("--lm-eval-limit", type=int, default=None, help="lm_eval: examples per task")
     p.add_argument("--cp-comm", choices=CP_STRATEGIES, default=CPStrategy.ALL_GATHER)
-    p.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default=TransformerImpl.AUTO,
-                   help="layer implementation: native, te (TransformerEngine, CUDA) or auto (te "
-                        "where it imports on CUDA)")
-    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
-                   help="pad the vocabulary in memory to a multiple of this x attn_tp "
-                        "(Megatron's default 128; files keep the real size)")
+    add_model_build_arguments(p)
     add_layout_arguments(p, (Axis.ATTN_TP, Axis.ATTN_CP, Axis.MOE_TP, Axis.MOE_EP, Axis.MOE_DP))
     args = p.parse_args(argv)
     args.task = list(dict.fromkeys(args.task or ["perplexity"]))

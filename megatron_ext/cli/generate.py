@@ -30,8 +30,7 @@ import torch
 
 from megatron_ext.communication.choices import CP_STRATEGIES, CPStrategy
 from megatron_ext.data.tokenizer import load_tokenizer
-from megatron_ext.layers.backend import (TRANSFORMER_IMPLS, TransformerImpl,
-                                         resolve_transformer_impl)
+from megatron_ext.layers.backend import resolve_transformer_impl
 from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import (AxisGroup, ParallelGroups, build_groups,
                                           init_distributed)
@@ -40,6 +39,7 @@ from megatron_ext.parallel.topology import (GROUP_AXES, add_layout_arguments,
 from megatron_ext.serving import (SamplingParams, check_generate_inputs, generate_batch,
                                   left_pad)
 from megatron_ext.models.config import ModelConfig
+from megatron_ext.cli.model_args import add_model_build_arguments
 from megatron_ext.layers.embedding import padded_vocab_size
 from megatron_ext.models.decoder import CausalLM
 
@@ -66,12 +66,7 @@ def _args(argv):
                    help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--cp-comm", choices=CP_STRATEGIES, default=CPStrategy.ALL_GATHER,
                    help="K/V exchange of the CP prefill")
-    p.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default=TransformerImpl.AUTO,
-                   help="layer implementation: native, te (TransformerEngine, CUDA) or auto (te "
-                        "where it imports on CUDA)")
-    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
-                   help="pad the vocabulary in memory to a multiple of this x attn_tp "
-                        "(Megatron's default 128; files keep the real size)")
+    add_model_build_arguments(p)
     add_layout_arguments(p, (Axis.ATTN_TP, Axis.ATTN_CP, Axis.MOE_TP, Axis.MOE_EP, Axis.MOE_DP))
     return p.parse_args(argv)
 
