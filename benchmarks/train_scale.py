@@ -62,7 +62,7 @@ def run_ours(args, topo: Topology, groups) -> dict:
     layout = LAYOUTS[args.layout]
     cfg = TrainConfig(model=MODEL, seq_len=args.seq_len, micro_batch_size=1,
                       global_batch_size=topo.attn_dp * args.micro_batches,
-                      train_steps=args.warmup + args.steps, warmup_steps=1, lr=1e-4,
+                      train_steps=args.warmup + args.steps, warmup_steps=1, lr=1e-4, min_lr=1e-5,
                       progress=False, tensorboard=False, save_at_end=False, save_interval=0,
                       dtype="bf16", device="cuda", recompute=args.recompute,
                       distributed_optimizer=not args.no_distributed_optimizer,

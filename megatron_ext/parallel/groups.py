@@ -113,6 +113,8 @@ class ParallelGroups:
             embd=pg(self.embedding), ep=pg(self.moe_ep), expt_tp=pg(self.moe_tp),
             expt_dp=pg(self.moe_dp), tp_ep=pg(self.moe_shard), tp_dp_cp=pg(self.stage),
             intra_dp_cp=pg(self.attn_dp_cp), intra_expt_dp=pg(self.moe_dp),
+            # one distributed-optimizer instance spans the run (megatron-core's default)
+            intra_dist_opt=self.world.group,
         )
 
 
