@@ -115,6 +115,8 @@ class ParallelGroups:
             intra_dp_cp=pg(self.attn_dp_cp), intra_expt_dp=pg(self.moe_dp),
             # one distributed-optimizer instance spans the run (megatron-core's default)
             intra_dist_opt=self.world.group,
+            # expert tp x ep x pp: the MoE shard when there is one stage (no such axis across stages)
+            tp_ep_pp=pg(self.moe_shard) if self.topology.pp == 1 else None,
         )
 
 
