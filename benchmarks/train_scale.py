@@ -135,7 +135,8 @@ def run_mcore(args, topo: Topology, groups) -> dict:
     opt = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=1e-4, bf16=True, weight_decay=0.1, clip_grad=1.0,
                         use_distributed_optimizer=not args.no_distributed_optimizer,
-                        adam_beta1=0.9, adam_beta2=0.95), [model], **kw)
+                        adam_beta1=0.9, adam_beta2=0.95), [model],
+        use_gloo_process_groups=False, **kw)
     cp, cp_rank = topo.attn_cp, groups.attn_cp.rank
     gen = torch.Generator().manual_seed(0)
     times = []
