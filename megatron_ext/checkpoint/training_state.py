@@ -15,15 +15,19 @@ object) and each rank's RNG states (``rng/rank_<r>``; restored only when the sam
 Publishing is atomic: ranks write into ``step_<N>.partial/``; once DCP has written its metadata
 (after every rank finished writing), rank 0 renames the directory to ``step_<N>``. A crash at any
 point leaves either no ``step_<N>`` or a complete one; ``latest_checkpoint`` only considers
-complete ones, and leftovers are removed by the next save.
+complete ones, and leftovers are removed by the next save. Before the rename, every rank hashes
+its share of the files and rank 0 writes ``manifest.json`` (per-file SHA-256) and
+``lineage.json`` (save order, see ``checkpoint_dirs``); loads verify the files first (each rank a
+share), so a corrupted or truncated file is an error naming it on every rank, never NaN weights.
 """
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
-import re
 import shutil
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -39,10 +43,20 @@ from torch.distributed.checkpoint.planner import (LoadItemType, LoadPlan, ReadIt
                                                   TensorWriteData, WriteItem, WriteItemType)
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from megatron_ext.checkpoint.checkpoint_dirs import (LINEAGE_FILE, PARTIAL_SUFFIX, STEP_DIR,
+                                                     checkpoint_path, complete_checkpoints,
+                                                     is_complete, latest_checkpoint,
+                                                     next_lineage, resolve_resume)
+from megatron_ext.checkpoint.manifest import (MANIFEST_FILE, ChecksumMismatch, digest_files,
+                                              read_manifest, verify_directory, verify_files,
+                                              write_manifest)
 from megatron_ext.parallel.param_meta import ParamSpec, get_spec
 
-STEP_DIR = re.compile(r"^step_(\d{8})$")
-PARTIAL_SUFFIX = ".partial"
+__all__ = ["STEP_DIR", "PARTIAL_SUFFIX", "checkpoint_path", "complete_checkpoints",
+           "latest_checkpoint", "resolve_resume", "save_checkpoint", "load_checkpoint",
+           "read_train_state", "load_global_tensors", "collect_shards", "Shard",
+           "ChecksumMismatch", "verify_checkpoint"]
+
 TRAIN_STATE_KEY = "train_state"
 
 
@@ -254,45 +268,64 @@ def _dcp(fn, *args, **kwargs):
         return fn(*args, no_dist=no_dist, **kwargs)
 
 
-# ---------------------------------------------------------------------- directories
-def checkpoint_path(root: str, step: int) -> str:
-    return os.path.join(root, f"step_{step:08d}")
+# ---------------------------------------------------------------------- verification
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def complete_checkpoints(root: str) -> list[tuple[int, str]]:
-    """``(step, path)`` of every published checkpoint under ``root``, oldest first."""
-    if not os.path.isdir(root):
-        return []
-    found = []
-    for name in os.listdir(root):
-        match = STEP_DIR.match(name)
-        path = os.path.join(root, name)
-        if match and os.path.isfile(os.path.join(path, ".metadata")):
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+def _share_of_files(directory: str) -> list[str]:
+    """This rank's share of the files to hash (every rank lists the same directory)."""
+    names = sorted(n for n in os.listdir(directory) if n != MANIFEST_FILE)
+    return names[_rank()::_world()]
 
 
-def latest_checkpoint(root: str) -> Optional[str]:
-    found = complete_checkpoints(root)
-    return found[-1][1] if found else None
+def verify_checkpoint(path: str, *, collective: bool = False) -> None:
+    """Check the files of checkpoint ``path`` against its manifest. ``collective``: every rank
+    of the world checks a share and all learn the first failure (call on every rank)."""
+    if not collective or _world() == 1:
+        verify_directory(path)
+        return
+    error = None
+    recorded = read_manifest(path)
+    if recorded is not None:
+        try:
+            verify_files(path, recorded, sorted(recorded)[_rank()::_world()])
+        except ChecksumMismatch as err:
+            error = str(err)
+    errors: list = [None] * _world()
+    dist.all_gather_object(errors, error)
+    failed = [e for e in errors if e]
+    if failed:
+        raise ChecksumMismatch(failed[0])
 
 
-def resolve_resume(resume: Optional[str], root: str) -> Optional[str]:
-    """``None``: start fresh; ``"latest"``: newest complete checkpoint under ``root`` (fresh when
-    there is none); else a checkpoint directory, which must be complete."""
-    if resume is None:
-        return None
-    if resume == "latest":
-        return latest_checkpoint(root)
-    if not os.path.isfile(os.path.join(resume, ".metadata")):
-        raise ValueError(f"resume={resume!r} is not a complete checkpoint (no .metadata)")
-    return resume
+def _publish_manifest(partial: str) -> None:
+    """Every rank hashes a share of ``partial``'s files; rank 0 writes the manifest."""
+    digests = digest_files(partial, _share_of_files(partial))
+    if _world() > 1:
+        gathered: Optional[list] = [None] * _world() if _rank() == 0 else None
+        dist.gather_object(digests, gathered, dst=0)
+        if _rank() == 0:
+            digests = {k: v for part in gathered for k, v in part.items()}
+    if _rank() == 0:
+        write_manifest(partial, digests)
+
+
+def _read_error(path: str, err: BaseException) -> ValueError:
+    """A DCP read failure (``EOFError``, unpickling errors, ...) as one line naming ``path``."""
+    text = " ".join(str(err).split())[:300]
+    return ValueError(f"reading checkpoint {path} failed ({type(err).__name__}: {text}); it has "
+                      f"no manifest to tell which file is damaged" if read_manifest(path) is None
+                      else f"reading checkpoint {path} failed ({type(err).__name__}: {text})")
 
 
 # ---------------------------------------------------------------------- save / load
 def save_checkpoint(root: str, step: int, shards: dict[str, list[Shard]], train_state: dict,
-                    keep: int = 2, storage_writer: Optional[dcp.StorageWriter] = None) -> str:
-    """Write and publish ``step_<step>`` (collective over the world). Returns its path."""
+                    keep: int = 2, storage_writer: Optional[dcp.StorageWriter] = None, *,
+                    run_id: str = "", resumed_from: Optional[str] = None) -> str:
+    """Write and publish ``step_<step>`` (collective over the world). Returns its path. Rotation
+    keeps the ``keep`` most recently *saved* checkpoints (``checkpoint_dirs``), this one
+    included."""
     final = checkpoint_path(root, step)
     partial = final + PARTIAL_SUFFIX
     rank = _rank()
@@ -302,6 +335,10 @@ def save_checkpoint(root: str, step: int, shards: dict[str, list[Shard]], train_
             if name.endswith(PARTIAL_SUFFIX):
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         os.makedirs(partial)
+        lineage = next_lineage(root, step, run_id, time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                               resumed_from)
+        with open(os.path.join(partial, LINEAGE_FILE), "w", encoding="utf-8") as f:
+            json.dump(lineage, f)
     _barrier()
     state_dict: dict[str, Any] = {k: (s[0].tensor if s else None) for k, s in shards.items()}
     state_dict[TRAIN_STATE_KEY] = train_state
@@ -309,6 +346,7 @@ def save_checkpoint(root: str, step: int, shards: dict[str, list[Shard]], train_
     writer = storage_writer or dcp.FileSystemWriter(partial, single_file_per_rank=True)
     _dcp(dcp.save, state_dict, storage_writer=writer, planner=ShardSavePlanner(shards))
     # dcp.save returns on every rank only after the coordinator wrote .metadata
+    _publish_manifest(partial)
     if rank == 0:
         if os.path.isdir(final):  # re-save of a published step (e.g. resumed at it): replace
             shutil.rmtree(final)
@@ -334,10 +372,11 @@ def _fsync_dir(path: str) -> None:
 def load_checkpoint(path: str, shards: dict[str, list[Shard]]) -> dict:
     """Load ``shards`` in place from the checkpoint at ``path`` (any layout) and restore this
     rank's RNG state when the checkpoint has one for it. Returns the training state."""
-    if not os.path.isfile(os.path.join(path, ".metadata")):
+    if not is_complete(path):
         raise ValueError(f"{path!r} is not a complete checkpoint (no .metadata)")
+    verify_checkpoint(path, collective=True)
     reader = dcp.FileSystemReader(path)
-    saved = reader.read_metadata().state_dict_metadata
+    saved = _read_metadata(reader, path)
     rng_key = f"rng/rank_{_rank()}"
     state_dict: dict[str, Any] = {k: (s[0].tensor if s else None) for k, s in shards.items()}
     state_dict[TRAIN_STATE_KEY] = None
@@ -345,32 +384,50 @@ def load_checkpoint(path: str, shards: dict[str, list[Shard]]) -> dict:
         state_dict[rng_key] = None
     check_loadable(saved, shards, [TRAIN_STATE_KEY])
     with torch.no_grad():
-        _dcp(dcp.load, state_dict, storage_reader=reader, planner=ShardLoadPlanner(shards))
+        try:
+            _dcp(dcp.load, state_dict, storage_reader=reader, planner=ShardLoadPlanner(shards))
+        except ValueError:
+            raise
+        except Exception as err:  # noqa: BLE001 - DCP wraps EOFError & co. per rank
+            raise _read_error(path, err) from None
     if state_dict.get(rng_key) is not None:
         set_rng_state(state_dict[rng_key])
     return state_dict[TRAIN_STATE_KEY]
 
 
+def _read_metadata(reader: dcp.FileSystemReader, path: str) -> dict:
+    try:
+        return reader.read_metadata().state_dict_metadata
+    except Exception as err:  # noqa: BLE001 - a truncated .metadata is a bare EOFError
+        raise _read_error(path, err) from None
+
+
+def _load_one_process(path: str, state_dict: dict, shards: dict[str, list[Shard]]) -> None:
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state_dict, storage_reader=dcp.FileSystemReader(path),
+                     planner=ShardLoadPlanner(shards), no_dist=True)
+    except ValueError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise _read_error(path, err) from None
+
+
 def read_train_state(path: str) -> dict:
-    """The training state of a checkpoint, read in one process (no collectives)."""
+    """The training state of a checkpoint, read in one process (no collectives, unverified:
+    call :func:`verify_checkpoint` first where the files matter)."""
     state_dict: dict[str, Any] = {TRAIN_STATE_KEY: None}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state_dict, storage_reader=dcp.FileSystemReader(path),
-                 planner=ShardLoadPlanner({}), no_dist=True)
+    _load_one_process(path, state_dict, {})
     return state_dict[TRAIN_STATE_KEY]
 
 
 def load_global_tensors(path: str) -> dict[str, torch.Tensor]:
     """Every saved tensor as a full global tensor (one process; for tests and conversion)."""
-    reader = dcp.FileSystemReader(path)
-    metadata = reader.read_metadata().state_dict_metadata
+    metadata = _read_metadata(dcp.FileSystemReader(path), path)
     shards = {k: [Shard(torch.empty(tuple(md.size), dtype=md.properties.dtype), tuple(md.size),
                         (0,) * len(md.size))]
               for k, md in metadata.items() if isinstance(md, TensorStorageMetadata)}
     state_dict: dict[str, Any] = {k: s[0].tensor for k, s in shards.items()}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state_dict, storage_reader=reader, planner=ShardLoadPlanner(shards),
-                 no_dist=True)
+    _load_one_process(path, state_dict, shards)
     return {k: s[0].tensor for k, s in shards.items()}

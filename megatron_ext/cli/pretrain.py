@@ -10,8 +10,11 @@ Defaults: the tiny Qwen3-MoE preset (vocabulary grown to hold the byte tokenizer
 Shakespeare corpus, 40 steps of 8 x 128 tokens, and with no layout flags the seed layout (attention
 TP 2 x CP 2, one MoE shard of moe_tp 4) on 4 ranks. Writes ``runs/pretrain/`` (checkpoints/,
 metrics.jsonl, tensorboard/ when installed). Settings come from defaults < ``--config`` YAML <
-flags. Exit codes: 0 done, 2 invalid launch (nothing started), 3 loss diverged (NaN/inf), 1 other
-failure (e.g. a rank died: the others fail within ``--dist-timeout-s``).
+flags. Exit codes: 0 done, 2 invalid launch or input (nothing written; e.g. ``--output-dir`` owned
+by another live run, checkpoints there without ``--resume``/``--overwrite``, a corrupted
+checkpoint), 3 loss diverged (NaN/inf), 1 other failure (e.g. a rank died: the others fail within
+``--dist-timeout-s``). SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 end the run after the current step with a
+checkpoint of it and exit 0; a second signal exits at once.
 """
 from __future__ import annotations
 
@@ -19,12 +22,18 @@ import os
 import sys
 import time
 import traceback
+from typing import Optional
 
 import torch
 
+from megatron_ext.checkpoint.checkpoint_dirs import checkpoint_path as ckpt_path
+from megatron_ext.checkpoint.checkpoint_dirs import describe_checkpoint
+from megatron_ext.cli.common import refuse, teardown_distributed
 from megatron_ext.parallel.groups import ParallelGroups, build_groups, init_distributed
 from megatron_ext.training.config import TrainConfig
 from megatron_ext.training.logging import MetricsLogger
+from megatron_ext.training.preemption import ExitSignalHandler
+from megatron_ext.training.run_dir import RunDirLock
 from megatron_ext.training.trainer import Trainer, TrainingDiverged, validate_launch
 
 
@@ -67,17 +76,28 @@ def _memory_line(trainer: Trainer) -> str:
     return line
 
 
+def _take_run_dir(cfg: TrainConfig, rank: int) -> Optional[RunDirLock]:
+    """Rank 0 locks ``output_dir``; the other ranks refuse when another run holds it."""
+    lock = RunDirLock(cfg.output_dir)
+    if rank == 0:
+        return lock.acquire()
+    lock.check_not_taken()
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    lock: Optional[RunDirLock] = None
     try:  # everything checkable without process groups, identically on every rank
         cfg = TrainConfig.from_args(argv)
+        lock = _take_run_dir(cfg, rank)
         plan = validate_launch(cfg, world)
-    except ValueError as err:
-        if rank == 0:
-            print(f"pretrain.py: invalid launch: {err}", file=sys.stderr, flush=True)
-        return 2
+    except (ValueError, OSError) as err:
+        if lock:
+            lock.release()
+        return refuse("pretrain.py", err, "invalid launch")
     try:
         if world > 1:
             init_distributed(timeout_s=cfg.dist_timeout_s)
@@ -87,12 +107,17 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, groups, plan)
         resumed = trainer.resume()
         if rank == 0:
-            print(_describe(trainer) + (f"\nresumed from {resumed} at step {trainer.step}"
+            print(_describe(trainer) + (f"\nresumed from {describe_checkpoint(resumed)}"
                                         if resumed else ""), flush=True)
         logger = MetricsLogger(cfg.output_dir, cfg.train_steps, trainer.step, enabled=rank == 0,
                                progress=cfg.progress, tensorboard=cfg.tensorboard)
-        history = trainer.train(logger)
-        if rank == 0:
+        with ExitSignalHandler(trainer.device) as signals:
+            history = trainer.train(logger, stop=signals.agreed)
+        if rank == 0 and trainer.stopped_by:
+            print(f"stopped by {signals.name(trainer.stopped_by)} after step {trainer.step}: "
+                  f"saved {ckpt_path(cfg.checkpoint_dir, trainer.step)}; continue with --resume",
+                  flush=True)
+        elif rank == 0:
             last = history[-1] if history else None
             summary = (f"final loss {last.loss:.4f} (first {history[0].loss:.4f}), "
                        f"{sum(m.tokens for m in history) / sum(m.step_time_s for m in history):.0f}"
@@ -100,17 +125,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"done: {trainer.step} steps, {summary}, checkpoints in {cfg.checkpoint_dir}, "
                   f"metrics in {logger.metrics_path}, {time.perf_counter() - start:.1f}s",
                   flush=True)
-        if world > 1:
-            torch.distributed.destroy_process_group()
+        teardown_distributed()
+        if lock:
+            lock.release()
         return 0
     except TrainingDiverged as err:
         if rank == 0:
             print(f"pretrain.py: training diverged: {err}", file=sys.stderr, flush=True)
         code = 3
+    except ValueError as err:  # raised alike on every rank (e.g. a corrupted checkpoint)
+        code = refuse("pretrain.py", err)
     except BaseException:  # a dead peer, a timeout, a bug: report and leave without teardown
         print(f"pretrain.py: rank {rank} failed:\n{traceback.format_exc()}", file=sys.stderr,
               flush=True)
         code = 1
+    if lock:
+        lock.release()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # never block in process-group teardown with dead peers

@@ -15,6 +15,7 @@ from typing import Any, Optional
 from megatron_ext.communication.choices import CP_STRATEGIES, RECOMPUTE_MODES
 from megatron_ext.layers.backend import TRANSFORMER_IMPLS
 from megatron_ext.parallel.topology import Topology
+from megatron_ext.training.config_types import coerce_setting, parse_bool
 
 LAYOUT_FIELDS = ("pp", "attn_tp", "attn_cp", "attn_dp", "moe_tp", "moe_ep", "moe_dp")
 
@@ -90,6 +91,8 @@ class TrainConfig:
     keep_checkpoints: int = _help("complete checkpoints kept (older ones deleted)", default=2)
     resume: Optional[str] = _help("'latest' (newest complete checkpoint in output_dir, if any) "
                                   "or a checkpoint directory", default=None)
+    overwrite: bool = _help("start a new run in an output_dir that holds checkpoints (they are "
+                            "rotated out by the new run's saves)", default=False)
     log_interval: int = _help("print / log metrics every N steps", default=1)
     progress: bool = _help("tqdm progress bar on rank 0", default=True)
     tensorboard: bool = _help("TensorBoard scalars when tensorboard is importable", default=True)
@@ -99,6 +102,9 @@ class TrainConfig:
                                               default=None)
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # YAML and Python callers get the flags' types (or an error)
+            setattr(self, f.name, coerce_setting(f.name, getattr(self, f.name), f.type,
+                                                 "setting"))
         for name in ("seq_len", "micro_batch_size", "global_batch_size", "train_steps",
                      "keep_checkpoints", "log_interval", "pp", "make_vocab_size_divisible_by"):
             value = getattr(self, name)
@@ -193,7 +199,8 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: "
                              f"{', '.join(sorted(known))}")
-        return cls(**values)
+        typed = {f.name: f.type for f in fields(cls)}
+        return cls(**{k: coerce_setting(k, v, typed[k], source) for k, v in values.items()})
 
     @classmethod
     def from_yaml(cls, path: str) -> "TrainConfig":
@@ -232,8 +239,11 @@ def load_yaml(path: str) -> dict:
 
     if not os.path.isfile(path):
         raise ValueError(f"config file {path!r} does not exist")
-    with open(path) as f:
-        values = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a valid YAML file ({' '.join(str(err).split())})") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of settings, got {type(values).__name__}")
     return {k.replace("-", "_"): v for k, v in values.items()}
@@ -252,12 +262,10 @@ def _parse_overrides(items: list[str]) -> dict:
 
 
 def _bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean")
+    try:
+        return parse_bool(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

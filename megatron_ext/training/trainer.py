@@ -22,9 +22,10 @@ from __future__ import annotations
 import math
 import os
 import time
+import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import ParallelGroups
 from megatron_ext.parallel.topology import Topology
 from megatron_ext.checkpoint import training_state as ckpt
+from megatron_ext.checkpoint.checkpoint_dirs import describe_checkpoint
 from megatron_ext.training.config import TrainConfig
 from megatron_ext.training.logging import MetricsLogger
 from megatron_ext.training.optimizer import LRSchedule, TrainOptimizer
@@ -95,6 +97,8 @@ def validate_launch(cfg: TrainConfig, world: int) -> LaunchPlan:
     from megatron_ext.parallel.stages import stage_layer_range
 
     topo = cfg.topology(world)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but CUDA is not available on this machine (use --device cpu)")
     tokenizer = load_tokenizer(cfg.tokenizer)
     model_config = build_model_config(cfg, tokenizer)
     model_config.check_fits(topo)
@@ -106,6 +110,11 @@ def validate_launch(cfg: TrainConfig, world: int) -> LaunchPlan:
     dataset.check_for(cfg.seq_len, cfg.global_batch_size, model_config.vocab_size,
                       tokenizer.name)
     resume_from = ckpt.resolve_resume(cfg.resume, cfg.checkpoint_dir)
+    existing = ckpt.latest_checkpoint(cfg.checkpoint_dir)
+    if cfg.resume is None and existing and not cfg.overwrite:
+        raise ValueError(f"output_dir {cfg.output_dir} already holds checkpoints (last saved: "
+                         f"{describe_checkpoint(existing)}); pass --resume to continue that run, "
+                         f"--overwrite to start a new one there, or another --output-dir")
     on_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     impl = resolve_transformer_impl(cfg.transformer_impl, cuda_available=on_cuda)
     return LaunchPlan(topo, model_config, tokenizer, dataset, resume_from, impl)
@@ -216,10 +225,12 @@ class Trainer:
         self.micro_batches_per_rank = cfg.num_microbatches(topo)
         self.step = 0
         self.consumed_samples = 0
+        self.run_id = uuid.uuid4().hex[:12]  # names this run in its checkpoints' lineage
         self.pipeline = None
         if topo.pp > 1:
             self.pipeline = self._build_pipeline()
         self.logger: Optional[MetricsLogger] = None
+        self.stopped_by = 0
 
     # ------------------------------------------------------------------ setup
     def _init_weights(self) -> None:
@@ -343,7 +354,8 @@ class Trainer:
                              Axis.MOE_DP)},
                  "data": self.plan.dataset.source, "seed": self.cfg.seed}
         return ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.step, self._shards(), state,
-                                    keep=self.cfg.keep_checkpoints)
+                                    keep=self.cfg.keep_checkpoints, run_id=self.run_id,
+                                    resumed_from=self.plan.resume_from)
 
     def load(self, path: str) -> dict:
         state = ckpt.load_checkpoint(path, self._shards())
@@ -364,8 +376,11 @@ class Trainer:
             self.load(self.plan.resume_from)
         return self.plan.resume_from
 
-    def train(self, logger: Optional[MetricsLogger] = None) -> list[StepMetrics]:
-        """Steps from the current one to ``train_steps``; saves on the way and at the end."""
+    def train(self, logger: Optional[MetricsLogger] = None,
+              stop: Optional[Callable[[], int]] = None) -> list[StepMetrics]:
+        """Steps from the current one to ``train_steps``; saves on the way and at the end.
+        ``stop`` (called after every step on every rank, same answer everywhere): non-zero ends
+        the run after a save of that step; ``self.stopped_by`` keeps the value."""
         cfg = self.cfg
         history = []
         try:
@@ -376,11 +391,14 @@ class Trainer:
                     if metrics.step % cfg.log_interval == 0 or metrics.step == cfg.train_steps:
                         logger.log(metrics.step, metrics.as_dict())
                     logger.advance()
-                if cfg.save_interval and metrics.step % cfg.save_interval == 0 \
-                        and metrics.step < cfg.train_steps:
+                self.stopped_by = stop() if stop is not None else 0
+                if self.stopped_by or (cfg.save_interval and metrics.step % cfg.save_interval == 0
+                                       and metrics.step < cfg.train_steps):
                     path = self.save()
                     if logger:
                         logger.message(f"saved {path}")
+                if self.stopped_by:
+                    return history
             if cfg.save_at_end and history:
                 path = self.save()
                 if logger:

@@ -78,6 +78,67 @@ def test_killed_rank_fails_the_other_and_the_last_checkpoint_resumes_exactly(tmp
         assert math.isclose(a, b, rel_tol=2e-6), (resumed, uninterrupted[step:])
 
 
+def test_second_writer_is_refused_and_sigterm_saves_the_current_step(tmp_path):
+    """Two ranks of examples/pretrain.py own their --output-dir: a second run pointed at it exits
+    2 with one line naming the directory and the owner, and writes nothing. SIGTERM to one rank
+    only: both finish the same step, save it (not a multiple of --save-interval), release the
+    directory and exit 0; the checkpoint continues exactly like an uninterrupted run."""
+    out = str(tmp_path / "run")
+    root = os.path.join(out, "checkpoints")
+    port = free_port()
+    job = {**JOB, "save_interval": 3}
+    procs = []
+    for rank in range(2):
+        env = checkout_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                           LOCAL_RANK=str(rank), WORLD_SIZE="2", OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen(
+            [sys.executable, PRETRAIN, *_flags(job), "--output-dir", out,
+             "--dist-timeout-s", "30"], env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True))
+    try:
+        deadline = time.monotonic() + 150
+        while not os.path.exists(os.path.join(out, ".owner")):
+            assert time.monotonic() < deadline, "the run never took its directory"
+            time.sleep(0.05)
+        for p in procs:  # paused while the second run tries (the lock stays held)
+            p.send_signal(signal.SIGSTOP)
+        second = subprocess.run([sys.executable, PRETRAIN, *_flags(job), "--output-dir", out,
+                                 "--resume"], env=checkout_env(OMP_NUM_THREADS="1"),
+                                capture_output=True, text=True, timeout=120)
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
+        while not ckpt.complete_checkpoints(root):
+            assert time.monotonic() < deadline, "no checkpoint published in time"
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            time.sleep(0.02)
+        before = {s for s, _ in ckpt.complete_checkpoints(root)}
+        procs[1].send_signal(signal.SIGTERM)
+        results = [p.communicate(timeout=90) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert second.returncode == 2, second.stderr
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"output_dir {out} is in use by run" in lines[0] \
+        and f"pid {procs[0].pid}" in lines[0], second.stderr
+    assert second.stdout == ""
+    assert [p.returncode for p in procs] == [0, 0], results
+    stopped = [line for line in results[0][0].splitlines() if line.startswith("stopped by")]
+    assert len(stopped) == 1 and "SIGTERM" in stopped[0], results[0]
+    latest = ckpt.latest_checkpoint(root)
+    step = ckpt.read_train_state(latest)["step"]
+    assert f"after step {step}: saved {latest}" in stopped[0]
+    assert step >= max(before)
+    assert not os.path.exists(os.path.join(out, ".owner"))
+    assert ckpt.read_train_state(latest)["consumed_samples"] == step * job["global_batch_size"]
+    cfg = TrainConfig(**job, output_dir=str(tmp_path / "single"))
+    uninterrupted = _steps(cfg, step + 2)
+    resumed = _steps(cfg, 2, resume=latest)
+    for a, b in zip(resumed, uninterrupted[step:]):
+        assert math.isclose(a, b, rel_tol=5e-6), (step, resumed, uninterrupted[step:])
+
+
 def test_nan_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint(tmp_path):
     cfg = TrainConfig(**{**JOB, "train_steps": 6, "inject_nan_at_step": 3},
                       output_dir=str(tmp_path))
