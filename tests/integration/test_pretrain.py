@@ -154,5 +154,5 @@ def test_config_from_yaml_then_flags(tmp_path):
     assert TrainConfig().topology(4).describe() == \
         TrainConfig(attn_tp=2, attn_cp=2, moe_dp=1).topology(4).describe()  # default = seed
     path.write_text("lr: -1\n")
-    with pytest.raises(ValueError, match="lr=-1 must be > 0"):
+    with pytest.raises(ValueError, match=r"lr=-1\.0 must be > 0"):
         TrainConfig.from_args(["--config", str(path)])
