@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     lock: Optional[RunDirLock] = None
     try:  # everything checkable without process groups, identically on every rank
         cfg = TrainConfig.from_args(argv)
+        plan = validate_launch(cfg, world)  # writes nothing, so an invalid launch leaves no dir
         lock = _take_run_dir(cfg, rank)
-        plan = validate_launch(cfg, world)
     except (ValueError, OSError) as err:
         if lock:
             lock.release()
