@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_ext.checkpoint.hf_sources import HFSource
+from megatron_ext.checkpoint.manifest import (MANIFEST_FILE, digest_files, verify_directory,
+                                              write_manifest)
 from megatron_ext.parallel.groups import ParallelGroups
 from megatron_ext.parallel.param_meta import ParamSpec, get_spec
 
@@ -54,18 +56,26 @@ class HFConvertible(Protocol):
 class HFCheckpointReader:
     """The tensors of one HF directory: names, shapes, dtypes and sliced reads."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, verify: bool = True):
         from safetensors import safe_open
 
         self.path = path
         index_path = os.path.join(path, INDEX_FILE)
         single_path = os.path.join(path, SINGLE_FILE)
+        if os.path.isfile(index_path) and os.path.isfile(single_path):
+            raise ValueError(f"HF directory {path!r} holds both {SINGLE_FILE} and {INDEX_FILE} "
+                             f"(files of two different saves?); loaders disagree on which one "
+                             f"counts: remove the stale one")
+        if verify:  # before any byte is trusted (a converted directory has a manifest)
+            verify_directory(path)
         if os.path.isfile(index_path):
-            with open(index_path) as f:
-                index = json.load(f)
-            if "weight_map" not in index:
-                raise ValueError(f"{index_path} has no 'weight_map'")
-            self.weight_map: dict[str, str] = dict(index["weight_map"])
+            try:
+                with open(index_path, encoding="utf-8") as f:
+                    index = json.load(f)
+                self.weight_map: dict[str, str] = dict(index["weight_map"])
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"{index_path} is not a safetensors index (needs a "
+                                 f"'weight_map' of tensor -> file): {err}") from None
         elif os.path.isfile(single_path):
             self.weight_map = {}
         else:
@@ -76,7 +86,11 @@ class HFCheckpointReader:
             file_path = os.path.join(path, name)
             if not os.path.isfile(file_path):
                 raise FileNotFoundError(f"{INDEX_FILE} in {path!r} names {name}, which is missing")
-            self._handles[name] = safe_open(file_path, framework="pt")
+            try:
+                self._handles[name] = safe_open(file_path, framework="pt")
+            except Exception as err:  # noqa: BLE001 - SafetensorError: header/size problems
+                raise ValueError(f"{file_path} is not a readable safetensors file "
+                                 f"({' '.join(str(err).split())})") from None
         if not self.weight_map:
             self.weight_map = {k: SINGLE_FILE for k in self._handles[SINGLE_FILE].keys()}
         for name, handle in self._handles.items():
@@ -101,6 +115,15 @@ class HFCheckpointReader:
         """Only the block ``slices`` of tensor ``key`` (``()`` for a scalar)."""
         block = self._slice(key)
         return block[slices] if slices else block[:]
+
+    def read_finite(self, key: str, slices: tuple[slice, ...]) -> torch.Tensor:
+        """:meth:`read`, refusing NaN/inf (corrupted bytes; weights are never meant to hold
+        them) with the tensor's name."""
+        block = self.read(key, slices)
+        if block.is_floating_point() and not bool(torch.isfinite(block).all()):
+            raise ValueError(f"tensor {key} in {os.path.join(self.path, self.weight_map[key])} "
+                             f"holds NaN or inf values")
+        return block
 
     def close(self) -> None:
         self._handles.clear()
@@ -147,7 +170,7 @@ def load_params(params: Iterable[tuple[str, torch.Tensor]], sources: dict[str, H
             raise ValueError(f"parameter {name}: its HF source {source.keys()[:3]} makes a global "
                              f"tensor of shape {tuple(source.shape)} but the parameter spec says "
                              f"{tuple(spec.global_shape)}")
-        block = source.read(reader.read, spec.global_slices())
+        block = source.read(reader.read_finite, spec.global_slices())
         real = spec.real_part(param)
         if tuple(block.shape) != tuple(real.shape):
             raise ValueError(f"parameter {name}: read a block of shape {tuple(block.shape)} from "
@@ -377,6 +400,8 @@ class _ShardWriter:
                         json.dumps(index, indent=2, sort_keys=True) + "\n")
         _write_text(os.path.join(self.path, CONFIG_FILE),
                     json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+        listed = sorted(self.files) + [CONFIG_FILE] + ([INDEX_FILE] if len(self.files) > 1 else [])
+        write_manifest(self.path, digest_files(self.path, listed))
 
 
 def _write_text(path: str, text: str) -> None:
@@ -387,7 +412,7 @@ def _write_text(path: str, text: str) -> None:
 
 
 def _copy_other_files(src: str, dst: str) -> None:
-    skip = {CONFIG_FILE, INDEX_FILE}
+    skip = {CONFIG_FILE, INDEX_FILE, MANIFEST_FILE}
     for name in os.listdir(src):
         full = os.path.join(src, name)
         if name in skip or name.endswith(".safetensors") or not os.path.isfile(full):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
+from typing import Callable, Optional
 
 import torch.distributed as dist
 
@@ -36,3 +38,28 @@ def teardown_distributed() -> None:
             dist.barrier()
         finally:
             dist.destroy_process_group()
+
+
+def run_command(prog: str, body: Callable[[Optional[list[str]]], int],
+                argv: Optional[list[str]] = None) -> int:
+    """Run a command's ``body`` (which validates, then creates the process groups and works) and
+    end it cleanly: on success the groups are torn down and ``body``'s code returned; a
+    ``ValueError`` after the groups exist (bad input found while loading, raised alike on every
+    rank) is one line on rank 0 and exit 2; anything else a traceback per rank and exit 1. The
+    failure paths leave through ``os._exit``: a peer may be dead, and teardown would wait."""
+    try:
+        code = body(argv)
+    except ValueError as err:
+        code = refuse(prog, err)
+    except BaseException as err:  # noqa: BLE001 - includes KeyboardInterrupt
+        if isinstance(err, SystemExit) and not (dist.is_available() and dist.is_initialized()):
+            raise  # argparse's --help / usage errors
+        print(f"{prog}: rank {env_rank()} failed:\n{traceback.format_exc()}", file=sys.stderr,
+              flush=True)
+        code = 1
+    else:
+        teardown_distributed()
+        return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

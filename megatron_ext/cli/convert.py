@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 
+from megatron_ext.cli.common import refuse
 from megatron_ext.training.convert import training_to_hf
 
 
@@ -24,12 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="HF directory to write")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 "
                                                       "(default: as trained)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --output directory (as a whole)")
     args = parser.parse_args(argv)
     try:
-        path = training_to_hf(args.checkpoint, args.output, args.dtype)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        path = training_to_hf(args.checkpoint, args.output, args.dtype, args.overwrite)
+    except (ValueError, OSError) as err:
+        return refuse("convert_checkpoint", err)
     print(f"wrote {args.output} from {path}")
     return 0
 

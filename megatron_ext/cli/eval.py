@@ -27,6 +27,7 @@ import sys
 
 import torch
 
+from megatron_ext.cli.common import refuse, run_command
 from megatron_ext.communication.choices import CP_STRATEGIES, CPStrategy
 from megatron_ext.evaluation.context import EvalContext
 from megatron_ext.layers.backend import resolve_transformer_impl
@@ -74,6 +75,9 @@ def _args(argv):
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                    help="model dtype (default: as stored)")
     p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--allow-long-context", action="store_true",
+                   help="evaluate beyond the model's max_position_embeddings (positions it was "
+                        "never trained on; refused without this flag)")
     p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=1, help="sequences / prompts per forward")
     p.add_argument("--num-buckets", type=int, default=16, help="position_loss: log-spaced "
@@ -125,7 +129,8 @@ def _plan(args, world: int) -> dict:
 
         windows = WindowSettings(args.seq_len, args.num_samples, args.batch_size)
         plan["dataset"] = open_dataset(args.data, tokenizer)
-        windows.check(plan["dataset"], topo.attn_dp, config.max_position_embeddings)
+        windows.check(plan["dataset"], topo.attn_dp,
+                      None if args.allow_long_context else config.max_position_embeddings)
         for name in ("perplexity", "position_loss"):
             if name in args.task:
                 extra = {"num_buckets": args.num_buckets} if name == "position_loss" else {}
@@ -194,15 +199,13 @@ def _print_summary(name: str, summary: dict) -> None:
         print(f"{name}: {summary.get('results')}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _run(argv: list[str] | None = None) -> int:
     args = _args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         plan = _plan(args, world)
-    except ValueError as err:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"invalid evaluation: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as err:
+        return refuse("eval.py", err, "invalid evaluation")
     init_distributed()
     groups = build_groups(plan["topo"])
     topo, store = plan["topo"], plan["store"]
@@ -231,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         report = write_report(store.data, plots, args.output)
         print(f"wrote {store.path}, {report}" + "".join(f", {p}" for p in plots))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command("eval.py", _run, argv)
 
 
 if __name__ == "__main__":

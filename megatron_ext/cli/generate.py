@@ -28,6 +28,7 @@ import sys
 
 import torch
 
+from megatron_ext.cli.common import refuse, run_command
 from megatron_ext.communication.choices import CP_STRATEGIES, CPStrategy
 from megatron_ext.data.tokenizer import load_tokenizer
 from megatron_ext.layers.backend import resolve_transformer_impl
@@ -117,7 +118,7 @@ class _ConfigOnly:
         self.config, self.groups = config, groups
 
 
-def main(argv: list[str] | None = None) -> int:
+def _run(argv: list[str] | None = None) -> int:
     args = _args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:  # everything checkable before process groups exist
@@ -140,9 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                               [p.max_new_tokens for p in params], eos, mask)
         if isinstance(args.check_every, bool) or args.check_every < 1:
             raise ValueError(f"--check-every={args.check_every} must be >= 1")
-    except ValueError as err:
-        print(f"invalid generation: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as err:
+        return refuse("generate.py", err, "invalid generation")
     init_distributed()
     groups = build_groups(topo)
     cuda = torch.cuda.is_available()
@@ -188,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
               f"KV cache on rank 0: {out.cache_slots} slots/row, "
               f"{out.cache_bytes / 2 ** 10:.1f} KiB")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command("generate.py", _run, argv)
 
 
 if __name__ == "__main__":

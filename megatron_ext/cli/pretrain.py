@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         resumed = trainer.resume()
         if rank == 0:
             print(_describe(trainer) + (f"\nresumed from {describe_checkpoint(resumed)}"
-                                        if resumed else ""), flush=True)
+                                        if resumed else f"\n{trainer.describe_weights()}"),
+                  flush=True)
         logger = MetricsLogger(cfg.output_dir, cfg.train_steps, trainer.step, enabled=rank == 0,
                                progress=cfg.progress, tensorboard=cfg.tensorboard)
         with ExitSignalHandler(trainer.device) as signals:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -19,11 +20,13 @@ class WindowSettings:
             raise ValueError(f"--seq-len={self.seq_len} must be >= 2, --num-samples="
                              f"{self.num_samples} and --batch-size={self.batch_size} >= 1")
 
-    def check(self, dataset, attn_dp: int, max_positions: int) -> None:
-        """Pure checks against the data and the layout (before process groups exist)."""
-        if self.seq_len > max_positions:
+    def check(self, dataset, attn_dp: int, max_positions: Optional[int]) -> None:
+        """Pure checks against the data and the layout (before process groups exist);
+        ``max_positions`` None: longer windows than the model was trained on are intended."""
+        if max_positions is not None and self.seq_len > max_positions:
             raise ValueError(f"--seq-len={self.seq_len} is beyond the model's "
-                             f"max_position_embeddings={max_positions}")
+                             f"max_position_embeddings={max_positions} (pass "
+                             f"--allow-long-context to evaluate there anyway)")
         if self.batch_size < attn_dp:
             raise ValueError(f"--batch-size={self.batch_size} gives some of the attn_dp="
                              f"{attn_dp} ranks no sequence")

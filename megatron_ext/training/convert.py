@@ -56,16 +56,22 @@ def load_training_weights(model, path: str) -> None:
     load_checkpoint(path, collect_shards(param_pieces(named)))
 
 
-def training_to_hf(checkpoint: str, output: str, dtype: Optional[str] = None) -> str:
-    """Write the model of training checkpoint ``checkpoint`` as an HF directory ``output``.
-    Returns the checkpoint directory that was converted."""
+def training_to_hf(checkpoint: str, output: str, dtype: Optional[str] = None,
+                   overwrite: bool = False) -> str:
+    """Write the model of training checkpoint ``checkpoint`` as an HF directory ``output``
+    (verified against its manifest first; written to a staging directory that replaces
+    ``output`` whole, which must be new or empty unless ``overwrite``). Returns the checkpoint
+    directory that was converted."""
     from megatron_ext.parallel.groups import ParallelGroups
-    from megatron_ext.checkpoint.training_state import load_global_tensors
+    from megatron_ext.checkpoint.staging import check_target, staged_directory
+    from megatron_ext.checkpoint.training_state import load_global_tensors, verify_checkpoint
     from megatron_ext.training.trainer import checkpoint_name
     from megatron_ext.models.decoder import CausalLM
 
     if dtype is not None and dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r}; use one of {sorted(_DTYPES)}")
+    check_target(output, overwrite)
+    verify_checkpoint(resolve_checkpoint(checkpoint))
     config, path, _ = checkpoint_model_config(checkpoint)
     tensors = load_global_tensors(path)
     # one process holds every global tensor whole: no vocabulary padding needed
@@ -81,5 +87,6 @@ def training_to_hf(checkpoint: str, output: str, dtype: Optional[str] = None) ->
                 raise ValueError(f"tensor {key}: checkpoint shape {tuple(saved.shape)} but the "
                                  f"model expects {tuple(param.shape)}")
             param.copy_(saved)
-    model.save_pretrained(output, dtype=_DTYPES[dtype] if dtype else None)
+    with staged_directory(output, overwrite) as staging:
+        model.save_pretrained(staging, dtype=_DTYPES[dtype] if dtype else None)
     return path

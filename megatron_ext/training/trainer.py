@@ -20,7 +20,6 @@ one MoE layer the two coincide.
 from __future__ import annotations
 
 import math
-import os
 import time
 import uuid
 from contextlib import nullcontext
@@ -41,6 +40,7 @@ from megatron_ext.parallel.topology import Topology
 from megatron_ext.checkpoint import training_state as ckpt
 from megatron_ext.checkpoint.checkpoint_dirs import describe_checkpoint
 from megatron_ext.training.config import TrainConfig
+from megatron_ext.training.hf_init import hf_init_source
 from megatron_ext.training.logging import MetricsLogger
 from megatron_ext.training.optimizer import LRSchedule, TrainOptimizer
 from megatron_ext.communication.raw import all_reduce_
@@ -62,6 +62,7 @@ class LaunchPlan:
     dataset: TokenDataset
     resume_from: Optional[str]
     transformer_impl: str = "native"  # resolved: native or te
+    init_from: Optional[str] = None  # HF directory of the initial weights; None: random init
 
 
 def build_model_config(cfg: TrainConfig, tokenizer: Tokenizer):
@@ -117,7 +118,8 @@ def validate_launch(cfg: TrainConfig, world: int) -> LaunchPlan:
                          f"--overwrite to start a new one there, or another --output-dir")
     on_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     impl = resolve_transformer_impl(cfg.transformer_impl, cuda_available=on_cuda)
-    return LaunchPlan(topo, model_config, tokenizer, dataset, resume_from, impl)
+    init_from = hf_init_source(cfg.model, cfg.init_from_hf, model_config, cfg.model_overrides)
+    return LaunchPlan(topo, model_config, tokenizer, dataset, resume_from, impl, init_from)
 
 
 def aux_loss_share(stats: list, groups: ParallelGroups, num_moe_layers: int
@@ -234,15 +236,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _init_weights(self) -> None:
-        from megatron_ext.checkpoint.hf import SINGLE_FILE, INDEX_FILE, load_hf_checkpoint
+        from megatron_ext.checkpoint.hf import load_hf_checkpoint
 
-        path = self.cfg.model
-        has_weights = os.path.isdir(path) and any(
-            os.path.isfile(os.path.join(path, f)) for f in (SINGLE_FILE, INDEX_FILE))
-        if has_weights and self.cfg.init_from_hf and not self.cfg.model_overrides:
-            load_hf_checkpoint(self.model, path)
+        if self.plan.init_from:  # validate_launch checked that every weight is there
+            load_hf_checkpoint(self.model, self.plan.init_from)
         else:
             self.model.init_weights(seed=self.cfg.seed)
+
+    def describe_weights(self) -> str:
+        return (f"weights: loaded from {self.plan.init_from}" if self.plan.init_from
+                else f"weights: random init (seed {self.cfg.seed})")
 
     def _autocast(self):
         if not self.use_bf16:

@@ -8,6 +8,8 @@ is over the same tokens. ``seq_len=30`` is not a multiple of ``2·attn_cp``: CP 
 from __future__ import annotations
 
 import math
+import os
+import shutil
 
 import pytest
 
@@ -137,7 +139,31 @@ def test_model_from_hf_directory_starts_from_its_weights(tmp_path):
     assert loaded.plan.model_config.vocab_size == 320  # the grown preset vocabulary, from config.json
     for (n, a), (m, b) in zip(source.named_params, loaded.named_params):
         assert n == m and torch.equal(a, b), n
-    assert source.train_step().loss == loaded.train_step().loss
+    assert loaded.describe_weights() == f"weights: loaded from {tmp_path / 'hf'}"
+    # an override that changes no shape keeps the weights: the first loss is the same
+    cfg_kept = TrainConfig(**{**cfg_hf.to_dict(), "model_overrides": {"router_aux_loss_coef": 0.5}})
+    kept = Trainer(cfg_kept, groups, validate_launch(cfg_kept, 1))
+    assert kept.plan.init_from == str(tmp_path / "hf") and kept.aux_coef == 0.5
+    first = source.train_step().loss
+    assert first == loaded.train_step().loss == kept.train_step().loss
+
+    for overrides, field in (({"hidden_size": 64, "router_aux_loss_coef": 0.1}, "hidden_size"),
+                             ({"num_layers": 1}, "num_layers")):
+        bad = TrainConfig(**{**cfg_hf.to_dict(), "model_overrides": overrides})
+        with pytest.raises(ValueError, match=f"model_overrides {field} change the shapes of the "
+                                             f"weights in {tmp_path / 'hf'}"):
+            validate_launch(bad, 1)
+        fresh = TrainConfig(**{**bad.to_dict(), "init_from_hf": False})
+        assert validate_launch(fresh, 1).init_from is None  # asked for: random init
+    os.makedirs(tmp_path / "config_only")
+    shutil.copy(tmp_path / "hf" / "config.json", tmp_path / "config_only")
+    empty = TrainConfig(**{**cfg_hf.to_dict(), "model": str(tmp_path / "config_only")})
+    with pytest.raises(ValueError, match=f"model {tmp_path / 'config_only'} has no "
+                                         f"model.safetensors or model.safetensors.index.json"):
+        validate_launch(empty, 1)
+    random = Trainer(TrainConfig(**{**empty.to_dict(), "init_from_hf": False}), groups,
+                     validate_launch(TrainConfig(**{**empty.to_dict(), "init_from_hf": False}), 1))
+    assert random.describe_weights() == f"weights: random init (seed {cfg.seed})"
 
 
 def test_config_from_yaml_then_flags(tmp_path):
