@@ -16,6 +16,7 @@ import os
 import sys
 import time
 
+from megatron_ext.cli.common import refuse
 from megatron_ext.data.dataset import corpus_files, read_text_documents, write_token_dataset
 from megatron_ext.data.tokenizer import load_tokenizer
 
@@ -50,9 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         meta = write_token_dataset(args.output,
                                    read_text_documents(files, tokenizer, args.text_key), tokenizer)
-    except ValueError as err:
-        print(f"prepare_data: error: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as err:
+        return refuse("prepare_data", err)
     print(f"wrote {args.output}.bin/.json: {meta.num_documents} documents, {meta.num_tokens} "
           f"tokens ({meta.dtype}, tokenizer {meta.tokenizer}, vocab {meta.vocab_size}) from "
           f"{len(files)} files in {time.perf_counter() - start:.2f}s")

@@ -87,8 +87,11 @@ class TokenDataset:
                              f"examples/prepare_data.py)")
         if not os.path.isfile(bin_path):
             raise ValueError(f"dataset {prefix!r}: {bin_path} does not exist")
-        with open(meta_path) as f:
-            raw = json.load(f)
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                raw = json.load(f)
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"dataset {prefix!r}: {meta_path} is not valid JSON ({err})") from None
         try:
             meta = DatasetMeta(**raw)
         except TypeError as err:
@@ -158,23 +161,32 @@ def read_text_documents(paths: Iterable[str], tokenizer: Tokenizer,
     for path in paths:
         if not os.path.isfile(path):
             raise ValueError(f"input file {path!r} does not exist")
-        if path.endswith(".jsonl") or path.endswith(".json"):
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                        text = record[text_key]
-                    except (json.JSONDecodeError, KeyError, TypeError) as err:
-                        raise ValueError(f"{path}:{lineno}: expected a JSON object with a "
-                                         f"{text_key!r} string ({err})") from None
-                    if not isinstance(text, str):
-                        raise ValueError(f"{path}:{lineno}: field {text_key!r} is not a string")
-                    yield tokenizer.encode(text)
-        else:
-            with open(path, encoding="utf-8") as f:
-                yield tokenizer.encode(f.read())
+        try:
+            yield from _read_documents(path, tokenizer, text_key)
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: "
+                             f"{err.object[err.start:err.start + 4]!r})") from None
+
+
+def _read_documents(path: str, tokenizer: Tokenizer, text_key: str) -> Iterable[np.ndarray]:
+    """The documents of one ``.txt`` / ``.jsonl`` file, encoded."""
+    if path.endswith(".jsonl") or path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    text = record[text_key]
+                except (json.JSONDecodeError, KeyError, TypeError) as err:
+                    raise ValueError(f"{path}:{lineno}: expected a JSON object with a "
+                                     f"{text_key!r} string ({err})") from None
+                if not isinstance(text, str):
+                    raise ValueError(f"{path}:{lineno}: field {text_key!r} is not a string")
+                yield tokenizer.encode(text)
+    else:
+        with open(path, encoding="utf-8") as f:
+            yield tokenizer.encode(f.read())
 
 
 def open_dataset(path: Optional[str], tokenizer: Tokenizer) -> TokenDataset:

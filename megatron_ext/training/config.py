@@ -91,6 +91,9 @@ class TrainConfig:
     keep_checkpoints: int = _help("complete checkpoints kept (older ones deleted)", default=2)
     resume: Optional[str] = _help("'latest' (newest complete checkpoint in output_dir, if any) "
                                   "or a checkpoint directory", default=None)
+    allow_resume_changes: bool = _help("resume even where model fields or the sample stream "
+                                       "(seq_len, batch, tokenizer, shuffle) differ from the "
+                                       "checkpoint's", default=False)
     overwrite: bool = _help("start a new run in an output_dir that holds checkpoints (they are "
                             "rotated out by the new run's saves)", default=False)
     log_interval: int = _help("print / log metrics every N steps", default=1)

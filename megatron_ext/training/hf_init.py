@@ -19,7 +19,8 @@ from megatron_ext.models.hf_keys import hf_tensor_shapes
 
 
 def _shape_changes(before: dict, after: dict) -> list[str]:
-    changes = [f"{k}: {before.get(k)} -> {after.get(k)}" for k in after if before.get(k) != after[k]]
+    changes = [f"{k}: {before.get(k)} -> {after[k]}" for k in after
+               if before.get(k) != after[k]]
     return changes + [f"{k}: {before[k]} -> absent" for k in before if k not in after]
 
 

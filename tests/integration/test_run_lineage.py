@@ -70,10 +70,21 @@ def test_forgotten_resume_rollback_and_overwrite_keep_the_newest_saves(tmp_path)
     assert ckpt.latest_checkpoint(root) == ckpt.checkpoint_path(root, 1)
 
 
-def test_flipped_byte_in_a_training_checkpoint_is_named(tmp_path):
+def test_resume_refuses_changed_settings_and_a_flipped_byte_names_the_file(tmp_path):
     out = str(tmp_path / "run")
     _run(out, train_steps=1, save_interval=0)
     path = ckpt.latest_checkpoint(os.path.join(out, "checkpoints"))
+
+    base = dict(JOB, train_steps=2, output_dir=out, resume="latest")
+    experts = {**JOB["model_overrides"], "num_experts_per_tok": 1}
+    for change, message in (({"seq_len": 12}, "seq_len: 16 -> 12"),
+                            ({"model_overrides": experts}, "num_experts_per_tok: 2 -> 1")):
+        with pytest.raises(ValueError, match=f"resuming {path} with changed settings "
+                                             f"\\({message}.*--allow-resume-changes"):
+            validate_launch(TrainConfig(**{**base, **change}), 1)
+        intended = TrainConfig(**{**base, **change, "allow_resume_changes": True})
+        assert validate_launch(intended, 1).resume_from == path
+
     recorded = read_manifest(path)
     assert set(recorded) == set(os.listdir(path)) - {"manifest.json"}
     data = next(n for n in sorted(recorded) if n.endswith(".distcp"))

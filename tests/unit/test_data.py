@@ -83,10 +83,20 @@ def test_dataset_errors_name_the_problem(tmp_path):
     bad.write_text('{"txt": "x"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1: expected a JSON object with a 'text'"):
         list(read_text_documents([str(bad)], tok))
-    proc = subprocess.run([sys.executable, f"{REPO}/examples/prepare_data.py", "--output",
-                           str(tmp_path / "o"), str(tmp_path / "nope.txt")],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "nope.txt" in proc.stderr
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9 cr\u00e8me".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"{latin1}: not UTF-8 text \\(byte 3"):
+        list(read_text_documents([str(latin1)], tok))
+    (tmp_path / "broken.json").write_text('{"dtype": ')
+    (tmp_path / "broken.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'broken.json'} is not valid JSON"):
+        TokenDataset.open(str(tmp_path / "broken"))
+    for bad_input, named in ((tmp_path / "nope.txt", "nope.txt"), (latin1, "latin1.txt")):
+        proc = subprocess.run([sys.executable, f"{REPO}/examples/prepare_data.py", "--output",
+                               str(tmp_path / "o"), str(bad_input)], env=checkout_env(),
+                              capture_output=True, text=True, timeout=60)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and named in lines[0], proc.stderr
 
 
 def test_sample_order_is_a_seeded_permutation_per_epoch():
