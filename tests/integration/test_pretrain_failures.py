@@ -34,6 +34,17 @@ def _steps(cfg: TrainConfig, n: int, resume=None) -> list[float]:
     return [trainer.train_step().loss for _ in range(n)]
 
 
+def _two_ranks(job: dict, out: str) -> list[subprocess.Popen]:
+    """examples/pretrain.py as ranks 0 and 1 of a 2-rank world, plain processes (no torchrun
+    agent to clean up)."""
+    port = free_port()
+    return [subprocess.Popen(
+        [sys.executable, PRETRAIN, *_flags(job), "--output-dir", out, "--dist-timeout-s", "30"],
+        env=checkout_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                         LOCAL_RANK=str(rank), WORLD_SIZE="2", OMP_NUM_THREADS="1"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+
+
 def test_killed_rank_fails_the_other_and_the_last_checkpoint_resumes_exactly(tmp_path):
     """Two ranks of examples/pretrain.py (attention TP 2) started as plain processes (no torchrun
     agent to clean up). Once a checkpoint is published, rank 1 gets SIGKILL: rank 0 must exit
@@ -41,15 +52,7 @@ def test_killed_rank_fails_the_other_and_the_last_checkpoint_resumes_exactly(tmp
     The newest complete checkpoint then resumes in one process and continues exactly like an
     uninterrupted one-process run."""
     out = str(tmp_path / "run")
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = checkout_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                   LOCAL_RANK=str(rank), WORLD_SIZE="2", OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen(
-            [sys.executable, PRETRAIN, *_flags(JOB), "--output-dir", out,
-             "--dist-timeout-s", "30"], env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True))
+    procs = _two_ranks(JOB, out)
     try:
         deadline = time.monotonic() + 150
         while not ckpt.complete_checkpoints(os.path.join(out, "checkpoints")):
@@ -85,16 +88,8 @@ def test_second_writer_is_refused_and_sigterm_saves_the_current_step(tmp_path):
     directory and exit 0; the checkpoint continues exactly like an uninterrupted run."""
     out = str(tmp_path / "run")
     root = os.path.join(out, "checkpoints")
-    port = free_port()
     job = {**JOB, "save_interval": 3}
-    procs = []
-    for rank in range(2):
-        env = checkout_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                           LOCAL_RANK=str(rank), WORLD_SIZE="2", OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen(
-            [sys.executable, PRETRAIN, *_flags(job), "--output-dir", out,
-             "--dist-timeout-s", "30"], env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True))
+    procs = _two_ranks(job, out)
     try:
         deadline = time.monotonic() + 150
         while not os.path.exists(os.path.join(out, ".owner")):
