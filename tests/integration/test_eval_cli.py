@@ -92,7 +92,7 @@ def test_resume_recomputes_only_missing_cells_and_refuses_to_overwrite(run):
         before = json.load(f)
     refused = _eval(ckpt, out)   # no --resume: refuse, leave the file as it was
     assert refused.returncode == 2
-    assert refused.stderr.strip().splitlines()[-1].startswith("invalid evaluation: ")
+    assert refused.stderr.strip().splitlines()[-1].startswith("eval.py: invalid evaluation: ")
     assert "pass --resume" in refused.stderr
     with open(path) as f:
         assert json.load(f) == before
