@@ -268,8 +268,13 @@ def _roundtrip(layouts: list, case: ModelCase, out_dir: str) -> None:
 
 
 def _assert_same_files(original: str, copy: str) -> None:
+    """Byte-identical files; the copy also has the manifest of its save, which must verify."""
+    from megatron_ext.checkpoint.manifest import MANIFEST_FILE, verify_directory
+
     names = sorted(n for n in os.listdir(original) if not n.startswith("."))
-    assert sorted(n for n in os.listdir(copy) if not n.startswith(".")) == names
+    assert sorted(n for n in os.listdir(copy)
+                  if not n.startswith(".") and n != MANIFEST_FILE) == names
+    assert verify_directory(copy)
     for name in names:
         assert filecmp.cmp(os.path.join(original, name), os.path.join(copy, name),
                            shallow=False), f"{name} differs after the round trip"
