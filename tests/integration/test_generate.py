@@ -287,8 +287,8 @@ def test_cli_prompts_file_and_sampling_flags(reference, tmp_path):
                          text=True, timeout=180)
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [
-        f"invalid generation: --prompts-file {reqs} line 1: top_p=0 must be in (0, 1] (1 = no "
-        f"nucleus filter)"], run.stderr
+        f"generate.py: invalid generation: --prompts-file {reqs} line 1: top_p=0 must be in "
+        f"(0, 1] (1 = no nucleus filter)"], run.stderr
     assert not out.exists()
 
 

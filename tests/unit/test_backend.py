@@ -59,9 +59,9 @@ def test_auto_builds_the_native_model_and_says_so():
 
 @pytest.mark.parametrize("command,argv,prefix", [
     ("pretrain", ["--transformer-impl", "te"], "pretrain.py: invalid launch:"),
-    ("eval", ["--model", "no-such-dir", "--transformer-impl", "te"], "invalid evaluation:"),
+    ("eval", ["--model", "no-such-dir", "--transformer-impl", "te"], "eval.py: invalid evaluation:"),
     ("generate", ["--model", "no-such-dir", "--prompt", "a", "--transformer-impl", "te"],
-     "invalid generation:"),
+     "generate.py: invalid generation:"),
 ])
 def test_commands_refuse_te_with_one_line_and_exit_2(tmp_path, command, argv, prefix):
     out = subprocess.run([sys.executable, "-m", f"megatron_ext.cli.{command}", *argv,
