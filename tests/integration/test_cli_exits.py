@@ -31,6 +31,11 @@ def hf_dir(tmp_path_factory):
     return path
 
 
+def _one_process() -> dict[str, str]:
+    """One process still starts a (1-rank) group: on a free port, not the shared default."""
+    return checkout_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+
+
 def _torchrun(module: str, args: list[str], world: int) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
                            str(world), "--master-port", str(free_port()), "-m", module, *args],
@@ -67,7 +72,7 @@ def test_eval_and_generate_exit_0_under_torchrun(hf_dir):
 
 def test_bad_input_is_one_line_on_rank_0_and_exit_2(hf_dir, tmp_path):
     long = subprocess.run([sys.executable, "-m", "megatron_ext.cli.eval", "--model", hf_dir,
-                           "--seq-len", "600", "--num-samples", "1"], env=checkout_env(),
+                           "--seq-len", "600", "--num-samples", "1"], env=_one_process(),
                           capture_output=True, text=True, timeout=120)
     assert long.returncode == 2, long.stderr
     assert long.stderr.strip().splitlines() == [
@@ -75,7 +80,7 @@ def test_bad_input_is_one_line_on_rank_0_and_exit_2(hf_dir, tmp_path):
         "max_position_embeddings=512 (pass --allow-long-context to evaluate there anyway)"]
     allowed = subprocess.run([sys.executable, "-m", "megatron_ext.cli.eval", "--model", hf_dir,
                               "--seq-len", "600", "--num-samples", "1", "--allow-long-context"],
-                             env=checkout_env(), capture_output=True, text=True, timeout=120)
+                             env=_one_process(), capture_output=True, text=True, timeout=120)
     assert allowed.returncode == 0 and "over 599 tokens" in allowed.stdout, allowed.stderr
 
     weights = os.path.join(hf_dir, "model.safetensors")
