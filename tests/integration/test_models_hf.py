@@ -271,11 +271,12 @@ def _assert_same_files(original: str, copy: str) -> None:
     """Byte-identical files; the copy also has the manifest of its save, which must verify."""
     from megatron_ext.checkpoint.manifest import MANIFEST_FILE, verify_directory
 
-    names = sorted(n for n in os.listdir(original) if not n.startswith("."))
-    assert sorted(n for n in os.listdir(copy)
-                  if not n.startswith(".") and n != MANIFEST_FILE) == names
+    def names(path: str) -> list[str]:
+        return sorted(n for n in os.listdir(path) if not n.startswith(".") and n != MANIFEST_FILE)
+
+    assert names(copy) == names(original)
     assert verify_directory(copy)
-    for name in names:
+    for name in names(original):
         assert filecmp.cmp(os.path.join(original, name), os.path.join(copy, name),
                            shallow=False), f"{name} differs after the round trip"
 
