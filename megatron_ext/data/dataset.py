@@ -135,7 +135,9 @@ class TokenDataset:
         """Reject a dataset the run cannot use (raised on every rank before any collective)."""
         if self.meta.tokenizer != tokenizer_name:
             raise ValueError(f"dataset {self.source!r} was tokenized with {self.meta.tokenizer!r} "
-                             f"but the run uses tokenizer {tokenizer_name!r}")
+                             f"but the run uses tokenizer {tokenizer_name!r} (tokenizers are "
+                             f"compared by content; prepare the data again with the run's "
+                             f"--tokenizer, or pass the tokenizer it was prepared with)")
         if self.meta.vocab_size > vocab_size:
             raise ValueError(f"dataset {self.source!r} has vocab_size={self.meta.vocab_size} > the "
                              f"model's vocab_size={vocab_size}")

@@ -59,6 +59,8 @@ class ModelConfig:
     router_aux_loss_coef: float = 0.0
     # The HF config.json this config came from (written back verbatim on save); not compared.
     hf_config: Optional[dict] = field(default=None, compare=False, repr=False)
+    # Unknown HF fields ignored when loading with strict=False (for one note by the command).
+    ignored_hf_fields: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -151,7 +153,8 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with some fields changed (validated again); drops the stored HF dict."""
-        values = {k: v for k, v in asdict(self).items() if k != "hf_config"}
+        values = {k: v for k, v in asdict(self).items()
+                  if k not in ("hf_config", "ignored_hf_fields")}
         values.update(changes)
         return ModelConfig(**values)
 
@@ -169,8 +172,27 @@ class ModelConfig:
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"no config.json in HF directory {path!r}")
-        with open(config_path) as f:
-            return cls.from_hf_dict(json.load(f), strict=strict)
+        return cls.from_hf_file(config_path, strict=strict)
+
+    @classmethod
+    def from_hf_file(cls, config_path: str, *, strict: bool = True) -> "ModelConfig":
+        """A ``config.json``; errors name the file."""
+        try:
+            with open(config_path) as f:
+                hf = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{config_path} is not valid JSON: {err}") from err
+        try:
+            return cls.from_hf_dict(hf, strict=strict)
+        except ValueError as err:
+            raise ValueError(f"{config_path}: {err}") from err
+
+    def ignored_fields_note(self, source: str) -> Optional[str]:
+        """One line naming the unknown config fields that were ignored, or ``None``."""
+        if not self.ignored_hf_fields:
+            return None
+        return (f"note: {source}: ignoring config field(s) {', '.join(self.ignored_hf_fields)} "
+                f"(not known to change the model; --strict-config refuses them)")
 
     def to_hf_dict(self) -> dict:
         """An HF ``config.json`` dict (the stored original when this config came from one)."""
@@ -195,8 +217,7 @@ def load_model_config(name_or_path: str, *, strict: bool = True) -> ModelConfig:
     if os.path.isdir(name_or_path):
         return ModelConfig.from_hf_dir(name_or_path, strict=strict)
     if os.path.isfile(name_or_path):
-        with open(name_or_path) as f:
-            return ModelConfig.from_hf_dict(json.load(f), strict=strict)
+        return ModelConfig.from_hf_file(name_or_path, strict=strict)
     raise ValueError(f"{name_or_path!r} is neither a model preset ({', '.join(sorted(PRESETS))}) "
                      f"nor an HF directory / config.json")
 

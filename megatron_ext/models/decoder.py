@@ -428,12 +428,14 @@ class CausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, groups: ParallelGroups, *, strict: bool = True,
-                        **kwargs) -> "CausalLM":
+                        strict_config: Optional[bool] = None, **kwargs) -> "CausalLM":
         """Build this rank's stage (:meth:`for_stage`) from an HF directory's config and load its
-        slices of the weights (no collectives)."""
+        slices of the weights (no collectives). ``strict``: unexpected tensors are an error;
+        ``strict_config`` (default: ``strict``): unknown config fields are an error."""
         from megatron_ext.checkpoint.hf import load_hf_checkpoint
 
-        config = ModelConfig.from_hf_dir(path, strict=strict)
+        config = ModelConfig.from_hf_dir(path, strict=strict if strict_config is None
+                                         else strict_config)
         model = cls.for_stage(config, groups, **kwargs)
         load_hf_checkpoint(model, path, strict=strict)
         return model

@@ -4,7 +4,9 @@ be harmless, or reported.
 The per-model mappings call :meth:`HFFields.get` for the fields they use (with the default that the
 ``transformers`` config class applies when the field is missing), :meth:`HFFields.require` for
 fields whose value must be one we implement, and :meth:`HFFields.finish` to reject whatever is
-left when ``strict``.
+left: with ``strict`` any unknown field is an error; without it, unknown fields are ignored
+(reported back so a command can print one note) unless they are in :data:`MATH_FIELDS`, fields
+known to change the math that no mapping implements, which are always refused.
 """
 from __future__ import annotations
 
@@ -18,6 +20,32 @@ HARMLESS_FIELDS: frozenset[str] = frozenset({
     "tokenizer_class", "is_encoder_decoder", "chunk_size_feed_forward", "id2label", "label2id",
     "problem_type", "tie_encoder_decoder", "max_window_layers", "sliding_window",
     "pretraining_tp", "use_bfloat16", "keys_to_ignore_at_inference",
+    # hub / tokenizer bookkeeping that configs saved by other tools carry
+    "_model_name_or_path", "_commit_hash", "unk_token_id", "sep_token_id", "cls_token_id",
+    "mask_token_id", "decoder_start_token_id", "prefix", "task_specific_params", "finetuning_task",
+    "max_length", "min_length", "num_beams", "do_sample", "temperature",
+    "top_k", "top_p", "repetition_penalty", "length_penalty", "bad_words_ids", "num_return_sequences",
+    "output_scores", "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
+    "remove_invalid_values", "torchscript", "tf_legacy_loss", "pruned_heads",
+    "cross_attention_hidden_size", "add_cross_attention", "is_decoder", "early_stopping",
+    "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "diversity_penalty",
+    "num_beam_groups", "typical_p", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens", "router_jitter_noise",
+})
+
+# Fields known to change the forward math (in the model types transformers has that look like
+# ours) that no mapping implements: refused even when unknown fields are otherwise ignored.
+MATH_FIELDS: frozenset[str] = frozenset({
+    "rope_scaling", "quantization_config", "attn_logit_softcapping", "final_logit_softcapping",
+    "logit_scale", "logits_scaling", "query_pre_attn_scalar", "embedding_multiplier",
+    "residual_multiplier", "attention_multiplier", "hidden_activation", "clip_qkv",
+    "use_qk_norm", "qk_layernorm", "rope_interleaved", "attention_chunk_size",
+    "no_rope_layers", "use_sliding_window", "layer_types", "partial_rotary_factor",
+    "num_local_experts", "n_routed_experts", "n_shared_experts", "moe_layer_freq",
+    "first_k_dense_replace", "kv_lora_rank", "q_lora_rank", "scale_embeddings",
+    "use_parallel_residual", "parallel_attn", "normalization", "norm_type", "layer_norm_eps",
+    "rotary_pct", "alibi", "position_embedding_type", "sliding_window_pattern",
+    "shared_expert_intermediate_size", "num_experts", "mlp_only_layers", "decoder_sparse_step",
 })
 
 
@@ -78,13 +106,21 @@ class HFFields:
             raise ValueError(f"{self.model_type} config field layer_types contains {other}: only "
                              f"'full_attention' layers are supported")
 
-    def finish(self, strict: bool) -> None:
+    def finish(self, strict: bool) -> tuple[str, ...]:
+        """The unknown fields that were ignored (``()`` when none); raises for fields that change
+        the math, and for any unknown field when ``strict``."""
         unknown = sorted(set(self.hf) - self.used - HARMLESS_FIELDS)
+        math = [k for k in unknown if k in MATH_FIELDS and self.hf[k] not in (None, False, [], {})]
+        if math:
+            raise ValueError(
+                f"{self.model_type} config field(s) {', '.join(math)} change the model's math in a "
+                f"way megatron_ext does not implement")
         if unknown and strict:
             raise ValueError(
                 f"{self.model_type} config has fields megatron_ext does not know: "
-                f"{', '.join(unknown)} (they might change the model's math; pass strict=False to "
-                f"ignore them)")
+                f"{', '.join(unknown)} (they might change the model's math; leave out "
+                f"--strict-config / pass strict=False to ignore them)")
+        return tuple(unknown)
 
 
 def sparse_pattern(num_layers: int, num_experts: int, decoder_sparse_step: int,

@@ -15,10 +15,12 @@ def from_hf(hf: dict, *, strict: bool = True) -> ModelConfig:
     f.require("attention_bias", (False,), False, "biases on q/k/v/o projections")
     f.require("mlp_bias", (False,), False, "biases on MLP projections")
     f.require("attention_dropout", (0, 0.0), 0.0, "attention dropout")
+    f.full_attention_only()
     fields = decoder_fields(f, hidden=4096, heads=32, layers=32, kv_heads=None,
                             intermediate=11008, vocab=32000, max_positions=2048)
-    f.finish(strict)
-    return ModelConfig(**fields, sparse_layers=(False,) * fields["num_layers"], hf_config=dict(hf))
+    ignored = f.finish(strict)
+    return ModelConfig(**fields, sparse_layers=(False,) * fields["num_layers"], hf_config=dict(hf),
+                       ignored_hf_fields=ignored)
 
 
 def to_hf(cfg: ModelConfig) -> dict:

@@ -21,10 +21,10 @@ def from_hf(hf: dict, *, strict: bool = True) -> ModelConfig:
                              moe_intermediate=1408))
     shared = f.get("shared_expert_intermediate_size", 5632)
     qkv_bias = f.get("qkv_bias", True)
-    f.finish(strict)
+    ignored = f.finish(strict)
     return ModelConfig(**fields, qkv_bias=qkv_bias, qk_norm=False,
                        shared_expert_intermediate_size=shared, shared_expert_gate=shared > 0,
-                       hf_config=dict(hf))
+                       hf_config=dict(hf), ignored_hf_fields=ignored)
 
 
 def to_hf(cfg: ModelConfig) -> dict:

@@ -21,8 +21,9 @@ def from_hf(hf: dict, *, strict: bool = True) -> ModelConfig:
     fields.update(moe_fields(f, fields["num_layers"],
                              num_experts=f.get("num_local_experts", 128), top_k=8,
                              moe_intermediate=768))
-    f.finish(strict)
-    return ModelConfig(**fields, qkv_bias=False, qk_norm=True, hf_config=dict(hf))
+    ignored = f.finish(strict)
+    return ModelConfig(**fields, qkv_bias=False, qk_norm=True, hf_config=dict(hf),
+                       ignored_hf_fields=ignored)
 
 
 def to_hf(cfg: ModelConfig) -> dict:
