@@ -4,7 +4,9 @@
     python examples/convert_checkpoint.py --checkpoint runs/pretrain/checkpoints/step_40 \\
         --output runs/hf --dtype bfloat16
 
-The HF directory loads in transformers and in any megatron_ext layout
+The HF directory is self-contained (weights, config.json, generation_config.json, the run's
+tokenizer files, a README with the run's provenance): it loads in transformers (AutoTokenizer,
+AutoModelForCausalLM, pipeline) and in any megatron_ext layout
 (``CausalLM.from_pretrained(path, groups)``). Runs in one process; no GPU needed.
 """
 from __future__ import annotations
@@ -27,9 +29,13 @@ def main(argv: list[str] | None = None) -> int:
                                                       "(default: as trained)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a non-empty --output directory (as a whole)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="directory holding the run's HF tokenizer (default: where the run "
+                             "read it; checked by content)")
     args = parser.parse_args(argv)
     try:
-        path = training_to_hf(args.checkpoint, args.output, args.dtype, args.overwrite)
+        path = training_to_hf(args.checkpoint, args.output, args.dtype, args.overwrite,
+                              tokenizer=args.tokenizer)
     except (ValueError, OSError) as err:
         return refuse("convert_checkpoint", err)
     print(f"wrote {args.output} from {path}")

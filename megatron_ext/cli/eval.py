@@ -70,8 +70,13 @@ def _args(argv):
     p.add_argument("--resume", action="store_true", help="continue --output's results.json")
     p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     p.add_argument("--data", default=None, help="dataset prefix (default: embedded corpus)")
-    p.add_argument("--tokenizer", default=None, help="'byte' or a local HF tokenizer dir "
-                   "(default: a training checkpoint's own, else byte)")
+    p.add_argument("--tokenizer", default="auto",
+                   help="'auto' (default: the model's own: its directory's tokenizer files or "
+                        "the one a training checkpoint was trained with; else 'byte'), 'byte' "
+                        "or a local HF tokenizer dir")
+    p.add_argument("--strict-config", action="store_true",
+                   help="refuse config.json fields megatron_ext does not know (default: ignore "
+                        "them with a note; fields known to change the math are always refused)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                    help="model dtype (default: as stored)")
     p.add_argument("--seq-len", type=int, default=2048)
@@ -112,11 +117,12 @@ def _plan(args, world: int) -> dict:
     topo = topology_from_args(args, world)
     if topo.pp != 1:
         raise ValueError(f"evaluation runs one pipeline stage; got pp={topo.pp}")
-    source = open_model_source(args.model)
+    source = open_model_source(args.model, strict_config=args.strict_config)
     config = source.config
     config.check_fits(topo)
     padded_vocab_size(config.vocab_size, topo.attn_tp, args.make_vocab_size_divisible_by)
-    tokenizer = load_tokenizer(args.tokenizer or source.tokenizer or "byte")
+    own = args.tokenizer in (None, "auto")
+    tokenizer = load_tokenizer((source.tokenizer or "byte") if own else args.tokenizer)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"--tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens, more "
                          f"than the model's vocab_size={config.vocab_size}")
@@ -206,6 +212,9 @@ def _run(argv: list[str] | None = None) -> int:
         plan = _plan(args, world)
     except (ValueError, OSError) as err:
         return refuse("eval.py", err, "invalid evaluation")
+    note = plan["source"].config.ignored_fields_note(args.model)
+    if note and int(os.environ.get("RANK", "0")) == 0:
+        print(note, flush=True)
     init_distributed()
     groups = build_groups(plan["topo"])
     topo, store = plan["topo"], plan["store"]

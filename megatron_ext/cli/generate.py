@@ -7,8 +7,9 @@
     torchrun --nproc-per-node 2 examples/generate.py --model runs/hf --attn-cp 2 --moe-dp 1 \
         --prompts-file requests.jsonl --output completions.jsonl --temperature 0.7 --top-p 0.9
 
-``--model``: an HF directory (e.g. from examples/convert_checkpoint.py). ``--tokenizer``: ``byte``
-(default) or a local HF tokenizer directory; generation stops at its EOS token. Several
+``--model``: an HF directory (e.g. from examples/convert_checkpoint.py). ``--tokenizer``: the
+model's own (default, when its directory has tokenizer files), ``byte`` or a local HF tokenizer
+directory; generation stops at its EOS token. Several
 ``--prompt`` flags make a batch (left-padded; split over attention DP). The prefill splits each
 prompt over attention CP and every CP rank keeps the KV of its own chunks; decode steps attend to
 the cache spread over the CP ranks. Exit code 2: invalid input, nothing ran.
@@ -30,7 +31,7 @@ import torch
 
 from megatron_ext.cli.common import refuse, run_command
 from megatron_ext.communication.choices import CP_STRATEGIES, CPStrategy
-from megatron_ext.data.tokenizer import load_tokenizer
+from megatron_ext.data.tokenizer import load_tokenizer, resolve_tokenizer
 from megatron_ext.layers.backend import resolve_transformer_impl
 from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import (AxisGroup, ParallelGroups, build_groups,
@@ -60,7 +61,12 @@ def _args(argv):
     p.add_argument("--seed", type=int, default=0, help="sampling seed of every request")
     p.add_argument("--check-every", type=int, default=8,
                    help="decode steps between checks for finished requests")
-    p.add_argument("--tokenizer", default="byte", help="'byte' or a local HF tokenizer dir")
+    p.add_argument("--tokenizer", default="auto",
+                   help="'auto' (default: the model's own when --model has tokenizer files, else "
+                        "'byte'), 'byte' or a local HF tokenizer dir")
+    p.add_argument("--strict-config", action="store_true",
+                   help="refuse config.json fields megatron_ext does not know (default: ignore "
+                        "them with a note; fields known to change the math are always refused)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--no-eos", action="store_true", help="ignore the tokenizer's EOS token")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
@@ -124,16 +130,16 @@ def _run(argv: list[str] | None = None) -> int:
     try:  # everything checkable before process groups exist
         impl = resolve_transformer_impl(args.transformer_impl)
         topo = topology_from_args(args, world)
-        config = ModelConfig.from_hf_dir(args.model)
+        config = ModelConfig.from_hf_dir(args.model, strict=args.strict_config)
         config.check_fits(topo)
         padded_vocab_size(config.vocab_size, topo.attn_tp, args.make_vocab_size_divisible_by)
-        tok = load_tokenizer(args.tokenizer)
+        tok = load_tokenizer(resolve_tokenizer(args.tokenizer, args.model))
         requests = _requests(args)
         encoded = [tok.encode(text).tolist() for text, _ in requests]
         for i, p in enumerate(encoded):
             if not p:
                 raise ValueError(f"prompt {i} ({requests[i][0]!r}) encodes to no token")
-        ids, mask = left_pad(encoded, pad_id=0)
+        ids, mask = left_pad(encoded, pad_id=tok.pad_id if tok.pad_id < config.vocab_size else 0)
         params = [p for _, p in requests]
         eos = None if args.no_eos or tok.eos_id >= config.vocab_size else tok.eos_id
         stand_in = ParallelGroups(topo, 0, **{a: AxisGroup.single(a) for a in GROUP_AXES})
@@ -143,12 +149,16 @@ def _run(argv: list[str] | None = None) -> int:
             raise ValueError(f"--check-every={args.check_every} must be >= 1")
     except (ValueError, OSError) as err:
         return refuse("generate.py", err, "invalid generation")
+    note = config.ignored_fields_note(args.model)
+    if note and int(os.environ.get("RANK", "0")) == 0:
+        print(note, flush=True)
     init_distributed()
     groups = build_groups(topo)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
-    model = CausalLM.from_pretrained(args.model, groups, cp_strategy=args.cp_comm, dtype=dtype,
+    model = CausalLM.from_pretrained(args.model, groups, strict_config=args.strict_config,
+                                     cp_strategy=args.cp_comm, dtype=dtype,
                                      transformer_impl=impl, device=device,
                                      make_vocab_size_divisible_by=args.make_vocab_size_divisible_by
                                      ).eval()

@@ -2,6 +2,7 @@
 
     python examples/prepare_data.py --output data/mycorpus docs/*.txt more.jsonl
     python examples/prepare_data.py --output data/mycorpus --tokenizer /path/to/hf_tokenizer in.jsonl
+    python examples/prepare_data.py --output data/mycorpus --model /path/to/hf_model in.jsonl
     python examples/prepare_data.py --output data/shakespeare --corpus   # the embedded corpus
 
 Each ``.txt`` file is one document; each line of a ``.jsonl`` file is a JSON object whose
@@ -18,7 +19,7 @@ import time
 
 from megatron_ext.cli.common import refuse
 from megatron_ext.data.dataset import corpus_files, read_text_documents, write_token_dataset
-from megatron_ext.data.tokenizer import load_tokenizer
+from megatron_ext.data.tokenizer import load_tokenizer, resolve_tokenizer
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
@@ -39,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="*", help=".txt / .jsonl files or directories")
     parser.add_argument("--output", required=True, help="output prefix (writes .bin and .json)")
-    parser.add_argument("--tokenizer", default="byte", help="'byte' or a local HF tokenizer dir")
+    parser.add_argument("--model", default=None,
+                        help="HF model directory whose tokenizer to use (when --tokenizer is auto)")
+    parser.add_argument("--tokenizer", default="auto",
+                        help="'auto' (default: --model's tokenizer, else 'byte'), 'byte' or a "
+                             "local HF tokenizer dir")
     parser.add_argument("--text-key", default="text", help="JSONL field holding the text")
     parser.add_argument("--corpus", action="store_true", help="add the embedded corpus")
     args = parser.parse_args(argv)
@@ -47,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         files = expand_inputs(args.inputs) + (corpus_files() if args.corpus else [])
         if not files:
             raise ValueError("no input files (give files/directories or --corpus)")
-        tokenizer = load_tokenizer(args.tokenizer)
+        tokenizer = load_tokenizer(resolve_tokenizer(args.tokenizer, args.model))
         start = time.perf_counter()
         meta = write_token_dataset(args.output,
                                    read_text_documents(files, tokenizer, args.text_key), tokenizer)

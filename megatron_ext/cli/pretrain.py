@@ -34,7 +34,8 @@ from megatron_ext.training.config import TrainConfig
 from megatron_ext.training.logging import MetricsLogger
 from megatron_ext.training.preemption import ExitSignalHandler
 from megatron_ext.training.run_dir import RunDirLock
-from megatron_ext.training.trainer import Trainer, TrainingDiverged, validate_launch
+from megatron_ext.training.trainer import (Trainer, TrainingDiverged, validate_launch,
+                                           write_settings_yaml)
 
 
 def _describe(trainer: Trainer) -> str:
@@ -51,10 +52,19 @@ def _describe(trainer: Trainer) -> str:
             f"layers: {trainer.model.backend.describe()}\n"
             f"{_memory_line(trainer)}\n"
             f"data: {trainer.plan.dataset.source} ({trainer.plan.dataset.meta.num_tokens} tokens, "
-            f"tokenizer {trainer.plan.tokenizer.name}); {cfg.train_steps} steps x "
+            f"tokenizer {_tokenizer_label(trainer.plan.tokenizer)}); {cfg.train_steps} steps x "
             f"{cfg.global_batch_size} x {cfg.seq_len} tokens, {trainer.micro_batches_per_rank} "
             f"micro-batch(es) per rank"
-            + (f", {trainer.pipeline.schedule_name}" if trainer.pipeline else ""))
+            + (f", {trainer.pipeline.schedule_name}" if trainer.pipeline else "")
+            + f"; lr {cfg.lr:g} -> {cfg.min_lr:g}, warmup {cfg.warmup_steps}"
+            + (f"\nvalidation: {trainer.plan.eval_set.count} samples of "
+               f"{trainer.plan.eval_set.dataset.source} every {cfg.eval_interval} steps"
+               if trainer.plan.eval_set else ""))
+
+
+def _tokenizer_label(tokenizer) -> str:
+    path = getattr(tokenizer, "path", None)
+    return f"{path} [{tokenizer.name}]" if path else tokenizer.name
 
 
 def _memory_line(trainer: Trainer) -> str:
@@ -107,8 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, groups, plan)
         resumed = trainer.resume()
         if rank == 0:
-            print(_describe(trainer) + (f"\nresumed from {describe_checkpoint(resumed)}"
-                                        if resumed else f"\n{trainer.describe_weights()}"),
+            for note in plan.notes:
+                print(note, flush=True)
+            settings = write_settings_yaml(cfg, plan)
+            print(_describe(trainer) + f"\nsettings: {settings}"
+                  + (f"\nresumed from {describe_checkpoint(resumed)}"
+                     if resumed else f"\n{trainer.describe_weights()}"),
                   flush=True)
         logger = MetricsLogger(cfg.output_dir, cfg.train_steps, trainer.step, enabled=rank == 0,
                                progress=cfg.progress, tensorboard=cfg.tensorboard)

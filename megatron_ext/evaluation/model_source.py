@@ -24,19 +24,22 @@ TRAINING = "training"
 @dataclass(frozen=True)
 class ModelSource:
     """``kind``: ``"hf"`` or ``"training"``; ``path``: the directory read (for a training run
-    directory, its newest complete ``step_N``); ``tokenizer``: the tokenizer a training run was
-    trained with (``None`` for HF directories)."""
+    directory, its newest complete ``step_N``); ``tokenizer``: the model's own tokenizer (an HF
+    directory holding tokenizer files, or the one a training run was trained with), else
+    ``None``. ``strict_config``: unknown HF config fields are an error."""
 
     kind: str
     path: str
     config: ModelConfig
     tokenizer: Optional[str] = None
     step: Optional[int] = None
+    strict_config: bool = False
 
     def describe(self) -> dict:
         return {"kind": self.kind, "path": os.path.abspath(self.path), "step": self.step,
                 "architecture": self.config.architecture,
-                "config": {k: v for k, v in self.config.__dict__.items() if k != "hf_config"}}
+                "config": {k: v for k, v in self.config.__dict__.items()
+                           if k not in ("hf_config", "ignored_hf_fields")}}
 
     def load(self, groups: ParallelGroups, *, dtype: Optional[torch.dtype] = None,
              device: Optional[torch.device] = None, **model_kwargs):
@@ -46,7 +49,7 @@ class ModelSource:
 
         if self.kind == HF:
             model = CausalLM.from_pretrained(self.path, groups, dtype=dtype, device=device,
-                                             **model_kwargs)
+                                             strict_config=self.strict_config, **model_kwargs)
         else:
             from megatron_ext.training.convert import load_training_weights
 
@@ -56,13 +59,17 @@ class ModelSource:
         return model.eval()
 
 
-def open_model_source(path: str) -> ModelSource:
+def open_model_source(path: str, *, strict_config: bool = False) -> ModelSource:
     """An HF directory (``config.json``) or a training checkpoint (a ``step_N`` directory or the
     directory holding them); ``ValueError`` naming ``path`` otherwise."""
+    from megatron_ext.data.tokenizer import has_tokenizer_files
+
     if not os.path.isdir(path):
         raise ValueError(f"--model {path!r} is not a directory")
     if os.path.isfile(os.path.join(path, "config.json")):
-        return ModelSource(HF, path, ModelConfig.from_hf_dir(path))
+        return ModelSource(HF, path, ModelConfig.from_hf_dir(path, strict=strict_config),
+                           path if has_tokenizer_files(path) else None,
+                           strict_config=strict_config)
     from megatron_ext.training.convert import checkpoint_model_config
 
     try:
@@ -70,5 +77,13 @@ def open_model_source(path: str) -> ModelSource:
     except ValueError as err:
         raise ValueError(f"--model {path!r} is neither an HF directory (no config.json) nor a "
                          f"training checkpoint: {err}") from err
-    tokenizer = (state.get("config") or {}).get("tokenizer")
-    return ModelSource(TRAINING, resolved, config, tokenizer, state.get("step"))
+    return ModelSource(TRAINING, resolved, config, _training_tokenizer(state), state.get("step"))
+
+
+def _training_tokenizer(state: dict) -> Optional[str]:
+    """Where the run's tokenizer is: recorded by the run (path, or byte), else its setting."""
+    recorded = state.get("tokenizer")
+    if recorded:
+        return "byte" if recorded.get("name") == "byte" else recorded.get("path")
+    spec = (state.get("config") or {}).get("tokenizer")
+    return None if spec in (None, "auto") else spec

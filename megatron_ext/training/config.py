@@ -18,6 +18,10 @@ from megatron_ext.parallel.topology import Topology
 from megatron_ext.training.config_types import coerce_setting, parse_bool
 
 LAYOUT_FIELDS = ("pp", "attn_tp", "attn_cp", "attn_dp", "moe_tp", "moe_ep", "moe_dp")
+# Default peak learning rates: from scratch (tiny presets), and fine-tuning pretrained HF weights
+# (the order transformers' Trainer and most fine-tuning recipes use).
+SCRATCH_LR = 3e-3
+FINETUNE_LR = 5e-5
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -30,18 +34,26 @@ class TrainConfig:
 
     # layout (data parallel derived by Topology)
     pp: int = _help("pipeline stages", default=1)
-    attn_tp: Optional[int] = _help("attention tensor parallel size", default=None)
-    attn_cp: Optional[int] = _help("attention context parallel size", default=None)
+    attn_tp: Optional[int] = _help("attention tensor parallel size (default: with no layout "
+                                   "flag, the seed layout for the world size, see "
+                                   "default_layout; else 1 or derived)", default=None)
+    attn_cp: Optional[int] = _help("attention context parallel size (default: as --attn-tp)",
+                                   default=None)
     attn_dp: Optional[int] = _help("attention data parallel size (default: derived)", default=None)
-    moe_tp: Optional[int] = _help("expert tensor parallel size", default=None)
-    moe_ep: Optional[int] = _help("expert parallel size", default=None)
-    moe_dp: Optional[int] = _help("expert data parallel size", default=None)
+    moe_tp: Optional[int] = _help("expert tensor parallel size (default: as --attn-tp)",
+                                  default=None)
+    moe_ep: Optional[int] = _help("expert parallel size (default: as --attn-tp)", default=None)
+    moe_dp: Optional[int] = _help("expert data parallel size (default: as --attn-tp)",
+                                  default=None)
     # model
     model: str = _help("models/ preset name, HF directory or config.json", default="tiny-qwen3-moe")
     model_overrides: dict = _help("ModelConfig fields to change (YAML mapping or key=value flags)",
                                   default_factory=dict)
     init_from_hf: bool = _help("load HF weights when --model is a directory with safetensors",
                                default=True)
+    strict_config: bool = _help("refuse HF config.json fields megatron_ext does not know (default:"
+                                " ignore them with a note; fields known to change the math are "
+                                "always refused)", default=False)
     cp_comm: str = _help("CP attention K/V exchange: all_gather or p2p", default="all_gather")
     transformer_impl: str = _help("layer implementation: native, te (TransformerEngine; CUDA) or "
                                   "auto (te where it imports on CUDA, else native)",
@@ -52,16 +64,21 @@ class TrainConfig:
     # data
     data: Optional[str] = _help("prepared dataset prefix (examples/prepare_data.py); "
                                 "default: the embedded corpus", default=None)
-    tokenizer: str = _help("'byte' or a local HF tokenizer directory", default="byte")
+    tokenizer: str = _help("'auto' (the model's own when --model is an HF directory with "
+                           "tokenizer files, else 'byte'), 'byte' or a local HF tokenizer "
+                           "directory", default="auto")
     seq_len: int = _help("tokens per sample", default=128)
     micro_batch_size: int = _help("samples per micro-batch per data-parallel rank", default=4)
     global_batch_size: int = _help("samples per optimizer step (all ranks)", default=8)
     shuffle: bool = _help("shuffle samples (seeded, layout independent)", default=True)
     # optimisation
     train_steps: int = _help("optimizer steps", default=40)
-    lr: float = _help("peak learning rate", default=3e-3)
-    min_lr: float = _help("final learning rate of the cosine decay", default=3e-4)
-    warmup_steps: int = _help("linear warmup steps", default=4)
+    lr: Optional[float] = _help(f"peak learning rate (default: {FINETUNE_LR} when initialising "
+                                f"from HF weights, else {SCRATCH_LR})", default=None)
+    min_lr: Optional[float] = _help("final learning rate of the cosine decay (default: lr / 10)",
+                                    default=None)
+    warmup_steps: int = _help("linear warmup steps (clamped to train_steps with a note)",
+                              default=4)
     weight_decay: float = _help("AdamW weight decay (matrices only)", default=0.1)
     adam_beta1: float = _help("AdamW beta1", default=0.9)
     adam_beta2: float = _help("AdamW beta2", default=0.95)
@@ -97,6 +114,13 @@ class TrainConfig:
     overwrite: bool = _help("start a new run in an output_dir that holds checkpoints (they are "
                             "rotated out by the new run's saves)", default=False)
     log_interval: int = _help("print / log metrics every N steps", default=1)
+    eval_interval: int = _help("validation loss every N steps and after the last (0: off)",
+                               default=0)
+    eval_data: Optional[str] = _help("validation dataset prefix (default: held-out windows: the "
+                                     "last eval_iters x global_batch_size samples of --data, "
+                                     "never trained on)", default=None)
+    eval_iters: int = _help("validation batches (of global_batch_size samples) per evaluation",
+                            default=1)
     progress: bool = _help("tqdm progress bar on rank 0", default=True)
     tensorboard: bool = _help("TensorBoard scalars when tensorboard is importable", default=True)
     dist_timeout_s: float = _help("collective timeout: a dead rank fails the others after this",
@@ -113,7 +137,7 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
-        for name in ("save_interval", "warmup_steps"):
+        for name in ("save_interval", "warmup_steps", "eval_interval"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}={value!r} must be a non-negative integer")
@@ -122,9 +146,20 @@ class TrainConfig:
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"micro_batch_size={self.micro_batch_size} must divide "
                              f"global_batch_size={self.global_batch_size}")
+        self.notes: list[str] = []  # said once on rank 0 at start (not settings)
         if self.warmup_steps > self.train_steps:
-            raise ValueError(f"warmup_steps={self.warmup_steps} must be <= "
-                             f"train_steps={self.train_steps} (set --warmup-steps too)")
+            self.notes.append(f"note: warmup_steps={self.warmup_steps} > train_steps="
+                              f"{self.train_steps}: warmup clamped to {self.train_steps} steps")
+            self.warmup_steps = self.train_steps
+        for name in ("lr", "min_lr"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, (int, float))):
+                raise ValueError(f"{name}={value!r} must be a number")
+        if self.lr is None:
+            self.lr = FINETUNE_LR if self.initialises_from_hf() else SCRATCH_LR
+        if self.min_lr is None:
+            self.min_lr = self.lr / 10
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr} must be > 0")
         if not 0 <= self.min_lr <= self.lr:
@@ -150,14 +185,22 @@ class TrainConfig:
         if not isinstance(self.model_overrides, dict):
             raise ValueError(f"model_overrides={self.model_overrides!r} must be a mapping")
         if self.data is not None:
-            prefix = self.data.rsplit(".", 1)[0] if self.data.endswith((".bin", ".json")) \
-                else self.data
-            if not os.path.isfile(prefix + ".json") or not os.path.isfile(prefix + ".bin"):
-                raise ValueError(f"data={self.data!r}: {prefix}.bin / {prefix}.json not found "
-                                 f"(write them with examples/prepare_data.py)")
+            _check_prefix("data", self.data)
+        if isinstance(self.eval_iters, bool) or not isinstance(self.eval_iters, int) \
+                or self.eval_iters < 1:
+            raise ValueError(f"eval_iters={self.eval_iters!r} must be a positive integer")
+        if self.eval_data is not None:
+            _check_prefix("eval_data", self.eval_data)
         if self.resume not in (None, "latest") and not os.path.isdir(self.resume):
             raise ValueError(f"resume={self.resume!r} is neither 'latest' nor a checkpoint "
                              f"directory")
+
+    def initialises_from_hf(self) -> bool:
+        """Whether the run starts from the HF weights of ``--model`` (fine-tuning)."""
+        from megatron_ext.checkpoint.hf import INDEX_FILE, SINGLE_FILE
+
+        return self.init_from_hf and not self.model_overrides and os.path.isdir(self.model) and \
+            any(os.path.isfile(os.path.join(self.model, f)) for f in (SINGLE_FILE, INDEX_FILE))
 
     # ------------------------------------------------------------------ layout
     def topology(self, world: int) -> Topology:
@@ -227,6 +270,13 @@ class TrainConfig:
         return cls.from_dict(values, source=yaml_path or "flags")
 
 
+def _check_prefix(name: str, value: str) -> None:
+    prefix = value.rsplit(".", 1)[0] if value.endswith((".bin", ".json")) else value
+    if not os.path.isfile(prefix + ".json") or not os.path.isfile(prefix + ".bin"):
+        raise ValueError(f"{name}={value!r}: {prefix}.bin / {prefix}.json not found "
+                         f"(write them with examples/prepare_data.py)")
+
+
 def default_layout(world: int) -> dict:
     """The seed layout (attention TP 2 x CP 2, one MoE shard of moe_tp = stage size) repeated over
     attention DP when ``world`` is a multiple of 4; attention TP 2 on 2 ranks; else pure DP."""
@@ -271,15 +321,24 @@ def _bool(text: str) -> bool:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _with_default(f: dataclasses.Field, help_text: str) -> str:
+    """The help text with the setting's real default (flags parse to ``None`` when absent so a
+    YAML value is not overwritten, which hides the default from argparse); a help text that
+    already says its default is left alone."""
+    if "default:" in help_text or f.default is dataclasses.MISSING:
+        return help_text
+    return f"{help_text} (default: {'unset' if f.default is None else f.default})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="pretrain.py", description="Pretrain a megatron_ext model (launch with torchrun).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="pretrain.py", description="Pretrain a megatron_ext model (launch with torchrun). "
+        "Settings: defaults < --config YAML < flags.")
     parser.add_argument("--config", help="YAML file of settings (flags override it)")
     hints = {"int": int, "float": float, "str": str}
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
+        help_text = _with_default(f, f.metadata.get("help", ""))
         if f.name == "model_overrides":
             parser.add_argument("--model-override", action="append", metavar="KEY=VALUE",
                                 help=help_text)

@@ -1,4 +1,4 @@
-"""Training checkpoint (any layout) -> Hugging Face directory, in one process.
+"""Training checkpoint (any layout) -> self-contained Hugging Face directory, in one process.
 
 Training checkpoints hold layout-independent global tensors under HF module names
 (``megatron_ext.checkpoint.training_state``), so conversion needs no process group: build the model as a
@@ -57,11 +57,16 @@ def load_training_weights(model, path: str) -> None:
 
 
 def training_to_hf(checkpoint: str, output: str, dtype: Optional[str] = None,
-                   overwrite: bool = False) -> str:
-    """Write the model of training checkpoint ``checkpoint`` as an HF directory ``output``
-    (verified against its manifest first; written to a staging directory that replaces
-    ``output`` whole, which must be new or empty unless ``overwrite``). Returns the checkpoint
-    directory that was converted."""
+                   overwrite: bool = False, tokenizer: Optional[str] = None) -> str:
+    """Write the model of training checkpoint ``checkpoint`` as a self-contained HF directory
+    ``output``: weights, ``config.json``, ``generation_config.json``, the run's tokenizer files
+    (``tokenizer``: a directory holding them when the recorded path is gone) and a README.
+    Verified against its manifest first; written to a staging directory that replaces ``output``
+    whole, which must be new or empty unless ``overwrite``. Returns the checkpoint directory that
+    was converted."""
+    from megatron_ext.training.hf_export import (training_tokenizer, write_generation_files,
+                                                 write_readme)
+
     from megatron_ext.parallel.groups import ParallelGroups
     from megatron_ext.checkpoint.staging import check_target, staged_directory
     from megatron_ext.checkpoint.training_state import load_global_tensors, verify_checkpoint
@@ -72,7 +77,8 @@ def training_to_hf(checkpoint: str, output: str, dtype: Optional[str] = None,
         raise ValueError(f"dtype={dtype!r}; use one of {sorted(_DTYPES)}")
     check_target(output, overwrite)
     verify_checkpoint(resolve_checkpoint(checkpoint))
-    config, path, _ = checkpoint_model_config(checkpoint)
+    config, path, state = checkpoint_model_config(checkpoint)
+    tok = training_tokenizer(state, tokenizer)  # before writing anything
     tensors = load_global_tensors(path)
     # one process holds every global tensor whole: no vocabulary padding needed
     model = CausalLM(config, ParallelGroups.single_process(), dtype=torch.float32,
@@ -89,4 +95,7 @@ def training_to_hf(checkpoint: str, output: str, dtype: Optional[str] = None,
             param.copy_(saved)
     with staged_directory(output, overwrite) as staging:
         model.save_pretrained(staging, dtype=_DTYPES[dtype] if dtype else None)
+        base = state["config"].get("model")
+        write_generation_files(staging, tok, base if base and os.path.isdir(base) else None)
+        write_readme(staging, path, state, tok)
     return path

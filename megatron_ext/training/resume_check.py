@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 # settings that change which tokens each step sees (seed and data are checked at load)
-SAMPLE_STREAM = ("seq_len", "global_batch_size", "tokenizer", "shuffle")
+# (the tokenizer is compared by content, not by its setting: trainer.check_resumable)
+SAMPLE_STREAM = ("seq_len", "global_batch_size", "shuffle")
 
 
 def _plain(value: Any) -> Any:
@@ -22,7 +23,8 @@ def resume_changes(saved: dict, cfg, model_config) -> list[str]:
     """``field: saved -> now`` for every model field and sample-stream setting that differs."""
     changes = []
     before = saved.get("model", {})
-    now = {k: v for k, v in model_config.__dict__.items() if k != "hf_config"}
+    now = {k: v for k, v in model_config.__dict__.items()
+           if k not in ("hf_config", "ignored_hf_fields")}
     for key in sorted(set(before) | set(now)):
         if _plain(before.get(key)) != _plain(now.get(key)):
             changes.append(f"{key}: {before.get(key)!r} -> {now.get(key)!r}")

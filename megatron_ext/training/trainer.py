@@ -33,13 +33,13 @@ import torch.distributed as dist
 from megatron_ext.data.batching import StepBatch, split_global_batch
 from megatron_ext.layers.backend import resolve_transformer_impl
 from megatron_ext.data.dataset import SampleOrder, TokenDataset, open_dataset
-from megatron_ext.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_ext.data.tokenizer import Tokenizer, load_tokenizer, resolve_tokenizer
 from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import ParallelGroups
 from megatron_ext.parallel.topology import Topology
 from megatron_ext.checkpoint import training_state as ckpt
 from megatron_ext.checkpoint.checkpoint_dirs import describe_checkpoint
-from megatron_ext.training.config import TrainConfig
+from megatron_ext.training.config import LAYOUT_FIELDS, TrainConfig
 from megatron_ext.training.hf_init import hf_init_source
 from megatron_ext.training.resume_check import check_resume_matches
 from megatron_ext.training.logging import MetricsLogger
@@ -64,6 +64,19 @@ class LaunchPlan:
     resume_from: Optional[str]
     transformer_impl: str = "native"  # resolved: native or te
     init_from: Optional[str] = None  # HF directory of the initial weights; None: random init
+    train_samples: int = 0               # samples of ``dataset`` training draws from (a prefix)
+    eval_set: Optional["EvalSet"] = None
+    notes: tuple[str, ...] = ()          # said once on rank 0 at start
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """The validation windows: ``count`` samples of ``dataset`` from index ``first`` (held out of
+    training when it is the training dataset)."""
+
+    dataset: TokenDataset
+    first: int
+    count: int
 
 
 def build_model_config(cfg: TrainConfig, tokenizer: Tokenizer):
@@ -72,7 +85,7 @@ def build_model_config(cfg: TrainConfig, tokenizer: Tokenizer):
     tokenizer's, an HF model's must already hold it."""
     from megatron_ext.models.config import PRESETS, load_model_config
 
-    config = load_model_config(cfg.model)
+    config = load_model_config(cfg.model, strict=cfg.strict_config)
     overrides = dict(cfg.model_overrides)
     if cfg.model in PRESETS and "vocab_size" not in overrides \
             and config.vocab_size < tokenizer.vocab_size:
@@ -101,8 +114,12 @@ def validate_launch(cfg: TrainConfig, world: int) -> LaunchPlan:
     topo = cfg.topology(world)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device=cuda but CUDA is not available on this machine (use --device cpu)")
-    tokenizer = load_tokenizer(cfg.tokenizer)
+    tokenizer = load_tokenizer(resolve_tokenizer(cfg.tokenizer, cfg.model))
     model_config = build_model_config(cfg, tokenizer)
+    notes = list(cfg.notes)
+    ignored = model_config.ignored_fields_note(cfg.model)
+    if ignored:
+        notes.append(ignored)
     model_config.check_fits(topo)
     stage_layer_range(model_config.num_layers, topo.pp, 0)  # every stage gets a layer
     if cfg.seq_len > model_config.max_position_embeddings:
@@ -111,9 +128,18 @@ def validate_launch(cfg: TrainConfig, world: int) -> LaunchPlan:
     dataset = open_dataset(cfg.data, tokenizer)
     dataset.check_for(cfg.seq_len, cfg.global_batch_size, model_config.vocab_size,
                       tokenizer.name)
+    train_samples = dataset.num_samples(cfg.seq_len)
+    eval_set = None
+    if cfg.eval_interval:
+        eval_set = _eval_set(cfg, topo, tokenizer, model_config.vocab_size, dataset, train_samples)
+        if eval_set.dataset is dataset:
+            train_samples = eval_set.first
     resume_from = ckpt.resolve_resume(cfg.resume, cfg.checkpoint_dir)
     if resume_from:
-        check_resume_matches(resume_from, ckpt.read_train_state(resume_from), cfg, model_config)
+        state = ckpt.read_train_state(resume_from)
+        check_resume_matches(resume_from, state, cfg, model_config)
+        if not cfg.allow_resume_changes:
+            check_resumable(state, resume_from, tokenizer, train_samples)
     existing = ckpt.latest_checkpoint(cfg.checkpoint_dir)
     if cfg.resume is None and existing and not cfg.overwrite:
         raise ValueError(f"output_dir {cfg.output_dir} already holds checkpoints (last saved: "
@@ -122,7 +148,67 @@ def validate_launch(cfg: TrainConfig, world: int) -> LaunchPlan:
     on_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     impl = resolve_transformer_impl(cfg.transformer_impl, cuda_available=on_cuda)
     init_from = hf_init_source(cfg.model, cfg.init_from_hf, model_config, cfg.model_overrides)
-    return LaunchPlan(topo, model_config, tokenizer, dataset, resume_from, impl, init_from)
+    return LaunchPlan(topo, model_config, tokenizer, dataset, resume_from, impl, init_from,
+                      train_samples=train_samples, eval_set=eval_set, notes=tuple(notes))
+
+
+def resolved_settings(cfg: TrainConfig, plan: LaunchPlan) -> dict:
+    """The run's settings with what was derived made explicit (layout sizes, the tokenizer
+    ``auto`` chose, learning rates): ``--config`` on this mapping repeats the run."""
+    values = cfg.to_dict()
+    values.update({k: getattr(plan.topology, k) for k in LAYOUT_FIELDS})
+    values["tokenizer"] = getattr(plan.tokenizer, "path", plan.tokenizer.name)
+    return values
+
+
+def write_settings_yaml(cfg: TrainConfig, plan: LaunchPlan) -> str:
+    """``<output_dir>/config.yaml``: :func:`resolved_settings` (rank 0 calls this)."""
+    import yaml
+
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    path = os.path.join(cfg.output_dir, "config.yaml")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(f"# resolved settings of this run (pretrain --config {path} repeats it)\n")
+        yaml.safe_dump(resolved_settings(cfg, plan), f, sort_keys=False)
+    os.replace(tmp, path)
+    return path
+
+
+def check_resumable(state: dict, path: str, tokenizer: Tokenizer, train_samples: int) -> None:
+    """Refuse a checkpoint whose data would be read differently: another tokenizer (compared by
+    content, so the same tokenizer at another path is fine) or another set of training samples
+    (e.g. a different validation hold-out)."""
+    saved = (state.get("tokenizer") or {}).get("name")
+    if saved is not None and saved != tokenizer.name:
+        raise ValueError(f"checkpoint {path} was trained with tokenizer {saved} "
+                         f"({state['tokenizer'].get('path')}); this run's tokenizer is "
+                         f"{tokenizer.name} (a different vocabulary: pass the same --tokenizer)")
+    saved_samples = state.get("train_samples")
+    if saved_samples is not None and saved_samples != train_samples:
+        raise ValueError(f"checkpoint {path} drew from {saved_samples} training samples; this run "
+                         f"draws from {train_samples} (eval_data / eval_iters / seq_len changed "
+                         f"the hold-out; the sample order would differ)")
+
+
+def _eval_set(cfg: TrainConfig, topo: Topology, tokenizer: Tokenizer, vocab_size: int,
+              dataset: TokenDataset, train_samples: int) -> EvalSet:
+    """``--eval-data``'s first ``eval_iters`` global batches, else the training data's last ones
+    (held out: training never draws them)."""
+    if topo.pp > 1:
+        raise ValueError("eval_interval needs pp=1 (validation runs the whole model forward-only; "
+                         "the pipeline schedules always run backward); set eval_interval=0")
+    count = cfg.eval_iters * cfg.global_batch_size
+    if cfg.eval_data is not None:
+        eval_data = open_dataset(cfg.eval_data, tokenizer)
+        eval_data.check_for(cfg.seq_len, count, vocab_size, tokenizer.name)
+        return EvalSet(eval_data, 0, count)
+    if train_samples - count < cfg.global_batch_size:
+        raise ValueError(f"eval_iters={cfg.eval_iters}: holding out {count} samples of "
+                         f"{cfg.seq_len} tokens for validation leaves {train_samples - count} of "
+                         f"{train_samples} for training, fewer than global_batch_size="
+                         f"{cfg.global_batch_size}; give eval_data or lower eval_iters")
+    return EvalSet(dataset, train_samples - count, count)
 
 
 def aux_loss_share(stats: list, groups: ParallelGroups, num_moe_layers: int
@@ -226,7 +312,7 @@ class Trainer:
             overlap_param_gather=cfg.overlap_param_gather)
         if cfg.overlap_param_gather:
             self.optimizer.attach_param_gather_hooks(self.model)
-        self.order = SampleOrder(plan.dataset.num_samples(cfg.seq_len), cfg.seed, cfg.shuffle)
+        self.order = SampleOrder(plan.train_samples, cfg.seed, cfg.shuffle)
         self.micro_batches_per_rank = cfg.num_microbatches(topo)
         self.step = 0
         self.consumed_samples = 0
@@ -236,6 +322,7 @@ class Trainer:
             self.pipeline = self._build_pipeline()
         self.logger: Optional[MetricsLogger] = None
         self.stopped_by = 0
+        self.validation: list[tuple[int, float]] = []  # (step, validation loss)
 
     # ------------------------------------------------------------------ setup
     def _init_weights(self) -> None:
@@ -272,11 +359,38 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def step_batch(self) -> StepBatch:
+        idx = self.order.indices(self.consumed_samples, self.cfg.global_batch_size)
+        return self._batch_of(self.plan.dataset, idx)
+
+    def _batch_of(self, dataset: TokenDataset, indices) -> StepBatch:
         cfg = self.cfg
-        idx = self.order.indices(self.consumed_samples, cfg.global_batch_size)
-        samples = np.stack([self.plan.dataset.sample(int(i), cfg.seq_len) for i in idx])
+        samples = np.stack([dataset.sample(int(i), cfg.seq_len) for i in indices])
         return split_global_batch(samples, self.groups.topology, self.groups.coords,
                                   cfg.micro_batch_size, self.plan.tokenizer.pad_id)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> tuple[float, int]:
+        """Mean next-token loss over the validation windows (``plan.eval_set``) and its token
+        count; forward only, same layout and precision as training (collective over the world)."""
+        es = self.plan.eval_set
+        if es is None:
+            raise ValueError("no validation set (eval_interval=0)")
+        G = self.cfg.global_batch_size
+        lm, tokens = 0.0, 0
+        with torch.no_grad():
+            for first in range(es.first, es.first + es.count, G):
+                batch = self._batch_of(es.dataset, range(first, first + G))
+                tokens += batch.global_label_tokens
+                for mb in batch.micro_batches:
+                    mb = mb.to(self.device)
+                    with self._autocast():
+                        out = self.model(mb.input_ids, position_ids=mb.position_ids,
+                                         token_index=mb.token_index, segment_ids=mb.segment_ids,
+                                         labels=mb.labels, return_logits=False,
+                                         compute_aux_loss=False)
+                    lm += float(out.loss.float().sum())
+        loss, _ = self._reduce_report(lm, 0.0)
+        return loss / tokens, tokens
 
     # ------------------------------------------------------------------ one step
     def _forward_backward(self, batch: StepBatch, inject_nan: bool) -> tuple[float, float]:
@@ -354,11 +468,17 @@ class Trainer:
         state = {"step": self.step, "consumed_samples": self.consumed_samples,
                  "lr_schedule": self.schedule.__dict__, "config": self.cfg.to_dict(),
                  "model": {k: v for k, v in self.plan.model_config.__dict__.items()
-                           if k != "hf_config"},
+                           if k not in ("hf_config", "ignored_hf_fields")},
                  "layout": {k: getattr(self.groups.topology, k) for k in
                             ("world", "pp", "attn_tp", "attn_cp", "attn_dp", "moe_tp", "moe_ep",
                              Axis.MOE_DP)},
-                 "data": self.plan.dataset.source, "seed": self.cfg.seed}
+                 "data": self.plan.dataset.source, "seed": self.cfg.seed,
+                 "train_samples": self.plan.train_samples,
+                 "tokenizer": {"name": self.plan.tokenizer.name,
+                               "path": getattr(self.plan.tokenizer, "path", None),
+                               "eos_id": self.plan.tokenizer.eos_id,
+                               "pad_id": self.plan.tokenizer.pad_id,
+                               "bos_id": self.plan.tokenizer.bos_id}}
         return ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.step, self._shards(), state,
                                     keep=self.cfg.keep_checkpoints, run_id=self.run_id,
                                     resumed_from=self.plan.resume_from)
@@ -397,6 +517,12 @@ class Trainer:
                     if metrics.step % cfg.log_interval == 0 or metrics.step == cfg.train_steps:
                         logger.log(metrics.step, metrics.as_dict())
                     logger.advance()
+                if cfg.eval_interval and (metrics.step % cfg.eval_interval == 0
+                                          or metrics.step == cfg.train_steps):
+                    val_loss, val_tokens = self.validate()
+                    self.validation.append((metrics.step, val_loss))
+                    if logger:
+                        logger.log_validation(metrics.step, val_loss, val_tokens)
                 self.stopped_by = stop() if stop is not None else 0
                 if self.stopped_by or (cfg.save_interval and metrics.step % cfg.save_interval == 0
                                        and metrics.step < cfg.train_steps):
