@@ -178,16 +178,19 @@ class _Backward:
                   for i in range(len(plan.parts))]
         self.dq = _GradSum(q.shape, q.dtype, q.device, plan.parts, counts)
 
-    def kv_sums(self, k: torch.Tensor, src: int, extra: int = 0) -> tuple[_GradSum, _GradSum]:
+    def kv_sums(self, k: torch.Tensor, v: torch.Tensor, src: int, extra: int = 0
+                ) -> tuple[_GradSum, _GradSum]:
         """Empty dK, dV sums for source ``src``, counting this rank's blocks per key part
-        (plus ``extra`` further additions, e.g. partial sums of more peers)."""
+        (plus ``extra`` further additions, e.g. partial sums of more peers). Each sum has the
+        dtype of its own tensor: under autocast K may be float32 (after a float32-weight QK-norm)
+        while V is bf16, and the peer's receive buffer for dV is ``empty_like(v)``."""
         counts = [extra] * len(self.plan.parts)
         for i in range(len(self.plan.parts)):
             for grp in self.plan.blocks(i, src):
                 for j, _ in _covered(self.plan.parts, grp.ranges):
                     counts[j] += 1
-        return tuple(_GradSum(k.shape, k.dtype, k.device, self.plan.parts, counts)
-                     for _ in range(2))
+        return tuple(_GradSum(t.shape, t.dtype, t.device, self.plan.parts, counts)
+                     for t in (k, v))
 
     def grads(self, k_src: torch.Tensor, v_src: torch.Tensor, src: int, dk: _GradSum,
               dv: _GradSum) -> None:
@@ -249,18 +252,19 @@ def _backward_all_gather(bwd: _Backward, k, v, plan, group):
     dK/dV and this rank's own dK/dV are never all held at once; own blocks last."""
     cp, me = plan.cp_size, plan.cp_rank
     if group.is_trivial:
-        dk, dv = bwd.kv_sums(k, me)
+        dk, dv = bwd.kv_sums(k, v, me)
         bwd.grads(k, v, me, dk, dv)
         return dk.result(), dv.result()
     peers, pending = gather_peers_async([k, v], group)
-    log_collective("reduce_scatter", group, 2 * cp * k.numel() * k.element_size())
-    own = bwd.kv_sums(k, me, extra=cp - 2)  # the first peer's share starts the sum
+    log_collective("reduce_scatter", group,
+                   cp * (k.numel() * k.element_size() + v.numel() * v.element_size()))
+    own = bwd.kv_sums(k, v, me, extra=cp - 2)  # the first peer's share starts the sum
     pending.wait()
     whole = ((0, k.shape[1]),)
     for t in range(1, cp):
         src, frm = (me - t) % cp, (me + t) % cp
         ks, vs = peers.pop(src)
-        dks, dvs = bwd.kv_sums(k, src)
+        dks, dvs = bwd.kv_sums(k, v, src)
         bwd.grads(ks, vs, src, dks, dvs)
         del ks, vs
         send = [dks.result(), dvs.result()]
@@ -302,7 +306,7 @@ def _backward_p2p(bwd: _Backward, k, v, plan, group):
         src = (me - t) % cp
         if t < cp - 1:
             ring.start()
-        sums = bwd.kv_sums(k, src)
+        sums = bwd.kv_sums(k, v, src)
         if pending is not None:
             pending.wait()
             sums[0].add(whole, dkv_in[0])
