@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -112,14 +113,32 @@ def corpus_windows(tokenizer_dir: str, seq_len: int, first: int, count: int):
                         for i in range(first, first + count)])
 
 
-def hf_window_loss(model_dir: str, windows) -> float:
-    """``transformers``' mean next-token loss over ``windows`` (float32, eager attention)."""
+@functools.lru_cache(maxsize=2)
+def hf_model(model_dir: str):
+    """The ``transformers`` model of ``model_dir`` (float32, eager attention), loaded once."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                 attn_implementation="eager").eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                attn_implementation="eager").eval()
+
+
+def hf_window_loss(model_dir: str, windows) -> float:
+    """``transformers``' mean next-token loss over ``windows``."""
+    import torch
+
+    model = hf_model(model_dir)
     with torch.no_grad():
         logits = model(input_ids=windows[:, :-1]).logits
     return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(),
                                                    windows[:, 1:].flatten()))
+
+
+def hf_greedy(model_dir: str, prompt: str, new_tokens: int) -> str:
+    """``prompt`` and ``transformers``' greedy continuation of it, decoded."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    out = hf_model(model_dir).generate(ids, max_new_tokens=new_tokens, do_sample=False)
+    return prompt + tok.decode(out[0, ids.shape[1]:])
