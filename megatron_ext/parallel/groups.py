@@ -98,7 +98,11 @@ class ParallelGroups:
 
     def to_megatron(self):
         """megatron-core's ``ProcessGroupCollection`` over these groups (tp=attn_tp, ep=moe_ep, …)."""
-        from megatron.core.process_groups_config import ProcessGroupCollection
+        try:
+            from megatron.core.process_groups_config import ProcessGroupCollection
+        except ImportError as err:
+            raise ImportError("ParallelGroups.to_megatron needs megatron-core: "
+                              "pip install 'megatron_ext[interop]'") from err
 
         def pg(axis: AxisGroup):
             if axis.group is None and axis.name == Axis.EMBEDDING:
