@@ -138,6 +138,7 @@ class AttentionBlock(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = self.rope(positions, dtype=q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = _in_autocast_dtype(q, k, v)
         decoding = kv_cache is not None and kv_cache.decoding
         if owner_rows is not None and not decoding:
             raise ValueError("owner_rows (one owner per decode token) needs a decoding kv_cache")
@@ -158,3 +159,13 @@ class AttentionBlock(nn.Module):
         if kv_cache is not None:
             kv_cache.store(k, v)
         return self.o_proj(out.reshape(b, s, self.local_heads * self.head_dim))
+
+
+def _in_autocast_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Under autocast, attention runs in the autocast dtype, as torch's SDPA does: a QK-norm with
+    a float32 weight otherwise leaves Q/K in float32 beside a bf16 V."""
+    device = q.device.type
+    if not torch.is_autocast_enabled(device):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
