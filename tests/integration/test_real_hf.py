@@ -50,7 +50,8 @@ def test_smollm2_eval_and_generate_equal_transformers(smollm2_dir):
     evaluation = _start("eval", "--model", smollm2_dir, "--seq-len", "24", "--num-samples", "2")
     generation = _start("generate", "--model", smollm2_dir, "--prompt", PROMPT,
                         "--max-new-tokens", "4", "--no-eos")
-    want = hf_window_loss(smollm2_dir, corpus_windows(smollm2_dir, 24, 0, 2))
+    # eval windows: seq_len tokens each (seq_len - 1 predictions), consecutive
+    want = hf_window_loss(smollm2_dir, corpus_windows(smollm2_dir, 24, 0, 2)[:, :-1])
     text = hf_greedy(smollm2_dir, PROMPT, 4)
     out = _finish(evaluation)
     assert "ignoring" not in out  # hub bookkeeping fields are known, nothing to note
@@ -100,7 +101,7 @@ def test_real_style_dir_eval_generate_finetune_convert(real_style_dir, tmp_path,
     windows = corpus_windows(hf, 16, _num_samples(real_style_dir, 16) - 2, 2)
     assert abs(hf_window_loss(hf, windows) - val[-1]["val_loss"]) < 1e-5
 
-    want = hf_window_loss(real_style_dir, corpus_windows(real_style_dir, 16, 0, 2))
+    want = hf_window_loss(real_style_dir, corpus_windows(real_style_dir, 16, 0, 2)[:, :-1])
     assert abs(_eval_loss(_finish(evaluation)) - want) < 1e-4
     assert f"[0] {hf_greedy(real_style_dir, PROMPT, 3)}\n" in _finish(generation)
 
