@@ -199,7 +199,7 @@ class TrainConfig:
         """Whether the run starts from the HF weights of ``--model`` (fine-tuning)."""
         from megatron_ext.checkpoint.hf import INDEX_FILE, SINGLE_FILE
 
-        return self.init_from_hf and not self.model_overrides and os.path.isdir(self.model) and \
+        return self.init_from_hf and os.path.isdir(self.model) and \
             any(os.path.isfile(os.path.join(self.model, f)) for f in (SINGLE_FILE, INDEX_FILE))
 
     # ------------------------------------------------------------------ layout

@@ -52,7 +52,7 @@ def hf_init_source(model: str, init_from_hf: bool, model_config, overrides: dict
     if not any(os.path.isfile(os.path.join(model, f)) for f in (SINGLE_FILE, INDEX_FILE)):
         raise ValueError(f"model {model} has no {SINGLE_FILE} or {INDEX_FILE}: no weights to "
                          f"load (pass --init-from-hf false to train from random initialisation)")
-    base = load_model_config(model)
+    base = load_model_config(model, strict=False)  # the run's strictness was applied already
     changed = _shape_changes(hf_tensor_shapes(base), hf_tensor_shapes(model_config))
     if changed:
         fields = _fields_changing_shapes(base, overrides) or sorted(overrides)

@@ -20,6 +20,7 @@ one MoE layer the two coincide.
 from __future__ import annotations
 
 import math
+import os
 import time
 import uuid
 from contextlib import nullcontext

@@ -86,7 +86,8 @@ def test_convert_into_an_existing_sharded_directory_replaces_it_whole(trained, t
 
     assert convert_main(["--checkpoint", cfg.checkpoint_dir, "--output", out,
                          "--overwrite"]) == 0
-    assert sorted(os.listdir(out)) == ["config.json", "manifest.json", "model.safetensors"]
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "generation_config.json",
+                                       "manifest.json", "model.safetensors"]
     assert not [n for n in os.listdir(tmp_path) if n != "hf"]  # no staging leftovers
     ours = CausalLM.from_pretrained(out, ParallelGroups.single_process())
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
