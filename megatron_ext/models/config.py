@@ -245,6 +245,12 @@ def _llama(**kw: Any) -> ModelConfig:
     return ModelConfig(**base)
 
 
+# Qwen3-30B-A3B's published dimensions (the full model and its 12-layer benchmark slice)
+_QWEN3_30B_A3B = dict(
+    vocab_size=151936, hidden_size=2048, num_layers=48, num_heads=32, num_kv_heads=4,
+    head_dim=128, intermediate_size=6144, num_experts=128, num_experts_per_tok=8,
+    moe_intermediate_size=768, max_position_embeddings=40960)
+
 PRESETS: dict[str, Callable[[], ModelConfig]] = {
     # tiny models for tests and CPU runs
     "tiny-qwen3-moe": lambda: _qwen3_moe(
@@ -265,15 +271,9 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
         head_dim=128, intermediate_size=6144, num_experts=64, num_experts_per_tok=8,
         moe_intermediate_size=768, max_position_embeddings=32768),
     # published shapes
-    "qwen3-30b-a3b": lambda: _qwen3_moe(
-        vocab_size=151936, hidden_size=2048, num_layers=48, num_heads=32, num_kv_heads=4,
-        head_dim=128, intermediate_size=6144, num_experts=128, num_experts_per_tok=8,
-        moe_intermediate_size=768, max_position_embeddings=40960),
+    "qwen3-30b-a3b": lambda: _qwen3_moe(**_QWEN3_30B_A3B),
     # 12 layers of qwen3-30b-a3b with its layer dimensions: the 2-GPU training benchmark
-    "qwen3-30b-a3b-12l": lambda: _qwen3_moe(
-        vocab_size=151936, hidden_size=2048, num_layers=12, num_heads=32, num_kv_heads=4,
-        head_dim=128, intermediate_size=6144, num_experts=128, num_experts_per_tok=8,
-        moe_intermediate_size=768, max_position_embeddings=40960),
+    "qwen3-30b-a3b-12l": lambda: _qwen3_moe(**{**_QWEN3_30B_A3B, "num_layers": 12}),
     "qwen1.5-moe-a2.7b": lambda: _qwen2_moe(
         vocab_size=151936, hidden_size=2048, num_layers=24, num_heads=16, num_kv_heads=16,
         head_dim=128, intermediate_size=5632, num_experts=60, num_experts_per_tok=4,
