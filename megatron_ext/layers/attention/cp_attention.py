@@ -376,12 +376,23 @@ class _SingleBlockAttention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-def _is_single_causal_block(q: torch.Tensor, plan: CPAttentionPlan, group: AxisGroup) -> bool:
+def _one_causal_block(q: torch.Tensor, plan: CPAttentionPlan, group: AxisGroup) -> bool:
+    """A one-rank plan that is one unmasked causal block over the whole local sequence."""
     if not group.is_trivial or len(plan.parts) != 1 or plan.q_valid is not None:
         return False
     blocks = plan.blocks(0, plan.cp_rank)
     return (len(blocks) == 1 and blocks[0].kind == MaskKind.CAUSAL
-            and blocks[0].ranges == ((0, q.shape[1]),) and uses_flash(q, MaskKind.CAUSAL))
+            and blocks[0].ranges == ((0, q.shape[1]),))
+
+
+def _cpu_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One causal block on the CPU through torch's SDPA (what ``transformers`` runs there): its
+    fused CPU kernel is ~1.5x faster than the block loop, whose chunked scores allocate and
+    stream far more memory; autograd gives the gradients."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
 
 
 # ---------------------------------------------------------------------------------- public
@@ -437,6 +448,9 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         return te_attention.te_context_parallel_attention(q, k, v, cp_group, strategy=strategy,
                                                           softmax_scale=scale)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    if _is_single_causal_block(q, plan, cp_group):
-        return _SingleBlockAttention.apply(q, k, v, scale)
+    if _one_causal_block(q, plan, cp_group):
+        if uses_flash(q, MaskKind.CAUSAL):
+            return _SingleBlockAttention.apply(q, k, v, scale)
+        if q.device.type == "cpu":
+            return _cpu_sdpa(q, k, v, scale)
     return _ContextParallelAttention.apply(q, k, v, plan, cp_group, strategy, scale)
