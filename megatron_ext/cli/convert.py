@@ -12,7 +12,6 @@ AutoModelForCausalLM, pipeline) and in any megatron_ext layout
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from megatron_ext.cli.common import refuse

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
 from megatron_ext.parallel.axes import GROUP_AXES
 from megatron_ext.parallel.comm_counter import record

@@ -29,7 +29,6 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from megatron_ext.data.batching import StepBatch, split_global_batch
 from megatron_ext.layers.backend import resolve_transformer_impl
