@@ -119,12 +119,28 @@ def bytes_per_step(model: CausalLM, cfg: ModelConfig, moe_tokens: int, kv_bytes:
     return dense + hit * experts + kv_bytes
 
 
-def decode_case(model, groups, cfg, batch: int, prompt: int, new: int, device) -> dict:
+def profile_steps(state, cache, steps: int = 3, rows: int = 25) -> str:
+    """Kernel-time table of ``steps`` eager decode steps (the graph runs the same kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            state.step()
+            cache.host_step_end()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="device_time_total", row_limit=rows,
+                                     max_name_column_width=60)
+
+
+def decode_case(model, groups, cfg, batch: int, prompt: int, new: int, device,
+                profile: bool = False) -> dict:
     topo, coords = groups.topology, groups.coords
     cp = topo.attn_cp
     warm = 2
     attn = model.layers[0].self_attn
-    cache = KVCache(groups.attn_cp, batch, prompt // cp, new + warm, device=device)
+    extra = 3 if profile else 0
+    cache = KVCache(groups.attn_cp, batch, prompt // cp, new + warm + extra, device=device)
     gen = torch.Generator(device=device).manual_seed(1)
     for layer in model.layers:
         shape = (batch, prompt // cp, attn.local_kv_heads, attn.head_dim)
@@ -134,12 +150,12 @@ def decode_case(model, groups, cfg, batch: int, prompt: int, new: int, device) -
     cache.start_decoding()
     requests = DecodeBatch((tuple(range(batch)),))
     owned = requests.owned_requests(groups, coords.attn_dp, coords.attn_cp)
-    params = [SamplingParams(new + warm)] * len(owned)
+    params = [SamplingParams(new + warm + extra)] * len(owned)
     state = DecodeState(model, groups, cache, requests,
                         positions=torch.full((batch,), prompt, dtype=torch.long, device=device),
                         input_ids=torch.ones(len(owned), dtype=torch.long, device=device),
                         finished=torch.zeros(len(owned), dtype=torch.bool, device=device),
-                        tokens=torch.zeros(len(owned), new + warm, dtype=torch.long,
+                        tokens=torch.zeros(len(owned), new + warm + extra, dtype=torch.long,
                                            device=device),
                         params=params, eos_token_id=None, pad_token_id=0, keep_logits=False,
                         vocab_size=cfg.vocab_size)
@@ -152,6 +168,7 @@ def decode_case(model, groups, cfg, batch: int, prompt: int, new: int, device) -
 
     steps(warm)            # eager warm-up step, then the capture (+ its replay)
     ms = elapsed_ms(lambda: steps(new), device) / new
+    kernels = profile_steps(state, cache) if profile and device.type == "cuda" else None
     # the MoE sees its token group's owned rows once: k x (this rank's rows) for MOE_FULL
     moe_tokens = len(owned) * topo.token_group_size
     filled = cache.length
@@ -161,6 +178,8 @@ def decode_case(model, groups, cfg, batch: int, prompt: int, new: int, device) -
                   bytes_per_step=bytes_per_step(model, cfg, moe_tokens, kv),
                   peak_GiB=torch.cuda.max_memory_allocated() / 2 ** 30
                   if device.type == "cuda" else 0.0)
+    if kernels is not None:
+        result["profile"] = kernels
     del state, runner, cache
     gc.collect()
     if device.type == "cuda":
@@ -226,6 +245,8 @@ def main() -> None:
     parser.add_argument("--layouts", nargs="*", default=list(LAYOUTS))
     parser.add_argument("--moe-reduction", action="store_true")
     parser.add_argument("--hf", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="print each case's kernel-time table (3 eager steps, rank 0)")
     args = parser.parse_args()
     global BF16
     if args.cpu_smoke:
@@ -253,7 +274,8 @@ def main() -> None:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 try:
-                    r = decode_case(model, groups, cfg, batch, prompt, args.new, device)
+                    r = decode_case(model, groups, cfg, batch, prompt, args.new, device,
+                                    args.profile)
                 except torch.cuda.OutOfMemoryError:
                     r = None
                     gc.collect()
@@ -268,6 +290,8 @@ def main() -> None:
                              bound_ms, r["ms_per_step"] / bound_ms, r["peak_GiB"]])
                 if rank == 0:
                     print(rows[-1], flush=True)
+                    if "profile" in r:
+                        print(r.pop("profile"), flush=True)
         del model
         gc.collect()
         if device.type == "cuda":

@@ -32,11 +32,57 @@ from megatron_ext.parallel.groups import build_groups  # noqa: E402
 from megatron_ext.parallel.topology import Topology  # noqa: E402
 
 
+def hf_position_loss(cfg: ModelConfig, seqs, reps: int, device) -> dict:
+    """The same work in ``transformers`` on one GPU (random bf16 weights of the same shape):
+    logits of the whole sequence, per-position cross-entropy in float32, per-bucket sums."""
+    import statistics
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = cfg.to_hf_dict()
+    d.pop("architectures", None)
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d),
+                                          dtype=torch.bfloat16).to(device).eval()
+    out = {}
+    for seq in seqs:
+        ids = torch.randint(0, cfg.vocab_size, (1, seq), device=device)
+        edges = position_buckets(seq, 16)
+
+        def run():
+            logits = hf(input_ids=ids).logits[0, :-1]
+            loss = torch.nn.functional.cross_entropy(logits.float(), ids[0, 1:],
+                                                     reduction="none")
+            return [loss[lo - 1:hi - 1].sum() for lo, hi in zip(edges[:-1], edges[1:])]
+        try:
+            torch.cuda.reset_peak_memory_stats()
+            times = []
+            with torch.no_grad():
+                for i in range(reps + 1):
+                    torch.cuda.synchronize()
+                    start = torch.cuda.Event(enable_timing=True)
+                    end = torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    run()
+                    end.record()
+                    end.synchronize()
+                    if i:
+                        times.append(start.elapsed_time(end) / 1000)
+            t = statistics.median(times)
+            out[seq] = {"s": t, "tok_per_s": seq / t,
+                        "peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
+        except torch.OutOfMemoryError as exc:
+            out[seq] = {"error": f"OOM: {str(exc)[:80]}"}
+        torch.cuda.empty_cache()
+    return out   # the model goes with this frame
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--seq", type=int, nargs="*", default=[32768, 65536, 131072])
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--hf", action="store_true",
+                        help="also time transformers (one GPU, rank 0 only) on the same model")
     args = parser.parse_args()
     rank, world, device = init_nccl()
     sizes = dict(attn_cp=world, moe_ep=world, moe_tp=1) if world > 1 else {}
@@ -60,13 +106,20 @@ def main() -> None:
         results[seq] = res
         if rank == 0:
             print(f"[{layout}] S={seq}: {res}", flush=True)
+    if args.hf and rank == 0:
+        del model
+        torch.cuda.empty_cache()
+        hf = hf_position_loss(cfg, args.seq, args.reps, device)
+        print(f"\ntransformers (1 GPU): {hf}", flush=True)
+        results = {"megatron_ext": results, "transformers_1gpu": hf}
     if rank == 0:
         write_results(f"eval_position_loss_{world}gpu", {"device": device_name(),
                                                           "layers": args.layers,
                                                           "layout": layout, "results": results})
+        ours = results["megatron_ext"] if args.hf else results
         rows = [[seq, r.get("tok_per_s", r.get("error")),
                  "/".join(f"{p:.1f}" if p else "-" for p in r["peak_GiB_per_rank"])]
-                for seq, r in results.items()]
+                for seq, r in ours.items()]
         print(f"\nposition_loss, {layout}, {args.layers} layers, {device_name()}")
         print(table(["seq", "tokens/s", "peak GiB per rank"], rows), flush=True)
     dist.barrier()

@@ -43,11 +43,15 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=2)
     p.add_argument("--num-buckets", type=int, default=16)
     p.add_argument("--data", default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights' dtype (the per-position loss is taken in float64 either way)")
     p.add_argument("--output", required=True)
     args = p.parse_args()
 
     tok = load_tokenizer(args.tokenizer or args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+    model = model.to(args.device).eval()
     out: dict = {"model": args.model, "passkey": {}, "position_loss": None}
     builder = PasskeyBuilder(tok, args.passkey_digits)
     start = time.perf_counter()
@@ -55,7 +59,7 @@ def main() -> None:
         for j, depth in enumerate(args.depths):
             rng = cell_rng(args.seed, length, j)
             samples = [builder.sample(length, depth, rng) for _ in range(args.samples_per_cell)]
-            ids = torch.as_tensor(np.stack([s.prompt_ids for s in samples]))
+            ids = torch.as_tensor(np.stack([s.prompt_ids for s in samples])).to(args.device)
             with torch.no_grad():
                 gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.answer_tokens, do_sample=False,
                                      eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
@@ -71,12 +75,12 @@ def main() -> None:
         edges = position_buckets(args.seq_len, args.num_buckets)
         sums, counts = np.zeros(len(edges) - 1), np.zeros(len(edges) - 1, dtype=np.int64)
         for i in range(args.num_samples):
-            ids = window_batch(dataset, range(i, i + 1), args.seq_len, "cpu")
+            ids = window_batch(dataset, range(i, i + 1), args.seq_len, args.device)
             with torch.no_grad():
                 logits = model(input_ids=ids).logits.double()
             loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="none")
             for b, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
-                sums[b] += float(loss[lo - 1:hi - 1].sum())
+                sums[b] += float(loss[lo - 1:hi - 1].sum().cpu())
                 counts[b] += hi - lo
         out["position_loss"] = {"edges": list(edges), "loss_sum": sums.tolist(),
                                 "tokens": counts.tolist(),
