@@ -1,13 +1,28 @@
-"""Shared bits of the GPU benchmarks: torchrun init, device-event timing, tables, result files."""
+"""Shared bits of the GPU benchmarks: the CUDA requirement, torchrun init, device-event timing,
+tables, result files."""
 from __future__ import annotations
 
 import json
 import os
 import statistics
+import sys
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+
+
+def require_cuda(script: str, cpu_option: str = "") -> None:
+    """A GPU-only script on a machine without CUDA: one line on stderr naming ``script`` and exit
+    2, before any process group exists or ``torch.cuda`` is touched (which otherwise dies deep
+    inside with "torch._C has no attribute _cuda_setDevice"). ``cpu_option``: the flag that runs
+    the script on the CPU instead, if it has one."""
+    if torch.cuda.is_available():
+        return
+    hint = f" (or pass {cpu_option} to run it on the CPU)" if cpu_option else ""
+    print(f"{os.path.basename(script)}: needs CUDA, and this machine has no CUDA device{hint}",
+          file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 def init_nccl() -> tuple[int, int, torch.device]:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._common import require_cuda  # noqa: E402
 from megatron_ext.layers.attention import attention_math  # noqa: E402
 from megatron_ext.layers.attention.cp_attention import backend_name, context_parallel_attention  # noqa: E402
 from megatron_ext.layers.attention.cp_plan import plan_cp_attention  # noqa: E402
@@ -231,6 +232,7 @@ def main() -> None:
     p.add_argument("--check", action="store_true")
     p.add_argument("--json", default="cp_attention.json")
     args = p.parse_args()
+    require_cuda(__file__)
 
     rank, world = init_distributed("nccl")
     groups = build_groups(Topology(world=world, attn_cp=world))

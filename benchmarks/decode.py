@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import (device_name, init_nccl, table, time_graph,  # noqa: E402
+from benchmarks._common import (device_name, init_nccl, require_cuda, table, time_graph,  # noqa: E402
                                 write_results)
 from megatron_ext.models.config import ModelConfig  # noqa: E402
 from megatron_ext.models.decoder import CausalLM  # noqa: E402
@@ -248,6 +248,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="print each case's kernel-time table (3 eager steps, rank 0)")
     args = parser.parse_args()
+    if not args.cpu_smoke:
+        require_cuda(__file__, "--cpu-smoke")
     global BF16
     if args.cpu_smoke:
         from megatron_ext.parallel.groups import init_distributed

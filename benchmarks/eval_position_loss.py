@@ -22,8 +22,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import (device_name, init_nccl, table, time_long_forward,  # noqa: E402
-                               write_results)
+from benchmarks._common import (device_name, init_nccl, require_cuda, table, time_long_forward,  # noqa: E402
+                                write_results)
 from megatron_ext.evaluation.position_loss import (evaluate_position_loss,  # noqa: E402
                                                    position_buckets)
 from megatron_ext.models.config import ModelConfig  # noqa: E402
@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--hf", action="store_true",
                         help="also time transformers (one GPU, rank 0 only) on the same model")
     args = parser.parse_args()
+    require_cuda(__file__)
     rank, world, device = init_nccl()
     sizes = dict(attn_cp=world, moe_ep=world, moe_tp=1) if world > 1 else {}
     groups = build_groups(Topology(world=world, **sizes))

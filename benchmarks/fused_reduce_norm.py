@@ -25,8 +25,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import (device_name, init_nccl, table, time_eager, time_graph,  # noqa: E402
-                                write_results)
+from benchmarks._common import (device_name, init_nccl, require_cuda, table, time_eager,  # noqa: E402
+                                time_graph, write_results)
 from megatron_ext.communication.fused_reduce_norm import (COMPOSED, FUSED, REFERENCE,  # noqa: E402
                                             add_rms_norm_reference, reduce_add_rms_norm)
 from megatron_ext.parallel.groups import AxisGroup  # noqa: E402
@@ -96,6 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--hidden", type=int, default=2048)
     args = parser.parse_args()
+    require_cuda(__file__)
     dtype, hidden = torch.bfloat16, args.hidden
     rank, world, device = init_nccl()
     group = dist.new_group(list(range(world)))

@@ -25,7 +25,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import device_name, init_nccl, table, time_eager, write_results  # noqa: E402
+from benchmarks._common import (device_name, init_nccl, require_cuda, table, time_eager,  # noqa: E402
+                                write_results)
 from megatron_ext.layers.moe.dispatch import combine, gather_rows, local_dispatch  # noqa: E402
 from megatron_ext.layers.moe.moe_layer import MoELayer  # noqa: E402
 from megatron_ext.communication.collectives import all_reduce  # noqa: E402
@@ -55,6 +56,7 @@ def main() -> None:
     parser.add_argument("--shared-width", type=int, default=4096)
     parser.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
     args = parser.parse_args()
+    require_cuda(__file__)
     rank, world, device = init_nccl()
     sizes = dict(moe_tp=world, moe_ep=1) if args.moe_tp else dict(moe_ep=world, moe_tp=1)
     topo = Topology(world=world, attn_tp=world, **sizes)

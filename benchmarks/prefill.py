@@ -27,8 +27,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import (device_name, init_nccl, table, time_long_forward,  # noqa: E402
-                               write_results)
+from benchmarks._common import (device_name, init_nccl, require_cuda, table, time_long_forward,  # noqa: E402
+                                write_results)
 from megatron_ext.communication.fused_reduce_norm import build_symm_mem_reduce_add_norm  # noqa: E402
 from megatron_ext.parallel.groups import build_groups  # noqa: E402
 from megatron_ext.communication.symm_mem import SymmMemConfig  # noqa: E402
@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--layouts", nargs="*", default=None,
                         help=f"2 GPUs: {list(LAYOUTS)}; 4 GPUs: {list(LAYOUTS_4GPU)}")
     args = parser.parse_args()
+    require_cuda(__file__)
     rank, world, device = init_nccl()
     layouts = LAYOUTS_4GPU if world == 4 else LAYOUTS
     args.layouts = args.layouts or list(layouts)

@@ -27,8 +27,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import (device_name, fmt_bytes, init_nccl, table, time_eager,  # noqa: E402
-                                time_graph, write_results)
+from benchmarks._common import (device_name, fmt_bytes, init_nccl, require_cuda, table,  # noqa: E402
+                                time_eager, time_graph, write_results)
 from megatron_ext.parallel.groups import AxisGroup  # noqa: E402
 from megatron_ext.communication.symm_mem import (NCCL, ONE_SHOT, TWO_SHOT, SymmMemAllReduce,  # noqa: E402
                                             SymmMemConfig)
@@ -83,6 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtype", default="bfloat16")
     args = parser.parse_args()
+    require_cuda(__file__)
     dtype = getattr(torch, args.dtype)
     rank, world, device = init_nccl()
     group = dist.new_group(list(range(world)))

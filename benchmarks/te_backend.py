@@ -23,7 +23,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import device_name, init_nccl, time_eager, write_results  # noqa: E402
+from benchmarks._common import (device_name, init_nccl, require_cuda, time_eager,  # noqa: E402
+                                write_results)
 from megatron_ext.data.cp_split import split_batch_for_cp  # noqa: E402
 from megatron_ext.layers.attention.cp_attention import context_parallel_attention  # noqa: E402
 from megatron_ext.layers.attention.cp_plan import plan_cp_attention  # noqa: E402
@@ -139,6 +140,7 @@ def main() -> int:
     p.add_argument("--seq", type=int, default=65536, help="CP attention tokens")
     p.add_argument("--tokens", type=int, default=8192, help="tokens per module / layer run")
     args = p.parse_args()
+    require_cuda(__file__)
     LayerBackend.resolve("te")  # refuses with the reason where TE cannot run
     rank, world, device = init_nccl()
     results = []

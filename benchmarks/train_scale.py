@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._common import require_cuda  # noqa: E402
 from megatron_ext.models.config import load_model_config  # noqa: E402
 from megatron_ext.parallel.groups import build_groups, init_distributed  # noqa: E402
 from megatron_ext.parallel.topology import Topology  # noqa: E402
@@ -185,6 +186,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
+    require_cuda(__file__)
     init_distributed()
     world = dist.get_world_size()
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

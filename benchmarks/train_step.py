@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import table, write_results  # noqa: E402
+from benchmarks._common import require_cuda, table, write_results  # noqa: E402
 from megatron_ext.parallel.groups import ParallelGroups  # noqa: E402
 from megatron_ext.models.config import ModelConfig  # noqa: E402
 from megatron_ext.models.decoder import CausalLM  # noqa: E402
@@ -376,6 +376,7 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--no-checks", action="store_true", help="skip kernel checks/components")
     args = parser.parse_args()
+    require_cuda(__file__)
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
     cfg = ModelConfig.preset("bench-qwen3-moe")

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import device_name, init_nccl, table  # noqa: E402
+from benchmarks._common import device_name, init_nccl, require_cuda, table  # noqa: E402
 from megatron_ext.communication.fused_reduce_norm import build_symm_mem_reduce_add_norm  # noqa: E402
 from megatron_ext.layers.backend import TRANSFORMER_IMPLS, resolve_transformer_impl  # noqa: E402
 from megatron_ext.parallel.groups import build_groups  # noqa: E402
@@ -171,6 +171,7 @@ def main() -> int:
     parser.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default="native",
                         help="layer implementation of every layout (te: TransformerEngine)")
     args = parser.parse_args()
+    require_cuda(__file__)
     impl = resolve_transformer_impl(args.transformer_impl)  # before NCCL: a refusal is one line
     rank, world, device = init_nccl()
     tmp = tempfile.mkdtemp(prefix="gpu_parity_") if rank == 0 else None
