@@ -12,7 +12,8 @@ def add_model_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS,
                         default=TransformerImpl.AUTO,
                         help="layer implementation: native, te (TransformerEngine, CUDA) or auto "
-                             "(te where it imports on CUDA)")
+                             "(where TE imports on CUDA: each module on whichever measured "
+                             "faster — today TE only for p2p CP attention; native otherwise)")
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                         help="pad the vocabulary in memory to a multiple of this x attn_tp "
                              "(Megatron's default 128; files keep the real size)")

@@ -52,9 +52,10 @@ TRANSFORMER_IMPLS: tuple[str, ...] = tuple(TransformerImpl)
 
 
 def resolve_transformer_impl(requested: str, *, cuda_available: Optional[bool] = None) -> str:
-    """``"native"`` or ``"te"`` for a requested ``native|te|auto``. ``auto`` is TE where it imports
-    on CUDA, native elsewhere. ``te`` where TE cannot run is a ValueError naming why (callers check
-    this before any process group exists)."""
+    """What a requested ``native|te|auto`` builds: ``native``, ``te``, or ``auto`` (TE imports on
+    CUDA: each module kind on whichever implementation measured faster, see
+    :data:`AUTO_TE_KINDS`); ``auto`` without TE is ``native``. ``te`` where TE cannot run is a
+    ValueError naming why (callers check this before any process group exists)."""
     if requested not in TRANSFORMER_IMPLS:
         raise ValueError(f"transformer_impl={requested!r} must be one of "
                          f"{', '.join(TRANSFORMER_IMPLS)}")
@@ -63,7 +64,18 @@ def resolve_transformer_impl(requested: str, *, cuda_available: Optional[bool] =
     why = te_unavailable_reason(cuda_available)
     if requested == TransformerImpl.TE and why is not None:
         raise ValueError(f"transformer_impl=te needs TransformerEngine on CUDA, but {why}")
-    return TransformerImpl.NATIVE if why is not None else TransformerImpl.TE
+    if why is not None:
+        return TransformerImpl.NATIVE
+    return TransformerImpl.TE if requested == TransformerImpl.TE else TransformerImpl.AUTO
+
+
+#: What ``auto`` takes from TE when TE imports: the module kinds where TE measured faster on the
+#: GPU (BENCHMARKS.md §13, 2×H200 bf16): CP attention with the ``p2p`` strategy (TE 121.4 ms vs
+#: ours 127.3 at 64K tokens). Ours stayed faster for everything else — column linear 853 vs
+#: 927 µs, row linear 462 vs 937, RMSNorm 901 vs 912, grouped experts 1492 vs 5095, CP attention
+#: with ``all_gather`` 124.7 vs 149.5 ms — so ``auto`` keeps those native.
+AUTO_TE_KINDS: frozenset[str] = frozenset({"cp_attention_p2p"})
+_AUTO_NATIVE_WHY = "native (faster than TE: BENCHMARKS §13)"
 
 
 @dataclass
@@ -77,9 +89,12 @@ class LayerBackend:
     choices: dict[str, set[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.impl not in (TransformerImpl.NATIVE, TransformerImpl.TE):
-            raise ValueError(f"LayerBackend impl={self.impl!r} must be 'native' or 'te' (resolve "
-                             f"'auto' with resolve_transformer_impl first)")
+        if self.impl not in TRANSFORMER_IMPLS:
+            raise ValueError(f"LayerBackend impl={self.impl!r} must be one of "
+                             f"{', '.join(TRANSFORMER_IMPLS)}")
+        if self.impl == TransformerImpl.AUTO and te_unavailable_reason() is not None:
+            raise ValueError("LayerBackend impl='auto' needs TransformerEngine here: resolve "
+                             "'auto' with resolve_transformer_impl first (native without TE)")
 
     @classmethod
     def resolve(cls, requested: str) -> "LayerBackend":
@@ -87,7 +102,15 @@ class LayerBackend:
 
     @property
     def uses_te(self) -> bool:
+        """Whether the linears, norms and experts are TE modules (``auto`` keeps them native)."""
         return self.impl == TransformerImpl.TE
+
+    def _te_for(self, kind: str) -> bool:
+        return self.uses_te or (self.impl == TransformerImpl.AUTO and kind in AUTO_TE_KINDS)
+
+    @property
+    def _native_label(self) -> str:
+        return _AUTO_NATIVE_WHY if self.impl == TransformerImpl.AUTO else "native"
 
     def _record(self, kind: str, choice: str) -> None:
         self.choices.setdefault(kind, set()).add(choice)
@@ -112,7 +135,7 @@ class LayerBackend:
                                              name=name, init_method=init_method, dtype=dtype,
                                              device=device)
         self._record(kind, "native (heads replicated over attn_tp)" if self.uses_te else
-                     "native")
+                     self._native_label)
         return ColumnParallelLinear(in_features, out_features, tp_group, bias,
                                     num_partitions=num_partitions, sync_input_grad=False,
                                     grad_sync=grad_sync, shard_axis=shard_axis, name=name,
@@ -133,7 +156,7 @@ class LayerBackend:
             return te_row_parallel_linear(in_features, out_features, tp_group, bias,
                                           grad_sync=grad_sync, shard_axis=shard_axis, name=name,
                                           init_method=init_method, dtype=dtype, device=device)
-        self._record(kind, "native")
+        self._record(kind, self._native_label)
         return RowParallelLinear(in_features, out_features, tp_group, reduce_results=False,
                                  bias=bias, grad_sync=grad_sync, shard_axis=shard_axis,
                                  name=name, init_method=init_method, dtype=dtype, device=device)
@@ -148,7 +171,7 @@ class LayerBackend:
             self._record("norm", "te")
             return te_rms_norm(hidden_size, eps, grad_sync=grad_sync, name=name, dtype=dtype,
                                device=device)
-        self._record("norm", "native")
+        self._record("norm", self._native_label)
         return RMSNorm(hidden_size, eps, grad_sync=grad_sync, name=name, dtype=dtype,
                        device=device)
 
@@ -164,18 +187,20 @@ class LayerBackend:
                                      name=name, dtype=dtype, device=device)
         from megatron_ext.layers.moe.experts import RoutedExperts
 
-        self._record("grouped_experts", "native")
+        self._record("grouped_experts", self._native_label)
         return RoutedExperts(num_experts, hidden_size, intermediate_size, groups, name=name,
                              dtype=dtype, device=device)
 
-    def attention_kernel(self) -> str:
+    def attention_kernel(self, cp_strategy: str = "all_gather") -> str:
         """The ``backend`` argument of CP attention: ``torch`` natively; ``auto`` with TE (TE's
         ``DotProductAttention`` for every standard one-document split, ours for packed or
-        padded batches, which TE's CP does not take — each reason logged once there)."""
-        choice = "auto" if self.uses_te else "torch"
-        self._record("cp_attention", "te (torch for packed/padded batches)" if self.uses_te
-                     else "native")
-        return choice
+        padded batches, which TE's CP does not take — each reason logged once there). Under
+        ``auto`` only the ``p2p`` strategy goes to TE (:data:`AUTO_TE_KINDS`)."""
+        if self._te_for(f"cp_attention_{cp_strategy}"):
+            self._record("cp_attention", f"te {cp_strategy} (torch for packed/padded batches)")
+            return "auto"
+        self._record("cp_attention", self._native_label)
+        return "torch"
 
     # ------------------------------------------------------------------ report
     def describe(self) -> str:

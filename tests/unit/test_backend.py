@@ -74,3 +74,24 @@ def test_commands_refuse_te_with_one_line_and_exit_2(tmp_path, command, argv, pr
     assert len(lines) == 1 and lines[0].startswith(prefix), out.stderr
     assert "transformer_impl=te needs TransformerEngine on CUDA" in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_auto_with_te_takes_te_only_where_it_measured_faster(monkeypatch):
+    """With TE importable, ``auto`` builds every module kind natively except CP attention with
+    the p2p strategy (BENCHMARKS §13), and says so per kind. TE itself is faked here: only the
+    choice is checked (no TE module is built)."""
+    import megatron_ext.layers.backend as backend_mod
+    from megatron_ext.layers.norm import RMSNorm
+
+    monkeypatch.setattr(backend_mod, "te_unavailable_reason", lambda *a, **k: None)
+    assert resolve_transformer_impl("auto", cuda_available=True) == "auto"
+    assert resolve_transformer_impl("te", cuda_available=True) == "te"
+    auto = LayerBackend.resolve("auto")
+    assert auto.impl == "auto" and not auto.uses_te
+    assert auto.attention_kernel("p2p") == "auto"          # TE's DotProductAttention
+    assert auto.attention_kernel("all_gather") == "torch"  # ours
+    assert isinstance(auto.rms_norm(8, 1e-6), RMSNorm)
+    line = auto.describe()
+    assert "cp_attention=" in line and "te p2p" in line and "faster than TE" in line, line
+    assert LayerBackend("te").attention_kernel("all_gather") == "auto"
+    assert LayerBackend("native").attention_kernel("p2p") == "torch"

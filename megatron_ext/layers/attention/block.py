@@ -83,7 +83,7 @@ class AttentionBlock(nn.Module):
         self.sync_input_grad = sync_input_grad
         kv_parts = min(num_kv_heads, tp)
         backend = backend if backend is not None else LayerBackend()
-        self.attention_kernel = backend.attention_kernel()
+        self.attention_kernel = backend.attention_kernel(cp_strategy)
         common = dict(grad_sync=(Axis.ATTN_DP_CP,), shard_axis=Axis.ATTN_TP, kind="attn_linear",
                       dtype=dtype, device=device)
         self.q_proj = backend.column_linear(hidden_size, num_heads * head_dim, tp_group, qkv_bias,
