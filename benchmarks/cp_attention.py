@@ -9,6 +9,8 @@ For each shape (bf16; MHA 16 x 128 and GQA 16/4 x 128 by default) and sequence l
 * ``ours cp1``   :func:`context_parallel_attention` on a one-rank group (same flash kernels);
 * ``ours cp{N}`` the same over all launched GPUs, strategies ``all_gather`` and ``p2p``
   (the plan is built once per shape and passed in, as the models do);
+* ``te cp{N}``   TransformerEngine's ``DotProductAttention`` with ``cp_group`` (``cp_comm_type``
+  ``p2p``, ``all_gather`` and ``a2a``; cuDNN fused attention), where TE imports;
 * ``torch cp{N}`` torch's ``torch.distributed.tensor.experimental.context_parallel`` (flash SDPA,
   head-tail load balance, rotate methods ``allgather`` and ``alltoall``) on the same shapes in
   the same run.
@@ -95,6 +97,28 @@ def ours(S: int, hq: int, hkv: int, d: int, group: AxisGroup, strategy: str):
     def step():
         out = context_parallel_attention(q, k, v, group, strategy=strategy, plan=plan,
                                          backend="torch")
+        out.backward(dout)
+        q.grad = k.grad = v.grad = None
+
+    nbytes = sum(t.numel() * t.element_size() for t in (q, k, v, dout))
+    return step, nbytes, contextlib.ExitStack()
+
+
+def te_cp(S: int, hq: int, hkv: int, d: int, group: AxisGroup, comm_type: str):
+    """TE's own CP attention on the same zigzag-split inputs (TE's split, as ours)."""
+    from megatron_ext.layers.attention.attention_math import default_scale
+    from megatron_ext.layers.attention.te_attention import te_context_parallel_attention
+
+    L = S // group.size
+    q = _rand(1, L, hq, d, seed=1).requires_grad_()
+    k = _rand(1, L, hkv, d, seed=2).requires_grad_()
+    v = _rand(1, L, hkv, d, seed=3).requires_grad_()
+    dout = _rand(1, L, hq, d, seed=4)
+    scale = default_scale(d)
+
+    def step():
+        out = te_context_parallel_attention(q, k, v, group, strategy=comm_type,
+                                            softmax_scale=scale)
         out.backward(dout)
         q.grad = k.grad = v.grad = None
 
@@ -229,6 +253,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--rotate", nargs="*", default=["allgather", "alltoall"])
+    p.add_argument("--te", nargs="*", default=["p2p", "all_gather", "a2a"],
+                   help="TE cp_comm_type columns (where TE imports; none: skip)")
     p.add_argument("--check", action="store_true")
     p.add_argument("--json", default="cp_attention.json")
     args = p.parse_args()
@@ -267,6 +293,11 @@ def main() -> None:
         for strategy in ("all_gather", "p2p"):
             configs.append((f"ours cp{world} {strategy}",
                             lambda S, hq, hkv, d, s=strategy: ours(S, hq, hkv, d, cp_group, s)))
+        from megatron_ext.layers.attention.te_attention import te_importable
+
+        for comm in args.te if te_importable() else ():
+            configs.append((f"te cp{world} {comm}",
+                            lambda S, hq, hkv, d, c=comm: te_cp(S, hq, hkv, d, cp_group, c)))
         for rot in args.rotate:
             configs.append((f"torch cp{world} {rot}",
                             lambda S, hq, hkv, d, r=rot: torch_cp(S, hq, hkv, d, mesh, r, False)))

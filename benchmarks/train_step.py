@@ -322,8 +322,9 @@ def component_times(cfg: ModelConfig, batch: int, seq: int, device) -> list[list
     return rows
 
 
-def ours(cfg, ids, device, warmup, steps):
-    model = CausalLM(cfg, ParallelGroups.single_process(), dtype=torch.bfloat16, device=device)
+def ours(cfg, ids, device, warmup, steps, impl: str = "native"):
+    model = CausalLM(cfg, ParallelGroups.single_process(), dtype=torch.bfloat16, device=device,
+                     transformer_impl=impl)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     b, s = ids.shape
     pos = torch.arange(s, device=device).expand(b, s)
@@ -374,6 +375,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--transformer-impl", nargs="+", default=["native"],
+                        choices=["native", "te", "auto"],
+                        help="our model's layer implementations to time (same run)")
     parser.add_argument("--no-checks", action="store_true", help="skip kernel checks/components")
     args = parser.parse_args()
     require_cuda(__file__)
@@ -398,7 +402,10 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
     rows, results = [], {}
-    runs = [("megatron_ext", ours)] + ([] if args.skip_hf else [("transformers", hf)])
+    runs = [(f"megatron_ext {impl}" if len(args.transformer_impl) > 1 or impl != "native"
+             else "megatron_ext", lambda *a, impl=impl: ours(*a, impl=impl))
+            for impl in args.transformer_impl]
+    runs += [] if args.skip_hf else [("transformers", hf)]
     for label, fn in runs:
         torch.cuda.reset_peak_memory_stats()
         res = fn(cfg, ids, device, args.warmup, args.steps)
@@ -415,8 +422,8 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
     ratio = None
-    if len(rows) == 2:
-        ratio = rows[0][2] / rows[1][2]
+    if len(rows) >= 2 and not args.skip_hf:
+        ratio = rows[0][2] / rows[-1][2]
     write_results("train_step", {"device": name, "matmul_TFLOPs": rate / 1e12,
                                  "flops_per_token": fpt, "results": results, "ratio": ratio,
                                  "checks": checks, "components_ms": components})

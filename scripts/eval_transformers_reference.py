@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
@@ -85,6 +86,7 @@ def main() -> None:
         out["position_loss"] = {"edges": list(edges), "loss_sum": sums.tolist(),
                                 "tokens": counts.tolist(),
                                 "mean_loss": (sums / np.maximum(counts, 1)).tolist()}
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(out, f, indent=1)
     print(f"wrote {args.output}")
