@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._common import (device_name, init_nccl, require_cuda, table, time_graph,  # noqa: E402
                                 write_results)
+from megatron_ext.layers.attention.cp_decode import DECODE_KERNELS, set_decode_kernel  # noqa: E402
 from megatron_ext.models.config import ModelConfig  # noqa: E402
 from megatron_ext.models.decoder import CausalLM  # noqa: E402
 from megatron_ext.parallel.groups import build_groups  # noqa: E402
@@ -245,6 +246,9 @@ def main() -> None:
     parser.add_argument("--layouts", nargs="*", default=list(LAYOUTS))
     parser.add_argument("--moe-reduction", action="store_true")
     parser.add_argument("--hf", action="store_true")
+    parser.add_argument("--decode-kernel", nargs="+", default=["auto"], choices=DECODE_KERNELS,
+                        help="decode attention: auto (split-K Triton kernel on CUDA) and/or "
+                             "torch (batched matmuls); several = A/B in the same run")
     parser.add_argument("--profile", action="store_true",
                         help="print each case's kernel-time table (3 eager steps, rank 0)")
     args = parser.parse_args()
@@ -273,27 +277,31 @@ def main() -> None:
         model = random_model(cfg, groups, device)
         for prompt in args.prompt:
             for batch in args.batch:
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                try:
-                    r = decode_case(model, groups, cfg, batch, prompt, args.new, device,
-                                    args.profile)
-                except torch.cuda.OutOfMemoryError:
-                    r = None
-                    gc.collect()
-                    torch.cuda.empty_cache()
-                if r is None:
-                    rows.append([name, prompt, batch, "OOM", None, None, None, None])
-                    continue
-                bound_ms = r["bytes_per_step"] / bandwidth * 1000
-                r.update(layout=name, prompt=prompt, batch=batch, bound_ms=bound_ms)
-                results.append(r)
-                rows.append([name, prompt, batch, r["ms_per_step"], r["tokens_per_s"],
-                             bound_ms, r["ms_per_step"] / bound_ms, r["peak_GiB"]])
-                if rank == 0:
-                    print(rows[-1], flush=True)
-                    if "profile" in r:
-                        print(r.pop("profile"), flush=True)
+                for kern in args.decode_kernel:
+                    set_decode_kernel(kern)
+                    label = name if len(args.decode_kernel) == 1 else f"{name} [{kern}]"
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    try:
+                        r = decode_case(model, groups, cfg, batch, prompt, args.new, device,
+                                        args.profile)
+                    except torch.cuda.OutOfMemoryError:
+                        r = None
+                        gc.collect()
+                        torch.cuda.empty_cache()
+                    if r is None:
+                        rows.append([label, prompt, batch, "OOM", None, None, None, None])
+                        continue
+                    bound_ms = r["bytes_per_step"] / bandwidth * 1000
+                    r.update(layout=label, prompt=prompt, batch=batch, bound_ms=bound_ms,
+                             decode_kernel=kern)
+                    results.append(r)
+                    rows.append([label, prompt, batch, r["ms_per_step"], r["tokens_per_s"],
+                                 bound_ms, r["ms_per_step"] / bound_ms, r["peak_GiB"]])
+                    if rank == 0:
+                        print(rows[-1], flush=True)
+                        if "profile" in r:
+                            print(r.pop("profile"), flush=True)
         del model
         gc.collect()
         if device.type == "cuda":
@@ -306,12 +314,14 @@ def main() -> None:
                      "x bound", "peak GiB"], rows))
         for prompt in args.prompt:
             for batch in args.batch:
-                by = {r["layout"]: r for r in results
-                      if r["prompt"] == prompt and r["batch"] == batch}
-                a, b = by.get("a cp2 moe_dp1"), by.get("b cp2 moe_dp2")
-                if a and b:
-                    print(f"prompt {prompt} batch {batch}: a / b tokens/s = "
-                          f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x")
+                for kern in args.decode_kernel:
+                    by = {r["layout"].split(" [")[0]: r for r in results
+                          if r["prompt"] == prompt and r["batch"] == batch
+                          and r["decode_kernel"] == kern}
+                    a, b = by.get("a cp2 moe_dp1"), by.get("b cp2 moe_dp2")
+                    if a and b:
+                        print(f"prompt {prompt} batch {batch} [{kern}]: a / b tokens/s = "
+                              f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x")
     if args.moe_reduction:
         red = moe_reduction(device, world, [16, 64, 256])
         out["moe_reduction"] = red

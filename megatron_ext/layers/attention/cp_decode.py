@@ -8,6 +8,7 @@ Inference only: no autograd.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -15,8 +16,79 @@ import torch
 from megatron_ext.layers.attention.attention_math import accum_dtype, default_scale
 from megatron_ext.communication.collectives import all_to_all
 from megatron_ext.communication.raw import all_gather_async
+from megatron_ext.kernels.triton_loader import kernel_module
 from megatron_ext.layers.attention.cp_plan import check_across_ranks
 from megatron_ext.parallel.groups import AxisGroup
+
+#: ``auto``: the split-K Triton kernel (:mod:`megatron_ext.kernels.decode_attention`) where it
+#: applies (CUDA, fp16/bf16, one new query per row, head_dim a power of two 16..256), else the
+#: batched-matmul composition; ``torch``: always the composition (A/B runs, benchmarks).
+DECODE_KERNELS = ("auto", "torch")
+_decode_kernel = "auto"
+
+
+def set_decode_kernel(name: str) -> None:
+    """Choose the decode-attention implementation for the process (see :data:`DECODE_KERNELS`)."""
+    global _decode_kernel
+    if name not in DECODE_KERNELS:
+        raise ValueError(f"decode kernel {name!r} must be one of {DECODE_KERNELS}")
+    _decode_kernel = name
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _triton_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    d = q.shape[-1]
+    return (_decode_kernel == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and k.dtype == q.dtype == v.dtype and q.shape[1] == 1 and 16 <= d <= 256
+            and d & (d - 1) == 0 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+            and kernel_module("decode_attention") is not None)
+
+
+def split_plan(rows: int, kv_heads: int, seq: int, sm_count: int, block_n: int
+               ) -> tuple[int, int]:
+    """``(splits, split_len)`` of a cache of ``seq`` slots: enough programs to fill the GPU
+    (about four per SM) but no split shorter than 256 slots; ``split_len`` a multiple of
+    ``block_n``. Depends on shapes only (a captured graph keeps it)."""
+    want = max(1, min(-(-seq // 256), -(-4 * sm_count // max(1, rows * kv_heads))))
+    split_len = -(-(-(-seq // want)) // block_n) * block_n
+    return -(-seq // split_len), split_len
+
+
+def triton_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            kv_valid: Optional[torch.Tensor], scale: float,
+                            sm_count: Optional[int] = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`partial_decode_attention` for one query per row through the split-K kernel:
+    ``q [b, 1, hq, d]``, heads-first ``k, v [b, hkv, s, d]``, ``kv_valid`` ``[b, 1, s]`` /
+    ``[b, s]`` bool or None → ``(out [b, 1, hq, d], lse [b, hq, 1])`` in float32."""
+    kern = kernel_module("decode_attention")
+    b, _, hq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    block_n = 64 if d <= 128 else 32
+    if sm_count is None:
+        sm_count = _sm_count(q.device.index or 0) if q.is_cuda else 8
+    splits, split_len = split_plan(b, hkv, sk, sm_count, block_n)
+    part = torch.empty(b * hq * splits, d, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(b * hq * splits, dtype=torch.float32, device=q.device)
+    valid = None
+    if kv_valid is not None:
+        valid = (kv_valid[:, 0] if kv_valid.dim() == 3 else kv_valid).view(torch.uint8)
+    kern.decode_split_kernel[(b, hkv, splits)](
+        q, k, v, valid if valid is not None else part_lse, part, part_lse, scale,
+        q.stride(0), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), valid.stride(0) if valid is not None else 0,
+        sk, split_len, hq, splits, G=g, BLOCK_G=max(16, 1 << (g - 1).bit_length()), D=d,
+        BLOCK_N=block_n, HAS_MASK=valid is not None, num_warps=4)
+    out = torch.empty(b * hq, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b * hq, dtype=torch.float32, device=q.device)
+    kern.merge_splits_kernel[(b * hq,)](part, part_lse, out, lse, splits, D=d,
+                                        BLOCK_S=max(2, 1 << (splits - 1).bit_length()))
+    return out.view(b, 1, hq, d), lse.view(b, hq, 1)
 
 
 def _local_problems(q, k_cache, v_cache, kv_valid, heads_first: bool) -> list[str]:
@@ -64,6 +136,8 @@ def partial_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     [b, s_q, hq, d], lse [b, hq, s_q])`` in the accumulation dtype; a query that sees nothing
     gets ``out = 0`` and ``lse = -inf``. The cache is read once, in its own dtype, by two batched
     matmuls (decode is bound by reading it); no host sync, so it can run in a CUDA graph."""
+    if _triton_applies(q, k, v):
+        return triton_decode_attention(q, k, v, kv_valid, scale)
     b, sq, hq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     g = hq // hkv

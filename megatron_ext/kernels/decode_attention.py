@@ -1,0 +1,91 @@
+"""Split-K decode attention (flash-decoding) for one new query per row against a KV cache.
+
+Decode attention is bound by reading the cache. The batched-matmul composition
+(``cp_decode.partial_decode_attention``) materialises the float32 scores and passes over them
+five times (mask, logsumexp, exp, cast, P·V) with batched GEMMs of 8 rows per KV head, which
+reads the cache far below bandwidth. Here one program takes one (row, KV head, split of the
+cache): it loads the ``G`` query heads of that KV head once, streams its K/V tiles once with an
+online softmax, and writes its normalised partial output and log-sum-exp. A second kernel merges
+the splits of each (row, query head) by log-sum-exp, which gives the same ``(out, lse)`` the
+composition returns, so the CP merge across ranks is unchanged.
+
+Splits exist so that a small batch still fills the GPU (``rows × kv_heads × splits`` programs);
+their number depends only on shapes, so a captured CUDA graph keeps it.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def decode_split_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, scale,
+                        stride_qb, stride_qh, stride_kb, stride_kh, stride_ks,
+                        stride_vb, stride_vh, stride_vs, stride_mb, seq_len, split_len,
+                        num_q_heads, num_splits,
+                        G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
+                        BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr):
+    row = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, D)
+    g_ok = offs_g < G
+    heads = kv_head * G + offs_g
+    q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_ok[:, None], other=0.0)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_sum = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    start = split * split_len
+    stop = tl.minimum(start + split_len, seq_len)
+    k_base = k_ptr + row * stride_kb + kv_head * stride_kh
+    v_base = v_ptr + row * stride_vb + kv_head * stride_vh
+    for n0 in range(0, split_len, BLOCK_N):       # scalar bounds (the last split is masked)
+        offs_n = start + n0 + tl.arange(0, BLOCK_N)
+        in_range = offs_n < stop
+        keep = in_range
+        if HAS_MASK:
+            keep = keep & (tl.load(valid_ptr + row * stride_mb + offs_n, mask=in_range,
+                                   other=0) != 0)
+        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :],
+                    mask=in_range[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale                                # [BLOCK_G, BLOCK_N]
+        s = tl.where(keep[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)             # nothing seen yet
+        alpha = tl.exp(m - m_ref)
+        p = tl.exp(s - m_ref[:, None])
+        l_sum = l_sum * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :],
+                    mask=in_range[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    seen = l_sum > 0
+    lse = tl.where(seen, m + tl.log(tl.where(seen, l_sum, 1.0)), float("-inf"))
+    out = acc / tl.where(seen, l_sum, 1.0)[:, None]
+    slot = (row * num_q_heads + heads) * num_splits + split
+    tl.store(out_ptr + slot[:, None] * D + offs_d[None, :], out, mask=g_ok[:, None])
+    tl.store(lse_ptr + slot, lse, mask=g_ok)
+
+
+@triton.jit
+def merge_splits_kernel(part_ptr, part_lse_ptr, out_ptr, lse_ptr, num_splits,
+                        D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """One (row, query head): ``out = Σ_s e^{lse_s - lse} out_s`` with ``lse`` the log-sum-exp
+    of the splits' (``-inf`` and zeros where no split saw a valid slot)."""
+    pid = tl.program_id(0)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, D)
+    s_ok = offs_s < num_splits
+    lses = tl.load(part_lse_ptr + pid * num_splits + offs_s, mask=s_ok, other=float("-inf"))
+    top = tl.max(lses, 0)
+    top_ref = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.exp(lses - top_ref)                                   # 0 for empty splits
+    total = tl.sum(w, 0)
+    parts = tl.load(part_ptr + (pid * num_splits + offs_s)[:, None] * D + offs_d[None, :],
+                    mask=s_ok[:, None], other=0.0)
+    merged = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + pid * D + offs_d, merged)
+    tl.store(lse_ptr + pid, tl.where(total > 0, top_ref + tl.log(tl.where(total > 0, total, 1.0)),
+                                     float("-inf")))
