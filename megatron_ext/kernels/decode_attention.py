@@ -19,7 +19,7 @@ import triton.language as tl
 
 
 @triton.jit
-def decode_split_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, scale,
+def decode_split_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, scale,
                         stride_qb, stride_qh, stride_kb, stride_kh, stride_ks,
                         stride_vb, stride_vh, stride_vs, stride_mb, seq_len, split_len,
                         num_q_heads, num_splits,
@@ -64,28 +64,33 @@ def decode_split_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, scale,
     seen = l_sum > 0
     lse = tl.where(seen, m + tl.log(tl.where(seen, l_sum, 1.0)), float("-inf"))
     out = acc / tl.where(seen, l_sum, 1.0)[:, None]
-    slot = (row * num_q_heads + heads) * num_splits + split
-    tl.store(out_ptr + slot[:, None] * D + offs_d[None, :], out, mask=g_ok[:, None])
-    tl.store(lse_ptr + slot, lse, mask=g_ok)
+    slot = ((row * num_q_heads + heads) * num_splits + split) * (D + 1)   # packed: lse at D
+    tl.store(out_ptr + slot[:, None] + offs_d[None, :], out, mask=g_ok[:, None])
+    tl.store(out_ptr + slot + D, lse, mask=g_ok)
 
 
 @triton.jit
-def merge_splits_kernel(part_ptr, part_lse_ptr, out_ptr, lse_ptr, num_splits,
-                        D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """One (row, query head): ``out = Σ_s e^{lse_s - lse} out_s`` with ``lse`` the log-sum-exp
-    of the splits' (``-inf`` and zeros where no split saw a valid slot)."""
-    pid = tl.program_id(0)
+def merge_lse_kernel(part_ptr, out_ptr, num_parts, item_stride, part_stride, out_stride,
+                     D: tl.constexpr, BLOCK_S: tl.constexpr, WRITE_LSE: tl.constexpr):
+    """One item (a row's query head): ``num_parts`` packed partials ``[out (D), lse]`` at
+    ``part_ptr + item·item_stride + i·part_stride`` merged by log-sum-exp,
+    ``out = Σ_i e^{lse_i - lse} out_i`` (zeros, ``lse = -inf`` where no part saw a valid slot),
+    written to ``out_ptr + item·out_stride`` in the output's dtype (with ``lse`` at column ``D``
+    when ``WRITE_LSE``). Merges a row's cache splits, and the CP ranks' partials."""
+    item = tl.program_id(0)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, D)
-    s_ok = offs_s < num_splits
-    lses = tl.load(part_lse_ptr + pid * num_splits + offs_s, mask=s_ok, other=float("-inf"))
+    s_ok = offs_s < num_parts
+    base = part_ptr + item * item_stride + offs_s * part_stride
+    lses = tl.load(base + D, mask=s_ok, other=float("-inf")).to(tl.float32)
     top = tl.max(lses, 0)
     top_ref = tl.where(top == float("-inf"), 0.0, top)
-    w = tl.exp(lses - top_ref)                                   # 0 for empty splits
+    w = tl.exp(lses - top_ref)                                   # 0 for empty parts
     total = tl.sum(w, 0)
-    parts = tl.load(part_ptr + (pid * num_splits + offs_s)[:, None] * D + offs_d[None, :],
-                    mask=s_ok[:, None], other=0.0)
-    merged = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + pid * D + offs_d, merged)
-    tl.store(lse_ptr + pid, tl.where(total > 0, top_ref + tl.log(tl.where(total > 0, total, 1.0)),
-                                     float("-inf")))
+    parts = tl.load(base[:, None] + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    merged = tl.sum(parts.to(tl.float32) * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    dst = out_ptr + item * out_stride
+    tl.store(dst + offs_d, merged.to(out_ptr.dtype.element_ty))
+    if WRITE_LSE:
+        tl.store(dst + D, tl.where(total > 0, top_ref + tl.log(tl.where(total > 0, total, 1.0)),
+                                   float("-inf")))

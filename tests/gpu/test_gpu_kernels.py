@@ -160,3 +160,20 @@ def test_split_k_decode_attention_matches_float64(b, hq, hkv, d, sk):
     assert torch.equal(torch.isfinite(lse.cpu()), seen)
     assert _rel(out[1:], ref_out[1:]) < 1e-2 and float(out[0].abs().max()) == 0.0
     assert float((lse.cpu().double()[seen] - ref_lse[seen]).abs().max()) < 1e-2
+
+
+def test_cp_partials_merge_kernel_matches_torch():
+    """The one-kernel log-sum-exp merge of CP ranks' packed decode partials (a rank that saw
+    nothing, a query nobody saw) against the torch composition, float64 reference values."""
+    from megatron_ext.layers.attention.cp_decode import merge_cp_partials
+
+    g = torch.Generator().manual_seed(5)
+    parts = torch.randn(2, 16, 1, 8, 129, generator=g)
+    parts[..., 128] = 3 * torch.randn(2, 16, 1, 8, generator=g)
+    parts[0, 3, 0, :, 128] = float("-inf")
+    parts[:, 5, 0, 2, 128] = float("-inf")
+    parts[:, 5, 0, 2, :128] = 0
+    want = merge_cp_partials(parts.double(), torch.float64, use_kernel=False)
+    got = merge_cp_partials(parts.cuda(), BF16, use_kernel=True)
+    assert got.dtype == BF16 and got.shape == want.shape
+    assert _rel(got, want) < 1e-2 and float(got[5, 0, 2].abs().max()) == 0.0

@@ -58,13 +58,21 @@ def split_plan(rows: int, kv_heads: int, seq: int, sm_count: int, block_n: int
     return -(-seq // split_len), split_len
 
 
-def triton_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            kv_valid: Optional[torch.Tensor], scale: float,
-                            sm_count: Optional[int] = None
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`partial_decode_attention` for one query per row through the split-K kernel:
+def _merge_launch(parts: torch.Tensor, out: torch.Tensor, items: int, num_parts: int,
+                  item_stride: int, part_stride: int, out_stride: int, d: int,
+                  write_lse: bool) -> None:
+    kernel_module("decode_attention").merge_lse_kernel[(items,)](
+        parts, out, num_parts, item_stride, part_stride, out_stride, D=d,
+        BLOCK_S=max(2, 1 << (num_parts - 1).bit_length()), WRITE_LSE=write_lse)
+
+
+def triton_decode_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         kv_valid: Optional[torch.Tensor], scale: float,
+                         sm_count: Optional[int] = None) -> torch.Tensor:
+    """This rank's partial decode attention for one query per row through the split-K kernel:
     ``q [b, 1, hq, d]``, heads-first ``k, v [b, hkv, s, d]``, ``kv_valid`` ``[b, 1, s]`` /
-    ``[b, s]`` bool or None → ``(out [b, 1, hq, d], lse [b, hq, 1])`` in float32."""
+    ``[b, s]`` bool or None → packed ``[b, 1, hq, d + 1]`` float32 (``out`` then ``lse``:
+    what the CP merge exchanges, so no packing copy)."""
     kern = kernel_module("decode_attention")
     b, _, hq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
@@ -73,22 +81,51 @@ def triton_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if sm_count is None:
         sm_count = _sm_count(q.device.index or 0) if q.is_cuda else 8
     splits, split_len = split_plan(b, hkv, sk, sm_count, block_n)
-    part = torch.empty(b * hq * splits, d, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(b * hq * splits, dtype=torch.float32, device=q.device)
+    part = torch.empty(b * hq * splits, d + 1, dtype=torch.float32, device=q.device)
     valid = None
     if kv_valid is not None:
         valid = (kv_valid[:, 0] if kv_valid.dim() == 3 else kv_valid).view(torch.uint8)
     kern.decode_split_kernel[(b, hkv, splits)](
-        q, k, v, valid if valid is not None else part_lse, part, part_lse, scale,
+        q, k, v, valid if valid is not None else part, part, scale,
         q.stride(0), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), valid.stride(0) if valid is not None else 0,
         sk, split_len, hq, splits, G=g, BLOCK_G=max(16, 1 << (g - 1).bit_length()), D=d,
         BLOCK_N=block_n, HAS_MASK=valid is not None, num_warps=4)
-    out = torch.empty(b * hq, d, dtype=torch.float32, device=q.device)
-    lse = torch.empty(b * hq, dtype=torch.float32, device=q.device)
-    kern.merge_splits_kernel[(b * hq,)](part, part_lse, out, lse, splits, D=d,
-                                        BLOCK_S=max(2, 1 << (splits - 1).bit_length()))
-    return out.view(b, 1, hq, d), lse.view(b, hq, 1)
+    packed = torch.empty(b, 1, hq, d + 1, dtype=torch.float32, device=q.device)
+    _merge_launch(part, packed, b * hq, splits, splits * (d + 1), d + 1, d + 1, d, True)
+    return packed
+
+
+def triton_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            kv_valid: Optional[torch.Tensor], scale: float,
+                            sm_count: Optional[int] = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`partial_decode_attention`'s ``(out [b, 1, hq, d], lse [b, hq, 1])`` from
+    :func:`triton_decode_packed`."""
+    packed = triton_decode_packed(q, k, v, kv_valid, scale, sm_count)
+    return packed[..., :-1], packed[..., -1].transpose(1, 2)
+
+
+def merge_cp_partials(gathered: torch.Tensor, out_dtype: torch.dtype,
+                      use_kernel: bool) -> torch.Tensor:
+    """``gathered`` ``[cp, rows, s_q, hq, d + 1]`` (each CP rank's packed partial of the same
+    rows) → ``[rows, s_q, hq, d]`` merged by log-sum-exp, in ``out_dtype``; one Triton kernel
+    where it applies, the same math in torch ops elsewhere. A query no rank saw gets zeros."""
+    d = gathered.shape[-1] - 1
+    if use_kernel:
+        cp = gathered.shape[0]
+        gathered = gathered.contiguous()
+        items = gathered[0].numel() // (d + 1)
+        out = torch.empty(*gathered.shape[1:-1], d, dtype=out_dtype, device=gathered.device)
+        _merge_launch(gathered, out, items, cp, d + 1, items * (d + 1), d, d, False)
+        return out
+    outs, lses = gathered[..., :d], gathered[..., d]  # [cp, rows, sq, hq, (d)]
+    top = lses.amax(0)
+    top = torch.where(torch.isinf(top), 0.0, top)
+    w = torch.exp(lses - top)  # 0 for ranks that saw nothing
+    total = w.sum(0)
+    merged = (outs * w.unsqueeze(-1)).sum(0) / torch.where(total > 0, total, 1.0).unsqueeze(-1)
+    return merged.to(out_dtype)
 
 
 def _local_problems(q, k_cache, v_cache, kv_valid, heads_first: bool) -> list[str]:
@@ -196,16 +233,20 @@ def cp_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         rows = slice(start, start + owner_rows[cp_group.rank])
     else:
         rows = slice(0, b)
-    if sk == 0:
-        out = torch.zeros(b, sq, hq, d, dtype=acc, device=q.device)
-        lse = torch.full((b, hq, sq), float("-inf"), dtype=acc, device=q.device)
+    use_kernel = sk > 0 and _triton_applies(q, k, v)
+    if use_kernel:
+        packed = triton_decode_packed(q, k, v, kv_valid, scale)
     else:
-        valid = None if kv_valid is None else (
-            kv_valid if kv_valid.dim() == 3 else kv_valid[:, None, :].expand(b, sq, sk))
-        out, lse = partial_decode_attention(q, k, v, valid, scale)
+        if sk == 0:
+            out = torch.zeros(b, sq, hq, d, dtype=acc, device=q.device)
+            lse = torch.full((b, hq, sq), float("-inf"), dtype=acc, device=q.device)
+        else:
+            valid = None if kv_valid is None else (
+                kv_valid if kv_valid.dim() == 3 else kv_valid[:, None, :].expand(b, sq, sk))
+            out, lse = partial_decode_attention(q, k, v, valid, scale)
+        packed = torch.cat([out, lse.transpose(1, 2).unsqueeze(-1)], -1)  # [b, sq, hq, d + 1]
     if cp_group.is_trivial:
-        return out[rows].to(q.dtype)
-    packed = torch.cat([out, lse.transpose(1, 2).unsqueeze(-1)], -1)  # [b, sq, hq, d + 1]
+        return packed[rows, ..., :d].to(q.dtype)
     if owner_rows is None:
         gathered, pending = all_gather_async(packed, cp_group)
         pending.wait()
@@ -213,10 +254,4 @@ def cp_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         n = rows.stop - rows.start
         gathered = all_to_all(packed, cp_group, [n] * cp_group.size, owner_rows)
         gathered = gathered.view(cp_group.size, n, *packed.shape[1:])
-    outs, lses = gathered[..., :d], gathered[..., d]  # [cp, rows, sq, hq, (d)]
-    top = lses.amax(0)
-    top = torch.where(torch.isinf(top), 0.0, top)
-    w = torch.exp(lses - top)  # 0 for ranks that saw nothing
-    total = w.sum(0)
-    merged = (outs * w.unsqueeze(-1)).sum(0) / torch.where(total > 0, total, 1.0).unsqueeze(-1)
-    return merged.to(q.dtype)
+    return merge_cp_partials(gathered, q.dtype, use_kernel)
