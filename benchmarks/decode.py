@@ -210,28 +210,35 @@ def moe_reduction(device, world: int, tokens_list) -> list:
     return rows
 
 
-def hf_generate(cfg: ModelConfig, batch: int, prompt: int, new: int, device) -> float:
-    """tokens/s of transformers' greedy generate (decode part: total minus a 1-token run)."""
+def hf_generate(cfg: ModelConfig, cases, new: int, device) -> dict:
+    """tokens/s of transformers' greedy generate per ``(prompt, batch)`` case (decode part: the
+    ``new``-token run minus a 1-token run), one model built once; OOM reported per case."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     d = cfg.to_hf_dict()
     d.pop("architectures", None)
-    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d),
-                                          dtype=BF16).to(device).eval()
-    ids = torch.randint(1, cfg.vocab_size, (batch, prompt), device=device)
+    with torch.device(device):   # random weights drawn on the GPU (30 B parameters)
+        hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d),
+                                              dtype=BF16).eval()
+    out = {}
+    for prompt, batch in cases:
+        ids = torch.randint(1, cfg.vocab_size, (batch, prompt), device=device)
 
-    def run(n):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                    min_new_tokens=n)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t
-
-    run(2)
-    seconds = run(new) - run(1)
-    del hf
-    return batch * (new - 1) / seconds
+        def run(n):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                        max_new_tokens=n, min_new_tokens=n)
+            torch.cuda.synchronize()
+            return time.perf_counter() - t
+        try:
+            run(2)
+            seconds = run(new) - run(1)
+            out[f"{prompt}x{batch}"] = batch * (new - 1) / seconds
+        except torch.cuda.OutOfMemoryError:
+            out[f"{prompt}x{batch}"] = "OOM"
+        torch.cuda.empty_cache()
+    return out
 
 
 def main() -> None:
@@ -243,9 +250,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="*", default=[16, 64, 256])
     parser.add_argument("--prompt", type=int, nargs="*", default=[1024, 8192])
     parser.add_argument("--new", type=int, default=128)
-    parser.add_argument("--layouts", nargs="*", default=list(LAYOUTS))
+    parser.add_argument("--layouts", nargs="*", default=list(LAYOUTS),
+                        help="layouts to run (none: only --hf / --moe-reduction)")
     parser.add_argument("--moe-reduction", action="store_true")
-    parser.add_argument("--hf", action="store_true")
+    parser.add_argument("--hf", action="store_true",
+                        help="also transformers' generate on one GPU (rank 0; other ranks wait)")
+    parser.add_argument("--hf-batch", type=int, nargs="*", default=[16, 64])
     parser.add_argument("--decode-kernel", nargs="+", default=["auto"], choices=DECODE_KERNELS,
                         help="decode attention: auto (split-K Triton kernel on CUDA) and/or "
                              "torch (batched matmuls); several = A/B in the same run")
@@ -329,8 +339,8 @@ def main() -> None:
             print(table(["tokens", "two µs", "one µs", "two / one"], red))
     if args.hf and rank == 0:
         try:
-            hf = {f"{p}x{b}": hf_generate(cfg, b, p, args.new, device)
-                  for p in args.prompt for b in args.batch}
+            hf = hf_generate(cfg, [(p, b) for p in args.prompt for b in args.hf_batch],
+                             args.new, device)
         except Exception as exc:  # noqa: BLE001 - transformers absent or OOM: report it
             hf = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
         out["transformers_tokens_per_s"] = hf

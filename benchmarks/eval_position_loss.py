@@ -41,8 +41,9 @@ def hf_position_loss(cfg: ModelConfig, seqs, reps: int, device) -> dict:
 
     d = cfg.to_hf_dict()
     d.pop("architectures", None)
-    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d),
-                                          dtype=torch.bfloat16).to(device).eval()
+    with torch.device(device):
+        hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d),
+                                              dtype=torch.bfloat16).eval()
     out = {}
     for seq in seqs:
         ids = torch.randint(0, cfg.vocab_size, (1, seq), device=device)
