@@ -127,6 +127,22 @@ class _GradSum:
 
 
 # ----------------------------------------------------------------------------- block loops
+def diagonal_is_one_causal_block(plan: CPAttentionPlan) -> bool:
+    """Whether this rank's own blocks (queries against its own K/V) together are exactly one
+    causal block over the whole local sequence: part ``i`` sees parts ``< i`` fully and itself
+    causally — the load-balanced split of one unpadded document, whose local tokens are in
+    global order. Then one fused causal call replaces the ``2P - 1`` part calls and the
+    log-sum-exp merges between them (what TE's p2p does on its diagonal step)."""
+    if plan.q_valid is not None or len(plan.parts) < 2:
+        return False
+    me = plan.cp_rank
+    for i, (a, e) in enumerate(plan.parts):
+        want = {(MaskKind.CAUSAL, ((a, e),))} | ({(MaskKind.FULL, ((0, a),))} if a else set())
+        if {(g.kind, g.ranges) for g in plan.blocks(i, me)} != want:
+            return False
+    return True
+
+
 class _Forward:
     """Running (out, lse) per local query part."""
 
@@ -135,8 +151,15 @@ class _Forward:
         self.q_parts = [q[:, a:e] for a, e in plan.parts]
         self.acc = [(None, None) for _ in plan.parts]
         self.aux = None
+        self.one_diagonal = diagonal_is_one_causal_block(plan)
 
     def attend(self, k_src: torch.Tensor, v_src: torch.Tensor, src: int) -> None:
+        if src == self.plan.cp_rank and self.one_diagonal:
+            o, lse, aux = block_forward(self.q, k_src, v_src, self.scale, MaskKind.CAUSAL)
+            for i, (a, e) in enumerate(self.plan.parts):
+                self.acc[i] = merge_partial(*self.acc[i], o[:, a:e], lse[..., a:e])
+            self.aux = self.aux if self.aux is not None else aux
+            return
         for i, qp in enumerate(self.q_parts):
             for grp in self.plan.blocks(i, src):
                 mask = (self.plan.mask(i, src, grp.ranges) if grp.kind == MaskKind.GENERAL
@@ -174,9 +197,17 @@ class _Backward:
         self.plan, self.scale, self.aux = plan, scale, aux
         self.parts = [(q[:, a:e], dout[:, a:e], out[:, a:e], lse)
                       for (a, e), lse in zip(plan.parts, lses)]
-        counts = [sum(len(plan.blocks(i, r)) for r in range(plan.cp_size))
+        self.one_diagonal = diagonal_is_one_causal_block(plan)
+        self.whole = (dout, q, out, torch.cat(lses, -1)) if self.one_diagonal else None
+        counts = [sum(self._calls(i, r) for r in range(plan.cp_size))
                   for i in range(len(plan.parts))]
         self.dq = _GradSum(q.shape, q.dtype, q.device, plan.parts, counts)
+
+    def _calls(self, q_part: int, src: int) -> int:
+        """Kernel calls adding to query part ``q_part``'s gradient for source ``src``."""
+        if src == self.plan.cp_rank and self.one_diagonal:
+            return 1
+        return len(self.plan.blocks(q_part, src))
 
     def kv_sums(self, k: torch.Tensor, v: torch.Tensor, src: int, extra: int = 0
                 ) -> tuple[_GradSum, _GradSum]:
@@ -185,16 +216,28 @@ class _Backward:
         dtype of its own tensor: under autocast K may be float32 (after a float32-weight QK-norm)
         while V is bf16, and the peer's receive buffer for dV is ``empty_like(v)``."""
         counts = [extra] * len(self.plan.parts)
-        for i in range(len(self.plan.parts)):
-            for grp in self.plan.blocks(i, src):
-                for j, _ in _covered(self.plan.parts, grp.ranges):
-                    counts[j] += 1
+        if src == self.plan.cp_rank and self.one_diagonal:
+            counts = [c + 1 for c in counts]
+        else:
+            for i in range(len(self.plan.parts)):
+                for grp in self.plan.blocks(i, src):
+                    for j, _ in _covered(self.plan.parts, grp.ranges):
+                        counts[j] += 1
         return tuple(_GradSum(t.shape, t.dtype, t.device, self.plan.parts, counts)
                      for t in (k, v))
 
     def grads(self, k_src: torch.Tensor, v_src: torch.Tensor, src: int, dk: _GradSum,
               dv: _GradSum) -> None:
         """Add this rank's contributions to dK, dV of source ``src`` (and to dq)."""
+        if src == self.plan.cp_rank and self.one_diagonal:
+            dout, q, out, lse = self.whole
+            whole = ((0, q.shape[1]),)
+            gq, gk, gv = block_backward(dout, q, k_src, v_src, out, lse, self.scale,
+                                        MaskKind.CAUSAL, None, self.aux)
+            self.dq.add(whole, gq)
+            dk.add(whole, gk)
+            dv.add(whole, gv)
+            return
         for i, (qp, dop, op, lse) in enumerate(self.parts):
             for grp in self.plan.blocks(i, src):
                 mask = (self.plan.mask(i, src, grp.ranges) if grp.kind == MaskKind.GENERAL
