@@ -132,17 +132,18 @@ def device_name() -> str:
     return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
 
 
-def time_long_forward(fn: Callable[[], object], tokens: int, reps: int, world: int,
-                      weights_gib: float) -> dict:
-    """One long forward ``fn`` timed with CUDA events (median of ``reps`` after a warm-up, ranks
-    aligned by a barrier): seconds, tokens/s, peak memory of this rank and of every rank
-    (``{"error": "OOM: ..."}`` when it does not fit). Collective over the world."""
+def time_forward_once(fn: Callable[[], object], tokens: int, reps: int,
+                      aligned: bool = True) -> dict:
+    """One long forward ``fn`` timed with CUDA events (median of ``reps`` after a warm-up; with
+    ``aligned`` ranks meet at a barrier before each): seconds, tokens/s and this process's peak
+    memory, or ``{"error": "OOM: ..."}`` when it does not fit."""
     try:
         torch.cuda.reset_peak_memory_stats()
         times = []
         with torch.no_grad():
             for i in range(reps + 1):
-                dist.barrier()
+                if aligned:
+                    dist.barrier()
                 torch.cuda.synchronize()
                 start = torch.cuda.Event(enable_timing=True)
                 end = torch.cuda.Event(enable_timing=True)
@@ -154,10 +155,20 @@ def time_long_forward(fn: Callable[[], object], tokens: int, reps: int, world: i
                     times.append(start.elapsed_time(end) / 1000)
         t = statistics.median(times)
         res = {"s": t, "tok_per_s": tokens / t,
-               "peak_GiB": torch.cuda.max_memory_allocated() / 2**30, "weights_GiB": weights_gib}
+               "peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
     except torch.OutOfMemoryError as exc:
         res = {"error": f"OOM: {str(exc)[:80]}"}
     torch.cuda.empty_cache()
+    return res
+
+
+def time_long_forward(fn: Callable[[], object], tokens: int, reps: int, world: int,
+                      weights_gib: float) -> dict:
+    """:func:`time_forward_once` on every rank, plus the weights' memory and every rank's peak.
+    Collective over the world."""
+    res = time_forward_once(fn, tokens, reps)
+    if "error" not in res:
+        res["weights_GiB"] = weights_gib
     peaks = [None] * world
     dist.all_gather_object(peaks, res.get("peak_GiB"))
     res["peak_GiB_per_rank"] = peaks

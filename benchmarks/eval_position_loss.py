@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import (device_name, init_nccl, require_cuda, table, time_long_forward,  # noqa: E402
+from benchmarks._common import (device_name, init_nccl, require_cuda, table,  # noqa: E402
+                                time_forward_once, time_long_forward,
                                 write_results)
 from megatron_ext.evaluation.position_loss import (evaluate_position_loss,  # noqa: E402
                                                    position_buckets)
@@ -35,8 +36,6 @@ from megatron_ext.parallel.topology import Topology  # noqa: E402
 def hf_position_loss(cfg: ModelConfig, seqs, reps: int, device) -> dict:
     """The same work in ``transformers`` on one GPU (random bf16 weights of the same shape):
     logits of the whole sequence, per-position cross-entropy in float32, per-bucket sums."""
-    import statistics
-
     from transformers import AutoConfig, AutoModelForCausalLM
 
     d = cfg.to_hf_dict()
@@ -54,26 +53,7 @@ def hf_position_loss(cfg: ModelConfig, seqs, reps: int, device) -> dict:
             loss = torch.nn.functional.cross_entropy(logits.float(), ids[0, 1:],
                                                      reduction="none")
             return [loss[lo - 1:hi - 1].sum() for lo, hi in zip(edges[:-1], edges[1:])]
-        try:
-            torch.cuda.reset_peak_memory_stats()
-            times = []
-            with torch.no_grad():
-                for i in range(reps + 1):
-                    torch.cuda.synchronize()
-                    start = torch.cuda.Event(enable_timing=True)
-                    end = torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    run()
-                    end.record()
-                    end.synchronize()
-                    if i:
-                        times.append(start.elapsed_time(end) / 1000)
-            t = statistics.median(times)
-            out[seq] = {"s": t, "tok_per_s": seq / t,
-                        "peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
-        except torch.OutOfMemoryError as exc:
-            out[seq] = {"error": f"OOM: {str(exc)[:80]}"}
-        torch.cuda.empty_cache()
+        out[seq] = time_forward_once(run, seq, reps, aligned=False)
     return out   # the model goes with this frame
 
 
