@@ -27,7 +27,7 @@ GPU_ONLY = {
     "scripts/gpu_parity.py": [],
 }
 CPU_CAPABLE = {"benchmarks/_common.py", "benchmarks/cpu_forward.py",
-               "scripts/eval_transformers_reference.py"}
+               "scripts/eval_transformers_reference.py", "scripts/checkpoint_vs_transformers.py"}
 
 
 def test_every_script_is_sorted_into_gpu_only_or_cpu_capable():
