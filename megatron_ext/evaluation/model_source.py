@@ -38,8 +38,7 @@ class ModelSource:
     def describe(self) -> dict:
         return {"kind": self.kind, "path": os.path.abspath(self.path), "step": self.step,
                 "architecture": self.config.architecture,
-                "config": {k: v for k, v in self.config.__dict__.items()
-                           if k not in ("hf_config", "ignored_hf_fields")}}
+                "config": self.config.to_dict()}
 
     def load(self, groups: ParallelGroups, *, dtype: Optional[torch.dtype] = None,
              device: Optional[torch.device] = None, **model_kwargs):

@@ -9,17 +9,16 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from megatron_ext.communication.raw import all_reduce_
+from megatron_ext.layers.rope_scaling import (RopeScaling, default_inv_freq,
+                                              dynamic_ntk_inv_freq, scaled_inv_freq)
+from megatron_ext.parallel.groups import AxisGroup
 
-def default_inv_freq(head_dim: int, rope_theta: float) -> torch.Tensor:
-    """``1 / theta^(2i/d)`` in float32, as HF's ``compute_default_rope_parameters``."""
-    if head_dim % 2:
-        raise ValueError(f"RoPE head_dim={head_dim} must be even")
-    if rope_theta <= 0:
-        raise ValueError(f"rope_theta={rope_theta} must be > 0")
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-    return 1.0 / (rope_theta ** exponents)
+__all__ = ["RotaryEmbedding", "apply_rotary", "default_inv_freq", "rope_sequence_length",
+           "rotate_half"]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -39,35 +38,84 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
-class RotaryEmbedding(nn.Module):
-    """cos/sin tables for given positions.
+def rope_sequence_length(positions: torch.Tensor,
+                         cp_group: Optional[AxisGroup] = None) -> torch.Tensor:
+    """``1 + the largest RoPE position`` of the batch rows held by ``cp_group`` (``None``:
+    ``positions`` are the whole input already), as an int64 0-d tensor (no host sync), for
+    dynamic NTK scaling.
 
-    ``inv_freq`` / ``attention_scaling`` can be passed precomputed (e.g. from HF's
-    ``ROPE_INIT_FUNCTIONS`` for llama3 / yarn scaling) so scaled RoPE variants need no code here.
+    ``transformers`` takes ``1 + max(position_ids)`` of the whole input of a forward. Under CP
+    each rank holds chunks of the sequence (the load-balanced split gives the last chunk to CP
+    rank 0 only), so the local maximum would give every rank other frequencies: one MAX
+    all-reduce over ``attn_cp`` makes it the full sequence's length on every rank. Padding slots
+    carry position 0 and never raise it."""
+    local = positions.amax() if positions.numel() else positions.new_zeros(())
+    length = (local + 1).to(torch.int64).reshape(())
+    if cp_group is not None:
+        all_reduce_(length, cp_group, op=dist.ReduceOp.MAX)
+    return length
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for given positions, unscaled or with a :class:`RopeScaling`.
+
+    ``inv_freq`` / ``attention_scaling`` may be passed precomputed instead. Static scalings
+    (linear, yarn, llama3) are one table computed here; ``dynamic`` needs the input's sequence
+    length in :meth:`forward` (``seq_len``) and uses the plain table when that is at most
+    ``max_position_embeddings``, as ``transformers`` does.
     """
 
     def __init__(self, head_dim: int, rope_theta: float = 10000.0,
                  inv_freq: Optional[torch.Tensor] = None, attention_scaling: float = 1.0,
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, *,
+                 scaling: Optional[RopeScaling] = None,
+                 max_position_embeddings: Optional[int] = None):
         super().__init__()
-        if inv_freq is None:
+        if scaling is not None:
+            if inv_freq is not None:
+                raise ValueError("pass either scaling or a precomputed inv_freq, not both")
+            if max_position_embeddings is None:
+                raise ValueError(f"RoPE scaling {scaling.rope_type!r} needs "
+                                 f"max_position_embeddings")
+            inv_freq, attention_scaling = scaled_inv_freq(scaling, head_dim, rope_theta,
+                                                          max_position_embeddings)
+        elif inv_freq is None:
             inv_freq = default_inv_freq(head_dim, rope_theta)
         elif tuple(inv_freq.shape) != (head_dim // 2,):
             raise ValueError(f"inv_freq has shape {tuple(inv_freq.shape)}, expected "
                              f"({head_dim // 2},) for head_dim={head_dim}")
         self.head_dim = head_dim
         self.rope_theta = rope_theta
+        self.scaling = scaling
+        self.max_position_embeddings = max_position_embeddings
         self.attention_scaling = float(attention_scaling)
         # on the model's device: a captured decode step may not copy from the host
         self.register_buffer("inv_freq", inv_freq.float().to(device), persistent=False)
 
-    def forward(self, positions: torch.Tensor,
-                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def is_dynamic(self) -> bool:
+        """The frequencies depend on the input's length (pass ``seq_len`` to :meth:`forward`)."""
+        return self.scaling is not None and self.scaling.rope_type == "dynamic"
+
+    def frequencies(self, seq_len: Optional[torch.Tensor]) -> torch.Tensor:
+        """``inv_freq`` for an input of ``seq_len`` tokens (only dynamic NTK depends on it)."""
+        if not self.is_dynamic:
+            return self.inv_freq
+        if seq_len is None:
+            raise ValueError("dynamic NTK RoPE needs the input's sequence length (seq_len)")
+        grown = dynamic_ntk_inv_freq(self.scaling, self.head_dim, self.rope_theta,
+                                     self.max_position_embeddings, seq_len)
+        return torch.where(seq_len > self.max_position_embeddings, grown, self.inv_freq)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32,
+                seq_len: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` of shape ``positions.shape + (head_dim,)``, computed in float32 and cast
-        to ``dtype`` (HF does the same)."""
+        to ``dtype`` (HF does the same). ``seq_len`` (0-d int64 tensor): the input's length for
+        dynamic NTK (:func:`rope_sequence_length`); ignored by the other types."""
         if positions.is_floating_point():
             raise ValueError(f"positions must be an integer tensor, got {positions.dtype}")
-        freqs = positions.float()[..., None] * self.inv_freq.to(positions.device)
+        inv_freq = self.frequencies(seq_len)
+        freqs = positions.float()[..., None] * inv_freq.to(positions.device)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = emb.cos() * self.attention_scaling
         sin = emb.sin() * self.attention_scaling

@@ -3,8 +3,9 @@ Face ``config.json`` or a named preset.
 
 The per-model modules (``megatron_ext/models/qwen3_moe.py``, ``megatron_ext/models/qwen2_moe.py``, ``megatron_ext/models/llama.py``) only
 say how their HF config maps onto :class:`ModelConfig`; the decoder code reads nothing else. HF
-fields that change the math but are not implemented (rope scaling, sliding windows, biases on
-``o_proj``/MLP, other activations, quantization) are rejected with a ``ValueError`` naming the
+fields that change the math but are not implemented (rope scaling types other than linear /
+dynamic / yarn / llama3, sliding windows, biases on ``o_proj``/MLP, other activations,
+quantization) are rejected with a ``ValueError`` naming the
 field, so a checkpoint never loads into a model that would compute something else.
 """
 from __future__ import annotations
@@ -13,6 +14,8 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from megatron_ext.layers.rope_scaling import RopeScaling
 
 if TYPE_CHECKING:
     from megatron_ext.parallel.topology import Topology
@@ -57,6 +60,9 @@ class ModelConfig:
     shared_expert_gate: bool = False
     sparse_layers: tuple[bool, ...] = ()
     router_aux_loss_coef: float = 0.0
+    # RoPE scaling (HF rope_parameters / rope_scaling); None = plain RoPE. A dict (as stored in
+    # training checkpoints) is accepted and converted.
+    rope_scaling: Optional[RopeScaling] = None
     # The HF config.json this config came from (written back verbatim on save); not compared.
     hf_config: Optional[dict] = field(default=None, compare=False, repr=False)
     # Unknown HF fields ignored when loading with strict=False (for one note by the command).
@@ -78,6 +84,11 @@ class ModelConfig:
             raise ValueError(f"rms_norm_eps={self.rms_norm_eps} must be > 0")
         if not self.rope_theta > 0:
             raise ValueError(f"rope_theta={self.rope_theta} must be > 0")
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))
+        elif self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(f"rope_scaling={self.rope_scaling!r} must be a RopeScaling, a dict "
+                             f"of its fields or None")
         sparse = tuple(bool(s) for s in self.sparse_layers) or (False,) * self.num_layers
         object.__setattr__(self, "sparse_layers", sparse)
         if len(sparse) != self.num_layers:
@@ -107,6 +118,23 @@ class ModelConfig:
     @property
     def has_shared_expert(self) -> bool:
         return self.shared_expert_intermediate_size > 0
+
+    @property
+    def position_limit(self) -> int:
+        """The positions the model is meant for: ``max_position_embeddings``, or with RoPE
+        scaling the length the scaling stretches to (:meth:`RopeScaling.position_limit`).
+        Evaluation and generation refuse longer inputs."""
+        if self.rope_scaling is None:
+            return self.max_position_embeddings
+        return self.rope_scaling.position_limit(self.max_position_embeddings)
+
+    def to_dict(self) -> dict:
+        """Every field as plain values (no stored HF dict): what training checkpoints and
+        results files record."""
+        d = asdict(self)
+        for key in ("hf_config", "ignored_hf_fields"):
+            d.pop(key)
+        return d
 
     @property
     def q_size(self) -> int:
@@ -153,8 +181,7 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with some fields changed (validated again); drops the stored HF dict."""
-        values = {k: v for k, v in asdict(self).items()
-                  if k not in ("hf_config", "ignored_hf_fields")}
+        values = self.to_dict()
         values.update(changes)
         return ModelConfig(**values)
 

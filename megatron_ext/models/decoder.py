@@ -35,7 +35,7 @@ from megatron_ext.layers.cross_entropy import vocab_parallel_cross_entropy
 from megatron_ext.layers.embedding import VocabParallelEmbedding, VocabParallelLMHead
 from megatron_ext.layers.mlp import DenseMLP
 from megatron_ext.layers.moe import MoELayer, RouterStats, load_balancing_loss
-from megatron_ext.layers.rope import RotaryEmbedding
+from megatron_ext.layers.rope import RotaryEmbedding, rope_sequence_length
 from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import ParallelGroups
 from megatron_ext.communication.choices import (CP_STRATEGIES, MOE_DISPATCHERS, RECOMPUTE_MODES,
@@ -65,6 +65,7 @@ class StepInputs:
     kv_cache: Optional[object] = None                 # serving: megatron_ext.serving.KVCache
     attn_position_ids: Optional[torch.Tensor] = None  # decode, one owner per token: every row
                                                       # the attention reads (layout.attention_rows)
+    rope_seq_len: Optional[torch.Tensor] = None       # dynamic NTK RoPE: the input's length
 
 
 class DecoderLayer(nn.Module):
@@ -121,7 +122,8 @@ class DecoderLayer(nn.Module):
         attn = self.self_attn(x.view(positions.shape[0], inputs.seq, self.hidden_size),
                               positions, token_index=inputs.token_index,
                               segment_ids=inputs.segment_ids, plan=inputs.attn_plan,
-                              kv_cache=kv_cache, owner_rows=owner_rows)
+                              kv_cache=kv_cache, owner_rows=owner_rows,
+                              rope_seq_len=inputs.rope_seq_len)
         x, residual = self.comm.prepare_mlp(attn.reshape(-1, self.hidden_size), residual, layout)
         stats = None
         if self.is_sparse:
@@ -222,7 +224,10 @@ class CausalLM(nn.Module):
                 config.vocab_size, config.hidden_size, groups.attn_tp, reduce_results=False,
                 vocab_multiple=make_vocab_size_divisible_by,
                 grad_sync=emb_sync, name="model.embed_tokens", **kw)
-        rope = RotaryEmbedding(config.head_dim, config.rope_theta, device=device)
+        rope = RotaryEmbedding(config.head_dim, config.rope_theta, device=device,
+                               scaling=config.rope_scaling,
+                               max_position_embeddings=config.max_position_embeddings)
+        self.rope = rope
         stage_sparse = [i - start for i in range(start, stop) if config.is_sparse(i)]
         modes = LayerScatterModes.for_stack(
             stop - start, stage_sparse, groups.topology, allow_reduce_scatter,
@@ -331,6 +336,8 @@ class CausalLM(nn.Module):
                             kv_cache=kv_cache, attn_position_ids=attn_position_ids)
         if kv_cache is None or not kv_cache.decoding:
             inputs.attn_plan = self._attention_plan(b, s, inputs)
+        if self.rope.is_dynamic:
+            inputs.rope_seq_len = self._rope_seq_len(inputs, kv_cache)
         if segment_ids is not None:
             inputs.token_masks = self._token_masks(segment_ids.reshape(-1) >= 0, layout)
 
@@ -389,6 +396,18 @@ class CausalLM(nn.Module):
         return plan_cp_attention_for_shapes(shapes, self.groups.attn_cp, token_index=token_index,
                                             segment_ids=inputs.segment_ids,
                                             strategy=attn.cp_strategy)
+
+    def _rope_seq_len(self, inputs: StepInputs, kv_cache) -> torch.Tensor:
+        """The length dynamic NTK RoPE scales for: ``1 + the largest position`` of the input, as
+        ``transformers`` takes it per forward. A prefill / training step spans the CP ranks'
+        chunks of each sequence (all-reduced over attn_cp); a decode step's rows are the same
+        on every CP rank (``attn_position_ids``, or the replicated ``position_ids`` without CP),
+        so each step scales for its own furthest position, as ``transformers``' generate does."""
+        if kv_cache is not None and kv_cache.decoding:
+            rows = inputs.attn_position_ids if inputs.layout.attn_gathers_cp \
+                else inputs.position_ids
+            return rope_sequence_length(rows)
+        return rope_sequence_length(inputs.position_ids, self.groups.attn_cp)
 
     def _token_masks(self, valid: torch.Tensor, layout: TokenLayout) -> dict:
         """Real-token masks on the rows each MoE layer reads (padding is left out of the

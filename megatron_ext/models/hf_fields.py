@@ -10,7 +10,9 @@ known to change the math that no mapping implements, which are always refused.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
+
+from megatron_ext.layers.rope_scaling import ROPE_TYPES, TYPE_KEYS, RopeScaling
 
 # Fields that never change the forward math (bookkeeping, generation, init, serving options).
 HARMLESS_FIELDS: frozenset[str] = frozenset({
@@ -71,31 +73,60 @@ class HFFields:
                              f"({why}); supported: {', '.join(repr(a) for a in allowed)}")
         return value
 
-    def rope_theta(self, default: float) -> float:
-        """``rope_theta`` from ``rope_parameters`` (transformers 5), ``rope_scaling`` or the top
-        level (older files). Only plain RoPE is implemented."""
+    def rope(self, default_theta: float, max_positions: int) -> tuple[float, Optional[RopeScaling]]:
+        """``(rope_theta, rope_scaling)`` as ``transformers`` reads them: the legacy
+        ``rope_scaling`` dict if set, else ``rope_parameters`` (transformers 5); ``rope_type``
+        (or the legacy ``type``) ``default`` / ``linear`` / ``dynamic`` / ``yarn`` / ``llama3``;
+        ``rope_theta`` from the dict or the top level; yarn and llama3 take a top-level
+        ``original_max_position_embeddings`` first, else the dict's, else ``max_positions``.
+        Other types and entries are refused: they would change the frequencies."""
         params = self.get("rope_parameters") or {}
-        scaling = self.get("rope_scaling") or {}
-        for source_name, source in (("rope_parameters", params), ("rope_scaling", scaling)):
+        legacy = self.get("rope_scaling") or {}
+        top_original = self.get("original_max_position_embeddings")
+        for name, source in (("rope_parameters", params), ("rope_scaling", legacy)):
             if not isinstance(source, dict):
-                raise ValueError(f"{self.model_type} config field {source_name}={source!r} must "
-                                 f"be a dict")
-            rope_type = source.get("rope_type", source.get("type", "default"))
-            if rope_type != "default":
-                raise ValueError(f"{self.model_type} config field {source_name} has "
-                                 f"rope_type={rope_type!r}: only the default (unscaled) RoPE is "
-                                 f"supported")
-            extra = set(source) - {"rope_type", "type", "rope_theta"}
-            if extra:
-                raise ValueError(f"{self.model_type} config field {source_name} has unsupported "
-                                 f"entries {sorted(extra)} (only rope_type='default' and "
-                                 f"rope_theta are supported)")
+                raise ValueError(f"{self.model_type} config field {name}={source!r} must be a "
+                                 f"dict")
+        chosen = legacy or params   # transformers: rope_scaling, when set, replaces the other
+        theta = float(chosen.get("rope_theta", self.get("rope_theta", default_theta)))
+        scalings = {name: self._rope_scaling(name, source, max_positions, top_original)
+                    for name, source in (("rope_parameters", params), ("rope_scaling", legacy))
+                    if source}
+        if len(scalings) == 2 and len(set(scalings.values())) == 2:
+            raise ValueError(f"{self.model_type} config fields rope_scaling and rope_parameters "
+                             f"disagree ({legacy} vs {params}): keep one of them")
+        scaling = scalings.get("rope_scaling", scalings.get("rope_parameters"))
         if self.get("partial_rotary_factor", 1.0) != 1.0:
             raise ValueError(f"{self.model_type} config field partial_rotary_factor="
                              f"{self.hf['partial_rotary_factor']!r} is not supported (full RoPE "
                              f"only)")
-        return float(params.get("rope_theta", scaling.get("rope_theta",
-                                                          self.get("rope_theta", default))))
+        return theta, scaling
+
+    def _rope_scaling(self, name: str, source: dict, max_positions: int,
+                      top_original: Optional[int]) -> Optional[RopeScaling]:
+        rope_type = source.get("rope_type", source.get("type", "default"))
+        where = f"{self.model_type} config field {name}"
+        if rope_type != "default" and rope_type not in ROPE_TYPES:
+            raise ValueError(f"{where} has rope_type={rope_type!r}: supported are 'default', "
+                             f"{', '.join(repr(t) for t in ROPE_TYPES)}")
+        known = {"rope_type", "type", "rope_theta"} | set(TYPE_KEYS.get(rope_type, ()))
+        if source.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(f"{where} has partial_rotary_factor="
+                             f"{source['partial_rotary_factor']!r} (full RoPE only)")
+        extra = sorted(set(source) - known - {"partial_rotary_factor"})
+        if extra:
+            raise ValueError(f"{where} has entries {extra} that rope_type={rope_type!r} does not "
+                             f"take (they might change the frequencies)")
+        if rope_type == "default":
+            return None
+        values = {k: source[k] for k in TYPE_KEYS[rope_type] if source.get(k) is not None}
+        if rope_type in ("yarn", "llama3"):
+            values["original_max_position_embeddings"] = (
+                top_original or values.get("original_max_position_embeddings") or max_positions)
+        try:
+            return RopeScaling(rope_type, **values)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
 
     def full_attention_only(self) -> None:
         """Reject sliding-window attention (not implemented)."""
@@ -149,7 +180,10 @@ def decoder_fields(f: HFFields, *, hidden: int, heads: int, layers: int, kv_head
     """The attention/dense fields every decoder model shares, with the model's HF defaults."""
     hidden = f.get("hidden_size", hidden)
     heads = f.get("num_attention_heads", heads)
+    rope_theta, rope_scaling = f.rope(10000.0, f.get("max_position_embeddings", max_positions))
     return dict(
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
         architecture=f.model_type,
         vocab_size=f.get("vocab_size", vocab),
         hidden_size=hidden,
@@ -159,7 +193,6 @@ def decoder_fields(f: HFFields, *, hidden: int, heads: int, layers: int, kv_head
         head_dim=f.get("head_dim", hidden // heads),
         intermediate_size=f.get("intermediate_size", intermediate),
         rms_norm_eps=f.get("rms_norm_eps", 1e-6),
-        rope_theta=f.rope_theta(10000.0),
         max_position_embeddings=f.get("max_position_embeddings", max_positions),
         tie_word_embeddings=f.get("tie_word_embeddings", False),
     )
@@ -193,11 +226,24 @@ def decoder_hf(cfg: Any, architecture: str) -> dict:
         "head_dim": cfg.head_dim,
         "intermediate_size": cfg.intermediate_size,
         "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_parameters": rope_parameters_hf(cfg),
         "max_position_embeddings": cfg.max_position_embeddings,
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "hidden_act": "silu",
     }
+
+
+def rope_parameters_hf(cfg: Any) -> dict:
+    """HF ``rope_parameters`` (transformers 5 layout) of a config; yarn and llama3 state their
+    pretraining length explicitly."""
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    out = {**scaling.to_hf(), "rope_theta": cfg.rope_theta}
+    if scaling.rope_type in ("yarn", "llama3"):
+        out["original_max_position_embeddings"] = scaling.original_length(
+            cfg.max_position_embeddings)
+    return out
 
 
 def moe_hf(cfg: Any) -> dict:

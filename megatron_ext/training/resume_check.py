@@ -23,8 +23,7 @@ def resume_changes(saved: dict, cfg, model_config) -> list[str]:
     """``field: saved -> now`` for every model field and sample-stream setting that differs."""
     changes = []
     before = saved.get("model", {})
-    now = {k: v for k, v in model_config.__dict__.items()
-           if k not in ("hf_config", "ignored_hf_fields")}
+    now = model_config.to_dict()
     for key in sorted(set(before) | set(now)):
         if _plain(before.get(key)) != _plain(now.get(key)):
             changes.append(f"{key}: {before.get(key)!r} -> {now.get(key)!r}")

@@ -467,8 +467,7 @@ class Trainer:
     def save(self) -> str:
         state = {"step": self.step, "consumed_samples": self.consumed_samples,
                  "lr_schedule": self.schedule.__dict__, "config": self.cfg.to_dict(),
-                 "model": {k: v for k, v in self.plan.model_config.__dict__.items()
-                           if k not in ("hf_config", "ignored_hf_fields")},
+                 "model": self.plan.model_config.to_dict(),
                  "layout": {k: getattr(self.groups.topology, k) for k in
                             ("world", "pp", "attn_tp", "attn_cp", "attn_dp", "moe_tp", "moe_ep",
                              Axis.MOE_DP)},

@@ -111,7 +111,8 @@ class AttentionBlock(nn.Module):
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, *,
                 token_index: Optional[torch.Tensor] = None,
                 segment_ids: Optional[torch.Tensor] = None, plan=None,
-                kv_cache=None, owner_rows: Optional[tuple[int, ...]] = None) -> torch.Tensor:
+                kv_cache=None, owner_rows: Optional[tuple[int, ...]] = None,
+                rope_seq_len: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``hidden`` ``[b, s_local, H]`` (TP_ATTN_FULL), ``positions`` ``[b, s_local]`` or
         ``[s_local]`` (RoPE positions of this rank's tokens). ``token_index`` (causal order in the
         full sequence; default ``positions``) and ``segment_ids`` (packed documents) go to
@@ -120,7 +121,9 @@ class AttentionBlock(nn.Module):
         packed. ``kv_cache``: serving (module doc); None for training. Returns the partial sum
         over ``attn_tp``. ``owner_rows`` (decode steps only): the rows of ``hidden`` each CP rank
         owns (one owner per decode token under CP; contiguous blocks in CP order) — every row
-        attends, only this rank's are merged, projected and returned."""
+        attends, only this rank's are merged, projected and returned. ``rope_seq_len``: the
+        input's full sequence length, which dynamic NTK RoPE needs
+        (:func:`~megatron_ext.layers.rope.rope_sequence_length`)."""
         from megatron_ext.layers.attention.cp_attention import context_parallel_attention
 
         if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
@@ -136,7 +139,7 @@ class AttentionBlock(nn.Module):
         v = self.v_proj(x).view(b, s, self.local_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = self.rope(positions, dtype=q.dtype)
+        cos, sin = self.rope(positions, dtype=q.dtype, seq_len=rope_seq_len)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = _in_autocast_dtype(q, k, v)
         decoding = kv_cache is not None and kv_cache.decoding
