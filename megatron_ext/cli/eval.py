@@ -14,6 +14,12 @@ tokens of ``--data``; default: the embedded corpus), ``passkey`` and ``needle`` 
 over ``--lengths`` × ``--depths``; the needle sits in ``--haystack`` text), ``lm_eval``
 (lm-evaluation-harness tasks through :mod:`megatron_ext.evaluation.lm_eval_adapter`).
 
+Context extension: ``--max-positions-scale F`` scales RoPE by ``F`` (the config's own scaling
+type with factor ``F``, else ``--rope-scaling-type``, default ``linear``), so lengths up to ``F``
+times the trained positions are evaluated with the scaled model; without scaling (in the config
+or from the flag) longer lengths are refused. ``results.json`` records the scaling with the
+model config.
+
 Output in ``--output``: ``results.json`` (every number, the model, the layout, the command), PNG
 plots and ``report.md``. ``--resume`` continues a results file, skipping finished cells.
 Exit code 2: invalid input, nothing ran and nothing was overwritten.
@@ -21,6 +27,7 @@ Exit code 2: invalid input, nothing ran and nothing was overwritten.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
@@ -35,7 +42,8 @@ from megatron_ext.evaluation.model_source import open_model_source
 from megatron_ext.evaluation.results import ResultsStore
 from megatron_ext.evaluation.retrieval import DEFAULT_ANSWER_TOKENS, GridSettings
 from megatron_ext.evaluation.windows import WindowSettings
-from megatron_ext.cli.model_args import add_model_build_arguments
+from megatron_ext.cli.model_args import (add_model_build_arguments,
+                                         add_position_scale_arguments, apply_position_scale)
 from megatron_ext.layers.embedding import padded_vocab_size
 from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import build_groups, init_distributed
@@ -81,8 +89,9 @@ def _args(argv):
                    help="model dtype (default: as stored)")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--allow-long-context", action="store_true",
-                   help="evaluate beyond the model's max_position_embeddings (positions it was "
-                        "never trained on; refused without this flag)")
+                   help="perplexity/position_loss beyond the model's positions as they are, "
+                        "without RoPE scaling (extrapolation; refused without this flag)")
+    add_position_scale_arguments(p)
     p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=1, help="sequences / prompts per forward")
     p.add_argument("--num-buckets", type=int, default=16, help="position_loss: log-spaced "
@@ -118,6 +127,7 @@ def _plan(args, world: int) -> dict:
     if topo.pp != 1:
         raise ValueError(f"evaluation runs one pipeline stage; got pp={topo.pp}")
     source = open_model_source(args.model, strict_config=args.strict_config)
+    source = dataclasses.replace(source, config=apply_position_scale(source.config, args))
     config = source.config
     config.check_fits(topo)
     padded_vocab_size(config.vocab_size, topo.attn_tp, args.make_vocab_size_divisible_by)
@@ -136,7 +146,8 @@ def _plan(args, world: int) -> dict:
         windows = WindowSettings(args.seq_len, args.num_samples, args.batch_size)
         plan["dataset"] = open_dataset(args.data, tokenizer)
         windows.check(plan["dataset"], topo.attn_dp,
-                      None if args.allow_long_context else config.max_position_embeddings)
+                      None if args.allow_long_context else config.position_limit,
+                      config.position_limit_text())
         for name in ("perplexity", "position_loss"):
             if name in args.task:
                 extra = {"num_buckets": args.num_buckets} if name == "position_loss" else {}
@@ -159,7 +170,8 @@ def _plan(args, world: int) -> dict:
 
             builder = NeedleBuilder(tokenizer, read_haystack(args.haystack))
             extra = {"haystack": os.path.abspath(args.haystack) if args.haystack else "corpus"}
-        grid.check_fits(config.max_position_embeddings, builder.fixed_tokens, topo.attn_dp)
+        grid.check_fits(config.position_limit, builder.fixed_tokens, topo.attn_dp,
+                        config.position_limit_text())
         store.task(name, dict(grid.to_dict(), tokenizer=tokenizer.name, **extra))
         plan["tasks"][name] = (grid, builder)
     if "lm_eval" in args.task:

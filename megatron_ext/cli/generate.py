@@ -12,7 +12,9 @@ model's own (default, when its directory has tokenizer files), ``byte`` or a loc
 directory; generation stops at its EOS token. Several
 ``--prompt`` flags make a batch (left-padded; split over attention DP). The prefill splits each
 prompt over attention CP and every CP rank keeps the KV of its own chunks; decode steps attend to
-the cache spread over the CP ranks. Exit code 2: invalid input, nothing ran.
+the cache spread over the CP ranks. ``--max-positions-scale F`` scales RoPE for prompts + new tokens up to ``F`` times the trained
+positions (as in examples/eval.py); longer requests are refused without scaling. Exit code 2:
+invalid input, nothing ran.
 
 ``--prompts-file``: JSONL, one request per line: ``{"prompt": "..."}`` plus any of
 ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed`` (defaults: the flags).
@@ -41,9 +43,11 @@ from megatron_ext.parallel.topology import (GROUP_AXES, add_layout_arguments,
 from megatron_ext.serving import (SamplingParams, check_generate_inputs, generate_batch,
                                   left_pad)
 from megatron_ext.models.config import ModelConfig
-from megatron_ext.cli.model_args import add_model_build_arguments
+from megatron_ext.cli.model_args import (add_model_build_arguments,
+                                         add_position_scale_arguments, apply_position_scale)
 from megatron_ext.layers.embedding import padded_vocab_size
 from megatron_ext.models.decoder import CausalLM
+from megatron_ext.checkpoint.hf import load_hf_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -74,6 +78,7 @@ def _args(argv):
     p.add_argument("--cp-comm", choices=CP_STRATEGIES, default=CPStrategy.ALL_GATHER,
                    help="K/V exchange of the CP prefill")
     add_model_build_arguments(p)
+    add_position_scale_arguments(p)
     add_layout_arguments(p, (Axis.ATTN_TP, Axis.ATTN_CP, Axis.MOE_TP, Axis.MOE_EP, Axis.MOE_DP))
     return p.parse_args(argv)
 
@@ -130,7 +135,8 @@ def _run(argv: list[str] | None = None) -> int:
     try:  # everything checkable before process groups exist
         impl = resolve_transformer_impl(args.transformer_impl)
         topo = topology_from_args(args, world)
-        config = ModelConfig.from_hf_dir(args.model, strict=args.strict_config)
+        config = apply_position_scale(
+            ModelConfig.from_hf_dir(args.model, strict=args.strict_config), args)
         config.check_fits(topo)
         padded_vocab_size(config.vocab_size, topo.attn_tp, args.make_vocab_size_divisible_by)
         tok = load_tokenizer(resolve_tokenizer(args.tokenizer, args.model))
@@ -157,11 +163,12 @@ def _run(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
-    model = CausalLM.from_pretrained(args.model, groups, strict_config=args.strict_config,
-                                     cp_strategy=args.cp_comm, dtype=dtype,
-                                     transformer_impl=impl, device=device,
-                                     make_vocab_size_divisible_by=args.make_vocab_size_divisible_by
-                                     ).eval()
+    # the config as checked above (it may carry --max-positions-scale), the directory's weights
+    model = CausalLM.for_stage(config, groups, cp_strategy=args.cp_comm, dtype=dtype,
+                               transformer_impl=impl, device=device,
+                               make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+    load_hf_checkpoint(model, args.model, strict=True)
+    model.eval()
     rank0 = groups.global_rank == 0
     total = len(requests)
 

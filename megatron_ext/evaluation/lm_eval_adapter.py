@@ -61,10 +61,10 @@ class ParallelLMScorer:
                  prefix_token_id: Optional[int] = None,
                  max_gen_toks: int = DEFAULT_MAX_GEN_TOKS) -> None:
         self.model, self.groups, self.tokenizer = model, groups, tokenizer
-        self.max_length = max_length or model.config.max_position_embeddings
-        if not 1 <= self.max_length <= model.config.max_position_embeddings:
+        self.max_length = max_length or model.config.position_limit
+        if not 1 <= self.max_length <= model.config.position_limit:
             raise ValueError(f"max_length={self.max_length} must be in [1, the model's "
-                             f"max_position_embeddings={model.config.max_position_embeddings}]")
+                             f"{model.config.position_limit_text()}]")
         self.batch_size = max(batch_size, 1)
         self.prefix_token_id = tokenizer.eos_id if prefix_token_id is None else prefix_token_id
         self.max_gen_toks = max_gen_toks

@@ -42,18 +42,19 @@ class ModelSource:
 
     def load(self, groups: ParallelGroups, *, dtype: Optional[torch.dtype] = None,
              device: Optional[torch.device] = None, **model_kwargs):
-        """This rank's :class:`~megatron_ext.models.decoder.CausalLM` in ``groups``' layout, in
-        eval mode (collective over the world for a training checkpoint)."""
+        """This rank's :class:`~megatron_ext.models.decoder.CausalLM` of :attr:`config` in
+        ``groups``' layout, in eval mode (collective over the world for a training checkpoint)."""
         from megatron_ext.models.decoder import CausalLM
 
-        if self.kind == HF:
-            model = CausalLM.from_pretrained(self.path, groups, dtype=dtype, device=device,
-                                             strict_config=self.strict_config, **model_kwargs)
+        model = CausalLM.for_stage(self.config, groups, dtype=dtype, device=device,
+                                   **model_kwargs)
+        if self.kind == HF:   # self.config, not the file's: it may carry --max-positions-scale
+            from megatron_ext.checkpoint.hf import load_hf_checkpoint
+
+            load_hf_checkpoint(model, self.path, strict=True)
         else:
             from megatron_ext.training.convert import load_training_weights
 
-            model = CausalLM.for_stage(self.config, groups, dtype=dtype, device=device,
-                                       **model_kwargs)
             load_training_weights(model, self.path)
         return model.eval()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -137,14 +137,18 @@ class GridSettings:
             raise ValueError(f"--samples-per-cell={self.samples_per_cell} and --answer-tokens="
                              f"{self.answer_tokens} must be >= 1")
 
-    def check_fits(self, max_positions: int, fixed_tokens: int, attn_dp: int) -> None:
+    def check_fits(self, max_positions: int, fixed_tokens: int, attn_dp: int,
+                   limit_text: Optional[str] = None) -> None:
         """Lengths the model can hold with the answer, with room for filler; enough prompts
-        per cell for attention DP. Pure: runs before process groups exist."""
+        per cell for attention DP. Pure: runs before process groups exist. ``limit_text`` says
+        where ``max_positions`` comes from (default: max_position_embeddings)."""
         longest = max(self.lengths) + self.answer_tokens
         if longest > max_positions:
+            limit_text = limit_text or f"max_position_embeddings={max_positions}"
             raise ValueError(f"--lengths up to {max(self.lengths)} + --answer-tokens="
                              f"{self.answer_tokens} need {longest} positions, beyond the model's "
-                             f"max_position_embeddings={max_positions}")
+                             f"{limit_text} (pass --max-positions-scale F to scale RoPE for "
+                             f"them)")
         if min(self.lengths) <= fixed_tokens:
             raise ValueError(f"--lengths={min(self.lengths)} leaves no room for filler: the "
                              f"intro, needle and question take up to {fixed_tokens} tokens")

@@ -20,13 +20,16 @@ class WindowSettings:
             raise ValueError(f"--seq-len={self.seq_len} must be >= 2, --num-samples="
                              f"{self.num_samples} and --batch-size={self.batch_size} >= 1")
 
-    def check(self, dataset, attn_dp: int, max_positions: Optional[int]) -> None:
+    def check(self, dataset, attn_dp: int, max_positions: Optional[int],
+              limit_text: Optional[str] = None) -> None:
         """Pure checks against the data and the layout (before process groups exist);
-        ``max_positions`` None: longer windows than the model was trained on are intended."""
+        ``max_positions`` None: longer windows than the model was trained on are intended;
+        ``limit_text`` says where the limit comes from (default: max_position_embeddings)."""
         if max_positions is not None and self.seq_len > max_positions:
-            raise ValueError(f"--seq-len={self.seq_len} is beyond the model's "
-                             f"max_position_embeddings={max_positions} (pass "
-                             f"--allow-long-context to evaluate there anyway)")
+            limit_text = limit_text or f"max_position_embeddings={max_positions}"
+            raise ValueError(f"--seq-len={self.seq_len} is beyond the model's {limit_text} "
+                             f"(pass --max-positions-scale F to scale RoPE for it, or "
+                             f"--allow-long-context to evaluate there as is)")
         if self.batch_size < attn_dp:
             raise ValueError(f"--batch-size={self.batch_size} gives some of the attn_dp="
                              f"{attn_dp} ranks no sequence")

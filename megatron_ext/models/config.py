@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from dataclasses import replace as replace_fields
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from megatron_ext.layers.rope_scaling import RopeScaling
@@ -127,6 +128,36 @@ class ModelConfig:
         if self.rope_scaling is None:
             return self.max_position_embeddings
         return self.rope_scaling.position_limit(self.max_position_embeddings)
+
+    def position_limit_text(self) -> str:
+        """How :attr:`position_limit` came about, for messages."""
+        if self.rope_scaling is None:
+            return f"max_position_embeddings={self.max_position_embeddings}"
+        r = self.rope_scaling
+        return (f"{self.position_limit} positions ({r.rope_type} RoPE scaling "
+                f"factor={r.factor if r.factor is not None else r.yarn_factor(self.max_position_embeddings)} of "
+                f"{r.original_length(self.max_position_embeddings)}; "
+                f"max_position_embeddings={self.max_position_embeddings})")
+
+    def with_position_scale(self, factor: float, rope_type: Optional[str] = None) -> "ModelConfig":
+        """This model with RoPE scaled by ``factor`` (``--max-positions-scale``). The type is
+        ``rope_type`` if given, else the config's own scaling type (keeping its other
+        parameters: yarn's betas, llama3's frequency bands, the pretraining length), else
+        ``linear`` (position interpolation: a bare factor means that in ``transformers`` and
+        vLLM, and it needs no other parameter)."""
+        own = self.rope_scaling
+        rope_type = rope_type or (own.rope_type if own is not None else "linear")
+        if own is not None and own.rope_type == rope_type:
+            scaling = replace_fields(own, factor=factor)
+        elif rope_type == "llama3":
+            raise ValueError("--rope-scaling-type llama3 needs low/high frequency factors: set "
+                             "them in the model's config.json rope_parameters")
+        else:
+            original = None if rope_type != "yarn" else (
+                own.original_length(self.max_position_embeddings) if own is not None else
+                self.max_position_embeddings)
+            scaling = RopeScaling(rope_type, factor, original_max_position_embeddings=original)
+        return self.replace(rope_scaling=scaling)
 
     def to_dict(self) -> dict:
         """Every field as plain values (no stored HF dict): what training checkpoints and

@@ -169,15 +169,13 @@ def check_generate_inputs(model, groups: ParallelGroups, prompt_ids: torch.Tenso
         if tok is not None and not 0 <= int(tok) < vocab:
             raise ValueError(f"{name}={tok} is outside the model's vocabulary [0, {vocab})")
     lengths = prompt_lengths(prompt_ids, attention_mask)
-    max_pos = config.max_position_embeddings
+    max_pos, limit = config.position_limit, config.position_limit_text()
     if max(lengths) > max_pos:
-        raise ValueError(f"prompt of {max(lengths)} tokens is longer than the model's "
-                         f"max_position_embeddings={max_pos}")
+        raise ValueError(f"prompt of {max(lengths)} tokens is longer than the model's {limit}")
     for n, new in zip(lengths, per_row):
         if n + new > max_pos:
             raise ValueError(f"prompt of {n} tokens + max_new_tokens={new} needs positions up "
-                             f"to {n + new - 1}, beyond the model's "
-                             f"max_position_embeddings={max_pos}")
+                             f"to {n + new - 1}, beyond the model's {limit}")
     if B < topo.attn_dp:
         raise ValueError(f"{B} prompts for attn_dp={topo.attn_dp}: every "
                          f"attention-DP group needs at least one prompt")

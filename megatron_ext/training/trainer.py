@@ -122,9 +122,9 @@ def validate_launch(cfg: TrainConfig, world: int) -> LaunchPlan:
         notes.append(ignored)
     model_config.check_fits(topo)
     stage_layer_range(model_config.num_layers, topo.pp, 0)  # every stage gets a layer
-    if cfg.seq_len > model_config.max_position_embeddings:
-        raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_position_embeddings="
-                         f"{model_config.max_position_embeddings}")
+    if cfg.seq_len > model_config.position_limit:
+        raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's "
+                         f"{model_config.position_limit_text()}")
     dataset = open_dataset(cfg.data, tokenizer)
     dataset.check_for(cfg.seq_len, cfg.global_batch_size, model_config.vocab_size,
                       tokenizer.name)
