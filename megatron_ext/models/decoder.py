@@ -279,7 +279,8 @@ class CausalLM(nn.Module):
                 compute_aux_loss: Optional[bool] = None, kv_cache=None,
                 compute_lm_head: bool = True,
                 attn_position_ids: Optional[torch.Tensor] = None,
-                check_input_ids: bool = True) -> CausalLMOutput:
+                check_input_ids: bool = True,
+                rope_seq_len: Optional[torch.Tensor] = None) -> CausalLMOutput:
         """One stage's forward on this rank's CP-local tokens.
 
         ``position_ids`` ``[b, s_local]`` (RoPE positions; gives the local batch shape);
@@ -301,6 +302,9 @@ class CausalLM(nn.Module):
         ``[layout.attention_rows, s]`` the positions of every row of its CP group, which the
         attention reads. ``check_input_ids=False`` skips the embedding's id range check (the host
         sync a captured decode step cannot have): for ids the caller vouches for, e.g. sampled ones.
+        ``rope_seq_len`` (dynamic NTK RoPE only): the input length to scale for, when it is not
+        ``1 +`` the largest position of this input (a serving prefill of all prompt tokens but
+        the last scales for the whole prompt, as ``transformers``' prefill does).
         """
         if position_ids.dim() != 2:
             raise ValueError(f"position_ids must be [b, s_local], got {tuple(position_ids.shape)}")
@@ -337,7 +341,9 @@ class CausalLM(nn.Module):
         if kv_cache is None or not kv_cache.decoding:
             inputs.attn_plan = self._attention_plan(b, s, inputs)
         if self.rope.is_dynamic:
-            inputs.rope_seq_len = self._rope_seq_len(inputs, kv_cache)
+            inputs.rope_seq_len = (self._rope_seq_len(inputs, kv_cache) if rope_seq_len is None
+                                   else torch.as_tensor(rope_seq_len, dtype=torch.int64,
+                                                        device=position_ids.device))
         if segment_ids is not None:
             inputs.token_masks = self._token_masks(segment_ids.reshape(-1) >= 0, layout)
 

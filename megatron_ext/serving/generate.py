@@ -324,7 +324,8 @@ def generate_batch(model, groups: ParallelGroups, prompt_ids: torch.Tensor,
     if local.padded_len:
         model(local.input_ids, position_ids=local.position_ids, token_index=local.token_index,
               segment_ids=local.segment_ids, layout=_layout(groups, rows, local.padded_len // cp),
-              kv_cache=cache, compute_lm_head=False, compute_aux_loss=False)
+              kv_cache=cache, compute_lm_head=False, compute_aux_loss=False,
+              rope_seq_len=local.lengths.max())   # dynamic NTK: the whole prompts' length
     cache.start_decoding()
     t1 = time.perf_counter()
 

@@ -12,7 +12,7 @@ def save_as_training_checkpoint(hf_path: str, root: str, step: int = 7) -> str:
     from megatron_ext.training.trainer import checkpoint_name
 
     model = CausalLM.from_pretrained(hf_path, ParallelGroups.single_process())
-    fields = {k: v for k, v in model.config.__dict__.items() if k != "hf_config"}
+    fields = model.config.to_dict()
     state = {"step": step, "model": fields, "config": {"tokenizer": "byte"}}
     named = [(checkpoint_name(n, model.config), p) for n, p in model.named_parameters()]
     return save_checkpoint(root, step, collect_shards(param_pieces(named)), state)

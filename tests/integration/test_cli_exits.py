@@ -77,7 +77,8 @@ def test_bad_input_is_one_line_on_rank_0_and_exit_2(hf_dir, tmp_path):
     assert long.returncode == 2, long.stderr
     assert long.stderr.strip().splitlines() == [
         "eval.py: invalid evaluation: --seq-len=600 is beyond the model's "
-        "max_position_embeddings=512 (pass --allow-long-context to evaluate there anyway)"]
+        "max_position_embeddings=512 (pass --max-positions-scale F to scale RoPE for it, or "
+        "--allow-long-context to evaluate there as is)"]
     allowed = subprocess.run([sys.executable, "-m", "megatron_ext.cli.eval", "--model", hf_dir,
                               "--seq-len", "600", "--num-samples", "1", "--allow-long-context"],
                              env=_one_process(), capture_output=True, text=True, timeout=120)

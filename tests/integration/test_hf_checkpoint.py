@@ -126,9 +126,11 @@ def test_sparse_pattern_follows_transformers():
 
 
 @pytest.mark.parametrize("model_type,field,value,needle", [
-    ("llama", "rope_parameters", {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
-                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                  "original_max_position_embeddings": 8192}, "rope_type='llama3'"),
+    ("llama", "rope_parameters", {"rope_type": "longrope", "rope_theta": 5e5, "factor": 8.0,
+                                  "short_factor": [1.0], "long_factor": [2.0],
+                                  "original_max_position_embeddings": 8192}, "rope_type='longrope'"),
+    ("llama", "rope_scaling", {"type": "linear", "factor": 2.0, "low_freq_factor": 1.0},
+     "entries ['low_freq_factor']"),
     ("llama", "hidden_act", "gelu", "hidden_act='gelu'"),
     ("llama", "mlp_bias", True, "mlp_bias=True"),
     ("llama", "attention_bias", True, "attention_bias=True"),
