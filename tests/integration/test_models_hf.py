@@ -137,10 +137,10 @@ def test_hf_fixture_is_sharded(cases):
 
 
 # ----------------------------------------------------------------------------- single process
-@pytest.mark.parametrize("name", MODELS + tuple(PADDED))
-def test_single_process_matches_transformers(cases, name):
-    c = cases[name]
-    torch.testing.assert_close(c.sp_logits, c.hf_logits, atol=HF_ATOL, rtol=0)
+def check_single_process(c: ModelCase) -> None:
+    """The single-process run's logits, aux loss and gradients equal transformers'."""
+    torch.testing.assert_close(c.sp_logits, c.hf_logits, atol=HF_ATOL, rtol=0,
+                               msg=lambda m: f"{c.name}: {m}")
     assert (c.sp_aux is None) == (c.hf_aux is None)
     if c.hf_aux is not None:
         assert abs(c.sp_aux - c.hf_aux) < HF_ATOL
@@ -148,7 +148,12 @@ def test_single_process_matches_transformers(cases, name):
     for key, ref in c.hf_grads.items():
         scale = float(ref.abs().max()) or 1.0
         torch.testing.assert_close(c.sp_grads[key], ref, atol=GRAD_RTOL * scale, rtol=0,
-                                   msg=lambda m: f"{name} grad {key}: {m}")
+                                   msg=lambda m: f"{c.name} grad {key}: {m}")
+
+
+@pytest.mark.parametrize("name", MODELS + tuple(PADDED))
+def test_single_process_matches_transformers(cases, name):
+    check_single_process(cases[name])
 
 
 # ----------------------------------------------------------------------------- layouts
