@@ -38,7 +38,7 @@ class ModelSource:
     def describe(self) -> dict:
         return {"kind": self.kind, "path": os.path.abspath(self.path), "step": self.step,
                 "architecture": self.config.architecture,
-                "config": self.config.to_dict()}
+                "config": _config_record(self.config)}
 
     def load(self, groups: ParallelGroups, *, dtype: Optional[torch.dtype] = None,
              device: Optional[torch.device] = None, **model_kwargs):
@@ -57,6 +57,15 @@ class ModelSource:
 
             load_training_weights(model, self.path)
         return model.eval()
+
+
+def _config_record(config: ModelConfig) -> dict:
+    """The config as results.json records it; ``rope_scaling`` only when set, so results files
+    written before RoPE scaling existed still resume (their configs have no such entry)."""
+    record = config.to_dict()
+    if record["rope_scaling"] is None:
+        del record["rope_scaling"]
+    return record
 
 
 def open_model_source(path: str, *, strict_config: bool = False) -> ModelSource:

@@ -120,8 +120,10 @@ class RopeScaling:
         return max_position_embeddings / self.original_length(max_position_embeddings)
 
 
-def _exponents(dim: int) -> torch.Tensor:
-    return torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim
+def _exponents(dim: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """``2i/d`` in float32, made on ``device`` (no host-to-device copy: a CUDA-graph decode
+    step recomputes dynamic NTK tables)."""
+    return torch.arange(0, dim, 2, dtype=torch.int64, device=device).to(dtype=torch.float) / dim
 
 
 def default_inv_freq(head_dim: int, rope_theta: float) -> torch.Tensor:
@@ -141,17 +143,14 @@ def dynamic_ntk_inv_freq(scaling: RopeScaling, head_dim: int, rope_theta: float,
     arithmetic, as ``transformers`` uses at construction) or an int64 tensor (float32 tensor
     arithmetic, as it uses in the forward)."""
     factor, dim = scaling.factor, head_dim
-    if isinstance(seq_len, torch.Tensor):
-        seq_len = torch.maximum(seq_len, torch.tensor(max_position_embeddings,
-                                                      dtype=seq_len.dtype, device=seq_len.device))
+    if isinstance(seq_len, torch.Tensor):   # clamp: the same integers, no host tensor
+        seq_len = seq_len.clamp(min=max_position_embeddings)
     else:
         seq_len = max(seq_len, max_position_embeddings)
     base = rope_theta * ((factor * seq_len / max_position_embeddings) - (factor - 1)) \
         ** (dim / (dim - 2))
-    exponents = _exponents(dim)
-    if isinstance(base, torch.Tensor):
-        exponents = exponents.to(base.device)
-    return 1.0 / (base ** exponents)
+    device = base.device if isinstance(base, torch.Tensor) else None
+    return 1.0 / (base ** _exponents(dim, device))
 
 
 def _yarn(scaling: RopeScaling, dim: int, base: float,
