@@ -66,6 +66,7 @@ class StepInputs:
     attn_position_ids: Optional[torch.Tensor] = None  # decode, one owner per token: every row
                                                       # the attention reads (layout.attention_rows)
     rope_seq_len: Optional[torch.Tensor] = None       # dynamic NTK RoPE: the input's length
+    rotary_cache: dict = field(default_factory=dict)  # RoPE cos/sin, computed once per forward
 
 
 class DecoderLayer(nn.Module):
@@ -123,7 +124,8 @@ class DecoderLayer(nn.Module):
                               positions, token_index=inputs.token_index,
                               segment_ids=inputs.segment_ids, plan=inputs.attn_plan,
                               kv_cache=kv_cache, owner_rows=owner_rows,
-                              rope_seq_len=inputs.rope_seq_len)
+                              rope_seq_len=inputs.rope_seq_len,
+                              rotary_cache=inputs.rotary_cache)
         x, residual = self.comm.prepare_mlp(attn.reshape(-1, self.hidden_size), residual, layout)
         stats = None
         if self.is_sparse:

@@ -108,11 +108,24 @@ class AttentionBlock(nn.Module):
         self.rope = rope if rope is not None else RotaryEmbedding(head_dim, rope_theta,
                                                                   device=device)
 
+    def _rotary(self, positions: torch.Tensor, dtype: torch.dtype,
+                rope_seq_len: Optional[torch.Tensor], cache: Optional[dict]):
+        if cache is None:
+            return self.rope(positions, dtype=dtype, seq_len=rope_seq_len)
+        key = (id(self.rope), id(positions), id(rope_seq_len), dtype)
+        hit = cache.get(key)
+        if hit is None or hit[0] is not positions or hit[1] is not rope_seq_len:
+            hit = (positions, rope_seq_len,
+                   *self.rope(positions, dtype=dtype, seq_len=rope_seq_len))
+            cache[key] = hit   # the inputs are kept, so their ids cannot be reused
+        return hit[2], hit[3]
+
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, *,
                 token_index: Optional[torch.Tensor] = None,
                 segment_ids: Optional[torch.Tensor] = None, plan=None,
                 kv_cache=None, owner_rows: Optional[tuple[int, ...]] = None,
-                rope_seq_len: Optional[torch.Tensor] = None) -> torch.Tensor:
+                rope_seq_len: Optional[torch.Tensor] = None,
+                rotary_cache: Optional[dict] = None) -> torch.Tensor:
         """``hidden`` ``[b, s_local, H]`` (TP_ATTN_FULL), ``positions`` ``[b, s_local]`` or
         ``[s_local]`` (RoPE positions of this rank's tokens). ``token_index`` (causal order in the
         full sequence; default ``positions``) and ``segment_ids`` (packed documents) go to
@@ -123,7 +136,9 @@ class AttentionBlock(nn.Module):
         owns (one owner per decode token under CP; contiguous blocks in CP order) — every row
         attends, only this rank's are merged, projected and returned. ``rope_seq_len``: the
         input's full sequence length, which dynamic NTK RoPE needs
-        (:func:`~megatron_ext.layers.rope.rope_sequence_length`)."""
+        (:func:`~megatron_ext.layers.rope.rope_sequence_length`). ``rotary_cache``: a dict shared
+        by the layers of one forward (they share the RoPE module and positions), so the cos/sin
+        tables are computed once per step instead of once per layer."""
         from megatron_ext.layers.attention.cp_attention import context_parallel_attention
 
         if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
@@ -139,7 +154,7 @@ class AttentionBlock(nn.Module):
         v = self.v_proj(x).view(b, s, self.local_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = self.rope(positions, dtype=q.dtype, seq_len=rope_seq_len)
+        cos, sin = self._rotary(positions, q.dtype, rope_seq_len, rotary_cache)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = _in_autocast_dtype(q, k, v)
         decoding = kv_cache is not None and kv_cache.decoding
