@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_ext.communication.raw import all_reduce_
+from megatron_ext.kernels.triton_loader import kernel_module
 from megatron_ext.layers.rope_scaling import (RopeScaling, default_inv_freq,
                                               dynamic_ntk_inv_freq, scaled_inv_freq)
 from megatron_ext.parallel.groups import AxisGroup
@@ -34,8 +35,34 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     if cos.shape[-1] != x.shape[-1] or cos.shape[-2] != x.shape[1]:
         raise ValueError(f"apply_rotary: cos/sin shape {tuple(cos.shape)} does not match x "
                          f"{tuple(x.shape)} (need [..., s={x.shape[1]}, d={x.shape[-1]}])")
+    if _fused_applies(x, cos, sin):
+        return fused_rotary(x, cos, sin)
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     return x * cos + rotate_half(x) * sin
+
+
+def _fused_applies(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """The one-pass kernel serves inference on CUDA (no autograd through it): half-precision
+    ``x`` with contiguous heads, per-token tables of the same leading shape, even power-of-two
+    head_dim."""
+    d = x.shape[-1]
+    return (x.is_cuda and not torch.is_grad_enabled() and x.dtype in (torch.float16, torch.bfloat16)
+            and cos.shape == sin.shape == x.shape[:2] + (d,) and cos.is_contiguous()
+            and sin.is_contiguous() and d >= 16 and d & (d - 1) == 0 and x.stride(-1) == 1
+            and x.stride(1) == x.shape[2] * x.stride(2) and x.stride(0) == x.shape[1] * x.stride(1)
+            and kernel_module("rotary") is not None)
+
+
+def fused_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rotary` in one Triton pass (float32 math, one rounding): ``x`` ``[b, s, h,
+    d]`` with tokens at a fixed stride, ``cos``/``sin`` ``[b, s, d]`` contiguous."""
+    b, s, h, d = x.shape
+    out = torch.empty((b, s, h, d), dtype=x.dtype, device=x.device)
+    if out.numel():
+        kernel_module("rotary").rotary_kernel[(b * s,)](
+            x, cos, sin, out, h, x.stride(1), x.stride(2), d, h * d, d, HALF=d // 2,
+            BLOCK_H=max(1, 1 << (h - 1).bit_length()))
+    return out
 
 
 def rope_sequence_length(positions: torch.Tensor,

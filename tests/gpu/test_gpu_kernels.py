@@ -177,3 +177,25 @@ def test_cp_partials_merge_kernel_matches_torch():
     got = merge_cp_partials(parts.cuda(), BF16, use_kernel=True)
     assert got.dtype == BF16 and got.shape == want.shape
     assert _rel(got, want) < 1e-2 and float(got[5, 0, 2].abs().max()) == 0.0
+
+
+def test_fused_rotary_matches_float64_in_inference():
+    """The one-pass RoPE kernel (no-grad CUDA half precision) against the float64 composition,
+    and autograd still takes the composition (the kernel has no backward)."""
+    from megatron_ext.layers.rope import RotaryEmbedding, _fused_applies, apply_rotary
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 17, 8, 128, generator=g).to(BF16)
+    pos = torch.randint(0, 5000, (3, 17), generator=g)
+    rope = RotaryEmbedding(128, 1e6)
+    cos, sin = rope(pos, dtype=torch.float64)
+    want = apply_rotary(x.double(), cos, sin)
+    cos_c, sin_c = (t.to(BF16).cuda() for t in (cos, sin))
+    with torch.no_grad():
+        assert _fused_applies(x.cuda(), cos_c, sin_c)
+        got = apply_rotary(x.cuda(), cos_c, sin_c)
+    assert got.dtype == BF16 and _rel(got, want) < 1e-2
+    xg = x.cuda().requires_grad_()
+    assert not _fused_applies(xg, cos_c, sin_c)
+    apply_rotary(xg, cos_c, sin_c).sum().backward()
+    assert xg.grad is not None
