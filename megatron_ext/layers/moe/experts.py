@@ -19,7 +19,8 @@ from torch import nn
 
 from megatron_ext.layers.linear import default_init
 from megatron_ext.layers.mlp import swiglu, swiglu_recomputed
-from megatron_ext.layers.moe.grouped_gemm import Counts, grouped_mm
+from megatron_ext.layers.moe.grouped_gemm import (Counts, group_offsets, grouped_mm,
+                                                   grouped_mm_available)
 from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import ParallelGroups
 from megatron_ext.parallel.param_meta import ParamSpec, Split, set_spec
@@ -78,10 +79,12 @@ class RoutedExperts(nn.Module):
             raise ValueError(f"RoutedExperts expects x [N, {self.hidden_size}], got "
                              f"{tuple(x_sorted.shape)}")
         k = self.use_kernel
-        gate = grouped_mm(x_sorted, self.gate_proj.transpose(1, 2), counts, k)
-        up = grouped_mm(x_sorted, self.up_proj.transpose(1, 2), counts, k)
+        offs = (group_offsets(counts, x_sorted.device)
+                if k and grouped_mm_available(x_sorted, self.gate_proj) else None)
+        gate = grouped_mm(x_sorted, self.gate_proj.transpose(1, 2), counts, k, offs)
+        up = grouped_mm(x_sorted, self.up_proj.transpose(1, 2), counts, k, offs)
         act = swiglu_recomputed if self.recompute_activation else swiglu
-        return grouped_mm(act(gate, up), self.down_proj.transpose(1, 2), counts, k)
+        return grouped_mm(act(gate, up), self.down_proj.transpose(1, 2), counts, k, offs)
 
     def extra_repr(self) -> str:
         return (f"experts {self.first_expert}:{self.first_expert + self.num_local} of "

@@ -7,7 +7,7 @@ gradient is then zero instead of ``None``).
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -20,19 +20,24 @@ def grouped_mm_available(x: torch.Tensor, w: torch.Tensor) -> bool:
             and hasattr(torch, "_grouped_mm") and x.shape[-1] % 8 == 0 and w.shape[-1] % 8 == 0)
 
 
+def group_offsets(counts: Counts, device) -> torch.Tensor:
+    """The fused kernel's ``offs``: int32 running end row of every group (on ``device``)."""
+    c = counts if isinstance(counts, torch.Tensor) else torch.tensor(list(counts), device=device)
+    return torch.cumsum(c.to(device=device, dtype=torch.int64), 0).to(torch.int32)
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: Counts,
-               use_kernel: bool = True) -> torch.Tensor:
+               use_kernel: bool = True, offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x`` ``[N, K]`` rows sorted by group, ``w`` ``[G, K, M]`` (a transposed view is fine),
-    ``counts`` ``[G]`` rows per group (sum ``N``) → ``[N, M]``."""
+    ``counts`` ``[G]`` rows per group (sum ``N``) → ``[N, M]``. ``offsets``: the
+    :func:`group_offsets` of ``counts`` when the caller runs several GEMMs over the same groups."""
     if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[1]:
         raise ValueError(f"grouped_mm: x {tuple(x.shape)} and w {tuple(w.shape)} must be "
                          f"[N, K] and [G, K, M]")
     if len(counts) != w.shape[0]:
         raise ValueError(f"grouped_mm: {len(counts)} counts for {w.shape[0]} groups")
     if use_kernel and grouped_mm_available(x, w):
-        c = counts if isinstance(counts, torch.Tensor) else torch.tensor(list(counts),
-                                                                          device=x.device)
-        offs = torch.cumsum(c.to(device=x.device, dtype=torch.int64), 0).to(torch.int32)
+        offs = offsets if offsets is not None else group_offsets(counts, x.device)
         return torch._grouped_mm(x, w, offs=offs)
     sizes = counts.tolist() if isinstance(counts, torch.Tensor) else [int(c) for c in counts]
     if sum(sizes) != x.shape[0]:
