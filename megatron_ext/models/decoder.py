@@ -67,6 +67,7 @@ class StepInputs:
                                                       # the attention reads (layout.attention_rows)
     rope_seq_len: Optional[torch.Tensor] = None       # dynamic NTK RoPE: the input's length
     rotary_cache: dict = field(default_factory=dict)  # RoPE cos/sin, computed once per forward
+    router_stats: bool = True                         # MoE load-balancing statistics wanted
 
 
 class DecoderLayer(nn.Module):
@@ -131,7 +132,8 @@ class DecoderLayer(nn.Module):
         if self.is_sparse:
             mode = self.modes.mlp_mode
             out = self.mlp(x, token_mask=inputs.token_masks.get(mode),
-                           token_counts=self.mlp.token_counts(layout))
+                           token_counts=self.mlp.token_counts(layout),
+                           with_stats=inputs.router_stats)
             y, stats = out.hidden, out.router_stats
         else:
             y = self.mlp(x)
@@ -339,7 +341,9 @@ class CausalLM(nn.Module):
                 raise ValueError(f"attn_position_ids must be [attention_rows, s]={want} for a "
                                  f"decode step with one owner per token, got {got}")
         inputs = StepInputs(b, s, position_ids, token_index, segment_ids, layout,
-                            kv_cache=kv_cache, attn_position_ids=attn_position_ids)
+                            kv_cache=kv_cache, attn_position_ids=attn_position_ids,
+                            # statistics only skipped where nothing can use them
+                            router_stats=compute_aux_loss is not False or torch.is_grad_enabled())
         if kv_cache is None or not kv_cache.decoding:
             inputs.attn_plan = self._attention_plan(b, s, inputs)
         if self.rope.is_dynamic:

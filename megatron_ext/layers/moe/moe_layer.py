@@ -37,7 +37,7 @@ from megatron_ext.parallel.groups import ParallelGroups
 
 class MoEOutput(NamedTuple):
     hidden: torch.Tensor       # input's shape; partial over moe_shard ("local") or complete
-    router_stats: RouterStats  # inputs of the load-balancing loss
+    router_stats: Optional[RouterStats]  # inputs of the load-balancing loss (None: not asked)
 
 
 def _join(prefix: Optional[str], name: str) -> Optional[str]:
@@ -81,9 +81,11 @@ class MoELayer(nn.Module):
         return layout.moe_shard_sizes if self.dispatcher == MoEDispatcher.ALL_TO_ALL else None
 
     def forward(self, hidden: torch.Tensor, token_mask: Optional[torch.Tensor] = None,
-                token_counts: Optional[Sequence[int]] = None) -> MoEOutput:
+                token_counts: Optional[Sequence[int]] = None,
+                with_stats: bool = True) -> MoEOutput:
         """``hidden`` ``[..., H]``; ``token_mask`` (same leading shape, bool) marks real tokens
-        for the load-balancing statistics; ``token_counts`` only for ``"all_to_all"``."""
+        for the load-balancing statistics; ``token_counts`` only for ``"all_to_all"``;
+        ``with_stats=False``: no router statistics (``router_stats`` None)."""
         if hidden.shape[-1] != self.hidden_size:
             raise ValueError(f"MoELayer expects last dim {self.hidden_size}, got "
                              f"{tuple(hidden.shape)}")
@@ -95,15 +97,15 @@ class MoELayer(nn.Module):
         if self.dispatcher == MoEDispatcher.LOCAL:
             if token_counts is not None:
                 raise ValueError("token_counts is only used by the 'all_to_all' dispatcher")
-            out, stats = self._local(x, mask)
+            out, stats = self._local(x, mask, with_stats)
         else:
-            out, stats = self._all_to_all(x, mask, token_counts)
+            out, stats = self._all_to_all(x, mask, token_counts, with_stats)
         return MoEOutput(out.reshape(hidden.shape), stats)
 
-    def _local(self, x: torch.Tensor, mask: Optional[torch.Tensor]):
+    def _local(self, x: torch.Tensor, mask: Optional[torch.Tensor], with_stats: bool = True):
         if self.sync_input_grad:
             x = copy_to_region(x, self.groups.moe_shard)
-        routing = self.gate(x, mask)
+        routing = self.gate(x, mask, with_stats)
         assign = local_dispatch(routing.experts, self.experts.first_expert,
                                 self.experts.num_local, self.num_experts)
         y = self.experts(gather_rows(x, assign, self.top_k), assign.counts)
@@ -113,7 +115,7 @@ class MoELayer(nn.Module):
         return out, routing.stats
 
     def _all_to_all(self, x: torch.Tensor, mask: Optional[torch.Tensor],
-                    token_counts: Optional[Sequence[int]]):
+                    token_counts: Optional[Sequence[int]], with_stats: bool = True):
         g = self.groups
         shard_sizes = tp_sizes = None
         if token_counts is not None:
@@ -130,7 +132,7 @@ class MoELayer(nn.Module):
             with torch.no_grad():
                 mask_g = all_gather(mask.to(torch.float32), g.moe_tp, dim=0, sizes=tp_sizes,
                                     backward="own_rows") > 0.5
-        routing = self.gate(xg, mask_g)
+        routing = self.gate(xg, mask_g, with_stats)
         exchange = AllToAllDispatch(routing.experts, self.num_experts, g.moe_ep)
         y = self.experts(exchange.send(xg), exchange.local_counts)
         routed = exchange.combine(exchange.receive_back(y), routing.weights, xg.shape[0])

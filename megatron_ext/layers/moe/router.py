@@ -43,7 +43,7 @@ class RouterOutput:
     logits: torch.Tensor    # [T, E], input dtype
     weights: torch.Tensor   # [T, k], input dtype (HF casts the top-k probabilities back)
     experts: torch.Tensor   # [T, k], int64
-    stats: RouterStats
+    stats: Optional[RouterStats]   # None: not asked for (with_stats=False)
 
 
 class TopKRouter(nn.Module):
@@ -70,9 +70,12 @@ class TopKRouter(nn.Module):
         set_spec(self.weight, ParamSpec((num_experts, hidden_size), (), (Axis.STAGE,), None,
                                         f"{name}.weight" if name else None))
 
-    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> RouterOutput:
+    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None,
+                with_stats: bool = True) -> RouterOutput:
         """``x`` ``[T, H]``; ``token_mask`` ``[T]`` bool, False for padding (excluded from the
-        load-balancing statistics only; padded tokens are still routed)."""
+        load-balancing statistics only; padded tokens are still routed). ``with_stats=False``
+        (inference without the auxiliary loss, e.g. a decode step): no statistics, ``stats`` is
+        None — five small kernels per layer fewer."""
         if x.dim() != 2 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"TopKRouter expects x [T, {self.hidden_size}], got "
                              f"{tuple(x.shape)}")
@@ -86,6 +89,8 @@ class TopKRouter(nn.Module):
         if self.norm_topk_prob:
             top_vals = top_vals / top_vals.sum(dim=-1, keepdim=True)
         weights = top_vals.to(logits.dtype)
+        if not with_stats:
+            return RouterOutput(logits, weights, top_ids, None)
         probs32 = probs  # float32 or wider
         if token_mask is None:
             prob_sum = probs32.sum(0)
