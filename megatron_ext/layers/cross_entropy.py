@@ -9,8 +9,9 @@ per-token loss is identical on every rank, so each rank's logit gradient is
 On CUDA with fp16/bf16 logits and Triton present, the per-row log-sum-exp and the gradient are one
 Triton kernel each, reading the logits in their own dtype (float32 arithmetic): the torch path
 writes a float32 copy of the ``[tokens, V/p]`` logits, a float32 softmax kept for backward and
-passes over both, ~5x the bytes. The softmax is then recomputed in backward from the saved
-logits and log-sum-exp.
+passes over both, ~5x the bytes (it computes the softmax in place in that copy: one float32
+buffer of the logits' shape, not three). The softmax is then recomputed in backward from the
+saved logits and log-sum-exp.
 """
 from __future__ import annotations
 
@@ -66,7 +67,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             _kernels()[0][(logits.shape[0],)](logits, local_lse, shard, BLOCK=_BLOCK,
                                               num_warps=8)
         else:
-            lf = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            # a private copy: the softmax is computed in it in place (one [tokens, V/p] float32
+            # buffer, as Megatron's cross-entropy keeps), never in the caller's logits
+            lf = logits.to(torch.promote_types(logits.dtype, torch.float32), copy=True)
             local_lse = torch.logsumexp(lf, dim=-1)                               # [N]
         lse = torch.logsumexp(all_gather(local_lse.unsqueeze(0), group, dim=0), dim=0)
         local_label = labels - start
@@ -81,7 +84,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         if fused:  # the softmax is recomputed in backward from the logits (no float32 copy)
             ctx.save_for_backward(logits, lse, torch.where(mine, local_label, -1), keep)
         else:
-            softmax = torch.exp(lf - lse.unsqueeze(-1))
+            softmax = lf.sub_(lse.unsqueeze(-1)).exp_()
             ctx.save_for_backward(softmax, idx, mine, keep)
         return loss
 

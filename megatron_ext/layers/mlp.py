@@ -14,13 +14,14 @@ to the input dtype, then the product), so the values are torch's.
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from megatron_ext.layers.backend import LayerBackend
+from megatron_ext.layers.rematerialize import project_without_saving
 from megatron_ext.communication.collectives import copy_to_region
 from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import AxisGroup, ParallelGroups
@@ -59,13 +60,19 @@ class _TritonSwiGLU(torch.autograd.Function):
         return dg, du
 
 
-def swiglu_recomputed(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """:func:`swiglu` that keeps only ``gate`` and ``up`` for backward (which the projections
-    produced anyway) and recomputes the activation there: Megatron's ``moe_act`` recompute,
-    collective-free."""
+def swiglu_projected(gate: torch.Tensor, up: torch.Tensor,
+                     project: Callable[[torch.Tensor], torch.Tensor],
+                     recompute: bool = False) -> torch.Tensor:
+    """``project(swiglu(gate, up))``. With ``recompute`` (selective; Megatron's ``moe_act``)
+    neither the activation's backward nor the projection keeps the activation: the first keeps
+    only ``gate`` and ``up`` (which the projections produced anyway), the second gets it back
+    recomputed (:mod:`~megatron_ext.layers.rematerialize`). Collective-free."""
+    if not (recompute and torch.is_grad_enabled()):
+        return project(swiglu(gate, up))
     from torch.utils.checkpoint import checkpoint
 
-    return checkpoint(swiglu, gate, up, use_reentrant=False)
+    act = checkpoint(swiglu, gate, up, use_reentrant=False)
+    return project_without_saving(swiglu, (gate, up), act, project)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -116,8 +123,8 @@ class SwiGLUMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sync_input_grad:
             x = copy_to_region(x, self.group)
-        act = swiglu_recomputed if self.recompute_activation else swiglu
-        return self.down_proj(act(self.gate_proj(x), self.up_proj(x)))
+        return swiglu_projected(self.gate_proj(x), self.up_proj(x), self.down_proj,
+                                self.recompute_activation)
 
 
 class DenseMLP(SwiGLUMLP):

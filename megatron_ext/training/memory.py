@@ -1,5 +1,6 @@
 """Per-rank training memory estimate: parameters, main weights, gradients, optimizer state,
-activations (per recompute mode) and communication buffers — and which layouts of a world fit.
+activations (per recompute mode), communication buffers and the optimizer step's temporary (the
+peak is the state plus the larger of the last three) — and which layouts of a world fit.
 
     python -m megatron_ext.training.memory --model qwen3-30b-a3b --world 8 --attn-cp 2 --moe-ep 8 \
         --moe-dp 1 --seq-len 4096 --micro-batch-size 1 --recompute selective
@@ -44,17 +45,20 @@ class MemoryEstimate:
     optimizer: int
     activations: int
     buffers: int
+    step_temp: int = 0               # AdamW's temporary during the step (activations are freed)
 
     @property
     def total(self) -> int:
-        return (self.params + self.main_weights + self.grads + self.optimizer + self.activations
-                + self.buffers)
+        """The peak: model state plus the larger of forward/backward's activations and buffers
+        and the optimizer step's temporary (they are never live together)."""
+        return (self.params + self.main_weights + self.grads + self.optimizer
+                + max(self.activations + self.buffers, self.step_temp))
 
     def rows(self) -> list[tuple[str, int]]:
         return [("parameters", self.params), ("main weights", self.main_weights),
                 ("gradients", self.grads), ("optimizer state", self.optimizer),
                 ("activations", self.activations), ("comm/KV buffers", self.buffers),
-                ("total", self.total)]
+                ("optimizer step temp", self.step_temp), ("total", self.total)]
 
     def describe(self) -> str:
         return ", ".join(f"{k} {format_bytes(v)}" for k, v in self.rows())
@@ -72,25 +76,49 @@ def _stage_params(config, topo: Topology, rank: int) -> list[torch.nn.Parameter]
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def _param_shares(config, topo: Topology, rank: int, distributed: bool
+                  ) -> list[tuple[int, int, bool]]:
+    """``(elements, elements owned by rank's optimizer, is a matrix)`` per parameter of ``rank``:
+    1/N of it with the distributed optimizer (N = size of its first non-trivial sync group)."""
+    groups = ParallelGroups.without_process_groups(topo, rank)
+    out = []
+    for p in _stage_params(config, topo, rank):
+        shard = 1
+        if distributed:
+            axes = [a for a in get_spec(p).grad_sync if groups.axis(a).size > 1]
+            shard = groups.axis(axes[0]).size if axes else 1
+        out.append((p.numel(), p.numel() // shard, len(get_spec(p).global_shape) >= 2))
+    return out
+
+
 def model_state_bytes(config, topo: Topology, rank: int, bf16: bool, distributed: bool
                       ) -> tuple[int, int, int, int]:
     """``(params, main weights, grads, optimizer)`` bytes of ``rank``: bf16 parameters with fp32
     main weights/grads, or fp32 parameters updated in place; AdamW's two fp32 moments; the main
     weights and moments of 1/N of each parameter with the distributed optimizer (N = size of its
     first non-trivial sync group)."""
-    groups = ParallelGroups.without_process_groups(topo, rank)
     params = main = grads = optim = 0
-    for p in _stage_params(config, topo, rank):
-        n = p.numel()
-        shard = 1
-        if distributed:
-            axes = [a for a in get_spec(p).grad_sync if groups.axis(a).size > 1]
-            shard = groups.axis(axes[0]).size if axes else 1
+    for n, owned, _ in _param_shares(config, topo, rank, distributed):
         params += n * (2 if bf16 else 4)
         grads += n * 4
-        main += (n // shard) * 4 if bf16 else 0
-        optim += (n // shard) * 8
+        main += owned * 4 if bf16 else 0
+        optim += owned * 8
     return params, main, grads, optim
+
+
+def optimizer_step_bytes(config, topo: Topology, rank: int, distributed: bool) -> int:
+    """AdamW's temporary inside the step: ``sqrt(exp_avg_sq)`` of one param group at a time
+    (``adamw_param_groups``: at most ``STEP_CHUNK_BYTES`` of fp32 main weights, or one larger
+    piece alone), so the largest group's bytes."""
+    from megatron_ext.training.optimizer import STEP_CHUNK_BYTES
+
+    largest = 0
+    for matrix in (True, False):
+        sizes = [owned * 4 for _, owned, m in _param_shares(config, topo, rank, distributed)
+                 if m == matrix]
+        if sizes:
+            largest = max(largest, min(sum(sizes), max(STEP_CHUNK_BYTES, max(sizes))))
+    return largest
 
 
 def activation_bytes(config, topo: Topology, seq_len: int, micro_batch_size: int,
@@ -116,15 +144,15 @@ def activation_bytes(config, topo: Topology, seq_len: int, micro_batch_size: int
             k = topo.token_group_size
             rows = k * config.num_experts_per_tok / topo.moe_ep  # expert rows per local token
             inter = config.moe_intermediate_size // topo.moe_tp
-            swiglu = (3 if recompute == Recompute.SELECTIVE else 4) * inter * b
+            swiglu = (2 if recompute == Recompute.SELECTIVE else 4) * inter * b
             mlp = k * (h * b + config.num_experts * 4 + config.num_experts_per_tok * 12) \
                 + rows * (2 * h * b + swiglu + 16)
             if config.shared_expert_intermediate_size:
                 si = config.shared_expert_intermediate_size // topo.moe_shard_size
-                mlp += k * (h * b + (3 if recompute == Recompute.SELECTIVE else 4) * si * b)
+                mlp += k * (h * b + (2 if recompute == Recompute.SELECTIVE else 4) * si * b)
         else:
             inter = config.intermediate_size // tp
-            mlp = h * b + (3 if recompute == Recompute.SELECTIVE else 4) * inter * b
+            mlp = h * b + (2 if recompute == Recompute.SELECTIVE else 4) * inter * b
         per_token = norms + attn + mlp
         if recompute == Recompute.FULL:
             per_token = 2 * h * b                        # the layer's inputs: hidden, residual
@@ -156,7 +184,8 @@ def estimate(config, topo: Topology, *, seq_len: int, micro_batch_size: int, rec
     acts = activation_bytes(config, topo, seq_len, micro_batch_size, recompute, bf16, 0,
                             micro_batches)
     return MemoryEstimate(params, main, grads, optim, acts,
-                          buffer_bytes(config, topo, seq_len, micro_batch_size, bf16))
+                          buffer_bytes(config, topo, seq_len, micro_batch_size, bf16),
+                          optimizer_step_bytes(config, topo, 0, distributed))
 
 
 def advise_recompute(config, topo: Topology, capacity_bytes: float, **kw) -> Optional[str]:

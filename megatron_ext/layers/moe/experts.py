@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from megatron_ext.layers.linear import default_init
-from megatron_ext.layers.mlp import swiglu, swiglu_recomputed
+from megatron_ext.layers.mlp import swiglu_projected
 from megatron_ext.layers.moe.grouped_gemm import (Counts, group_offsets, grouped_mm,
                                                    grouped_mm_available)
 from megatron_ext.parallel.axes import Axis
@@ -83,8 +83,9 @@ class RoutedExperts(nn.Module):
                 if k and grouped_mm_available(x_sorted, self.gate_proj) else None)
         gate = grouped_mm(x_sorted, self.gate_proj.transpose(1, 2), counts, k, offs)
         up = grouped_mm(x_sorted, self.up_proj.transpose(1, 2), counts, k, offs)
-        act = swiglu_recomputed if self.recompute_activation else swiglu
-        return grouped_mm(act(gate, up), self.down_proj.transpose(1, 2), counts, k, offs)
+        return swiglu_projected(
+            gate, up, lambda a: grouped_mm(a, self.down_proj.transpose(1, 2), counts, k, offs),
+            self.recompute_activation)
 
     def extra_repr(self) -> str:
         return (f"experts {self.first_expert}:{self.first_expert + self.num_local} of "

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from megatron_ext.layers.mlp import swiglu, swiglu_recomputed
+from megatron_ext.layers.mlp import swiglu_projected
 from megatron_ext.layers.moe.experts import RoutedExperts
 from megatron_ext.layers.moe.grouped_gemm import Counts
 from megatron_ext.layers.te.runtime import te_module
@@ -88,8 +88,8 @@ class TERoutedExperts(RoutedExperts):
                              f"and sum to {x_sorted.shape[0]} rows")
         gate = self.te_gate(x_sorted, splits, self.gate_proj)
         up = self.te_up(x_sorted, splits, self.up_proj)
-        act = swiglu_recomputed if self.recompute_activation else swiglu
-        return self.te_down(act(gate, up), splits, self.down_proj)
+        return swiglu_projected(gate, up, lambda a: self.te_down(a, splits, self.down_proj),
+                                self.recompute_activation)
 
 
 def te_routed_experts(num_experts: int, hidden_size: int, intermediate_size: int, groups, *,
