@@ -4,10 +4,15 @@ ours, the memory estimator's prediction.
 
     torchrun --nproc-per-node 2 benchmarks/train_scale.py --impl ours  --layout a --seq-len 4096
     torchrun --nproc-per-node 2 benchmarks/train_scale.py --impl mcore --layout a --seq-len 4096
+    python benchmarks/train_scale.py --impl ours --layout a --layers 4     # 1 GPU: scaling base
+    python benchmarks/train_scale.py --impl ours --layout a --dry-run      # the plan, no GPU
 
-Model: preset ``qwen3-30b-a3b-12l`` (12 layers of Qwen3-30B-A3B: hidden 2048, 32 q / 4 KV heads
-x 128, 128 experts top-8, expert width 768, vocab 151936, QK-norm). Layouts on 2 GPUs:
-(a) attn_dp 2 / moe_ep 2; (b) attn_cp 2 + moe_ep 2 with moe_dp 1; (c) attn_tp 2 / moe_ep 2.
+Model: ``--layers`` (default 12) layers of Qwen3-30B-A3B (preset ``qwen3-30b-a3b-12l``: hidden
+2048, 32 q / 4 KV heads x 128, 128 experts top-8, expert width 768, vocab 151936, QK-norm).
+Layouts over the world's W GPUs: (a) attn_dp W / moe_ep W; (b) attn_cp W + moe_ep W with moe_dp
+1; (c) attn_tp W / moe_ep W — on 2 GPUs the issue's layouts, on 1 GPU all sizes 1 (so tokens/s
+per GPU at 2 GPUs vs 1 compares the same per-GPU batch: one ``--seq-len`` sample per micro-batch
+per attention data-parallel rank; use fewer ``--layers`` where one GPU cannot hold 12).
 Both sides: bf16 parameters with fp32 main weights and gradients, distributed optimizer, AdamW,
 overlapped gradient reduction, ``--recompute`` (ours: none/selective/full; mcore: none, selective
 = ``moe_act``, full = uniform per layer), micro-batch size 1, ``--micro-batches`` per rank.
@@ -38,11 +43,36 @@ from megatron_ext.parallel.topology import Topology  # noqa: E402
 
 PEAK_BF16 = 989e12
 MODEL = "qwen3-30b-a3b-12l"
-LAYOUTS = {
-    "a": dict(attn_dp=2, moe_ep=2, moe_dp=1),
-    "b": dict(attn_cp=2, moe_ep=2, moe_dp=1),
-    "c": dict(attn_tp=2, moe_ep=2, moe_dp=1),
-}
+LAYOUTS = {"a": "attn_dp", "b": "attn_cp", "c": "attn_tp"}  # the attention axis spanning the world
+
+
+def layout_sizes(layout: str, world: int) -> dict:
+    """Layout ``layout`` on ``world`` GPUs: its attention axis and moe_ep span the world."""
+    return {LAYOUTS[layout]: world, "moe_ep": world, "moe_dp": 1}
+
+
+def model_config(layers: int):
+    """The Qwen3-30B-A3B slice with ``layers`` layers (all MoE, real layer dimensions)."""
+    mc = load_model_config(MODEL)
+    return mc if layers == mc.num_layers else mc.replace(
+        num_layers=layers, sparse_layers=(True,) * layers)
+
+
+def plan(args, world: int) -> dict:
+    """What a run will be (no GPU needed): layout, tokens per step, model FLOPs per token and the
+    memory estimator's per-rank prediction for ours."""
+    from megatron_ext.training.memory import estimate
+
+    topo = Topology(world=world, **layout_sizes(args.layout, world))
+    mc = model_config(args.layers)
+    mc.check_fits(topo)
+    est = estimate(mc, topo, seq_len=args.seq_len, micro_batch_size=1, recompute=args.recompute,
+                   bf16=True, distributed=not args.no_distributed_optimizer,
+                   micro_batches=args.micro_batches)
+    return {"world": world, "layout_sizes": layout_sizes(args.layout, world),
+            "layers": args.layers, "tokens_per_step": topo.attn_dp * args.micro_batches
+            * args.seq_len, "flops_per_token": flops_per_token(mc, args.seq_len),
+            "estimate_bytes": est.total, "estimate": est.describe()}
 
 
 def flops_per_token(cfg, seq: int) -> float:
@@ -60,8 +90,9 @@ def run_ours(args, topo: Topology, groups) -> dict:
     from megatron_ext.training.memory import estimate
     from megatron_ext.training.trainer import Trainer, validate_launch
 
-    layout = LAYOUTS[args.layout]
-    cfg = TrainConfig(model=MODEL, seq_len=args.seq_len, micro_batch_size=1,
+    layout = layout_sizes(args.layout, topo.world)
+    cfg = TrainConfig(model=MODEL, model_overrides={"num_layers": args.layers},
+                      seq_len=args.seq_len, micro_batch_size=1,
                       global_batch_size=topo.attn_dp * args.micro_batches,
                       train_steps=args.warmup + args.steps, warmup_steps=1, lr=1e-4, min_lr=1e-5,
                       progress=False, tensorboard=False, save_at_end=False, save_interval=0,
@@ -92,7 +123,7 @@ def run_mcore(args, topo: Topology, groups) -> dict:
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.transformer import TransformerConfig
 
-    mc = load_model_config(MODEL)
+    mc = model_config(args.layers)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=topo.attn_tp, context_parallel_size=topo.attn_cp,
         expert_model_parallel_size=topo.moe_ep, expert_tensor_parallel_size=topo.moe_tp)
@@ -183,17 +214,32 @@ def main() -> int:
     parser.add_argument("--micro-batches", type=int, default=1)
     parser.add_argument("--recompute", choices=("none", "selective", "full"), default="none")
     parser.add_argument("--no-distributed-optimizer", action="store_true")
+    parser.add_argument("--layers", type=int, default=12, help="layers of the 48-layer model")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan for --world GPUs (no GPU, no process group)")
+    parser.add_argument("--world", type=int, default=None,
+                        help="GPUs for --dry-run (a real run takes torchrun's world)")
     args = parser.parse_args()
+    if args.dry_run:
+        world = args.world or int(os.environ.get("WORLD_SIZE", "1"))
+        try:
+            print(json.dumps({"impl": args.impl, "layout": args.layout, **plan(args, world)}))
+        except ValueError as err:
+            print(f"train_scale.py: {err}", file=sys.stderr)
+            return 2
+        return 0
     require_cuda(__file__)
     init_distributed()
     world = dist.get_world_size()
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    topo = Topology(world=world, **LAYOUTS[args.layout])
+    topo = Topology(world=world, **layout_sizes(args.layout, world))
     groups = build_groups(topo)
     torch.cuda.reset_peak_memory_stats()
-    result = {"impl": args.impl, "layout": args.layout, "layout_sizes": LAYOUTS[args.layout],
+    result = {"impl": args.impl, "layout": args.layout,
+              "layout_sizes": layout_sizes(args.layout, world), "layers": args.layers,
+              "world": world,
               "seq_len": args.seq_len, "micro_batches": args.micro_batches,
               "recompute": args.recompute,
               "distributed_optimizer": not args.no_distributed_optimizer}
@@ -201,8 +247,9 @@ def main() -> int:
         result.update((run_ours if args.impl == "ours" else run_mcore)(args, topo, groups))
         step = statistics.median(result["step_times_s"])
         tokens = topo.attn_dp * args.micro_batches * args.seq_len
-        mc = load_model_config(MODEL)
-        result.update(tokens_per_s=tokens / step, step_time_s=step,
+        mc = model_config(args.layers)
+        result.update(tokens_per_s=tokens / step, tokens_per_s_per_gpu=tokens / step / world,
+                      step_time_s=step,
                       mfu=tokens / step * flops_per_token(mc, args.seq_len) / (world * PEAK_BF16))
     except Exception as err:  # out of memory or an unsupported layout: record it
         result["error"] = f"{type(err).__name__}: {err}"
