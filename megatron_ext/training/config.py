@@ -87,8 +87,10 @@ class TrainConfig:
     clip_grad: float = _help("clip the global gradient norm to this (0: off)", default=1.0)
     grad_bucket_mb: float = _help("gradient all-reduce bucket size in MiB", default=25.0)
     seed: int = _help("seed of initialisation and data order", default=1234)
-    dtype: str = _help("auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16 (bf16 parameters and "
-                       "activations, fp32 main weights, gradients and optimizer)", default="auto")
+    dtype: str = _help("auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 (bf16 parameters and "
+                       "activations, fp32 main weights, gradients and optimizer) or float64 "
+                       "(everything float64: the exact reference runs of the tests)",
+                       default="auto")
     distributed_optimizer: Optional[bool] = _help(
         "shard main weights, gradients' reduction and AdamW state over each parameter's sync "
         "group (ZeRO-1); default: on when any sync group has more than one rank", default=None)
@@ -177,7 +179,7 @@ class TrainConfig:
             raise ValueError(f"grad_bucket_mb={self.grad_bucket_mb} must be > 0")
         if not self.dist_timeout_s > 0:
             raise ValueError(f"dist_timeout_s={self.dist_timeout_s} must be > 0")
-        choices = {"dtype": ("auto", "fp32", "bf16"), "device": ("auto", "cpu", "cuda"),
+        choices = {"dtype": ("auto", "fp32", "bf16", "float64"), "device": ("auto", "cpu", "cuda"),
                    "pp_schedule": ("1f1b", "gpipe"), "cp_comm": CP_STRATEGIES,
                    "recompute": RECOMPUTE_MODES, "transformer_impl": TRANSFORMER_IMPLS}
         for name, allowed in choices.items():

@@ -34,6 +34,12 @@ from megatron_ext.data.batching import MicroBatch
 from megatron_ext.parallel.groups import ParallelGroups
 
 
+def loss_precision(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 at least: losses of bf16 runs sum in float32, float64 runs stay exact
+    (a ``.float()`` would round their loss, and the loss scale its gradient, to float32)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 class AttachLoss(torch.autograd.Function):
     """``y = x`` in forward; backward also returns ``1`` for ``loss``, so ``loss`` joins the
     backward pass that starts from ``y``'s gradient."""
@@ -79,10 +85,10 @@ class StageModule(nn.Module):
                                  labels=labels, return_logits=False)
         aux = self.aux_loss(out.router_stats) if self.aux_scale else None
         if aux is not None:
-            aux = aux.float() * self.aux_scale
+            aux = loss_precision(aux) * self.aux_scale
             self.aux_parts.append(aux.detach())
         if self.is_last:
-            lm = out.loss.float().sum() * self.loss_scale
+            lm = loss_precision(out.loss).sum() * self.loss_scale
             self.lm_parts.append(lm.detach())
             total = lm + aux if aux is not None else lm
             return total.reshape(1)

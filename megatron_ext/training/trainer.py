@@ -44,6 +44,7 @@ from megatron_ext.training.hf_init import hf_init_source
 from megatron_ext.training.resume_check import check_resume_matches
 from megatron_ext.training.logging import MetricsLogger
 from megatron_ext.training.optimizer import LRSchedule, TrainOptimizer
+from megatron_ext.training.pipeline import loss_precision
 from megatron_ext.communication.raw import all_reduce_
 
 VOCAB_MULTIPLE = 64
@@ -293,6 +294,7 @@ class Trainer:
         self.model = CausalLM(mc, groups, pre_process=self.is_first_stage,
                               post_process=self.is_last_stage, layer_range=layer_range,
                               cp_strategy=cfg.cp_comm, device=self.device,
+                              dtype=torch.float64 if cfg.dtype == "float64" else None,
                               transformer_impl=plan.transformer_impl,
                               make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
                               fused_reduce_add_norm=fused_reduce_add_norm(groups, self.device))
@@ -333,6 +335,12 @@ class Trainer:
         else:
             self.model.init_weights(seed=self.cfg.seed)
 
+    @property
+    def param_dtype_name(self) -> str:
+        """The parameters' dtype for the start-up line: bf16, fp32 or float64."""
+        return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "float64"}.get(
+            next(self.model.parameters()).dtype, str(next(self.model.parameters()).dtype))
+
     def describe_weights(self) -> str:
         return (f"weights: loaded from {self.plan.init_from}" if self.plan.init_from
                 else f"weights: random init (seed {self.cfg.seed})")
@@ -348,7 +356,7 @@ class Trainer:
 
         topo = self.groups.topology
         local_len = cp_padded_length(self.cfg.seq_len, topo.attn_cp) // topo.attn_cp
-        boundary = torch.bfloat16 if self.use_bf16 else torch.float32
+        boundary = torch.bfloat16 if self.use_bf16 else next(self.model.parameters()).dtype
         module = StageModule(self.model, self.is_first_stage, self.is_last_stage,
                              lambda stats: aux_loss_share(stats, self.groups, self.num_moe_layers),
                              boundary, autocast=self._autocast)
@@ -388,7 +396,7 @@ class Trainer:
                                          token_index=mb.token_index, segment_ids=mb.segment_ids,
                                          labels=mb.labels, return_logits=False,
                                          compute_aux_loss=False)
-                    lm += float(out.loss.float().sum())
+                    lm += float(loss_precision(out.loss).sum())
         loss, _ = self._reduce_report(lm, 0.0)
         return loss / tokens, tokens
 
@@ -410,12 +418,12 @@ class Trainer:
                 out = self.model(mb.input_ids, position_ids=mb.position_ids,
                                  token_index=mb.token_index, segment_ids=mb.segment_ids,
                                  labels=mb.labels, return_logits=False, compute_aux_loss=False)
-            lm = out.loss.float().sum() * loss_scale
+            lm = loss_precision(out.loss).sum() * loss_scale
             loss = lm
             aux = aux_loss_share(out.router_stats, self.groups, self.num_moe_layers) \
                 if self.aux_coef else None
             if aux is not None:
-                aux = aux.float() / self.micro_batches_per_rank
+                aux = loss_precision(aux) / self.micro_batches_per_rank
                 loss = loss + self.aux_coef * aux
                 aux_total += float(aux.detach())
             if inject_nan:
