@@ -1,7 +1,7 @@
 """The decode step as CUDA graphs (one per batch shape) gives exactly the tokens of the same step
 run eagerly on the GPU — greedy and sampled, with requests leaving the batch (new shapes, new
-captures) — and the eager GPU run agrees with the float64 CPU run of the same weights on the
-greedy tokens' logits. Marked ``gpu`` (``pytest -m gpu`` on a CUDA machine)."""
+captures), also with dynamic NTK RoPE recomputing its table inside every step — and the eager
+GPU run agrees with the float64 CPU run of the same weights on the greedy tokens' logits. Marked ``gpu`` (``pytest -m gpu`` on a CUDA machine)."""
 from __future__ import annotations
 
 import pytest
@@ -14,12 +14,16 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def _model(dtype, device):
+# dynamic NTK: every decode step past position 8 recomputes the RoPE table inside the graph
+DYNAMIC = dict(max_position_embeddings=8, rope_scaling={"rope_type": "dynamic", "factor": 4.0})
+
+
+def _model(dtype, device, **changes):
     from megatron_ext.models.decoder import CausalLM
 
     groups = ParallelGroups.single_process()
-    model = CausalLM(ModelConfig.preset("tiny-qwen3-moe"), groups, dtype=dtype, device=device,
-                     transformer_impl="native")
+    model = CausalLM(ModelConfig.preset("tiny-qwen3-moe").replace(**changes), groups,
+                     dtype=dtype, device=device, transformer_impl="native")
     model.init_weights(seed=3, std=0.1)
     return model.eval(), groups
 
@@ -35,10 +39,11 @@ def _prompts():
     return ids, mask
 
 
-def test_graphed_decode_equals_eager_decode():
+@pytest.mark.parametrize("changes", [{}, DYNAMIC], ids=["plain", "dynamic-ntk"])
+def test_graphed_decode_equals_eager_decode(changes):
     from megatron_ext.serving import SamplingParams, cuda_graphs_supported, generate_batch
 
-    model, groups = _model(torch.bfloat16, "cuda")
+    model, groups = _model(torch.bfloat16, "cuda", **changes)
     ok, why = cuda_graphs_supported(model)
     assert ok, why
     ids, mask = _prompts()
