@@ -43,7 +43,7 @@ def _describe(trainer: Trainer) -> str:
     n_params = sum(int(torch.Size(s).numel()) for s in trainer.model.hf_expected_shapes().values())
     return (f"layout: world={topo.world} pp={topo.pp} attn tp={topo.attn_tp} cp={topo.attn_cp} "
             f"dp={topo.attn_dp} | moe tp={topo.moe_tp} ep={topo.moe_ep} dp={topo.moe_dp} "
-            f"(token group k={topo.token_group_size})\n"
+            f"({topo.moe_tokens_summary()})\n"
             f"model: {cfg.model} ({mc.architecture}, {mc.num_layers} layers, hidden "
             f"{mc.hidden_size}, {mc.num_experts} experts, vocab {mc.vocab_size}, "
             f"{n_params / 1e6:.2f}M params) on {trainer.device}, "

@@ -10,16 +10,19 @@ Two kinds of moves, each one autograd-correct by construction:
   whose input grads are whole), and the move's backward sums the input grads over exactly that
   group. Blocks fed this way must not sum their input grads again (``sync_input_grad=False``).
 
-Transition table (sizes from the ``TokenLayout``; k = token group size; "own rows" is
+Transition table (sizes from the ``TokenLayout``; k = token group size; g = MoE shards per
+attention-TP group, > 1 when a shard is smaller than the group; "own rows" is
 :func:`take_own_rows`: no forward collective, an all-gather in backward):
 
 partial over attn_tp (TP_ATTN_FULL rows)
   → TP_ATTN_FULL   all_reduce(attn_tp)
   → SCATTERED      reduce_scatter(attn_tp); without reduce-scatter all_reduce(attn_tp) + own rows
-partial over moe_shard (MOE_FULL rows; TP_ATTN_FULL rows when k == 1)
+partial over moe_shard (MOE_FULL rows; TP_ATTN_FULL rows when shard == attn-TP group)
   → SCATTERED      reduce_scatter(moe_shard); without reduce-scatter all_reduce(moe_shard) +
                    own rows(moe_shard)
-  → TP_ATTN_FULL   all_reduce(moe_shard) + own rows(moe_cp) (the slice only when k > 1)
+  → TP_ATTN_FULL   all_reduce(moe_shard) + own rows(moe_cp) (the slice only when k > 1);
+                   g > 1: the move to SCATTERED above + all_gather(attn_tp, backward own rows)
+                   (the shard holds 1/g of the group's rows: still one reduction)
 complete on SCATTERED (all-to-all MoE)
   → SCATTERED      nothing
   → TP_ATTN_FULL   all_gather(attn_tp, backward own rows)
@@ -28,7 +31,10 @@ complete tensor → input of a block whose output is partial over G
   SCATTERED → TP_ATTN_FULL      all_gather(G)       (backward reduce-scatter over G)
   SCATTERED → MOE_FULL          all_gather(moe_shard)   (backward reduce-scatter over the shard)
   TP_ATTN_FULL → MOE_FULL       all_gather(moe_cp, grad_sum_group=attn_tp)
-                                (backward reduce-scatter(moe_cp) + all_reduce(attn_tp))
+                                (backward reduce-scatter(moe_cp) + all_reduce(attn_tp));
+                                g > 1: own rows(attn_tp) + all_gather(moe_shard) — the tokens
+                                enter through SCATTERED (backward reduce-scatter over the shard
+                                + all-gather over attn_tp)
 decode with one owner per token (``layout.attn_gathers_cp``), attention input
   TP_ATTN_FULL (owned rows) → every row of the CP group   all_gather(attn_cp)
                                 (:func:`gather_attention_rows`; backward reduce-scatter
@@ -62,8 +68,9 @@ def check_rows(x: torch.Tensor, mode: ScatterMode, layout: TokenLayout, what: st
 
 
 def moe_rows_mode(layout: TokenLayout) -> ScatterMode:
-    """The rows a MoE partial lives on: MOE_FULL, which is TP_ATTN_FULL when k == 1."""
-    return M if layout.topology.token_group_size > 1 else T
+    """The rows a MoE partial lives on: MOE_FULL, which is TP_ATTN_FULL when the shard is one
+    attention-TP group."""
+    return M if layout.topology.uses_moe_full else T
 
 
 def _canonical(mode: ScatterMode, layout: TokenLayout) -> ScatterMode:
@@ -72,7 +79,7 @@ def _canonical(mode: ScatterMode, layout: TokenLayout) -> ScatterMode:
         if layout.topology.moe_dp != 1:
             raise ValueError("FULL (all tokens of the stage) is not a block mode when moe_dp > 1")
         mode = M
-    if mode is M and layout.topology.token_group_size == 1:
+    if mode is M and not layout.topology.uses_moe_full:
         mode = T
     return mode
 
@@ -109,11 +116,17 @@ def complete_sum(partial: torch.Tensor, partial_axis: Optional[str], source_mode
             raise ValueError(f"a partial over moe_shard lives on "
                              f"{moe_rows_mode(layout).name} rows, not {src.name}")
         shard = groups.moe_shard
-        if dst is S:
+        if dst is S or layout.topology.shards_per_attn_tp_group > 1:
             if allow_reduce_scatter:
-                return C.reduce_scatter(partial, shard, sizes=layout.moe_shard_sizes)
-            whole = C.all_reduce(partial, shard)
-            return C.take_own_rows(whole, shard, sizes=layout.moe_shard_sizes)
+                own = C.reduce_scatter(partial, shard, sizes=layout.moe_shard_sizes)
+            else:
+                own = C.take_own_rows(C.all_reduce(partial, shard), shard,
+                                      sizes=layout.moe_shard_sizes)
+            if dst is S:
+                return own
+            # g > 1: the attention group's other rows were summed by the other shards
+            return C.all_gather(own, groups.attn_tp, sizes=layout.attn_tp_sizes,
+                                backward="own_rows")
         whole = C.all_reduce(partial, shard)
         return C.take_own_rows(whole, groups.moe_cp, sizes=layout.moe_cp_sizes)
     raise ValueError(f"partial_axis={partial_axis!r} must be one of {PARTIAL_AXES} or None")
@@ -149,8 +162,12 @@ def to_consumer(x: torch.Tensor, from_mode: ScatterMode, to_mode: ScatterMode,
     sizes = layout.attn_tp_sizes if grad_sum_axis == Axis.ATTN_TP else layout.moe_shard_sizes
     if src is S:  # one gather over the whole consuming group: its adjoint is the reduce-scatter
         return C.all_gather(x, group, sizes=sizes, backward="reduce_scatter")
-    if dst is T:  # TP_ATTN_FULL → TP_ATTN_FULL (a MoE here has k == 1: shard == attn_tp ranks)
+    if dst is T:  # TP_ATTN_FULL → TP_ATTN_FULL (a MoE here has shard == attn_tp ranks)
         return C.copy_to_region(x, group)
+    if layout.topology.shards_per_attn_tp_group > 1:
+        # TP_ATTN_FULL → MOE_FULL, shard inside the attention-TP group: through SCATTERED
+        own = C.take_own_rows(x, groups.attn_tp, sizes=layout.attn_tp_sizes)
+        return C.all_gather(own, group, sizes=sizes, backward="reduce_scatter")
     # TP_ATTN_FULL → MOE_FULL: gather over the token group; grads also partial over attn_tp
     return C.all_gather(x, groups.moe_cp, sizes=layout.moe_cp_sizes, backward="reduce_scatter",
                         grad_sum_group=groups.attn_tp)

@@ -53,7 +53,7 @@ class PendingReduction:
                 f"({self.layout.rows(ScatterMode.TP_ATTN_FULL)} rows) — the deferral must "
                 f"include the scatter")
         check_rows(self.partial, self.source_mode if self.source_mode is not ScatterMode.MOE_FULL
-                   or self.layout.topology.token_group_size > 1 else ScatterMode.TP_ATTN_FULL,
+                   or self.layout.topology.uses_moe_full else ScatterMode.TP_ATTN_FULL,
                    self.layout, f"PendingReduction partial over {self.axis}")
 
     def complete(self, groups: ParallelGroups) -> torch.Tensor:
@@ -63,12 +63,12 @@ class PendingReduction:
 
     def plain_all_reduce_group(self, groups: ParallelGroups) -> Optional[AxisGroup]:
         """The group, when completing is a plain all-reduce with the rows unchanged
-        (TP_ATTN_FULL → TP_ATTN_FULL over attn_tp, or over the shard when k == 1): the case a
-        fused all-reduce + residual add + RMSNorm kernel can take. ``None`` otherwise."""
-        k = self.layout.topology.token_group_size
+        (TP_ATTN_FULL → TP_ATTN_FULL over attn_tp, or over the shard when it is one attention-TP
+        group): the case a fused all-reduce + residual add + RMSNorm kernel can take. ``None``
+        otherwise."""
         if self.target_mode is not ScatterMode.TP_ATTN_FULL:
             return None
-        if self.axis == Axis.MOE_SHARD and k > 1:
+        if self.axis == Axis.MOE_SHARD and self.layout.topology.uses_moe_full:
             return None
         return groups.axis(self.axis)
 

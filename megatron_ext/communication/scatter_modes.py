@@ -3,8 +3,10 @@
 * ``SCATTERED`` — a distinct slice of the attention group's tokens (``split_rows`` over attn_tp);
 * ``TP_ATTN_FULL`` — all tokens of the attention group (its dp/cp chunk), identical across
   attn_tp;
-* ``MOE_FULL`` — all tokens of the token group (``moe_cp``: k chunks in token-group order),
-  identical across the MoE shard;
+* ``MOE_FULL`` — all tokens of the MoE shard, identical across it: its token group's
+  (``moe_cp``: k chunks in token-group order), or — a shard smaller than an attention-TP group
+  (g = attn_tp / shard > 1) — its members' SCATTERED slices in shard order, 1/g of the attention
+  group's tokens;
 * ``FULL`` — all tokens of the stage: equal to ``MOE_FULL`` when ``moe_dp == 1``; no block is
   sharded over the whole stage when ``moe_dp > 1``, so layers never ask for it.
 
@@ -119,14 +121,16 @@ class LayerScatterModes:
                              "(the last layer of a stage flushes its sum)")
 
     def check_topology(self, topology: Topology) -> None:
-        """Modes that depend on the sizes: a MoE on TP_ATTN_FULL needs k == 1, on MOE_FULL k > 1."""
-        k = topology.token_group_size
+        """Modes that depend on the sizes: a MoE reads TP_ATTN_FULL only when its shard is one
+        attention-TP group (E·M == attn_tp), MOE_FULL otherwise (k > 1, or g > 1)."""
         if self.mlp_partial_axis == Axis.MOE_SHARD:
-            want = ScatterMode.MOE_FULL if k > 1 else ScatterMode.TP_ATTN_FULL
+            want = (ScatterMode.MOE_FULL if topology.uses_moe_full
+                    else ScatterMode.TP_ATTN_FULL)
             if self.mlp_mode is not want:
                 raise ValueError(f"mlp_mode={self.mlp_mode.name} for a MoE sharded over "
-                                 f"{topology.moe_shard_size} ranks with token group k={k}: the "
-                                 f"shard's ranks must see the same tokens, use {want.name}")
+                                 f"{topology.moe_shard_size} ranks ({topology.moe_tokens_summary()}"
+                                 f", attn_tp={topology.attn_tp}): the shard's ranks must see the "
+                                 f"same tokens, use {want.name}")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -143,7 +147,7 @@ class LayerScatterModes:
         elif moe_dispatcher == "all_to_all":
             mlp_mode, axis = ScatterMode.SCATTERED, None
         else:
-            mlp_mode = (ScatterMode.MOE_FULL if topology.token_group_size > 1
+            mlp_mode = (ScatterMode.MOE_FULL if topology.uses_moe_full
                         else ScatterMode.TP_ATTN_FULL)
             axis = Axis.MOE_SHARD
         is_last = layer_id == num_layers - 1

@@ -132,8 +132,16 @@ class TokenLayout:
 
     @cached_property
     def moe_shard_sizes(self) -> tuple[int, ...]:
-        """SCATTERED rows of every rank of this rank's MoE shard (shard order = a + attn_tp·j)."""
-        return tuple(s for n in self.moe_cp_sizes for s in split_rows(n, self.topology.attn_tp))
+        """SCATTERED rows of every rank of this rank's MoE shard (shard order = a + attn_tp·j).
+        A shard inside an attention-TP group (g > 1) holds the consecutive attn_tp ranks
+        ``h·E·M … (h+1)·E·M − 1``: their slices are the shard's MOE_FULL rows."""
+        topo = self.topology
+        scattered = [s for n in self.moe_cp_sizes for s in split_rows(n, topo.attn_tp)]
+        if topo.shards_per_attn_tp_group == 1:
+            return tuple(scattered)
+        size = topo.moe_shard_size
+        first = topo.coords(self.global_rank).attn_tp // size * size
+        return tuple(scattered[first:first + size])
 
     @property
     def scattered_tokens(self) -> int:
@@ -141,7 +149,8 @@ class TokenLayout:
 
     @property
     def moe_full_tokens(self) -> int:
-        return sum(self.moe_cp_sizes)
+        """Rows of MOE_FULL: every token of this rank's MoE shard."""
+        return sum(self.moe_shard_sizes)
 
     @property
     def stage_tokens(self) -> int:

@@ -5,7 +5,10 @@
 * attention: ``S = attn_dp × attn_cp × attn_tp``, local rank ``s = a + A·(c + C·d)``;
 * MoE:       ``S = moe_dp × moe_ep × moe_tp``,    local rank ``s = m + M·(e + E·q)``.
 
-Global rank ``= s + S·p``. Nothing here touches ``torch.distributed``: every rank list can be
+Global rank ``= s + S·p``. An MoE shard (the ``E·M`` ranks holding every expert once) covers whole
+attention-TP groups (``E·M = k·A``) or tiles one (``A = g·E·M``, megatron-core's folding with a
+small expert group inside a large attention-TP group); a shard straddling two groups is refused.
+Nothing here touches ``torch.distributed``: every rank list can be
 checked (and printed by the CLI, ``python -m megatron_ext.parallel.topology``) before a launch.
 """
 from __future__ import annotations
@@ -145,12 +148,13 @@ class Topology:
             raise ValueError(
                 f"moe_tp*moe_ep*moe_dp={product} must equal world/pp={stage} "
                 f"(moe_tp={moe['moe_tp']}, moe_ep={moe['moe_ep']}, moe_dp={moe['moe_dp']})")
-        dp_cp = attn[Axis.ATTN_DP] * attn[Axis.ATTN_CP]
-        if dp_cp % moe[Axis.MOE_DP]:
+        shard, A = moe[Axis.MOE_EP] * moe[Axis.MOE_TP], attn[Axis.ATTN_TP]
+        if shard % A and A % shard:
             raise ValueError(
-                f"moe_dp={moe['moe_dp']} must divide attn_dp*attn_cp={dp_cp}: an MoE shard "
-                f"(moe_ep*moe_tp={moe['moe_ep'] * moe['moe_tp']} ranks) must cover whole "
-                f"attention-TP groups (attn_tp={attn['attn_tp']})")
+                f"an MoE shard (moe_ep*moe_tp={shard} ranks) must cover whole attention-TP "
+                f"groups or tile one (attn_tp={A}): one of moe_ep*moe_tp and attn_tp must divide "
+                f"the other (moe_dp={moe['moe_dp']}, attn_dp*attn_cp="
+                f"{attn[Axis.ATTN_DP] * attn[Axis.ATTN_CP]})")
 
         object.__setattr__(self, "world", world)
         for k, v in {**attn, **moe}.items():
@@ -170,16 +174,40 @@ class Topology:
 
     @property
     def token_group_size(self) -> int:
-        """k = E·M / A: attention groups whose tokens one MoE shard processes together."""
-        return self.moe_shard_size // self.attn_tp
+        """k = E·M / A: attention groups whose tokens one MoE shard processes together (1 when
+        the shard lies inside one attention-TP group)."""
+        return max(1, self.moe_shard_size // self.attn_tp)
+
+    @property
+    def shards_per_attn_tp_group(self) -> int:
+        """g = A / (E·M): MoE shards tiling one attention-TP group (1 unless the shard is smaller
+        than the group). With g > 1 each shard processes the SCATTERED slices of its own members
+        — 1/g of the attention group's tokens (design §2)."""
+        return max(1, self.attn_tp // self.moe_shard_size)
+
+    @property
+    def moe_full_is_tp_attn_full(self) -> bool:
+        """The shard's tokens are exactly its attention group's tokens (E·M == A): MOE_FULL and
+        TP_ATTN_FULL are the same rows."""
+        return self.moe_shard_size == self.attn_tp
 
     @property
     def uses_moe_full(self) -> bool:
-        return self.token_group_size > 1
+        """A MoE reads rows no attention-TP rank holds as they are (MOE_FULL ≠ TP_ATTN_FULL)."""
+        return not self.moe_full_is_tp_attn_full
 
     @property
     def derived(self) -> tuple[str, ...]:
         return self._derived
+
+    def moe_tokens_summary(self) -> str:
+        """Which tokens one MoE shard processes, in a few words (CLI and launch logs)."""
+        g = self.shards_per_attn_tp_group
+        if g > 1:
+            return (f"{g} shards per attention-TP group (each its members' SCATTERED slices, "
+                    f"MOE_FULL)")
+        return (f"token group k={self.token_group_size}"
+                + (" (MOE_FULL)" if self.uses_moe_full else ""))
 
     # ------------------------------------------------------------------ coordinates
     def coords(self, rank: int) -> RankCoords:
@@ -253,8 +281,9 @@ class Topology:
                 yield from ([self._moe_rank(p, m, e, q) for e in range(E) for m in range(M)]
                             for q in range(Q))
             elif axis == Axis.MOE_CP:
+                # the shard's ranks with one attention-TP index (a single rank when g > 1)
                 yield from ([q * E * M + a + A * j + S * p for j in range(k)]
-                            for q in range(Q) for a in range(A))
+                            for q in range(Q) for a in range(min(A, E * M)))
             elif axis == Axis.STAGE:
                 yield list(range(S * p, S * (p + 1)))
 
@@ -271,8 +300,7 @@ class Topology:
             f"world={self.world} pp={self.pp} stage={self.stage_size} | attention: "
             f"tp={self.attn_tp} cp={self.attn_cp} dp={self.attn_dp} | MoE: tp={self.moe_tp} "
             f"ep={self.moe_ep} dp={self.moe_dp} | shard={self.moe_shard_size} ranks, "
-            f"token group k={self.token_group_size}"
-            + (" (MOE_FULL)" if self.uses_moe_full else ""),
+            + self.moe_tokens_summary(),
         ]
         if self.derived:
             lines.append("derived: " + ", ".join(f"{k}={getattr(self, k)}" for k in self.derived))

@@ -141,7 +141,7 @@ def activation_bytes(config, topo: Topology, seq_len: int, micro_batch_size: int
             attn += 2 * (nq + nkv) * d * b + (nq + nkv) * 4
         attn += (nq + 2 * nkv) * d * b + nq * d * b + nq * 4  # rotated q/k, v, output, lse
         if config.is_sparse(i):
-            k = topo.token_group_size
+            k = _moe_rows_per_token(topo)
             rows = k * config.num_experts_per_tok / topo.moe_ep  # expert rows per local token
             inter = config.moe_intermediate_size // topo.moe_tp
             swiglu = (2 if recompute == Recompute.SELECTIVE else 4) * inter * b
@@ -164,6 +164,12 @@ def activation_bytes(config, topo: Topology, seq_len: int, micro_batch_size: int
     return int(total * in_flight)
 
 
+def _moe_rows_per_token(topo: Topology) -> float:
+    """MoE input rows per TP_ATTN_FULL row of a rank: k (a token group's tokens), or 1/g when g
+    shards tile one attention-TP group (each shard takes its members' SCATTERED slices)."""
+    return topo.token_group_size / topo.shards_per_attn_tp_group
+
+
 def buffer_bytes(config, topo: Topology, seq_len: int, micro_batch_size: int, bf16: bool) -> int:
     """Transient buffers of one layer: the CP all-gathered K/V and the MoE token-group gather."""
     b = 2 if bf16 else 4
@@ -171,7 +177,7 @@ def buffer_bytes(config, topo: Topology, seq_len: int, micro_batch_size: int, bf
     full = micro_batch_size * seq_len
     kv = 2 * full * nkv * config.head_dim * b if topo.attn_cp > 1 else 0
     t = full / topo.attn_cp
-    moe = t * topo.token_group_size * config.hidden_size * b * 2 if any(config.sparse_layers) \
+    moe = t * _moe_rows_per_token(topo) * config.hidden_size * b * 2 if any(config.sparse_layers) \
         else 0
     return int(kv + moe)
 

@@ -23,6 +23,7 @@ from megatron_ext.communication.pending import PendingReduction
 from megatron_ext.communication.scatter_modes import LayerScatterModes, ScatterMode
 from megatron_ext.communication.token_layout import TokenLayout, split_rows
 from tests.helpers import _comm_blocks as B
+from tests.helpers.expected_collectives import backward_counter, expected_ops, forward_counter
 from tests.helpers.multirank import run_ranks
 
 S, T, MF = ScatterMode.SCATTERED, ScatterMode.TP_ATTN_FULL, ScatterMode.MOE_FULL
@@ -57,6 +58,14 @@ CASES_4 = (
                                                           moe_dp=2), (7, 1), False, BOTH),
     Case("tp4, moe_ep4 (k=1)", dict(world=4, attn_tp=4, moe_ep=4, moe_tp=1), (6,), True,
          BOTH + ((True, True, "all_to_all"), (False, True, "local", True))),
+    # MoE shards smaller than an attention-TP group
+    Case("tp4, moe_ep2 x moe_dp2 (g=2), uneven slices", dict(world=4, attn_tp=4, moe_ep=2,
+                                                             moe_tp=1), (7,), True,
+         BOTH + ((True, False, "local"), (False, False, "local"), (False, True, "local", True),
+                 (True, True, "all_to_all"), (True, True, "local", False, "TST"),
+                 (False, True, "local", False, "STS"))),
+    Case("tp4, one-rank shards (g=4)", dict(world=4, attn_tp=4, moe_ep=1, moe_tp=1), (6,), True,
+         BOTH),
 )
 CASES_8 = (
     Case("tp2 cp4, moe_ep4 x moe_tp2 (k=4)", dict(world=8, attn_tp=2, attn_cp=4, moe_ep=4,
@@ -69,71 +78,12 @@ CASES_8 = (
          (6, 0, 3, 1), False, BOTH),
     Case("tp4 cp2, moe_tp8 (k=2)", dict(world=8, attn_tp=4, attn_cp=2, moe_tp=8, moe_dp=1),
          (5, 5), True, BOTH),
+    Case("tp4 cp2, moe_ep2 x moe_dp4 (g=2)", dict(world=8, attn_tp=4, attn_cp=2, moe_ep=2,
+                                                  moe_tp=1, moe_dp=4), (5, 5), True, BOTH),
+    Case("tp8, moe_ep2 x moe_tp2 x moe_dp2 (g=2), inference",
+         dict(world=8, attn_tp=8, moe_ep=2, moe_tp=2, moe_dp=2), (9,), False,
+         BOTH + ((False, True, "all_to_all"),)),
 )
-
-
-# ------------------------------------------------------------------ expected collectives
-# Ops of the transition table (mode_transitions.py doc) → forward / backward collectives.
-_FWD = {"all_reduce": "all_reduce", "reduce_scatter": "reduce_scatter", "gather": "all_gather",
-        "gather_tok": "all_gather", "gather_own": "all_gather", "copy": None, "own_rows": None}
-_BWD = {"all_reduce": [], "reduce_scatter": ["all_gather"], "gather": ["reduce_scatter"],
-        "gather_own": [], "copy": ["all_reduce"], "own_rows": ["all_gather"]}
-
-
-def expected_ops(modes: list[LayerScatterModes], k: int) -> dict:
-    """Per step, the ops design §3–4 prescribe (one reduction per block output; gathers whose
-    adjoint sums over the consuming block's group; moves of whole tensors)."""
-    rs = modes[0].allow_reduce_scatter
-
-    def reduce(axis, dst):
-        if axis is None:  # complete on SCATTERED (all-to-all MoE)
-            return [] if dst is S else [("gather_own", "attn_tp")]
-        if dst is S:
-            return [("reduce_scatter", axis)] if rs else [("all_reduce", axis), ("own_rows", axis)]
-        return [("all_reduce", "attn_tp")] if axis == "attn_tp" else [("all_reduce", "moe_shard"),
-                                                                       ("own_rows", "moe_cp")]
-
-    def move(src, dst):  # whole tensors (residual moves, inputs of the all-to-all MoE)
-        return [] if src is dst else [("own_rows" if dst is S else "gather_own", "attn_tp")]
-
-    def to_block(src, dst, axis):
-        if axis is None:
-            return move(src, dst)
-        if src is S:
-            return [("gather", axis)]
-        if axis == "moe_shard" and k > 1:
-            return [("gather_tok", "moe_cp")]
-        return [("copy", axis)]
-
-    steps, owed = {("embed", "entry"): []}, "attn_tp"
-    for l, m in enumerate(modes):
-        r_in, r_mid, r_out = m.layer_input_mode, m.middle_residual_mode, m.layer_output_mode
-        steps[(l, "prepare_attn")] = ((reduce(owed, r_in) if owed else [])
-                                      + to_block(r_in, T, "attn_tp"))
-        steps[(l, "prepare_mlp")] = (move(r_in, r_mid) + reduce("attn_tp", r_mid)
-                                     + to_block(r_mid, m.mlp_mode, m.mlp_partial_axis))
-        post = move(r_mid, r_out)
-        if m.defer_mlp_reduction:
-            owed = m.mlp_partial_axis
-        else:
-            post, owed = post + reduce(m.mlp_partial_axis, r_out), None
-        steps[(l, "postprocess")] = post
-    assert owed is None
-    steps[("final", "finalize")] = to_block(modes[-1].layer_output_mode, T, "attn_tp")
-    return steps
-
-
-def forward_counter(ops, trivial) -> Counter:
-    return Counter((_FWD[op], ax) for op, ax in ops if _FWD[op] and ax not in trivial)
-
-
-def backward_counter(ops, trivial) -> Counter:
-    out = Counter()
-    for op, ax in ops:
-        kinds = ([("reduce_scatter", "moe_cp"), ("all_reduce", "attn_tp")] if op == "gather_tok"
-                 else [(kind, ax) for kind in _BWD[op]])
-        out.update(kv for kv in kinds if kv[1] not in trivial)
-    return out
 
 
 # ------------------------------------------------------------------ one layout, one config
@@ -210,11 +160,11 @@ def _check(groups: ParallelGroups, case: Case, allow_rs: bool, defer: bool, disp
 
     # exact collectives per step (forward) and in total (backward)
     trivial = {ax for ax in ("attn_tp", "moe_shard", "moe_cp") if groups.axis(ax).is_trivial}
-    expect = expected_ops(modes, topo.token_group_size)
+    expect = expected_ops(modes, topo)
     if fused:  # every plain all-reduce completed by a prepare step went through the hook
-        k = topo.token_group_size
         plain = [ax for key, ops in expect.items() if key[1] in ("prepare_attn", "prepare_mlp")
-                 for op, ax in ops if op == "all_reduce" and (ax == "attn_tp" or k == 1)]
+                 for op, ax in ops if op == "all_reduce"
+                 and (ax == "attn_tp" or not topo.uses_moe_full)]
         assert hook_calls == plain and plain, (what, hook_calls, plain)
     assert set(logs) == set(expect), what
     for key, ops in expect.items():
@@ -420,3 +370,22 @@ def test_norm_grad_sync_follows_the_residual_mode():
         LayerCommunicator(modes, groups, n1, n2)
         assert get_spec(n1.weight).grad_sync == axes == get_spec(n2.weight).grad_sync
         assert get_spec(n1.weight).name == "a"
+
+
+def test_token_layout_sizes_with_shards_inside_an_attention_tp_group():
+    """attn_tp 4 tiled by two shards of moe_ep 2 (g = 2): a shard's MOE_FULL rows are its two
+    members' SCATTERED slices, and the MoE reads MOE_FULL (never TP_ATTN_FULL)."""
+    topo = Topology(world=8, attn_tp=4, attn_dp=2, moe_ep=2, moe_tp=1)
+    assert (topo.moe_dp, topo.token_group_size, topo.shards_per_attn_tp_group) == (4, 1, 2)
+    # rank 6: attention group 1 (11 tokens → slices 3, 3, 3, 2), attn_tp 2, second shard of it
+    layout = TokenLayout(topo, 6, (5, 11))
+    assert layout.attn_tp_sizes == (3, 3, 3, 2) and layout.scattered_tokens == 3
+    assert layout.moe_cp_sizes == (11,)
+    assert layout.moe_shard_sizes == (3, 2) and layout.moe_full_tokens == 5
+    assert [layout.rows(m) for m in (S, T, MF)] == [3, 11, 5]
+    assert TokenLayout(topo, 1, (5, 11)).moe_shard_sizes == (2, 1)  # group 0: slices 2, 1, 1, 1
+    for rs in (True, False):
+        modes = LayerScatterModes.for_stack(3, {1}, topo, rs)
+        assert modes[1].mlp_mode is MF and modes[1].mlp_partial_axis == "moe_shard"
+    with pytest.raises(ValueError, match="use MOE_FULL"):
+        dataclasses.replace(modes[1], mlp_mode=T).check_topology(topo)

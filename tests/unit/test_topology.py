@@ -1,7 +1,9 @@
 """Pure rank math: group lists against the design §2 formulas, validation, Megatron parity, CLI."""
+import functools
 import itertools
 import subprocess
 import sys
+from typing import Iterator
 
 import pytest
 
@@ -43,6 +45,13 @@ LAYOUTS = [
     dict(world=64, pp=2, attn_tp=4, attn_cp=4, moe_ep=8, moe_tp=2, moe_dp=2),
     dict(world=64, pp=2, attn_tp=2, attn_cp=4, moe_ep=2, moe_tp=2, moe_dp=8),
     dict(world=64, pp=8, attn_tp=2, attn_cp=4, moe_ep=8, moe_tp=1, moe_dp=1),
+    # MoE shards smaller than an attention-TP group (g = attn_tp / shard > 1)
+    dict(world=4, attn_tp=4, moe_ep=2, moe_tp=1),                         # g=2
+    dict(world=4, attn_tp=4, moe_ep=1, moe_tp=1),                         # g=4
+    dict(world=8, attn_tp=4, attn_cp=2, moe_ep=2, moe_tp=1, moe_dp=4),    # g=2, cp 2
+    dict(world=8, pp=2, attn_tp=4, moe_ep=2, moe_tp=1),                   # g=2, pp 2
+    dict(world=16, attn_tp=8, attn_dp=2, moe_ep=2, moe_tp=2, moe_dp=4),   # g=2, ep x tp
+    dict(world=24, attn_tp=6, attn_cp=2, moe_ep=3, moe_tp=1, moe_dp=8),   # g=2, not 2^n
 ]
 
 
@@ -78,7 +87,7 @@ def _expected(topo: Topology, axis: str) -> list[list[int]]:
     if axis == "moe_cp":
         assert all(len(g) == k for g in out), (axis, out)
         assert all(len(g) == E * M for g in _expected(topo, "moe_shard"))
-        assert k * A == E * M
+        assert k * A == E * M or A == E * M * topo.shards_per_attn_tp_group
     return sorted(out, key=lambda g: g[0])
 
 
@@ -110,6 +119,7 @@ def test_layout_coverage():
     assert len(topos) >= 30
     assert any(t.attn_dp > 1 for t in topos)
     assert {1, 2, 4} <= {t.token_group_size for t in topos}
+    assert {2, 4} <= {t.shards_per_attn_tp_group for t in topos}
     assert {2, 4} <= {t.pp for t in topos}
 
 
@@ -158,11 +168,11 @@ INVALID = [
     (dict(world=8, moe_tp=2, moe_ep=2, moe_dp=4), r"moe_tp\*moe_ep\*moe_dp=16 must equal world/pp=8"),
     (dict(world=8, moe_ep=3, moe_dp=1), r"moe_ep=3, moe_dp=1 \(3\) must divide world/pp=8 to derive moe_tp"),
     (dict(world=12, attn_tp=3, attn_cp=4, moe_dp=3, moe_ep=4, moe_tp=1),
-     r"moe_dp=3 must divide attn_dp\*attn_cp=4"),
-    (dict(world=4, attn_tp=4, moe_ep=2, moe_tp=1), r"moe_dp=2 must divide attn_dp\*attn_cp=1"),
-    (dict(world=8, attn_tp=4, attn_cp=2, moe_ep=2, moe_tp=1, moe_dp=4),
-     r"moe_dp=4 must divide attn_dp\*attn_cp=2"),
-    (dict(world=8, pp=2, attn_tp=4, moe_ep=2, moe_tp=1), r"moe_dp=2 must divide attn_dp\*attn_cp=1"),
+     r"moe_ep\*moe_tp=4 ranks\) must cover whole attention-TP groups or tile one \(attn_tp=3\)"),
+    (dict(world=6, attn_tp=3, moe_ep=2, moe_tp=1), r"moe_ep\*moe_tp=2 ranks\) .* \(attn_tp=3\)"),
+    (dict(world=12, attn_tp=4, attn_dp=3, moe_ep=3, moe_tp=1),
+     r"one of moe_ep\*moe_tp and attn_tp must divide the other \(moe_dp=4, attn_dp\*attn_cp=3\)"),
+    (dict(world=12, pp=2, attn_tp=2, moe_ep=3, moe_tp=1), r"moe_ep\*moe_tp=3 ranks\) .* \(attn_tp=2\)"),
     (dict(attn_tp=2), "world is not given and cannot be derived"),
     (dict(world=8, moe_tp=0), "moe_tp=0 must be >= 1"),
     (dict(world=8, pp=0), "pp=0 must be >= 1"),
@@ -186,49 +196,76 @@ def test_coords_rejects_out_of_range_rank():
 
 
 # --------------------------------------------------------------------- megatron-core parity
-MEGATRON_CASES = [s for s in LAYOUTS if s.get("world", 1) <= 64 and s.get("world", 1) > 1]
+DENSE_TOKENS = {"attn_tp": "tp", "attn_cp": "cp", "attn_dp": "dp", "attn_dp_cp": "dp-cp",
+                "attn_tp_cp": "tp-cp", "pp": "pp", "model": "tp-pp"}
+EXPERT_TOKENS = {"moe_tp": "tp", "moe_ep": "ep", "moe_dp": "dp", "moe_shard": "tp-ep"}
 
 
-@pytest.mark.parametrize("sizes", MEGATRON_CASES,
-                         ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
-def test_rank_lists_equal_megatron_rank_generator(sizes):
+def _factorizations(n: int) -> list[tuple[int, int, int]]:
+    """Every ordered ``(x, y, z)`` with ``x·y·z == n``."""
+    return [(x, y, n // (x * y)) for x in range(1, n + 1) if n % x == 0
+            for y in range(1, n // x + 1) if (n // x) % y == 0]
+
+
+@functools.lru_cache(maxsize=None)
+def _megatron_lists(tp: int, ep: int, dp: int, pp: int, cp: int, tokens: tuple) -> tuple:
+    """megatron-core's rank lists (one ``RankGenerator``, its default order), sorted like ours."""
     from megatron.core.parallel_state import RankGenerator
 
-    topo = Topology(**sizes)
-    dense = RankGenerator(tp=topo.attn_tp, ep=1, dp=topo.attn_dp, pp=topo.pp, cp=topo.attn_cp,
-                          order="tp-cp-ep-dp-pp")
-    expert = RankGenerator(tp=topo.moe_tp, ep=topo.moe_ep, dp=topo.moe_dp, pp=topo.pp, cp=1,
-                           order="tp-cp-ep-dp-pp")
-    pairs = {
-        "attn_tp": dense.get_ranks("tp"), "attn_cp": dense.get_ranks("cp"),
-        "attn_dp": dense.get_ranks("dp"), "attn_dp_cp": dense.get_ranks("dp-cp"),
-        "attn_tp_cp": dense.get_ranks("tp-cp"), "pp": dense.get_ranks("pp"),
-        "model": dense.get_ranks("tp-pp"),
-        "moe_tp": expert.get_ranks("tp"), "moe_ep": expert.get_ranks("ep"),
-        "moe_dp": expert.get_ranks("dp"), "moe_shard": expert.get_ranks("tp-ep"),
-    }
-    for axis, theirs in pairs.items():
-        assert topo.group_lists(axis) == sorted(theirs, key=lambda g: g[0]), axis
+    gen = RankGenerator(tp=tp, ep=ep, dp=dp, pp=pp, cp=cp, order="tp-cp-ep-dp-pp")
+    return tuple(sorted(gen.get_ranks(t), key=lambda g: g[0]) for t in tokens)
 
 
-def test_megatron_parity_covers_twenty_cases_with_pp():
-    assert len(MEGATRON_CASES) >= 20
-    assert sum(Topology(**s).pp > 1 for s in MEGATRON_CASES) >= 8
-    assert max(Topology(**s).world for s in MEGATRON_CASES) == 64
+def _megatron_sweep() -> Iterator[tuple[Topology, tuple, tuple]]:
+    """Every size combination megatron-core's decoder + expert ``RankGenerator`` pair accepts for
+    world 4..64 (powers of two) x pp 1/2/4 — the issue-15 sweep — with their rank lists."""
+    for world, pp in itertools.product((4, 8, 16, 32, 64), (1, 2, 4)):
+        stage = world // pp
+        for (tp, cp, dp), (mtp, ep, mdp) in itertools.product(_factorizations(stage), repeat=2):
+            yield ((world, pp, tp, cp, dp, mtp, ep, mdp),
+                   _megatron_lists(tp, 1, dp, pp, cp, tuple(DENSE_TOKENS.values())),
+                   _megatron_lists(mtp, ep, mdp, pp, 1, tuple(EXPERT_TOKENS.values())))
+
+
+def test_every_layout_megatron_accepts_is_accepted_with_its_rank_lists():
+    """All 2768 combinations: accepted, and every dense / expert group list equals megatron-core's
+    (433 of them have MoE shards smaller than an attention-TP group, g > 1)."""
+    total = sub_shard = 0
+    for (world, pp, tp, cp, dp, mtp, ep, mdp), dense, expert in _megatron_sweep():
+        topo = Topology(world=world, pp=pp, attn_tp=tp, attn_cp=cp, attn_dp=dp, moe_tp=mtp,
+                        moe_ep=ep, moe_dp=mdp)
+        for axes, theirs in ((DENSE_TOKENS, dense), (EXPERT_TOKENS, expert)):
+            for axis, lists in zip(axes, theirs):
+                assert topo.group_lists(axis) == lists, (topo, axis)
+        total += 1
+        sub_shard += topo.shards_per_attn_tp_group > 1
+    assert (total, sub_shard) == (2768, 433)
 
 
 # --------------------------------------------------------------------- CLI
-def test_cli_prints_seed_layout(capsys):
-    assert main(["--world", "4", "--attn-tp", "2", "--attn-cp", "2", "--moe-dp", "1"]) == 0
+CLI_LAYOUTS = [
+    # the seed layout: one shard of MoE-TP 4 over two attention-TP groups (token groups of 2)
+    (["--attn-tp", "2", "--attn-cp", "2", "--moe-dp", "1"],
+     ["MoE: tp=4 ep=1 dp=1", "moe_cp: [0, 2] [1, 3]", "token group k=2 (MOE_FULL)"]),
+    # attention TP 4 with experts EP 2 x moe_dp 2: two shards tile each attention-TP group
+    (["--attn-tp", "4", "--moe-ep", "2", "--moe-tp", "1"],
+     ["MoE: tp=1 ep=2 dp=2 | shard=2 ranks, 2 shards per attention-TP group",
+      "moe_shard: [0, 1] [2, 3]", "moe_cp: [0] [1] [2] [3]"]),
+]
+
+
+@pytest.mark.parametrize("flags,lines", CLI_LAYOUTS, ids=["seed", "shards-inside-attn-tp"])
+def test_cli_prints_layout(capsys, flags, lines):
+    assert main(["--world", "4", *flags]) == 0
     out = capsys.readouterr().out
-    assert "MoE: tp=4 ep=1 dp=1" in out
-    assert "moe_cp: [0, 2] [1, 3]" in out
-    assert "token group k=2 (MOE_FULL)" in out
+    for line in lines:
+        assert line in out
 
 
 def test_cli_rejects_invalid_layout_nonzero():
-    proc = subprocess.run([sys.executable, "-m", "megatron_ext.parallel.topology", "--world", "4",
-                           "--attn-tp", "4", "--moe-ep", "2", "--moe-tp", "1"],
+    proc = subprocess.run([sys.executable, "-m", "megatron_ext.parallel.topology", "--world", "6",
+                           "--attn-tp", "3", "--moe-ep", "2", "--moe-tp", "1"],
                           capture_output=True, text=True, env=checkout_env())
     assert proc.returncode == 2
-    assert "moe_dp=2 must divide attn_dp*attn_cp=1" in proc.stderr
+    assert "one of moe_ep*moe_tp and attn_tp must divide the other" in proc.stderr
+
