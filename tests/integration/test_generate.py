@@ -26,6 +26,11 @@ VARIANTS = [
     (dict(world=4, attn_tp=2, attn_cp=2, moe_dp=1),
      dict(cp_strategy="p2p", moe_dispatcher="all_to_all", allow_reduce_scatter=True)),
     (dict(world=4, attn_tp=4, moe_ep=2, moe_tp=2, moe_dp=1), dict(moe_dispatcher="all_to_all")),
+    # MoE shards smaller than an attention-TP group (issue 15): two shards of moe_ep 2 per
+    # attention-TP group of 4 (3 decode rows: the second shard's slices are 1 and 0 rows), and
+    # one-rank shards under CP decode with one owner per token
+    (dict(world=4, attn_tp=4, moe_ep=2, moe_tp=1), {}),
+    (dict(world=4, attn_tp=2, attn_cp=2, moe_ep=1, moe_tp=1), dict(cp_strategy="p2p")),
 ]
 SEED = 1
 EOS_LAYOUT = 3

@@ -62,6 +62,8 @@ def _construction_error(config: ModelConfig, topo: Topology, monkeypatch) -> str
 def test_launch_check_refuses_exactly_what_the_layers_refuse(monkeypatch):
     layouts = _layouts()
     assert len(layouts) > 40
+    # MoE shards smaller than an attention-TP group are in the sweep (issue 15)
+    assert sum(t.shards_per_attn_tp_group > 1 for t in layouts) >= 10
     refused = accepted = 0
     for changes, topo in itertools.product(SHAPES, layouts):
         config = BASE.replace(**changes)
