@@ -45,6 +45,7 @@ from megatron_ext.evaluation.windows import WindowSettings
 from megatron_ext.cli.model_args import (add_model_build_arguments,
                                          add_position_scale_arguments, apply_position_scale)
 from megatron_ext.layers.embedding import padded_vocab_size
+from megatron_ext.models.hf_fields import add_strict_config_argument
 from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import build_groups, init_distributed
 from megatron_ext.parallel.topology import add_layout_arguments, topology_from_args
@@ -82,9 +83,7 @@ def _args(argv):
                    help="'auto' (default: the model's own: its directory's tokenizer files or "
                         "the one a training checkpoint was trained with; else 'byte'), 'byte' "
                         "or a local HF tokenizer dir")
-    p.add_argument("--strict-config", action="store_true",
-                   help="refuse config.json fields megatron_ext does not know (default: ignore "
-                        "them with a note; fields known to change the math are always refused)")
+    add_strict_config_argument(p)
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                    help="model dtype (default: as stored)")
     p.add_argument("--seq-len", type=int, default=2048)

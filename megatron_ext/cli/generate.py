@@ -46,6 +46,7 @@ from megatron_ext.models.config import ModelConfig
 from megatron_ext.cli.model_args import (add_model_build_arguments,
                                          add_position_scale_arguments, apply_position_scale)
 from megatron_ext.layers.embedding import padded_vocab_size
+from megatron_ext.models.hf_fields import add_strict_config_argument
 from megatron_ext.models.decoder import CausalLM
 from megatron_ext.checkpoint.hf import load_hf_checkpoint
 
@@ -68,9 +69,7 @@ def _args(argv):
     p.add_argument("--tokenizer", default="auto",
                    help="'auto' (default: the model's own when --model has tokenizer files, else "
                         "'byte'), 'byte' or a local HF tokenizer dir")
-    p.add_argument("--strict-config", action="store_true",
-                   help="refuse config.json fields megatron_ext does not know (default: ignore "
-                        "them with a note; fields known to change the math are always refused)")
+    add_strict_config_argument(p)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--no-eos", action="store_true", help="ignore the tokenizer's EOS token")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,

@@ -10,6 +10,7 @@ known to change the math that no mapping implements, which are always refused.
 """
 from __future__ import annotations
 
+import argparse
 from typing import Any, Iterable, Optional
 
 from megatron_ext.layers.rope_scaling import ROPE_TYPES, TYPE_KEYS, RopeScaling
@@ -152,6 +153,17 @@ class HFFields:
                 f"{', '.join(unknown)} (they might change the model's math; leave out "
                 f"--strict-config / pass strict=False to ignore them)")
         return tuple(unknown)
+
+
+STRICT_CONFIG_HELP = ("refuse HF config.json fields megatron_ext does not know (default: ignore "
+                      "them with a note; fields known to change the math are always refused)")
+
+
+def add_strict_config_argument(parser: argparse.ArgumentParser) -> None:
+    """``--strict-config``, alike for every command that reads an HF ``config.json`` (the
+    command loads with ``strict=args.strict_config`` and prints
+    :meth:`~megatron_ext.models.config.ModelConfig.ignored_fields_note`)."""
+    parser.add_argument("--strict-config", action="store_true", help=STRICT_CONFIG_HELP)
 
 
 def sparse_pattern(num_layers: int, num_experts: int, decoder_sparse_step: int,

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from megatron_ext.communication.choices import CP_STRATEGIES, RECOMPUTE_MODES
 from megatron_ext.layers.backend import TRANSFORMER_IMPLS
+from megatron_ext.models.hf_fields import STRICT_CONFIG_HELP
 from megatron_ext.parallel.topology import Topology
 from megatron_ext.training.config_types import coerce_setting, parse_bool
 
@@ -51,9 +52,7 @@ class TrainConfig:
                                   default_factory=dict)
     init_from_hf: bool = _help("load HF weights when --model is a directory with safetensors",
                                default=True)
-    strict_config: bool = _help("refuse HF config.json fields megatron_ext does not know (default:"
-                                " ignore them with a note; fields known to change the math are "
-                                "always refused)", default=False)
+    strict_config: bool = _help(STRICT_CONFIG_HELP, default=False)
     cp_comm: str = _help("CP attention K/V exchange: all_gather or p2p", default="all_gather")
     transformer_impl: str = _help("layer implementation: native, te (TransformerEngine; CUDA) or "
                                   "auto (where TE imports on CUDA: each module on whichever "

@@ -231,10 +231,12 @@ def _layout_name(topo: Topology) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     from megatron_ext.models.config import load_model_config
+    from megatron_ext.models.hf_fields import add_strict_config_argument
 
     parser = argparse.ArgumentParser(prog="python -m megatron_ext.training.memory",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="preset name or HF directory")
+    add_strict_config_argument(parser)
     parser.add_argument("--world", type=int, required=True)
     add_layout_arguments(parser)
     parser.add_argument("--seq-len", type=int, default=4096)
@@ -247,7 +249,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="list every layout of --world that fits this memory")
     args = parser.parse_args(argv)
     try:
-        config = load_model_config(args.model)
+        config = load_model_config(args.model, strict=args.strict_config)
+        note = config.ignored_fields_note(args.model)
+        if note:
+            print(note)
         kw = dict(seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,
                   bf16=args.dtype == "bf16", distributed=bool(args.distributed_optimizer),
                   micro_batches=args.micro_batches)

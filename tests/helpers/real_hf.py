@@ -19,6 +19,18 @@ import tempfile
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# config.json as transformers writes it for SmolLM2-135M loaded from its GGUF file
+SMOLLM2_CONFIG = {
+    "_model_name_or_path": "Smollm2 135M 8k Lc100K Mix1 Ep2", "architectures": ["LlamaForCausalLM"],
+    "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 1, "dtype": "float32",
+    "eos_token_id": 2, "head_dim": 64, "hidden_act": "silu", "hidden_size": 576,
+    "initializer_range": 0.02, "intermediate_size": 1536, "max_position_embeddings": 8192,
+    "mlp_bias": False, "model_type": "llama", "num_attention_heads": 9, "num_hidden_layers": 30,
+    "num_key_value_heads": 3, "pad_token_id": 2, "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05, "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
+    "tie_word_embeddings": True, "transformers_version": "5.24.0", "unk_token_id": 0,
+    "use_cache": True, "vocab_size": 49152}
+
 
 def _cache_root() -> str:
     root = os.environ.get("MEGATRON_EXT_TEST_CACHE") or os.path.join(

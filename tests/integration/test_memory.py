@@ -4,6 +4,9 @@ of parameters, main weights and AdamW state. (Distributed-optimizer state per ra
 against the estimator in tests/integration/test_recompute.py's spawned layouts.)"""
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 
@@ -11,8 +14,10 @@ from megatron_ext.models.config import load_model_config
 from megatron_ext.models.decoder import CausalLM
 from megatron_ext.parallel.groups import ParallelGroups
 from megatron_ext.parallel.topology import Topology
-from megatron_ext.training.memory import activation_bytes, layouts_of, main, model_state_bytes
+from megatron_ext.training.memory import (activation_bytes, format_bytes, layouts_of, main,
+                                          model_state_bytes)
 from megatron_ext.training.optimizer import LRSchedule, TrainOptimizer
+from tests.helpers.real_hf import SMOLLM2_CONFIG
 
 B, S = 2, 64
 
@@ -82,3 +87,29 @@ def test_cli_prints_estimate_and_fitting_layouts(capsys):
     listed = capsys.readouterr().out.strip().splitlines()[1:]
     assert len(listed) == len(layouts_of(4, load_model_config("tiny-qwen3-moe"))) > 3
     assert main(["--model", "tiny-qwen3-moe", "--world", "4", "--attn-cp", "3"]) == 2
+
+
+def test_cli_reads_hf_configs_like_every_command(tmp_path, capsys):
+    """A hub-written config.json (SmolLM2-135M's: ``_model_name_or_path``, ``unk_token_id``, …)
+    loads silently; an unknown extra field is ignored with one note (the same line eval, generate
+    and pretrain print) and the same estimate; ``--strict-config`` refuses it in one line naming
+    the file and the field."""
+    hub, extra = tmp_path / "hub", tmp_path / "extra"
+    for path, hf in ((hub, SMOLLM2_CONFIG), (extra, {**SMOLLM2_CONFIG, "some_new_hub_field": 1})):
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps(hf))
+    args = ["--world", "1", "--seq-len", "64"]
+    assert main(["--model", str(hub), *args]) == 0
+    hub_out = capsys.readouterr().out.splitlines()
+    assert not any(line.startswith("note:") for line in hub_out)
+    params = [line for line in hub_out if "recompute none" in line][0].split(",")[0]
+    assert params.endswith("parameters " + format_bytes(2 * 134_515_008))  # SmolLM2-135M in bf16
+    assert main(["--model", str(extra), *args]) == 0
+    extra_out = capsys.readouterr().out.splitlines()
+    assert extra_out[0] == (f"note: {extra}: ignoring config field(s) some_new_hub_field (not "
+                            f"known to change the model; --strict-config refuses them)")
+    assert extra_out[2:] == hub_out[1:]  # the same per-rank estimate
+    assert main(["--model", str(extra), *args, "--strict-config"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"memory: {os.path.join(extra, 'config.json')}: ")
+    assert "does not know: some_new_hub_field" in err[0]
