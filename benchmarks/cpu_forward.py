@@ -1,12 +1,17 @@
-"""1-rank CPU forward of an HF model: megatron_ext (`CausalLM`, with the loss) vs transformers
-(logits only), one window, best of ``--repeats`` after a warm-up (BENCHMARKS §14).
+"""1-rank CPU forward of an HF model, megatron_ext vs transformers doing the same work: the
+logits of one ``--seq-len`` window and the next-token loss over them (ours: ``CausalLM`` with
+shifted labels, per-token loss; transformers: ``model(ids, labels=ids)``, which shifts inside),
+under ``torch.no_grad`` as evaluation runs. The two run interleaved in one process (ours,
+theirs, ours, …) so load from other processes hits both alike; each side's best of
+``--repeats`` after a warm-up, and the mean losses side by side (BENCHMARKS §14).
 
-    python benchmarks/cpu_forward.py --model <HF dir> --seq-len 2048
+    python benchmarks/cpu_forward.py --model <HF dir> [--seq-len 2048] [--repeats 5] [--threads 2]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -16,37 +21,53 @@ from megatron_ext.models.decoder import CausalLM
 from megatron_ext.parallel.groups import ParallelGroups
 
 
-def best_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def seconds(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="HF model directory")
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    groups = ParallelGroups.single_process()
-    model = CausalLM.from_pretrained(args.model, groups).eval()
-    ids = torch.randint(0, model.config.vocab_size, (1, args.seq_len),
-                        generator=torch.Generator().manual_seed(0))
-    batch = split_batch(groups, ids, ids)
     from transformers import AutoModelForCausalLM
 
+    groups = ParallelGroups.single_process()
+    model = CausalLM.from_pretrained(args.model, groups).eval()
     hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, args.seq_len),
+                        generator=torch.Generator().manual_seed(0))
+    labels = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], dim=1)
+    batch = split_batch(groups, ids, labels)
+
+    def ours() -> float:
+        out = model(**batch.model_kwargs())
+        return float(out.loss.sum() / (labels != -100).sum())
+
+    def theirs() -> float:
+        return float(hf(ids, labels=ids).loss)
+
+    times: dict[str, list[float]] = {"ours": [], "transformers": []}
+    losses = {}
     with torch.no_grad():
-        ours = best_seconds(lambda: model(**batch.model_kwargs()), args.repeats)
-        theirs = best_seconds(lambda: hf(ids), args.repeats)
-    print(json.dumps({"seq_len": args.seq_len, "ours_s": ours, "transformers_s": theirs,
-                      "ratio": ours / theirs}))
+        ours(), theirs()  # warm-up
+        for _ in range(args.repeats):
+            for name, fn in (("ours", ours), ("transformers", theirs)):
+                t, losses[name] = seconds(fn)
+                times[name].append(t)
+    best = {k: min(v) for k, v in times.items()}
+    print(json.dumps({"seq_len": args.seq_len, "threads": args.threads,
+                      "repeats": args.repeats, "load_avg_1m": os.getloadavg()[0],
+                      "ours_s": best["ours"], "transformers_s": best["transformers"],
+                      "ratio": best["ours"] / best["transformers"],
+                      "ours_all_s": [round(t, 3) for t in times["ours"]],
+                      "transformers_all_s": [round(t, 3) for t in times["transformers"]],
+                      "loss_ours": losses["ours"], "loss_transformers": losses["transformers"]}))
 
 
 if __name__ == "__main__":

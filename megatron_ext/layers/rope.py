@@ -144,6 +144,7 @@ class RotaryEmbedding(nn.Module):
         inv_freq = self.frequencies(seq_len)
         freqs = positions.float()[..., None] * inv_freq.to(positions.device)
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos() * self.attention_scaling
-        sin = emb.sin() * self.attention_scaling
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_scaling != 1.0:  # scaled RoPE variants (x 1.0 is the identity)
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
         return cos.to(dtype), sin.to(dtype)

@@ -122,6 +122,10 @@ def _check_vocab_size(groups: ParallelGroups, seed: int, VOCAB: int, multiple: i
             assert_close(head.gather_logits(logits), logits_r[d], atol=1e-12,
                          rtol=0, what=f"{what} logits")
             assert_close(loss, loss_r[d], atol=1e-12, rtol=0, what=f"{what} loss")
+            with torch.no_grad():  # evaluation's path: no softmax kept for backward
+                assert_close(vocab_parallel_cross_entropy(logits, labels_all[d], tp,
+                                                          vocab_size=VOCAB), loss, atol=0,
+                             rtol=0, what=f"{what} loss without grad")
             ((h * g_all[d]).sum() + loss.sum()).backward()
             assert_close(h.grad, hr.grad[d], atol=1e-12, rtol=0, what=f"{what} hidden grad")
             assert_grads_match(emb, ref_e, groups, atol=1e-12, what=what + " embedding")

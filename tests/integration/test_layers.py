@@ -129,6 +129,27 @@ def test_vocab_cross_entropy_matches_torch():
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_vocab_cross_entropy_without_grad_is_torch_cross_entropy(dtype):
+    """Evaluation's path (no gradient wanted: no softmax kept, ``F.cross_entropy`` on one rank)
+    gives the training path's loss, padding columns (``-inf``, as the LM head makes them) and
+    ignored labels included."""
+    torch.manual_seed(1)
+    real = (4 * torch.randn(6, 13)).to(dtype)
+    logits = torch.cat([real, torch.full((6, 3), float("-inf"), dtype=dtype)], dim=-1)
+    labels = torch.randint(0, 13, (6,))
+    labels[1] = labels[4] = -100
+    with torch.no_grad():
+        fast = vocab_parallel_cross_entropy(logits, labels, SINGLE.attn_tp, vocab_size=13)
+    trained = vocab_parallel_cross_entropy(logits.clone().requires_grad_(), labels,
+                                           SINGLE.attn_tp, vocab_size=13)
+    want = F.cross_entropy(real, labels, reduction="none", ignore_index=-100)
+    assert fast.dtype == trained.dtype == dtype
+    assert torch.equal(fast, want) and fast[1] == fast[4] == 0
+    ulp = torch.finfo(dtype).eps * want.abs().max()
+    torch.testing.assert_close(trained.detach(), want, atol=4 * ulp, rtol=0)
+
+
 def test_bad_inputs_give_clear_errors():
     fake2 = AxisGroup("attn_tp", (0, 1), 0, None)   # construction-time checks need no collective
     fake4 = AxisGroup("attn_tp", (0, 1, 2, 3), 1, None)
