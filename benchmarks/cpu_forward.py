@@ -3,7 +3,9 @@ logits of one ``--seq-len`` window and the next-token loss over them (ours: ``Ca
 shifted labels, per-token loss; transformers: ``model(ids, labels=ids)``, which shifts inside),
 under ``torch.no_grad`` as evaluation runs. The two run interleaved in one process (ours,
 theirs, ours, …) so load from other processes hits both alike; each side's best of
-``--repeats`` after a warm-up, and the mean losses side by side (BENCHMARKS §14).
+``--repeats`` after a warm-up in wall-clock seconds and in CPU seconds of the process (user +
+system, all threads: less sensitive to being descheduled on a shared machine), and the mean
+losses side by side (BENCHMARKS §14).
 
     python benchmarks/cpu_forward.py --model <HF dir> [--seq-len 2048] [--repeats 5] [--threads 2]
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import time
 
 import torch
@@ -21,10 +24,16 @@ from megatron_ext.models.decoder import CausalLM
 from megatron_ext.parallel.groups import ParallelGroups
 
 
-def seconds(fn) -> tuple[float, object]:
-    start = time.perf_counter()
+def _cpu() -> float:
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
+
+
+def seconds(fn) -> tuple[float, float, object]:
+    """``(wall seconds, CPU seconds, result)`` of one call."""
+    cpu, start = _cpu(), time.perf_counter()
     out = fn()
-    return time.perf_counter() - start, out
+    return time.perf_counter() - start, _cpu() - cpu, out
 
 
 def main() -> None:
@@ -52,21 +61,26 @@ def main() -> None:
     def theirs() -> float:
         return float(hf(ids, labels=ids).loss)
 
-    times: dict[str, list[float]] = {"ours": [], "transformers": []}
+    wall: dict[str, list[float]] = {"ours": [], "transformers": []}
+    cpu: dict[str, list[float]] = {"ours": [], "transformers": []}
     losses = {}
+    load = os.getloadavg()[0]
     with torch.no_grad():
         ours(), theirs()  # warm-up
         for _ in range(args.repeats):
             for name, fn in (("ours", ours), ("transformers", theirs)):
-                t, losses[name] = seconds(fn)
-                times[name].append(t)
-    best = {k: min(v) for k, v in times.items()}
+                t, c, losses[name] = seconds(fn)
+                wall[name].append(round(t, 3))
+                cpu[name].append(round(c, 3))
+    best, best_cpu = ({k: min(v) for k, v in d.items()} for d in (wall, cpu))
     print(json.dumps({"seq_len": args.seq_len, "threads": args.threads,
-                      "repeats": args.repeats, "load_avg_1m": os.getloadavg()[0],
+                      "repeats": args.repeats, "load_avg_1m": [load, os.getloadavg()[0]],
                       "ours_s": best["ours"], "transformers_s": best["transformers"],
-                      "ratio": best["ours"] / best["transformers"],
-                      "ours_all_s": [round(t, 3) for t in times["ours"]],
-                      "transformers_all_s": [round(t, 3) for t in times["transformers"]],
+                      "ratio": round(best["ours"] / best["transformers"], 3),
+                      "ours_cpu_s": best_cpu["ours"],
+                      "transformers_cpu_s": best_cpu["transformers"],
+                      "cpu_ratio": round(best_cpu["ours"] / best_cpu["transformers"], 3),
+                      "wall_s": wall, "cpu_s": cpu,
                       "loss_ours": losses["ours"], "loss_transformers": losses["transformers"]}))
 
 
