@@ -14,7 +14,7 @@ buffer of the logits' shape, not three). The softmax is then recomputed in backw
 saved logits and log-sum-exp.
 
 Without a gradient to compute (evaluation, inference) no softmax is kept (nor the float32 copy it
-is computed in), and on one rank the loss is ``F.cross_entropy`` itself: its fused log-softmax
+is computed in), and on one rank the loss is ``F.cross_entropy`` itself, over row chunks: its fused log-softmax
 reads the logits once, where ``torch.logsumexp`` on the CPU is max, subtract, exp and sum passes
 over a ``[tokens, V]`` temporary (~2x slower at SmolLM2's 49152 columns).
 """
@@ -118,6 +118,21 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad.to(ctx.dtype), None, None, None, None
 
 
+_EVAL_CHUNK = 1 << 22  # logits per F.cross_entropy call without grad (16 MB in float32)
+
+
+def _one_rank_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Evaluation on one rank: ``F.cross_entropy`` (log-softmax and pick, one fused pass over the
+    logits, as transformers runs it) instead of log-sum-exp's max / subtract / exp / sum passes,
+    over row chunks so its log-softmax temporary is reused memory, not a fresh ``[tokens, V]``
+    buffer (rows are independent: the same values as one call)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    rows = max(1, _EVAL_CHUNK // max(1, logits.shape[-1]))
+    parts = [F.cross_entropy(x, y, reduction="none", ignore_index=ignore_index)
+             for x, y in zip(logits.split(rows), labels.split(rows))]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, labels: torch.Tensor,
                                  tp_group: AxisGroup, ignore_index: int = -100,
                                  vocab_size: Optional[int] = None) -> torch.Tensor:
@@ -139,10 +154,7 @@ def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, labels: torch.Tenso
     if torch.is_grad_enabled() and flat.requires_grad:
         loss = _VocabParallelCrossEntropy.apply(flat, flat_labels, tp_group, ignore_index)
     elif tp_group.is_trivial and not _triton_applies(flat):
-        # evaluation on one rank: log-softmax and pick, one fused pass over the logits (what
-        # transformers runs) instead of log-sum-exp's max / subtract / exp / sum passes
-        flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
-        loss = F.cross_entropy(flat, flat_labels, reduction="none", ignore_index=ignore_index)
+        loss = _one_rank_loss(flat, flat_labels, ignore_index)
     else:
         loss = _VocabParallelCrossEntropy.apply(flat, flat_labels, tp_group, ignore_index, False)
     return loss.reshape(labels.shape)

@@ -12,11 +12,14 @@
 """
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from megatron_ext.layers.attention.block import AttentionBlock, check_head_split
+from megatron_ext.layers import cross_entropy
 from megatron_ext.layers.cross_entropy import vocab_parallel_cross_entropy
 from megatron_ext.layers.embedding import VocabParallelEmbedding, VocabParallelLMHead
 from megatron_ext.layers.linear import ColumnParallelLinear, RowParallelLinear
@@ -146,6 +149,9 @@ def test_vocab_cross_entropy_without_grad_is_torch_cross_entropy(dtype):
     want = F.cross_entropy(real, labels, reduction="none", ignore_index=-100)
     assert fast.dtype == trained.dtype == dtype
     assert torch.equal(fast, want) and fast[1] == fast[4] == 0
+    with mock.patch.object(cross_entropy, "_EVAL_CHUNK", 2 * 16), torch.no_grad():  # 2-row chunks
+        chunked = vocab_parallel_cross_entropy(logits, labels, SINGLE.attn_tp, vocab_size=13)
+    assert torch.equal(chunked, want)
     ulp = torch.finfo(dtype).eps * want.abs().max()
     torch.testing.assert_close(trained.detach(), want, atol=4 * ulp, rtol=0)
 
