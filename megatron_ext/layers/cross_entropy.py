@@ -14,9 +14,9 @@ buffer of the logits' shape, not three). The softmax is then recomputed in backw
 saved logits and log-sum-exp.
 
 Without a gradient to compute (evaluation, inference) no softmax is kept (nor the float32 copy it
-is computed in), and on one rank the loss is ``F.cross_entropy`` itself, over row chunks: its fused log-softmax
-reads the logits once, where ``torch.logsumexp`` on the CPU is max, subtract, exp and sum passes
-over a ``[tokens, V]`` temporary (~2x slower at SmolLM2's 49152 columns).
+is computed in), and on one rank the loss is ``F.cross_entropy`` itself, over row chunks: its
+fused log-softmax reads the logits once, where ``torch.logsumexp`` on the CPU is max, subtract,
+exp and sum passes over a ``[tokens, V]`` temporary (~2x slower at SmolLM2's 49152 columns).
 """
 from __future__ import annotations
 
