@@ -64,10 +64,12 @@ def check_spec_layout(name: str, spec: ParamSpec, groups: ParallelGroups) -> Non
     if holders % spec.distinct_pieces:
         raise ValueError(f"parameter {name}: {spec.distinct_pieces} distinct pieces do not divide "
                          f"the {holders} ranks that hold it")
-    if spec.shard_axis is not None and groups.axis(spec.shard_axis).size != spec.distinct_pieces:
+    # a shard axis may replicate its pieces evenly (K/V heads fewer than attn_tp: consecutive
+    # attn_tp ranks share a head), never split them unevenly
+    if spec.shard_axis is not None and groups.axis(spec.shard_axis).size % spec.distinct_pieces:
         raise ValueError(f"parameter {name}: shard_axis {spec.shard_axis} has "
-                         f"{groups.axis(spec.shard_axis).size} ranks but the splits give "
-                         f"{spec.distinct_pieces} pieces")
+                         f"{groups.axis(spec.shard_axis).size} ranks, which the splits' "
+                         f"{spec.distinct_pieces} pieces do not divide")
 
 
 def clip_grads_(tensors: Iterable[torch.Tensor], max_norm: float, total_norm: float) -> float:

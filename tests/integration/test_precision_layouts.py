@@ -11,7 +11,7 @@ distribution stay within 2x of each other's worst case over a handful of steps; 
 the learning rate, orders of magnitude more — the float64 half shows there is none to 1e-12.
 
 One spawn of 4 ranks: each rank first runs one of the four one-process references (float64 and
-bf16, untied and tied embeddings) and they are shared by broadcast, then all 8 layouts run twice
+bf16, untied and tied embeddings) and they are shared by broadcast, then all 10 layouts run twice
 (float64, bf16) and each rank compares its own parameter slices.
 """
 from __future__ import annotations
@@ -49,6 +49,10 @@ LAYOUTS = {
     "microbatch_x2": (dict(attn_dp=2, attn_tp=2, moe_dp=2), 1, "none", NO_AUX),  # 2 per rank
     "seed_tp2_cp2": (dict(attn_tp=2, attn_cp=2, moe_dp=1), 1, "selective", NO_AUX),
     "dp4_zero4": (dict(attn_dp=4, moe_dp=4), 1, "full", NO_AUX),
+    # K/V heads (2) fewer than attn_tp (4): replicated K/V pieces under the sharded optimizer
+    "tp4_kv_replicated": (dict(attn_tp=4, moe_ep=4, moe_dp=1), 1, "none", NO_AUX),
+    # MoE shards (2 ranks) inside one attention-TP group (4 ranks): moe_dp 2 > attn_dp*attn_cp
+    "tp4_moe_subshard": (dict(attn_tp=4, moe_ep=2, moe_dp=2), 1, "selective", NO_AUX),
 }
 REFERENCES = [("float64", False), ("bf16", False), ("float64", True), ("bf16", True)]
 
@@ -87,6 +91,8 @@ def _compare(run64, run16, ref64, ref16) -> list[dict]:
         for n, spec in specs.items():
             where = spec.global_slices()
             want = ref_params64[k][n][where]
+            if want.numel() == 0:   # a rank holding only vocabulary padding of this parameter
+                continue
             f64_err = max(f64_err, float((params64[k][n] - want).abs().max()))
             sq[n] = (float((params16[k][n] - want).pow(2).sum()),
                      float((ref_params16[k][n][where] - want).pow(2).sum()),
@@ -126,7 +132,7 @@ def _bf16_distances(per_rank: list[dict]) -> tuple[dict, float, float]:
     return per_param, math.sqrt(totals[0] / totals[2]), math.sqrt(totals[1] / totals[2])
 
 
-def test_losses_and_parameters_match_one_process_in_8_layouts(tmp_path):
+def test_losses_and_parameters_match_one_process_in_10_layouts(tmp_path):
     """float64: every parameter after each of 5 steps within 1e-12 of the one-process run, losses
     within 1e-12 relative. bf16 (fp32 main weights), per step: every parameter's distance from
     the one-process float64 run is at most 2x the one-process bf16 run's (its largest over the
