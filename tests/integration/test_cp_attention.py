@@ -104,6 +104,7 @@ def _world4(rank, world):
                                                                s, packed, seed=s + hkv)
     return {"errors": errors, "skip": _check_skipping(groups[2]),
             "counts": _check_counts(groups[4]), "decode": _check_decode(groups),
+            "diagonal": _check_diagonal(groups[2]),
             "bad": _check_bad_input(groups[4])}
 
 
@@ -114,6 +115,22 @@ def _check_skipping(group):
     plan = plan_cp_attention(q, q, q, group, token_index=batch.token_index)
     return {key: [(grp.kind.value, grp.ranges) for grp in groups]
             for key, groups in plan.groups.items()}
+
+
+def _check_diagonal(group):
+    """Which plans run a rank's own K/V as one causal call over its whole local sequence: the
+    standard one-document split; not packed documents, nor a rank holding padding."""
+    from megatron_ext.layers.attention.cp_attention import diagonal_is_one_causal_block
+
+    out = {}
+    for name, s, docs in (("standard", 16, None), ("packed", 16, [[7, 9]]), ("padded", 13, None)):
+        batch = split_batch_for_cp(torch.zeros(1, s, dtype=torch.long), None, 2, group.rank,
+                                   doc_lengths=docs)
+        q = torch.zeros(1, batch.token_index.shape[-1], 2, 8, dtype=torch.float64)
+        seg = batch.segment_ids if (docs or s % 4) else None
+        plan = plan_cp_attention(q, q, q, group, token_index=batch.token_index, segment_ids=seg)
+        out[name] = diagonal_is_one_causal_block(plan)
+    return out
 
 
 def _check_counts(group):
@@ -227,6 +244,10 @@ def test_cp_attention_matches_reference_all_combinations(world4):
 
 
 def test_cp_attention_skips_fully_masked_blocks(world4):
+    # the fused diagonal call only where a rank's local tokens are real and in global order: a
+    # padded split of 13 tokens pads chunk 3 (rank 0's), rank 1's chunks 1, 2 are whole
+    assert world4[0]["diagonal"] == {"standard": True, "packed": False, "padded": False}
+    assert world4[1]["diagonal"] == {"standard": True, "packed": False, "padded": True}
     full, causal = MaskKind.FULL.value, MaskKind.CAUSAL.value
     # rank 0: chunk 0 sees only itself; chunk 3 sees chunk 0 (own part 0), chunks 1, 2 (rank 1)
     assert world4[0]["skip"] == {
