@@ -148,14 +148,11 @@ def test_split_k_decode_attention_matches_float64(b, hq, hkv, d, sk):
     valid[0] = False
     scale = 1 / math.sqrt(d)
     assert cp_decode._triton_applies(q.cuda(), k.cuda(), v.cuda())
-    out, lse = cp_decode.partial_decode_attention(q.cuda(), k.cuda(), v.cuda(),
-                                                  valid.cuda()[:, None], scale)
-    cp_decode.set_decode_kernel("torch")
-    try:
-        ref_out, ref_lse = cp_decode.partial_decode_attention(
-            q.double(), k.double(), v.double(), valid[:, None], scale)
-    finally:
-        cp_decode.set_decode_kernel("auto")
+    packed = cp_decode.triton_decode_packed(q.cuda(), k.cuda(), v.cuda(), valid.cuda()[:, None],
+                                            scale)
+    out, lse = packed[..., :-1], packed[..., -1].transpose(1, 2)
+    ref_out, ref_lse = cp_decode.partial_decode_attention(
+        q.double(), k.double(), v.double(), valid[:, None], scale)
     seen = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse.cpu()), seen)
     assert _rel(out[1:], ref_out[1:]) < 1e-2 and float(out[0].abs().max()) == 0.0

@@ -113,12 +113,10 @@ class AttentionBlock(nn.Module):
         if cache is None:
             return self.rope(positions, dtype=dtype, seq_len=rope_seq_len)
         key = (id(self.rope), id(positions), id(rope_seq_len), dtype)
-        hit = cache.get(key)
-        if hit is None or hit[0] is not positions or hit[1] is not rope_seq_len:
-            hit = (positions, rope_seq_len,
-                   *self.rope(positions, dtype=dtype, seq_len=rope_seq_len))
-            cache[key] = hit   # the inputs are kept, so their ids cannot be reused
-        return hit[2], hit[3]
+        if key not in cache:   # the entry keeps its inputs alive, so their ids stay theirs
+            cache[key] = (positions, rope_seq_len,
+                          *self.rope(positions, dtype=dtype, seq_len=rope_seq_len))
+        return cache[key][2:]
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, *,
                 token_index: Optional[torch.Tensor] = None,

@@ -96,16 +96,6 @@ def triton_decode_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return packed
 
 
-def triton_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            kv_valid: Optional[torch.Tensor], scale: float,
-                            sm_count: Optional[int] = None
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`partial_decode_attention`'s ``(out [b, 1, hq, d], lse [b, hq, 1])`` from
-    :func:`triton_decode_packed`."""
-    packed = triton_decode_packed(q, k, v, kv_valid, scale, sm_count)
-    return packed[..., :-1], packed[..., -1].transpose(1, 2)
-
-
 def merge_cp_partials(gathered: torch.Tensor, out_dtype: torch.dtype,
                       use_kernel: bool) -> torch.Tensor:
     """``gathered`` ``[cp, rows, s_q, hq, d + 1]`` (each CP rank's packed partial of the same
@@ -173,8 +163,6 @@ def partial_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     [b, s_q, hq, d], lse [b, hq, s_q])`` in the accumulation dtype; a query that sees nothing
     gets ``out = 0`` and ``lse = -inf``. The cache is read once, in its own dtype, by two batched
     matmuls (decode is bound by reading it); no host sync, so it can run in a CUDA graph."""
-    if _triton_applies(q, k, v):
-        return triton_decode_attention(q, k, v, kv_valid, scale)
     b, sq, hq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     g = hq // hkv
