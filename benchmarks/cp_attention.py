@@ -173,6 +173,40 @@ def torch_cp(S: int, hq: int, hkv: int, d: int, mesh, rotate: str, expand_kv: bo
     return step, nbytes, stack
 
 
+def profile_config(make, S: int, hq: int, hkv: int, d: int, rows: int = 14) -> dict:
+    """CUDA kernel times of one forward + backward (after two warm-up steps): total, the
+    communication kernels' share, and the top kernels — where a config spends its time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step, _, stack = make(S, hq, hkv, d)
+    try:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+        dist.barrier()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            s.record()
+            step()
+            e.record()
+            torch.cuda.synchronize()
+    finally:
+        stack.close()
+    kernels = [ev for ev in prof.key_averages() if ev.device_time_total > 0]
+    kernels.sort(key=lambda ev: -ev.device_time_total)
+    comm = sum(ev.device_time_total for ev in kernels if "nccl" in ev.key.lower())
+    out = {"step_ms": round(s.elapsed_time(e), 3),
+           "kernel_ms": round(sum(ev.device_time_total for ev in kernels) / 1e3, 3),
+           "nccl_ms": round(comm / 1e3, 3),
+           "top": [(ev.key[:90], ev.count, round(ev.device_time_total / 1e3, 3))
+                   for ev in kernels[:rows]]}
+    log0(f"## {S} tokens {hq}:{hkv}:{d} step {out['step_ms']} ms, kernels {out['kernel_ms']} "
+         f"ms (nccl {out['nccl_ms']})")
+    for key, n, ms in out["top"]:
+        log0(f"   {ms:8.3f} ms  x{n:<4} {key}")
+    return out
+
+
 # ------------------------------------------------------------------------------ correctness
 def _reference(q, k, v, seg):
     g = q.shape[2] // k.shape[2]
@@ -256,6 +290,11 @@ def main() -> None:
     p.add_argument("--te", nargs="*", default=["p2p", "all_gather", "a2a"],
                    help="TE cp_comm_type columns (where TE imports; none: skip)")
     p.add_argument("--check", action="store_true")
+    p.add_argument("--only", nargs="*", default=None,
+                   help="run only the configs whose name contains one of these words")
+    p.add_argument("--profile", type=int, default=0, metavar="S",
+                   help="profile one step of each config at S tokens (first shape) and print "
+                        "its CUDA kernel times (rank 0), instead of the timing grid")
     p.add_argument("--json", default="cp_attention.json")
     args = p.parse_args()
     require_cuda(__file__)
@@ -301,6 +340,14 @@ def main() -> None:
         for rot in args.rotate:
             configs.append((f"torch cp{world} {rot}",
                             lambda S, hq, hkv, d, r=rot: torch_cp(S, hq, hkv, d, mesh, r, False)))
+    if args.only:
+        configs = [(n, m) for n, m in configs if any(w in n for w in args.only)]
+    if args.profile:
+        hq, hkv, d = (int(x) for x in args.shapes[0].split(":"))
+        result["profile"] = {name: profile_config(make, args.profile, hq, hkv, d)
+                             for name, make in configs}
+        dump()
+        return
     header = f"{'shape':>10} {'S':>7} " + " ".join(f"{n:>22}" for n, _ in configs)
     log0(header)
     for shape in args.shapes:

@@ -112,9 +112,14 @@ def _check_skipping(group):
     """cp 2, one document of 16 tokens: rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2."""
     q = torch.zeros(1, 8, 2, 8, dtype=torch.float64)
     batch = split_batch_for_cp(torch.zeros(1, 16, dtype=torch.long), None, 2, group.rank)
+    from megatron_ext.layers.attention.cp_attention import source_calls
+
     plan = plan_cp_attention(q, q, q, group, token_index=batch.token_index)
-    return {key: [(grp.kind.value, grp.ranges) for grp in groups]
-            for key, groups in plan.groups.items()}
+    out = {key: [(grp.kind.value, grp.ranges) for grp in groups]
+           for key, groups in plan.groups.items()}
+    out["calls"] = {src: [(c.q_range, c.group.kind.value, c.group.ranges, c.part)
+                          for c in source_calls(plan, src)] for src in range(2)}
+    return out
 
 
 def _check_diagonal(group):
@@ -249,6 +254,7 @@ def test_cp_attention_skips_fully_masked_blocks(world4):
     assert world4[0]["diagonal"] == {"standard": True, "packed": False, "padded": False}
     assert world4[1]["diagonal"] == {"standard": True, "packed": False, "padded": True}
     full, causal = MaskKind.FULL.value, MaskKind.CAUSAL.value
+    calls = {k: world4[r]["skip"].pop("calls") for r, k in ((0, "r0"), (1, "r1"))}
     # rank 0: chunk 0 sees only itself; chunk 3 sees chunk 0 (own part 0), chunks 1, 2 (rank 1)
     assert world4[0]["skip"] == {
         (0, 0): [(causal, ((0, 4),))], (0, 1): [],
@@ -257,6 +263,13 @@ def test_cp_attention_skips_fully_masked_blocks(world4):
     assert world4[1]["skip"] == {
         (0, 0): [(full, ((0, 4),))], (0, 1): [(causal, ((0, 4),))],
         (1, 0): [(full, ((0, 4),))], (1, 1): [(full, ((0, 4),)), (causal, ((4, 8),))]}
+    # kernel calls: own K/V = one causal call over all 8 local tokens on both ranks; rank 0's
+    # chunk 3 against both of rank 1's chunks (one part); rank 1's two chunks both see all of
+    # chunk 0: one call of all 8 queries against it, not one per chunk
+    assert calls["r0"] == {0: [((0, 8), causal, ((0, 8),), None)],
+                           1: [((4, 8), full, ((0, 8),), 1)]}
+    assert calls["r1"] == {0: [((0, 8), full, ((0, 4),), None)],
+                           1: [((0, 8), causal, ((0, 8),), None)]}
 
 
 def test_cp_attention_collective_counts(world4):
@@ -266,10 +279,11 @@ def test_cp_attention_collective_counts(world4):
         assert ag == {"all_gather/forward": 3, "all_gather/backward": 1,
                       "reduce_scatter/forward": 0, "reduce_scatter/backward": 1,
                       "send_recv/forward": 0, "send_recv/backward": 0}
-        # cp=4 ring: 3 K/V steps forward; backward 3 K/V steps + 4 dK/dV steps
+        # cp=4 ring: 3 K/V steps forward; backward from the K/V the forward ended with: 2 K/V steps
+        # + 3 dK/dV hops
         assert p2p == {"all_gather/forward": 2, "all_gather/backward": 0,
                        "reduce_scatter/forward": 0, "reduce_scatter/backward": 0,
-                       "send_recv/forward": 3, "send_recv/backward": 7}
+                       "send_recv/forward": 3, "send_recv/backward": 5}
 
 
 def test_cp_decode_matches_full_cache_attention(world4):

@@ -10,14 +10,18 @@ equals single-process attention over the whole sequence, values and gradients.
 K/V exchange strategies:
 
 * ``all_gather``: gather K, V over CP (asynchronously, while the local blocks are computed);
-  the backward gathers them again (nothing sequence-long is kept between passes), computes the
-  peers' blocks first and hands each peer its dK, dV (the reduce-scatter, pairwise), then adds
-  its own blocks. Both run as pairwise send/recv without a buffer for this rank's own slot
+  the backward gathers them again (nothing sequence-long is kept between passes) while it
+  computes its own blocks, then each peer's, handing each peer its dK, dV (the reduce-scatter,
+  pairwise) while the next computes. Both run as pairwise send/recv without a buffer for this rank's own slot
   (:mod:`megatron_ext.communication.raw`), and each peer's buffer is freed once used.
 * ``p2p``: a ring of ``cp-1`` send/recv steps, each overlapped with the attention of the block
-  in hand; partial outputs merged by log-sum-exp. The backward runs the ring again for K, V while
-  dK, dV travel one step behind and reach their owner after ``cp`` steps. K/V travel as they
-  are (no stacked copy) through at most two receive buffers.
+  in hand; partial outputs merged by log-sum-exp. The backward runs the ring in reverse from the
+  K/V the forward ended with (kept: one K/V-sized buffer more than ``all_gather`` keeps, for no
+  exposed K/V transfer), while partial dK/dV follow the same way and reach their owner, whose own
+  blocks come last and hide the final transfer. K/V travel as they are (no stacked copy).
+
+A source whose keys every local query part sees fully is one kernel call over all local queries
+(:func:`source_calls`), and the local diagonal of the standard split is one causal call.
 
 Gradient sums (:class:`_GradSum`) stay in the kernel's dtype where a part gets at most two
 contributions on a rank (one rounding, as a float32 sum would give) and use float32 only where
@@ -33,6 +37,7 @@ layouts to ``te.pytorch.DotProductAttention`` (:mod:`megatron_ext.layers.attenti
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -44,7 +49,7 @@ from megatron_ext.layers.attention.attention_math import (MaskKind, accum_dtype,
 from megatron_ext.communication.raw import (exchange_async, gather_peers_async, log_collective,
                                          ring_exchange_async)
 from megatron_ext.communication.choices import CP_STRATEGIES, check_choice
-from megatron_ext.layers.attention.cp_plan import CPAttentionPlan, plan_cp_attention
+from megatron_ext.layers.attention.cp_plan import BlockGroup, CPAttentionPlan, plan_cp_attention
 from megatron_ext.parallel.groups import AxisGroup
 
 log = logging.getLogger(__name__)
@@ -143,32 +148,62 @@ def diagonal_is_one_causal_block(plan: CPAttentionPlan) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class _Call:
+    """One kernel call: local queries ``q_range`` (whole parts) against a source's key
+    ``group``; ``part`` is the query part when the call covers one part (``GENERAL`` masks are
+    built per part)."""
+
+    q_range: tuple[int, int]
+    group: BlockGroup
+    part: Optional[int]
+
+
+def source_calls(plan: CPAttentionPlan, src: int) -> tuple[_Call, ...]:
+    """The kernel calls of this rank's queries against source ``src``'s K/V. Part by part as
+    the plan groups them, except where one call over the whole local sequence does the same
+    work: the diagonal of :func:`diagonal_is_one_causal_block`, and a source every query part
+    sees the same keys of, fully (e.g. cp 2's rank 1: both its chunks see all of chunk 0 — one
+    call of twice the queries instead of two, as TE's p2p makes it)."""
+    s = plan.shape[1]
+    if src == plan.cp_rank and diagonal_is_one_causal_block(plan):
+        return (_Call((0, s), BlockGroup(MaskKind.CAUSAL, ((0, s),)), None),)
+    per_part = [plan.blocks(i, src) for i in range(len(plan.parts))]
+    first = per_part[0]
+    if (len(per_part) > 1 and len(first) == 1 and first[0].kind == MaskKind.FULL
+            and all(p == first for p in per_part)):
+        return (_Call((0, s), first[0], None),)
+    return tuple(_Call(plan.parts[i], grp, i) for i, groups in enumerate(per_part)
+                 for grp in groups)
+
+
+def _parts_in(plan: CPAttentionPlan, q_range: tuple[int, int]):
+    """``(part index, start, end)`` of the parts inside ``q_range``, relative to its start."""
+    a0, e0 = q_range
+    return [(i, a - a0, e - a0) for i, (a, e) in enumerate(plan.parts) if a0 <= a and e <= e0]
+
+
 class _Forward:
     """Running (out, lse) per local query part."""
 
     def __init__(self, q: torch.Tensor, plan: CPAttentionPlan, scale: float):
         self.q, self.plan, self.scale = q, plan, scale
-        self.q_parts = [q[:, a:e] for a, e in plan.parts]
+        self.calls = [source_calls(plan, r) for r in range(plan.cp_size)]
         self.acc = [(None, None) for _ in plan.parts]
         self.aux = None
-        self.one_diagonal = diagonal_is_one_causal_block(plan)
 
     def attend(self, k_src: torch.Tensor, v_src: torch.Tensor, src: int) -> None:
-        if src == self.plan.cp_rank and self.one_diagonal:
-            o, lse, aux = block_forward(self.q, k_src, v_src, self.scale, MaskKind.CAUSAL)
-            for i, (a, e) in enumerate(self.plan.parts):
-                self.acc[i] = merge_partial(*self.acc[i], o[:, a:e], lse[..., a:e])
+        for call in self.calls[src]:
+            a, e = call.q_range
+            grp = call.group
+            mask = (self.plan.mask(call.part, src, grp.ranges) if grp.kind == MaskKind.GENERAL
+                    else None)
+            o, lse, aux = block_forward(self.q[:, a:e], _take(k_src, grp.ranges),
+                                        _take(v_src, grp.ranges), self.scale, grp.kind, mask)
+            for i, pa, pe in _parts_in(self.plan, call.q_range):
+                self.acc[i] = merge_partial(*self.acc[i], o[:, pa:pe], lse[..., pa:pe])
             self.aux = self.aux if self.aux is not None else aux
-            return
-        for i, qp in enumerate(self.q_parts):
-            for grp in self.plan.blocks(i, src):
-                mask = (self.plan.mask(i, src, grp.ranges) if grp.kind == MaskKind.GENERAL
-                        else None)
-                o, lse, aux = block_forward(qp, _take(k_src, grp.ranges),
-                                            _take(v_src, grp.ranges), self.scale, grp.kind, mask)
-                self.acc[i] = merge_partial(*self.acc[i], o, lse)
-                self.aux = self.aux if self.aux is not None else aux
-                del o, lse
+            del o, lse
 
     def result(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The output in q's dtype (written part by part into one tensor) and each part's
@@ -191,64 +226,49 @@ class _Forward:
 
 
 class _Backward:
-    """dq summed over every block; dk, dv of a source rank added into given sums per call."""
+    """dq summed over every call; dk, dv of a source rank added into given sums per call."""
 
     def __init__(self, dout, q, out, lses, plan, scale, aux):
         self.plan, self.scale, self.aux = plan, scale, aux
-        self.parts = [(q[:, a:e], dout[:, a:e], out[:, a:e], lse)
-                      for (a, e), lse in zip(plan.parts, lses)]
-        self.one_diagonal = diagonal_is_one_causal_block(plan)
-        self.whole = (dout, q, out, torch.cat(lses, -1)) if self.one_diagonal else None
-        counts = [sum(self._calls(i, r) for r in range(plan.cp_size))
-                  for i in range(len(plan.parts))]
+        self.dout, self.q, self.out = dout, q, out
+        self.lse = torch.cat(lses, -1) if len(lses) > 1 else lses[0]
+        self.calls = [source_calls(plan, r) for r in range(plan.cp_size)]
+        counts = [0] * len(plan.parts)
+        for calls in self.calls:
+            for call in calls:
+                for i, _, _ in _parts_in(plan, call.q_range):
+                    counts[i] += 1
         self.dq = _GradSum(q.shape, q.dtype, q.device, plan.parts, counts)
-
-    def _calls(self, q_part: int, src: int) -> int:
-        """Kernel calls adding to query part ``q_part``'s gradient for source ``src``."""
-        if src == self.plan.cp_rank and self.one_diagonal:
-            return 1
-        return len(self.plan.blocks(q_part, src))
 
     def kv_sums(self, k: torch.Tensor, v: torch.Tensor, src: int, extra: int = 0
                 ) -> tuple[_GradSum, _GradSum]:
-        """Empty dK, dV sums for source ``src``, counting this rank's blocks per key part
-        (plus ``extra`` further additions, e.g. partial sums of more peers). Each sum has the
+        """Empty dK, dV sums for source ``src``, counting this rank's calls per key part
+        (plus ``extra`` further additions, e.g. partial sums of peers). Each sum has the
         dtype of its own tensor: under autocast K may be float32 (after a float32-weight QK-norm)
         while V is bf16, and the peer's receive buffer for dV is ``empty_like(v)``."""
         counts = [extra] * len(self.plan.parts)
-        if src == self.plan.cp_rank and self.one_diagonal:
-            counts = [c + 1 for c in counts]
-        else:
-            for i in range(len(self.plan.parts)):
-                for grp in self.plan.blocks(i, src):
-                    for j, _ in _covered(self.plan.parts, grp.ranges):
-                        counts[j] += 1
+        for call in self.calls[src]:
+            for j, _ in _covered(self.plan.parts, call.group.ranges):
+                counts[j] += 1
         return tuple(_GradSum(t.shape, t.dtype, t.device, self.plan.parts, counts)
                      for t in (k, v))
 
     def grads(self, k_src: torch.Tensor, v_src: torch.Tensor, src: int, dk: _GradSum,
               dv: _GradSum) -> None:
         """Add this rank's contributions to dK, dV of source ``src`` (and to dq)."""
-        if src == self.plan.cp_rank and self.one_diagonal:
-            dout, q, out, lse = self.whole
-            whole = ((0, q.shape[1]),)
-            gq, gk, gv = block_backward(dout, q, k_src, v_src, out, lse, self.scale,
-                                        MaskKind.CAUSAL, None, self.aux)
-            self.dq.add(whole, gq)
-            dk.add(whole, gk)
-            dv.add(whole, gv)
-            return
-        for i, (qp, dop, op, lse) in enumerate(self.parts):
-            for grp in self.plan.blocks(i, src):
-                mask = (self.plan.mask(i, src, grp.ranges) if grp.kind == MaskKind.GENERAL
-                        else None)
-                gq, gk, gv = block_backward(dop, qp, _take(k_src, grp.ranges),
-                                            _take(v_src, grp.ranges), op, lse, self.scale,
-                                            grp.kind, mask, self.aux)
-                self.dq.add((self.plan.parts[i],), gq)
-                dk.add(grp.ranges, gk)
-                dv.add(grp.ranges, gv)
-                del gq, gk, gv  # free before the next kernel call
+        for call in self.calls[src]:
+            a, e = call.q_range
+            grp = call.group
+            mask = (self.plan.mask(call.part, src, grp.ranges) if grp.kind == MaskKind.GENERAL
+                    else None)
+            gq, gk, gv = block_backward(self.dout[:, a:e], self.q[:, a:e],
+                                        _take(k_src, grp.ranges), _take(v_src, grp.ranges),
+                                        self.out[:, a:e], self.lse[..., a:e], self.scale,
+                                        grp.kind, mask, self.aux)
+            self.dq.add((call.q_range,), gq)
+            dk.add(grp.ranges, gk)
+            dv.add(grp.ranges, gv)
+            del gq, gk, gv  # free before the next kernel call
 
 
 class _KVRing:
@@ -278,7 +298,7 @@ def _forward_all_gather(q, k, v, plan, group, scale):
     fwd = _Forward(q, plan, scale)
     if group.is_trivial:
         fwd.attend(k, v, plan.cp_rank)
-        return fwd
+        return fwd, ()
     peers, pending = gather_peers_async([k, v], group)
     fwd.attend(k, v, plan.cp_rank)  # local blocks while K/V travel
     pending.wait()
@@ -286,43 +306,49 @@ def _forward_all_gather(q, k, v, plan, group, scale):
         kr, vr = peers.pop(r)
         fwd.attend(kr, vr, r)
         del kr, vr  # each peer's K/V freed once used
-    return fwd
+    return fwd, ()
 
 
-def _backward_all_gather(bwd: _Backward, k, v, plan, group):
-    """Remote sources first: gather K/V again, compute each peer's dK/dV, exchange it with
-    that peer (the reduce-scatter, pairwise) and free it, so that the received K/V, the outgoing
-    dK/dV and this rank's own dK/dV are never all held at once; own blocks last."""
+def _backward_all_gather(bwd: _Backward, k, v, plan, group, kept=()):
+    """Own blocks first while K/V are gathered again; then each peer's blocks, whose dK/dV go
+    back to that peer (the reduce-scatter, pairwise) while the next peer's blocks compute; the
+    shares received for this rank's K/V are added last. Only the last exchange is exposed."""
     cp, me = plan.cp_size, plan.cp_rank
+    own = bwd.kv_sums(k, v, me, extra=cp - 1)
     if group.is_trivial:
-        dk, dv = bwd.kv_sums(k, v, me)
-        bwd.grads(k, v, me, dk, dv)
-        return dk.result(), dv.result()
+        bwd.grads(k, v, me, *own)
+        return own[0].result(), own[1].result()
     peers, pending = gather_peers_async([k, v], group)
     log_collective("reduce_scatter", group,
                    cp * (k.numel() * k.element_size() + v.numel() * v.element_size()))
-    own = bwd.kv_sums(k, v, me, extra=cp - 2)  # the first peer's share starts the sum
+    bwd.grads(k, v, me, *own)  # while K/V travel
     pending.wait()
     whole = ((0, k.shape[1]),)
+    in_flight = None
     for t in range(1, cp):
         src, frm = (me - t) % cp, (me + t) % cp
         ks, vs = peers.pop(src)
         dks, dvs = bwd.kv_sums(k, v, src)
         bwd.grads(ks, vs, src, dks, dvs)
-        del ks, vs
+        del ks, vs  # each peer's K/V freed once used
         send = [dks.result(), dvs.result()]
         del dks, dvs
+        if in_flight is not None:
+            in_flight[0].wait()
+            own[0].add(whole, in_flight[1][0])
+            own[1].add(whole, in_flight[1][1])
         recv = [torch.empty_like(k), torch.empty_like(v)]
-        exchange_async(send, recv, src, frm, group, log_as=None).wait()
-        del send
-        own[0].add(whole, recv[0])
-        own[1].add(whole, recv[1])
-        del recv
-    bwd.grads(k, v, me, *own)
+        in_flight = (exchange_async(send, recv, src, frm, group, log_as=None, tag=t), recv)
+        del send, recv
+    in_flight[0].wait()
+    own[0].add(whole, in_flight[1][0])
+    own[1].add(whole, in_flight[1][1])
     return own[0].result(), own[1].result()
 
 
 def _forward_p2p(q, k, v, plan, group, scale):
+    """Ring of ``cp - 1`` K/V steps, each overlapped with the attention of the block in hand.
+    Returns the K/V held at the end (source ``me + 1``) for the backward to start from."""
     fwd = _Forward(q, plan, scale)
     cp, me = plan.cp_size, plan.cp_rank
     ring = _KVRing(k, v, group)
@@ -332,43 +358,48 @@ def _forward_p2p(q, k, v, plan, group, scale):
         fwd.attend(ring.cur[0], ring.cur[1], (me - t) % cp)
         if t < cp - 1:
             ring.advance()
-    return fwd
+    return fwd, (ring.cur if cp > 1 else ())
 
 
-def _backward_p2p(bwd: _Backward, k, v, plan, group):
-    """Ring of cp steps: K/V of source ``me - t`` arrive while step ``t - 1`` computes; the
-    partial dK/dV of that source arrive from the previous rank (in the kernel's dtype), start
-    this rank's sum for it and travel on; after ``cp`` steps a rank holds its own dK/dV. The
-    previous step's dK/dV exchange is waited for before computing, so only one partial dK/dV
-    per direction is held."""
+def _backward_p2p(bwd: _Backward, k, v, plan, group, kept=()):
+    """The forward's ring run backwards, starting from the K/V the forward ended with (kept for
+    that: no K/V travel before the first step). Step ``u`` adds this rank's share of the
+    gradients of source ``me + 1 + u``; the next source's K/V come from rank ``me + 1`` while it
+    computes, and the last step is this rank's own K/V. A source's partial dK/dV sum travels
+    the same way (from rank ``src - 1`` down to the owner), each rank adding the partial it
+    receives *after* computing its own share, so every transfer overlaps a compute step — the
+    owner's own blocks come last and hide the final one. cp 2 moves no K/V in backward and one
+    dK/dV (TE's p2p re-sends K/V and waits for the last dK/dV exposed)."""
     cp, me = plan.cp_size, plan.cp_rank
-    ring = _KVRing(k, v, group)
+    own = bwd.kv_sums(k, v, me, extra=1 if cp > 1 else 0)
+    if cp == 1:
+        bwd.grads(k, v, me, *own)
+        return own[0].result(), own[1].result()
+    up, down = (me + 1) % cp, (me - 1) % cp
     whole = ((0, k.shape[1]),)
-    dkv_in, pending = None, None
-    for t in range(cp):
-        src = (me - t) % cp
-        if t < cp - 1:
-            ring.start()
-        sums = bwd.kv_sums(k, v, src)
-        if pending is not None:
+    cur, kv_next, dkv_in, pending = tuple(kept), None, None, None
+    for u in range(cp):
+        src = (me + 1 + u) % cp
+        if u < cp - 2:  # K/V of the source after next's: from rank me + 1, ours on to me - 1
+            nxt = (torch.empty_like(k), torch.empty_like(v))
+            kv_next = (exchange_async(list(cur), list(nxt), down, up, group, tag=1), nxt)
+        sums = own if src == me else bwd.kv_sums(k, v, src, extra=1 if u > 0 else 0)
+        bwd.grads(*((k, v) if src == me else cur), src, *sums)
+        if pending is not None:  # the partial of this source from rank me + 1
             pending.wait()
             sums[0].add(whole, dkv_in[0])
             sums[1].add(whole, dkv_in[1])
-            dkv_in = None
-        bwd.grads(ring.cur[0], ring.cur[1], src, *sums)
-        if t < cp - 1:
-            ring.advance()
-        else:
-            ring = None  # the last source's K/V are no longer needed
+        if src == me:
+            return own[0].result(), own[1].result()
         send = [sm.result() for sm in sums]
         del sums
-        if cp == 1:
-            return send[0], send[1]
         dkv_in = [torch.empty_like(k), torch.empty_like(v)]
-        pending = ring_exchange_async(send, dkv_in, group, tag=2)  # apart from K/V
+        pending = exchange_async(send, dkv_in, down, up, group, tag=2)  # apart from K/V
         del send
-    pending.wait()
-    return dkv_in[0], dkv_in[1]
+        if kv_next is not None:
+            kv_next[0].wait()
+            cur, kv_next = kv_next[1], None
+    raise AssertionError("unreachable: the last step is this rank's own K/V")
 
 
 _STRATEGY = {"all_gather": (_forward_all_gather, _backward_all_gather),
@@ -378,23 +409,26 @@ _STRATEGY = {"all_gather": (_forward_all_gather, _backward_all_gather),
 class _ContextParallelAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan, group, strategy, scale):
-        fwd = _STRATEGY[strategy][0](q, k, v, plan, group, scale)
+        fwd, kept = _STRATEGY[strategy][0](q, k, v, plan, group, scale)
         out, lses = fwd.result()
-        ctx.save_for_backward(q, k, v, out, *lses)
+        ctx.n_kept = len(kept)
+        ctx.save_for_backward(q, k, v, out, *kept, *lses)
         ctx.plan, ctx.group, ctx.strategy = plan, group, strategy
         ctx.scale, ctx.aux = scale, fwd.aux
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, *lses = ctx.saved_tensors
+        q, k, v, out, *rest = ctx.saved_tensors
+        kept, lses = rest[:ctx.n_kept], rest[ctx.n_kept:]
         plan = ctx.plan
         dout = dout.to(q.dtype)
         if plan.q_valid is not None:
             dout = dout * plan.q_valid[:, :, None, None].to(dout.dtype)
         bwd = _Backward(dout.contiguous(), q, out, lses, plan, ctx.scale, ctx.aux)
-        del lses, out
-        dk, dv = _STRATEGY[ctx.strategy][1](bwd, k, v, plan, ctx.group)
+        del lses, out, rest
+        dk, dv = _STRATEGY[ctx.strategy][1](bwd, k, v, plan, ctx.group, kept)
+        del kept
         return bwd.dq.result(), dk, dv, None, None, None, None
 
 
