@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._common import (device_name, init_nccl, require_cuda, table, time_eager,  # noqa: E402
                                 write_results)
-from megatron_ext.layers.moe.dispatch import combine, gather_rows, local_dispatch  # noqa: E402
+from megatron_ext.layers.moe.dispatch import (combine, gather_rows, local_dispatch,  # noqa: E402
+                                              row_weights)
 from megatron_ext.layers.moe.moe_layer import MoELayer  # noqa: E402
 from megatron_ext.communication.collectives import all_reduce  # noqa: E402
 from megatron_ext.parallel.groups import build_groups  # noqa: E402
@@ -42,8 +43,9 @@ def routed_and_shared(layer: MoELayer, x: torch.Tensor):
     routing = layer.gate(x, None)
     assign = local_dispatch(routing.experts, layer.experts.first_expert, layer.experts.num_local,
                             layer.num_experts)
-    y = layer.experts(gather_rows(x, assign, layer.top_k), assign.counts)
-    return combine(y, routing.weights, assign, x.shape[0]), layer.shared_expert(x)
+    y = layer.experts(gather_rows(x, assign, layer.top_k), assign.counts,
+                      row_weights(routing.weights, assign))
+    return combine(y, assign, layer.top_k), layer.shared_expert(x)
 
 
 def main() -> None:

@@ -180,7 +180,7 @@ def kernel_checks(device) -> dict:
                             worst_param=max(grads.values()))
 
     # MoE dispatch adjoint + combine (Triton on CUDA) alone vs float64, full and EP-style halves
-    from megatron_ext.layers.moe.dispatch import combine, gather_rows, local_dispatch
+    from megatron_ext.layers.moe.dispatch import combine, gather_rows, local_dispatch, row_weights
     experts = torch.argsort(torch.rand(3000, 64, generator=gen, device=device), -1)[:, :8]
     for first, num_local in ((0, 64), (32, 32)):
         a = local_dispatch(experts, first, num_local, 64)
@@ -191,8 +191,8 @@ def kernel_checks(device) -> dict:
             xi = x.detach().to(dt).requires_grad_()
             wi = w.detach().to(dt).requires_grad_()
             rows = gather_rows(xi, a, 8)
-            y = combine(rows * torch.linspace(0.5, 2, rows.shape[0], device=device,
-                                              dtype=dt)[:, None], wi, a, 3000)
+            scale = torch.linspace(0.5, 2, rows.shape[0], device=device, dtype=dt)
+            y = combine(rows * (scale * row_weights(wi, a))[:, None], a, 8)
             y.backward(gy.to(dt))
             grads.append((y, xi.grad, wi.grad))
         (y1, dx1, dw1), (y2, dx2, dw2) = grads
@@ -245,7 +245,7 @@ def component_times(cfg: ModelConfig, batch: int, seq: int, device) -> list[list
     from megatron_ext.layers.attention.cp_plan import plan_cp_attention
     from megatron_ext.layers.cross_entropy import vocab_parallel_cross_entropy
     from megatron_ext.layers.mlp import swiglu
-    from megatron_ext.layers.moe.dispatch import combine, gather_rows, local_dispatch
+    from megatron_ext.layers.moe.dispatch import combine, gather_rows, local_dispatch, row_weights
     from megatron_ext.layers.norm import rms_norm, rms_norm_reference
 
     single = ParallelGroups.single_process()
@@ -290,7 +290,7 @@ def component_times(cfg: ModelConfig, batch: int, seq: int, device) -> list[list
 
     def new_moe_io():
         a = local_dispatch(experts, 0, cfg.num_experts, cfg.num_experts)
-        return combine(gather_rows(x, a, k) * 1.5, w, a, tokens)
+        return combine(gather_rows(x, a, k) * (1.5 * row_weights(w, a))[:, None], a, k)
 
     rows.append(["MoE dispatch+combine (index/index_add -> gathers)", fb(old_moe_io, x, w),
                  fb(new_moe_io, x, w)])

@@ -22,6 +22,7 @@ from torch import nn
 
 from megatron_ext.layers.backend import LayerBackend
 from megatron_ext.layers.rematerialize import project_without_saving
+from megatron_ext.layers.weighted_swiglu import weighted_swiglu
 from megatron_ext.communication.collectives import copy_to_region
 from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import AxisGroup, ParallelGroups
@@ -62,17 +63,25 @@ class _TritonSwiGLU(torch.autograd.Function):
 
 def swiglu_projected(gate: torch.Tensor, up: torch.Tensor,
                      project: Callable[[torch.Tensor], torch.Tensor],
-                     recompute: bool = False) -> torch.Tensor:
-    """``project(swiglu(gate, up))``. With ``recompute`` (selective; Megatron's ``moe_act``)
-    neither the activation's backward nor the projection keeps the activation: the first keeps
-    only ``gate`` and ``up`` (which the projections produced anyway), the second gets it back
-    recomputed (:mod:`~megatron_ext.layers.rematerialize`). Collective-free."""
+                     recompute: bool = False,
+                     row_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``project(swiglu(gate, up))``, or ``project(weighted_swiglu(gate, up, row_weight))`` for
+    the routed experts (:mod:`~megatron_ext.layers.weighted_swiglu`). With ``recompute``
+    (selective; Megatron's ``moe_act``) neither the activation's backward nor the projection
+    keeps the activation: the first keeps only ``gate`` and ``up`` (which the projections produced
+    anyway) and the row weights, the second gets it back recomputed
+    (:mod:`~megatron_ext.layers.rematerialize`). Collective-free."""
+    fn, inputs = ((swiglu, (gate, up)) if row_weight is None
+                  else (weighted_swiglu, (gate, up, row_weight)))
     if not (recompute and torch.is_grad_enabled()):
-        return project(swiglu(gate, up))
-    from torch.utils.checkpoint import checkpoint
+        return project(fn(*inputs))
+    if row_weight is None:  # torch's silu * up saves silu(gate): checkpoint it away
+        from torch.utils.checkpoint import checkpoint
 
-    act = checkpoint(swiglu, gate, up, use_reentrant=False)
-    return project_without_saving(swiglu, (gate, up), act, project)
+        act = checkpoint(swiglu, gate, up, use_reentrant=False)
+    else:  # one autograd function that saves its inputs only
+        act = fn(*inputs)
+    return project_without_saving(fn, inputs, act, project)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

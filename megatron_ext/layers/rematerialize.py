@@ -10,7 +10,8 @@ too (``CheckpointWithoutOutput``); this is the same with saved-tensor hooks: wha
 projection saves that lives in the activation's storage is packed as (shape, stride, offset) and
 unpacked as a view of one recomputation, cached until the projection's saved tensors are freed.
 The recomputation runs the same function on the same inputs, so the values are bitwise those of
-the forward. Collective-free by construction (the activation function is elementwise).
+the forward. Collective-free by construction (the activation is elementwise: ``swiglu``, or the
+routed experts' ``weighted_swiglu``, whose row weights are one more input).
 """
 from __future__ import annotations
 

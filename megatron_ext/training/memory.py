@@ -10,7 +10,7 @@ Model state is exact: the rank's parameters are built on the ``meta`` device fro
 every ``ParamSpec`` split and sync group is the real one) and bucketed as the optimizer does.
 Activations are a count of what autograd keeps per token, mirroring the layers (norm inputs and
 outputs, q/k/v/out and log-sum-exp of flash-style CP attention, router logits, the MoE's sorted
-rows and SwiGLU intermediates, the fp32 logits of the loss), times the micro-batches a pipeline
+rows, weighted SwiGLU inputs and row weights, the fp32 logits of the loss), times the micro-batches a pipeline
 stage holds under 1F1B; ``tests/integration/test_memory.py`` checks it against the bytes autograd
 saves on CPU.
 """
@@ -144,12 +144,15 @@ def activation_bytes(config, topo: Topology, seq_len: int, micro_batch_size: int
             k = _moe_rows_per_token(topo)
             rows = k * config.num_experts_per_tok / topo.moe_ep  # expert rows per local token
             inter = config.moe_intermediate_size // topo.moe_tp
-            swiglu = (2 if recompute == Recompute.SELECTIVE else 4) * inter * b
+            # the weighted SwiGLU keeps gate and up (+ its output for down_proj without
+            # selective recompute) and the row weight; the combine keeps no rows (indices only)
+            swiglu = (2 if recompute == Recompute.SELECTIVE else 3) * inter * b + b
             mlp = k * (h * b + config.num_experts * 4 + config.num_experts_per_tok * 12) \
-                + rows * (2 * h * b + swiglu + 16)
+                + rows * (h * b + swiglu + 16)
             if config.shared_expert_intermediate_size:
                 si = config.shared_expert_intermediate_size // topo.moe_shard_size
-                mlp += k * (h * b + (2 if recompute == Recompute.SELECTIVE else 4) * si * b)
+                # its input is the router's (one saved tensor): only its SwiGLU counts
+                mlp += k * (2 if recompute == Recompute.SELECTIVE else 4) * si * b
         else:
             inter = config.intermediate_size // tp
             mlp = h * b + (2 if recompute == Recompute.SELECTIVE else 4) * inter * b

@@ -79,7 +79,7 @@ def _moe_internal(layout: Layout, topo: Topology, shared: bool) -> Counter:
     if topo.moe_tp > 1:
         out.update({("all_gather", "moe_tp"): 2, ("reduce_scatter", "moe_tp"): 1})
     if topo.moe_ep > 1:
-        out[("all_to_all", "moe_ep")] = 3
+        out[("all_to_all", "moe_ep")] = 4
     if shared and topo.moe_shard_size > 1:
         out.update({("all_gather", "moe_shard"): 1, ("reduce_scatter", "moe_shard"): 1})
     return out

@@ -10,13 +10,16 @@
 Moving rows between token order and expert order is done with gathers only (no ``index_add``
 atomics): besides the sorted assignments every dispatch keeps ``slot_row``, the sorted row of
 each of the ``T·k`` (token, slot) pairs (or ``N``, a zero row, for slots owned by another rank).
-The combine ``out[t] = Σ_j w[t, j] · y[slot_row[t·k + j]]`` and the adjoint of the dispatch
-gather ``x[token_index]`` (the same sum with unit weights) read each token's ``k`` rows and sum
-them in float32; its backward ``dy[i] = w_i · g[token_i]``, ``dw_i = <g[token_i], y[i]>`` reads
-each sorted row once. On CUDA fp16/bf16 each of these is one Triton kernel (no ``[T·k, H]``
-intermediate); elsewhere the same math in torch ops (gathers, a batched ``[1, k] × [k, H]``
-product). A rank holding every expert needs no host sync: the counts
-per expert come from the sorted keys (``searchsorted``), not ``bincount`` (which syncs on CUDA).
+The routing weights travel with the rows (:func:`row_weights`, :meth:`AllToAllDispatch.send_weights`)
+and the experts apply them inside their activation
+(:mod:`~megatron_ext.layers.weighted_swiglu`), so the combine is the unweighted slot sum
+``out[t] = Σ_j y[slot_row[t·k + j]]``: the adjoint of the dispatch gather ``x[token_index]``, and
+its backward is that gather of the incoming gradient. Neither keeps an ``[N, H]`` tensor for
+backward (a weighted combine would keep the expert outputs ``y`` for the weights' gradient). The
+slot sum reads each token's ``k`` rows and sums them in float32: one Triton kernel on CUDA
+fp16/bf16 (no ``[T·k, H]`` intermediate), torch gathers elsewhere. A rank holding every expert
+needs no host sync: the counts per expert come from the sorted keys (``searchsorted``), not
+``bincount`` (which syncs on CUDA).
 """
 from __future__ import annotations
 
@@ -78,9 +81,9 @@ def local_dispatch(experts: torch.Tensor, first_expert: int, num_local: int,
 # ------------------------------------------------------------------------------ Triton kernels
 @functools.lru_cache(maxsize=None)
 def _kernels():
-    """The Triton kernels (:mod:`megatron_ext.kernels.moe_combine`); ``None`` without Triton."""
+    """The Triton slot sum (:mod:`megatron_ext.kernels.moe_combine`); ``None`` without Triton."""
     k = kernel_module("moe_combine")
-    return None if k is None else (k.triton, k.weighted_slot_sum, k.combine_backward)
+    return None if k is None else (k.triton, k.slot_sum)
 
 
 MAX_TRITON_COLS = 16384
@@ -91,19 +94,17 @@ def _triton_applies(rows: torch.Tensor) -> bool:
             and 0 < rows.shape[1] <= MAX_TRITON_COLS and _kernels() is not None)
 
 
-def _slot_sum_triton(rows: torch.Tensor, slot_row: torch.Tensor, top_k: int,
-                     weights: Optional[torch.Tensor]) -> torch.Tensor:
-    triton, kernel, _ = _kernels()
+def _slot_sum_triton(rows: torch.Tensor, slot_row: torch.Tensor, top_k: int) -> torch.Tensor:
+    triton, kernel = _kernels()
     rows = rows.contiguous()
     num_tokens, cols = slot_row.numel() // top_k, rows.shape[1]
     out = torch.empty((num_tokens, cols), dtype=rows.dtype, device=rows.device)
     if num_tokens == 0:
         return out
     block = min(2048, triton.next_power_of_2(cols))
-    w = rows if weights is None else weights.to(rows.dtype).contiguous()
     kernel[(num_tokens, triton.cdiv(cols, block))](
-        rows, w, slot_row.contiguous(), out, rows.shape[0], cols, TOP_K=top_k,
-        HAS_W=weights is not None, BLOCK=block, num_warps=max(1, min(8, block // 256)))
+        rows, slot_row.contiguous(), out, rows.shape[0], cols, TOP_K=top_k, BLOCK=block,
+        num_warps=max(1, min(8, block // 256)))
     return out
 
 
@@ -117,13 +118,13 @@ def _with_zero_row(rows: torch.Tensor, slot_row: torch.Tensor) -> torch.Tensor:
 def sum_slots(rows: torch.Tensor, slot_row: torch.Tensor, top_k: int) -> torch.Tensor:
     """``out[t] = Σ_j rows[slot_row[t·k + j]]`` (slots of other ranks add zero) → ``[T, H]``."""
     if _triton_applies(rows):
-        return _slot_sum_triton(rows, slot_row, top_k, None)
+        return _slot_sum_triton(rows, slot_row, top_k)
     picked = _with_zero_row(rows, slot_row).index_select(0, slot_row)
-    return picked.view(slot_row.numel() // top_k, top_k, -1).sum(1)
+    return picked.view(slot_row.numel() // top_k, top_k, *rows.shape[1:]).sum(1)
 
 
 class _GatherTokenRows(torch.autograd.Function):
-    """``x[token_index]`` whose adjoint gathers each token's rows back (no atomics)."""
+    """``x[token_index]`` whose adjoint sums each token's rows back (no atomics)."""
 
     @staticmethod
     def forward(ctx, x, token_index, slot_row, top_k):
@@ -137,42 +138,19 @@ class _GatherTokenRows(torch.autograd.Function):
         return sum_slots(grad, slot_row, ctx.top_k), None, None, None
 
 
-class _CombineSlots(torch.autograd.Function):
-    """``out[t] = Σ_j w[t, j] · y[slot_row[t·k + j]]``, differentiable in ``y`` and ``w``."""
+class _SumTokenSlots(torch.autograd.Function):
+    """The combine ``out[t] = Σ_j rows[slot_row[t·k + j]]``: the adjoint of
+    :class:`_GatherTokenRows`, whose adjoint is that gather (it keeps only ``token_index``)."""
 
     @staticmethod
-    def forward(ctx, y, weights, flat_index, token_index, slot_row):
-        num_tokens, top_k = weights.shape
-        ctx.save_for_backward(y, weights, flat_index, token_index)
-        if _triton_applies(y):
-            return _slot_sum_triton(y, slot_row, top_k, weights)
-        picked = _with_zero_row(y, slot_row).index_select(0, slot_row)
-        return torch.bmm(weights.to(y.dtype).unsqueeze(1),
-                         picked.view(num_tokens, top_k, y.shape[-1])).squeeze(1)
+    def forward(ctx, rows, token_index, slot_row, top_k):
+        ctx.save_for_backward(token_index)
+        return sum_slots(rows, slot_row, top_k)
 
     @staticmethod
     def backward(ctx, grad):
-        y, weights, flat_index, token_index = ctx.saved_tensors
-        if _triton_applies(y):
-            triton, _, kernel = _kernels()
-            y = y.contiguous()
-            dy = torch.empty_like(y)
-            dw = weights.new_zeros(weights.numel())
-            if y.shape[0]:
-                kernel[(y.shape[0],)](grad.contiguous(), y, weights.contiguous(), flat_index,
-                                      token_index, dy, dw, y.shape[1],
-                                      BLOCK=triton.next_power_of_2(y.shape[1]), num_warps=8)
-            return dy, dw.view_as(weights), None, None, None
-        rows = grad.index_select(0, token_index)                     # [N, H], sorted order
-        dy = dw = None
-        if ctx.needs_input_grad[0]:
-            w_rows = weights.reshape(-1).index_select(0, flat_index).to(y.dtype)
-            dy = rows * w_rows.unsqueeze(-1)
-        if ctx.needs_input_grad[1]:
-            per_row = (rows * y).sum(-1, dtype=torch.promote_types(y.dtype, torch.float32))
-            dw = weights.new_zeros(weights.numel()).index_copy_(
-                0, flat_index, per_row.to(weights.dtype)).view_as(weights)
-        return dy, dw, None, None, None
+        (token_index,) = ctx.saved_tensors
+        return grad.index_select(0, token_index), None, None, None
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -194,13 +172,20 @@ def gather_rows(x: torch.Tensor, assignments: LocalAssignments, top_k: int) -> t
     return _GatherTokenRows.apply(x, assignments.token_index, assignments.slot_row, top_k)
 
 
-def combine(expert_out: torch.Tensor, weights: torch.Tensor, assignments: LocalAssignments,
-            num_tokens: int) -> torch.Tensor:
-    """``out[t] = Σ_assignments of t  weight · expert_out`` (differentiable in both)."""
-    if weights.shape[0] != num_tokens:
-        raise ValueError(f"combine: weights {tuple(weights.shape)} for {num_tokens} tokens")
-    return _CombineSlots.apply(expert_out, weights, assignments.flat_index,
-                               assignments.token_index, assignments.slot_row)
+def row_weights(weights: torch.Tensor, assignments: LocalAssignments) -> torch.Tensor:
+    """The routing weight ``[N]`` of every assignment (``weights`` ``[T, k]``), in the
+    assignments' order: what the experts multiply their activation rows by (differentiable)."""
+    return weights.reshape(-1).index_select(0, assignments.flat_index)
+
+
+def combine(expert_out: torch.Tensor, assignments: LocalAssignments, top_k: int
+            ) -> torch.Tensor:
+    """``out[t] = Σ_assignments of t  expert_out`` → ``[T, H]`` (the rows already carry their
+    routing weights)."""
+    if expert_out.shape[0] != assignments.token_index.numel():
+        raise ValueError(f"combine: {expert_out.shape[0]} rows for "
+                         f"{assignments.token_index.numel()} assignments")
+    return _SumTokenSlots.apply(expert_out, assignments.token_index, assignments.slot_row, top_k)
 
 
 class AllToAllDispatch:
@@ -234,12 +219,20 @@ class AllToAllDispatch:
         self.inverse = torch.argsort(self.perm)
         self.local_counts = recv_matrix.sum(0)                 # [E_local]
 
+    def _exchange(self, rows: torch.Tensor) -> torch.Tensor:
+        received = all_to_all(rows, self.group, self.recv_splits, self.send_splits)
+        return _PermuteRows.apply(received, self.perm, self.inverse)
+
     def send(self, x: torch.Tensor) -> torch.Tensor:
         """Rows of ``x`` ``[T, H]`` for every assignment → rows for this rank's experts, grouped
         by local expert (``self.local_counts``)."""
-        rows = _GatherTokenRows.apply(x, self.token_index, self.slot_row, self.top_k)
-        received = all_to_all(rows, self.group, self.recv_splits, self.send_splits)
-        return _PermuteRows.apply(received, self.perm, self.inverse)
+        return self._exchange(_GatherTokenRows.apply(x, self.token_index, self.slot_row,
+                                                     self.top_k))
+
+    def send_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """Routing weights ``[T, k]`` → the ``[N]`` weights of :meth:`send`'s rows, in its order
+        (a second, differentiable exchange with the same splits)."""
+        return self._exchange(weights.reshape(-1).index_select(0, self.flat_index))
 
     def receive_back(self, y: torch.Tensor) -> torch.Tensor:
         """Expert outputs (order of :meth:`send`'s result) → rows in this rank's assignment order
@@ -247,8 +240,6 @@ class AllToAllDispatch:
         mine = _PermuteRows.apply(y, self.inverse, self.perm)
         return all_to_all(mine, self.group, self.send_splits, self.recv_splits)
 
-    def combine(self, back: torch.Tensor, weights: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        if weights.shape[0] != num_tokens:
-            raise ValueError(f"combine: weights {tuple(weights.shape)} for {num_tokens} tokens")
-        return _CombineSlots.apply(back, weights, self.flat_index, self.token_index,
-                                   self.slot_row)
+    def combine(self, back: torch.Tensor) -> torch.Tensor:
+        """:meth:`receive_back`'s rows (already weighted) summed per token → ``[T, H]``."""
+        return _SumTokenSlots.apply(back, self.token_index, self.slot_row, self.top_k)

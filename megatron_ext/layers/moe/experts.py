@@ -72,12 +72,14 @@ class RoutedExperts(nn.Module):
 
     recompute_activation = False  # CausalLM.set_recompute("selective")
 
-    def forward(self, x_sorted: torch.Tensor, counts: Counts) -> torch.Tensor:
+    def forward(self, x_sorted: torch.Tensor, counts: Counts,
+                row_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``x_sorted`` ``[N, H]`` rows grouped by local expert (``counts[j]`` rows for local
-        expert ``j``) → ``[N, H]`` unweighted expert outputs (partial over ``moe_tp``)."""
-        if x_sorted.dim() != 2 or x_sorted.shape[-1] != self.hidden_size:
-            raise ValueError(f"RoutedExperts expects x [N, {self.hidden_size}], got "
-                             f"{tuple(x_sorted.shape)}")
+        expert ``j``), ``row_weights`` ``[N]`` each row's routing weight → ``[N, H]`` expert
+        outputs times the weights (partial over ``moe_tp``). The weight is applied inside the
+        activation, before ``down_proj`` (:mod:`~megatron_ext.layers.weighted_swiglu`: the
+        combine then keeps no ``[N, H]`` rows); ``None``: unweighted."""
+        self.check_rows(x_sorted, row_weights)
         k = self.use_kernel
         offs = (group_offsets(counts, x_sorted.device)
                 if k and grouped_mm_available(x_sorted, self.gate_proj) else None)
@@ -85,7 +87,16 @@ class RoutedExperts(nn.Module):
         up = grouped_mm(x_sorted, self.up_proj.transpose(1, 2), counts, k, offs)
         return swiglu_projected(
             gate, up, lambda a: grouped_mm(a, self.down_proj.transpose(1, 2), counts, k, offs),
-            self.recompute_activation)
+            self.recompute_activation, row_weights)
+
+    def check_rows(self, x_sorted: torch.Tensor, row_weights: Optional[torch.Tensor]) -> None:
+        """ValueError unless ``x_sorted`` is ``[N, H]`` and ``row_weights`` (if given) ``[N]``."""
+        if x_sorted.dim() != 2 or x_sorted.shape[-1] != self.hidden_size:
+            raise ValueError(f"RoutedExperts expects x [N, {self.hidden_size}], got "
+                             f"{tuple(x_sorted.shape)}")
+        if row_weights is not None and tuple(row_weights.shape) != (x_sorted.shape[0],):
+            raise ValueError(f"RoutedExperts: row_weights {tuple(row_weights.shape)} must be "
+                             f"[{x_sorted.shape[0]}] (one per row)")
 
     def extra_repr(self) -> str:
         return (f"experts {self.first_expert}:{self.first_expert + self.num_local} of "

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from megatron_ext.layers.moe.dispatch import (AllToAllDispatch, combine, gather_rows,
-                                              local_dispatch)
+                                              local_dispatch, row_weights)
 from megatron_ext.layers.backend import LayerBackend
 from megatron_ext.layers.moe.router import RouterStats, TopKRouter
 from megatron_ext.layers.moe.shared_expert import SharedExpert
@@ -108,8 +108,9 @@ class MoELayer(nn.Module):
         routing = self.gate(x, mask, with_stats)
         assign = local_dispatch(routing.experts, self.experts.first_expert,
                                 self.experts.num_local, self.num_experts)
-        y = self.experts(gather_rows(x, assign, self.top_k), assign.counts)
-        out = combine(y, routing.weights, assign, x.shape[0])
+        y = self.experts(gather_rows(x, assign, self.top_k), assign.counts,
+                         row_weights(routing.weights, assign))
+        out = combine(y, assign, self.top_k)
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)
         return out, routing.stats
@@ -134,8 +135,9 @@ class MoELayer(nn.Module):
                                     backward="own_rows") > 0.5
         routing = self.gate(xg, mask_g, with_stats)
         exchange = AllToAllDispatch(routing.experts, self.num_experts, g.moe_ep)
-        y = self.experts(exchange.send(xg), exchange.local_counts)
-        routed = exchange.combine(exchange.receive_back(y), routing.weights, xg.shape[0])
+        y = self.experts(exchange.send(xg), exchange.local_counts,
+                         exchange.send_weights(routing.weights))
+        routed = exchange.combine(exchange.receive_back(y))
         out = reduce_scatter(routed, g.moe_tp, dim=0, sizes=tp_sizes)
         if self.shared_expert is not None:
             xs = all_gather(x, g.moe_shard, dim=0, sizes=shard_sizes, backward="reduce_scatter")

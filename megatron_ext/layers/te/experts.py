@@ -78,10 +78,10 @@ class TERoutedExperts(RoutedExperts):
         self.te_up = cls(e, h, i)
         self.te_down = cls(e, i, h)
 
-    def forward(self, x_sorted: torch.Tensor, counts: Counts) -> torch.Tensor:
-        if x_sorted.dim() != 2 or x_sorted.shape[-1] != self.hidden_size:
-            raise ValueError(f"RoutedExperts expects x [N, {self.hidden_size}], got "
-                             f"{tuple(x_sorted.shape)}")
+    def forward(self, x_sorted: torch.Tensor, counts: Counts,
+                row_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """As :meth:`RoutedExperts.forward` (row weights applied in the activation)."""
+        self.check_rows(x_sorted, row_weights)
         splits = _splits(counts)
         if len(splits) != self.num_local or sum(splits) != x_sorted.shape[0]:
             raise ValueError(f"TE experts: counts {splits} must give {self.num_local} experts "
@@ -89,7 +89,7 @@ class TERoutedExperts(RoutedExperts):
         gate = self.te_gate(x_sorted, splits, self.gate_proj)
         up = self.te_up(x_sorted, splits, self.up_proj)
         return swiglu_projected(gate, up, lambda a: self.te_down(a, splits, self.down_proj),
-                                self.recompute_activation)
+                                self.recompute_activation, row_weights)
 
 
 def te_routed_experts(num_experts: int, hidden_size: int, intermediate_size: int, groups, *,
