@@ -25,13 +25,18 @@ def _grads(g, u, dact, dtype: tl.constexpr):
 
 
 @triton.jit
-def swiglu_fwd(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
+def swiglu_fwd(g_ptr, u_ptr, w_ptr, out_ptr, n, n_cols, HAS_W: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """out = swiglu(g, u), or with ``HAS_W`` round(float(swiglu(g, u)) * w[row]) over a
+    contiguous [rows, n_cols]."""
     off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = off < n
     g = tl.load(g_ptr + off, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + off, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + off, _act(g, u, out_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty),
-             mask=ok)
+    out = _act(g, u, out_ptr.dtype.element_ty)
+    if HAS_W:
+        out = out * tl.load(w_ptr + off // n_cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + off, out.to(out_ptr.dtype.element_ty), mask=ok)
 
 @triton.jit
 def swiglu_bwd(g_ptr, u_ptr, dout_ptr, dg_ptr, du_ptr, n, BLOCK: tl.constexpr):
@@ -43,17 +48,6 @@ def swiglu_bwd(g_ptr, u_ptr, dout_ptr, dg_ptr, du_ptr, n, BLOCK: tl.constexpr):
     _, dg, du = _grads(g, u, dout, dg_ptr.dtype.element_ty)
     tl.store(du_ptr + off, du, mask=ok)
     tl.store(dg_ptr + off, dg, mask=ok)
-
-@triton.jit
-def weighted_swiglu_fwd(g_ptr, u_ptr, w_ptr, out_ptr, n, n_cols, BLOCK: tl.constexpr):
-    """out = round(float(swiglu(g, u)) * w[row]) over a contiguous [rows, n_cols]."""
-    off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = off < n
-    g = tl.load(g_ptr + off, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + off, mask=ok, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + off // n_cols, mask=ok, other=0.0).to(tl.float32)
-    act = _act(g, u, out_ptr.dtype.element_ty)
-    tl.store(out_ptr + off, (act * w).to(out_ptr.dtype.element_ty), mask=ok)
 
 @triton.jit
 def weighted_swiglu_bwd(g_ptr, u_ptr, w_ptr, dout_ptr, dg_ptr, du_ptr, dw_ptr, n_cols,

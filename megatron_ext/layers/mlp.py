@@ -46,7 +46,8 @@ class _TritonSwiGLU(torch.autograd.Function):
         gate, up = gate.contiguous(), up.contiguous()
         out = torch.empty_like(gate)
         n = gate.numel()
-        fwd[(-(-n // _BLOCK),)](gate, up, out, n, BLOCK=_BLOCK, num_warps=8)
+        fwd[(-(-n // _BLOCK),)](gate, up, gate, out, n, 1, HAS_W=False, BLOCK=_BLOCK,
+                                num_warps=8)
         ctx.save_for_backward(gate, up)
         return out
 

@@ -35,7 +35,7 @@ _ROW_BLOCK = 1024
 def _kernels():
     """``(forward, backward)`` Triton kernels; ``None`` without Triton."""
     k = kernel_module("swiglu")
-    return None if k is None else (k.weighted_swiglu_fwd, k.weighted_swiglu_bwd)
+    return None if k is None else (k.swiglu_fwd, k.weighted_swiglu_bwd)
 
 
 def _use_triton(gate: torch.Tensor) -> bool:
@@ -66,7 +66,8 @@ def _forward_triton(gate: torch.Tensor, up: torch.Tensor, w: torch.Tensor) -> to
     fwd, _ = _kernels()
     out = torch.empty_like(gate)
     n = gate.numel()
-    fwd[(-(-n // _BLOCK),)](gate, up, w, out, n, gate.shape[1], BLOCK=_BLOCK, num_warps=8)
+    fwd[(-(-n // _BLOCK),)](gate, up, w, out, n, gate.shape[1], HAS_W=True, BLOCK=_BLOCK,
+                            num_warps=8)
     return out
 
 
