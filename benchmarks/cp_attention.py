@@ -15,7 +15,8 @@ For each shape (bf16; MHA 16 x 128 and GQA 16/4 x 128 by default) and sequence l
   head-tail load balance, rotate methods ``allgather`` and ``alltoall``) on the same shapes in
   the same run.
 
-Time: median of ``--iters`` CUDA-event timings after ``--warmup`` steps, max over ranks.
+Time: median of ``--iters`` CUDA-event timings after ``--warmup`` steps, max over ranks
+(each rank's median kept in the JSON).
 Memory: peak allocated during one step minus allocated before it, plus the step's local
 inputs (q, k, v, dout) — i.e. what attention needs on one GPU. ``--check`` first compares
 outputs and gradients of every CP path with a float64 reference on a small problem.
@@ -72,9 +73,12 @@ def measure(step, warmup: int, iters: int, input_bytes: int) -> dict:
         e.record()
         torch.cuda.synchronize()
         times.append(s.elapsed_time(e))
-    t = torch.tensor([statistics.median(times), mem / GB], device="cuda")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return {"ms": round(t[0].item(), 3), "mem_gib": round(t[1].item(), 3)}
+    mine = torch.tensor([statistics.median(times), mem / GB], device="cuda")
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    t = torch.stack(every).amax(0)
+    return {"ms": round(t[0].item(), 3), "mem_gib": round(t[1].item(), 3),
+            "ms_per_rank": [round(e[0].item(), 3) for e in every]}
 
 
 def _rand(*shape, seed=0):

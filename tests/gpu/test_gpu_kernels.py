@@ -198,6 +198,36 @@ def test_cp_partials_merge_kernel_matches_torch():
     assert _rel(got, want) < 1e-2 and float(got[5, 0, 2].abs().max()) == 0.0
 
 
+def test_cp_block_merge_kernel_matches_float64():
+    """The one-pass log-sum-exp merge of two CP attention blocks (strided views, a float32
+    accumulator, -inf where a block or both saw nothing), into float32 and straight into a bf16
+    output, against the torch composition in float64."""
+    from megatron_ext.layers.attention.attention_math import merge_partial
+
+    g = torch.Generator().manual_seed(3)
+    acc = torch.randn(2, 6, 16, 128, generator=g)
+    big = torch.randn(2, 9, 16, 128, generator=g)
+    la = 3 * torch.randn(2, 16, 9, generator=g)
+    lb = 3 * torch.randn(2, 16, 6, generator=g)
+    la[0, 1, 3], lb[1, 2, 4] = float("-inf"), float("-inf")
+    la[1, 5, 2 + 3], lb[1, 5, 3] = float("-inf"), float("-inf")  # token 3: nothing seen
+    want_o, want_l = merge_partial(acc.double(), la[..., 2:8].double(), big[:, 1:7].double(),
+                                   lb.double())
+    cu = [t.cuda() for t in (acc, big, la, lb)]
+    got_o, got_l = merge_partial(cu[0], cu[2][..., 2:8], cu[1][:, 1:7].to(BF16), cu[3])
+    want_b = merge_partial(acc.double(), la[..., 2:8].double(),
+                           big[:, 1:7].to(BF16).double(), lb.double())[0]
+    assert got_o.dtype == torch.float32 and _rel(got_o, want_b) < 1e-6
+    assert torch.equal(torch.isinf(got_l.cpu()), torch.isinf(want_l))
+    fin = torch.isfinite(want_l)
+    assert float((got_l.cpu().double() - want_l)[fin].abs().max()) < 1e-5
+    into = torch.empty(2, 8, 16, 128, device="cuda", dtype=BF16)
+    out, _ = merge_partial(cu[0], cu[2][..., 2:8], cu[1][:, 1:7].to(BF16), cu[3],
+                           into=into[:, 1:7])
+    assert out.data_ptr() == into[:, 1:7].data_ptr() and _rel(out, want_b) < 1e-2
+    assert float(out[1, 3, 5].abs().max()) == 0.0
+
+
 def test_fused_rotary_matches_float64_in_inference():
     """The one-pass RoPE kernel (no-grad CUDA half precision) against the float64 composition,
     and autograd still takes the composition (the kernel has no backward)."""

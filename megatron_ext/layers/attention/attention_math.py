@@ -297,16 +297,68 @@ def block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     return _math_backward(dout, q, k, v, out, lse, scale, kind, mask)
 
 
+def _merge_kernel_applies(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The Triton merge takes CUDA outputs ``[b, s, h, d]`` whose tokens are ``h·d`` contiguous
+    values, with ``d`` a power of two (the kernel's inner block)."""
+    d, h = b.shape[-1], b.shape[-2]
+    return (b.is_cuda and a.dtype in _FUSED_DTYPES and b.dtype in _FUSED_DTYPES
+            and d & (d - 1) == 0 and 8 <= d <= 256
+            and all(t.stride(-1) == 1 and t.stride(-2) == d for t in (a, b)))
+
+
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _merge_triton(acc_out, acc_lse, out, lse, into):
+    from megatron_ext.kernels.launch import next_power_of_2
+    from megatron_ext.kernels.triton_loader import kernel_module
+
+    bsz, s, h, d = out.shape
+    res = into if into is not None else torch.empty(out.shape, dtype=torch.float32,
+                                                     device=out.device)
+    new_lse = torch.empty((bsz, h, s), dtype=torch.float32, device=out.device)
+    if not res.numel():
+        return res, new_lse
+    acc_lse, lse = acc_lse.float(), lse.float()
+    if acc_lse.stride(-1) != 1:
+        acc_lse = acc_lse.contiguous()
+    if lse.stride(-1) != 1:
+        lse = lse.contiguous()
+    block_h = min(next_power_of_2(h), max(1, 4096 // d))
+    kernel_module("attention_merge").merge_two[(bsz * s, -(-h // block_h))](
+        acc_out, out, acc_lse, lse, res, new_lse, s, h,
+        acc_out.stride(0), acc_out.stride(1), out.stride(0), out.stride(1),
+        res.stride(0), res.stride(1), acc_lse.stride(0), acc_lse.stride(1),
+        lse.stride(0), lse.stride(1), D=d, BLOCK_H=block_h, num_warps=4)
+    return res, new_lse
+
+
 def merge_partial(acc_out: Optional[torch.Tensor], acc_lse: Optional[torch.Tensor],
-                  out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  out: torch.Tensor, lse: torch.Tensor, into: Optional[torch.Tensor] = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge a block's ``(out, lse)`` into the running ``(acc_out, acc_lse)`` by log-sum-exp.
-    Merged outputs are in the accumulation dtype; ``-inf`` (nothing seen yet) is handled."""
+    Merged outputs are in the accumulation dtype, or written into ``into`` (the final output,
+    e.g. bf16, for a part's last merge); ``-inf`` (nothing seen yet) is handled. On CUDA with
+    fp16/bf16/fp32 outputs one Triton pass (the torch composition below is six passes over the
+    float32 output)."""
     dtype = accum_dtype(out.dtype)
     lse = lse.to(dtype)
     if acc_out is None:  # first block: kept as is (upcast happens at the first real merge)
-        return out, lse
+        if into is not None:
+            into.copy_(out)
+        return (into if into is not None else out), lse
+    if dtype == torch.float32 and _merge_kernel_applies(acc_out, out) and (
+            into is None or into.stride(-1) == 1 and into.stride(-2) == out.shape[-1]):
+        from megatron_ext.kernels.triton_loader import triton_available
+
+        if triton_available():
+            return _merge_triton(acc_out, acc_lse, out, lse, into)
     new_lse = torch.logaddexp(acc_lse, lse)
     safe = torch.where(torch.isinf(new_lse), 0.0, new_lse)
     w_old = torch.exp(acc_lse - safe).transpose(1, 2).unsqueeze(-1).to(dtype)
     w_new = torch.exp(lse - safe).transpose(1, 2).unsqueeze(-1).to(dtype)
-    return acc_out * w_old + out.to(dtype) * w_new, new_lse
+    merged = acc_out * w_old + out.to(dtype) * w_new
+    if into is not None:
+        into.copy_(merged)
+        return into, new_lse
+    return merged, new_lse

@@ -184,12 +184,20 @@ def _parts_in(plan: CPAttentionPlan, q_range: tuple[int, int]):
 
 
 class _Forward:
-    """Running (out, lse) per local query part."""
+    """Running (out, lse) per local query part; a part's last merge writes straight into the
+    output (no float32 accumulator left to copy)."""
 
     def __init__(self, q: torch.Tensor, plan: CPAttentionPlan, scale: float):
         self.q, self.plan, self.scale = q, plan, scale
         self.calls = [source_calls(plan, r) for r in range(plan.cp_size)]
+        self.left = [0] * len(plan.parts)  # calls still to come per part
+        for calls in self.calls:
+            for call in calls:
+                for i, _, _ in _parts_in(plan, call.q_range):
+                    self.left[i] += 1
+        self.out = q.new_empty(q.shape)
         self.acc = [(None, None) for _ in plan.parts]
+        self.done = [False] * len(plan.parts)
         self.aux = None
 
     def attend(self, k_src: torch.Tensor, v_src: torch.Tensor, src: int) -> None:
@@ -201,25 +209,30 @@ class _Forward:
             o, lse, aux = block_forward(self.q[:, a:e], _take(k_src, grp.ranges),
                                         _take(v_src, grp.ranges), self.scale, grp.kind, mask)
             for i, pa, pe in _parts_in(self.plan, call.q_range):
-                self.acc[i] = merge_partial(*self.acc[i], o[:, pa:pe], lse[..., pa:pe])
+                self.left[i] -= 1
+                last = self.left[i] == 0 and self.acc[i][0] is not None
+                qa, qe = self.plan.parts[i]
+                self.acc[i] = merge_partial(*self.acc[i], o[:, pa:pe], lse[..., pa:pe],
+                                            into=self.out[:, qa:qe] if last else None)
+                self.done[i] = last
             self.aux = self.aux if self.aux is not None else aux
             del o, lse
 
     def result(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The output in q's dtype (written part by part into one tensor) and each part's
-        log-sum-exp; the running accumulators are dropped."""
+        """The output in q's dtype and each part's log-sum-exp; the running accumulators are
+        dropped."""
         lses = []
         b, _, hq, d = self.q.shape
-        out = self.q.new_empty(self.q.shape)
-        for (a, e), (o, lse) in zip(self.plan.parts, self.acc):
+        out = self.out
+        for i, ((a, e), (o, lse)) in enumerate(zip(self.plan.parts, self.acc)):
             if o is None:  # nothing visible for this part (all padding)
                 out[:, a:e].zero_()
                 lse = torch.full((b, hq, e - a), float("-inf"), device=self.q.device,
                                  dtype=accum_dtype(self.q.dtype))
-            else:
+            elif not self.done[i]:
                 out[:, a:e].copy_(o)
             lses.append(lse.contiguous())
-        self.acc = None
+        self.acc = self.out = None
         if self.plan.q_valid is not None:
             out.mul_(self.plan.q_valid[:, :, None, None].to(out.dtype))
         return out, lses
