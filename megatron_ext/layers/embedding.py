@@ -24,6 +24,8 @@ from megatron_ext.layers.linear import InitFn, default_init, shard_axis_name
 from megatron_ext.communication.collectives import all_gather, all_reduce, copy_to_region
 from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import AxisGroup
+from megatron_ext.layers.cross_entropy import _check_labels
+from megatron_ext.layers.lm_head_loss import CHUNK_BYTES, lm_head_cross_entropy
 from megatron_ext.parallel.param_meta import ParamSpec, Split, set_spec
 
 
@@ -166,6 +168,25 @@ class VocabParallelLMHead(nn.Module):
     @property
     def table(self) -> torch.Tensor:
         return self._embedding[0].weight if self.tied else self.weight
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+             chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+        """Per-token cross-entropy of this head's logits against ``labels`` (``hidden``'s leading
+        shape) without keeping the logits (:mod:`megatron_ext.layers.lm_head_loss`): the training
+        loss. Equals ``vocab_parallel_cross_entropy(self(hidden), labels)``."""
+        if hidden.shape[-1] != self.hidden_size or hidden.shape[:-1] != labels.shape:
+            raise ValueError(f"VocabParallelLMHead.loss expects hidden [..., {self.hidden_size}] "
+                             f"and labels of its leading shape, got {tuple(hidden.shape)} and "
+                             f"{tuple(labels.shape)}")
+        _check_labels(labels, self.vocab_size, ignore_index)
+        if self.sync_input_grad:
+            hidden = copy_to_region(hidden, self.tp_group)
+        real = max(0, min(self.end, self.vocab_size) - self.start)
+        loss = lm_head_cross_entropy(hidden.reshape(-1, self.hidden_size), self.table,
+                                     labels.reshape(-1), self.tp_group, start=self.start,
+                                     real_rows=real, ignore_index=ignore_index,
+                                     chunk_bytes=chunk_bytes)
+        return loss.view(labels.shape)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """This rank's logits ``[..., Vp/p]`` (rows ``start:end`` of the padded vocabulary;

@@ -386,6 +386,11 @@ class CausalLM(nn.Module):
             out.hidden_states = last.flush(hidden) + residual
             return out
         x = last.finalize(hidden, residual, self.model.norm, layout)
+        if labels is not None and not return_logits and torch.is_grad_enabled():
+            # training: the loss without keeping the [tokens, V/p] logits (the step's largest
+            # activation, and its gradient the largest transient at the start of backward)
+            out.loss = self.lm_head.loss(x, labels.reshape(-1)).view(b, s)
+            return out
         logits = self.lm_head(x)
         if labels is not None:
             out.loss = vocab_parallel_cross_entropy(logits, labels.reshape(-1),
