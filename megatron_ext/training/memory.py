@@ -10,7 +10,8 @@ Model state is exact: the rank's parameters are built on the ``meta`` device fro
 every ``ParamSpec`` split and sync group is the real one) and bucketed as the optimizer does.
 Activations are a count of what autograd keeps per token, mirroring the layers (norm inputs and
 outputs, q/k/v/out and log-sum-exp of flash-style CP attention, router logits, the MoE's sorted
-rows, weighted SwiGLU inputs and row weights, the fp32 logits of the loss), times the micro-batches a pipeline
+rows, weighted SwiGLU inputs and row weights, the loss's input: it keeps no logits), times the
+micro-batches a pipeline
 stage holds under 1F1B; ``tests/integration/test_memory.py`` checks it against the bytes autograd
 saves on CPU.
 """
@@ -24,6 +25,7 @@ from typing import Optional
 import torch
 
 from megatron_ext.communication.choices import RECOMPUTE_MODES, Recompute
+from megatron_ext.layers.lm_head_loss import CHUNK_BYTES
 from megatron_ext.parallel.groups import ParallelGroups
 from megatron_ext.parallel.param_meta import get_spec
 from megatron_ext.parallel.topology import LAYOUT_SIZES, Topology, add_layout_arguments
@@ -121,10 +123,24 @@ def optimizer_step_bytes(config, topo: Topology, rank: int, distributed: bool) -
     return largest
 
 
+KERNELS = ("cuda", "torch")
+
+
+def _norm_bytes(width: int, b: int, kernels: str) -> int:
+    """What one RMSNorm keeps per token: the Triton kernel its input and 1/rms; the torch
+    composition (CPU) a float32 copy (or the float32 input itself), the normalised value cast
+    back, and 1/rms."""
+    return width * b + 4 if kernels == "cuda" else width * max(b, 4) + width * b + 4
+
+
 def activation_bytes(config, topo: Topology, seq_len: int, micro_batch_size: int,
-                     recompute: str, bf16: bool, stage: int = 0, micro_batches: int = 1) -> int:
+                     recompute: str, bf16: bool, stage: int = 0, micro_batches: int = 1,
+                     kernels: str = "cuda") -> int:
     """What autograd keeps for one stage's forward (see the module doc), times the micro-batches
-    in flight on ``stage`` (1F1B: ``min(pp - stage, micro_batches)``)."""
+    in flight on ``stage`` (1F1B: ``min(pp - stage, micro_batches)``). ``kernels``: the layers'
+    CUDA paths (Triton norm and SwiGLU: what a GPU run keeps) or their torch compositions (CPU)."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels={kernels!r} must be one of {KERNELS}")
     from megatron_ext.parallel.stages import stage_layer_range
 
     b = 2 if bf16 else 4
@@ -135,10 +151,10 @@ def activation_bytes(config, topo: Topology, seq_len: int, micro_batch_size: int
     start, stop = stage_layer_range(config.num_layers, topo.pp, stage)
     per_layer = []
     for i in range(start, stop):
-        norms = 2 * (2 * h * b + 4)                       # two RMSNorms: input, output, rstd
-        attn = h * b + (nq + 2 * nkv) * d * b + 2 * d * 4  # projections' input, q/k/v, cos/sin
-        if config.qk_norm:
-            attn += 2 * (nq + nkv) * d * b + (nq + nkv) * 4
+        norms = 2 * _norm_bytes(h, b, kernels)            # input and post-attention norms
+        attn = h * b + 2 * d * 4                          # projections' input, cos/sin
+        if config.qk_norm:  # per head (RoPE keeps neither its input nor its output)
+            attn += _norm_bytes((nq + nkv) * d, b, kernels) + (nq + nkv - 1) * 4
         attn += (nq + 2 * nkv) * d * b + nq * d * b + nq * 4  # rotated q/k, v, output, lse
         if config.is_sparse(i):
             k = _moe_rows_per_token(topo)
@@ -152,17 +168,20 @@ def activation_bytes(config, topo: Topology, seq_len: int, micro_batch_size: int
             if config.shared_expert_intermediate_size:
                 si = config.shared_expert_intermediate_size // topo.moe_shard_size
                 # its input is the router's (one saved tensor): only its SwiGLU counts
-                mlp += k * (2 if recompute == Recompute.SELECTIVE else 4) * si * b
+                kept = 2 if recompute == Recompute.SELECTIVE else (3 if kernels == "cuda" else 4)
+                mlp += k * kept * si * b
         else:
             inter = config.intermediate_size // tp
-            mlp = h * b + (2 if recompute == Recompute.SELECTIVE else 4) * inter * b
+            # gate, up (+ the activation for down_proj without selective; + silu(gate) in torch)
+            kept = 2 if recompute == Recompute.SELECTIVE else (3 if kernels == "cuda" else 4)
+            mlp = h * b + kept * inter * b
         per_token = norms + attn + mlp
         if recompute == Recompute.FULL:
             per_token = 2 * h * b                        # the layer's inputs: hidden, residual
         per_layer.append(per_token)
     total = t * sum(per_layer)
-    if stage == topo.pp - 1:  # final norm + fp32 logits of the vocabulary shard
-        total += t * (2 * h * b + 4 + config.vocab_size // tp * 4)
+    if stage == topo.pp - 1:  # final norm; the loss keeps its input (no logits) and per token
+        total += t * (_norm_bytes(h, b, kernels) + h * b + 4 + 8 + 1)  # lse, label, keep
     in_flight = min(topo.pp - stage, micro_batches) if topo.pp > 1 else 1
     return int(total * in_flight)
 
@@ -174,7 +193,8 @@ def _moe_rows_per_token(topo: Topology) -> float:
 
 
 def buffer_bytes(config, topo: Topology, seq_len: int, micro_batch_size: int, bf16: bool) -> int:
-    """Transient buffers of one layer: the CP all-gathered K/V and the MoE token-group gather."""
+    """Transient buffers: the CP all-gathered K/V, and the larger of the MoE token-group gather
+    and the LM head's backward (:mod:`megatron_ext.layers.lm_head_loss`)."""
     b = 2 if bf16 else 4
     nkv = max(1, config.num_kv_heads // topo.attn_tp)
     full = micro_batch_size * seq_len
@@ -182,7 +202,11 @@ def buffer_bytes(config, topo: Topology, seq_len: int, micro_batch_size: int, bf
     t = full / topo.attn_cp
     moe = t * _moe_rows_per_token(topo) * config.hidden_size * b * 2 if any(config.sparse_layers) \
         else 0
-    return int(kv + moe)
+    # the LM head's backward (the first thing backward runs, when every activation is held):
+    # its weight gradient, and one column chunk of logits and of their gradient
+    vocab = -(-config.vocab_size // topo.attn_tp)
+    lm_head = vocab * config.hidden_size * b + 2 * min(CHUNK_BYTES, int(t) * vocab * b)
+    return int(kv + max(moe, lm_head))
 
 
 def estimate(config, topo: Topology, *, seq_len: int, micro_batch_size: int, recompute: str,
