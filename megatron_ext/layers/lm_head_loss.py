@@ -33,8 +33,10 @@ CHUNK_BYTES = 256 << 20
 
 
 def _chunks(tokens: int, cols: int, itemsize: int, chunk_bytes: int) -> list[tuple[int, int]]:
-    step = max(128, chunk_bytes // max(1, tokens * itemsize)) if tokens else cols
-    return [(a, min(cols, a + step)) for a in range(0, cols, step)] or [(0, 0)]
+    """Column ranges of at most ``chunk_bytes`` of logits (at least 128 columns); none for a
+    shard without real rows (a TP rank holding only vocabulary padding)."""
+    step = max(128, chunk_bytes // max(1, tokens * itemsize))
+    return [(a, min(cols, a + step)) for a in range(0, cols, step)]
 
 
 def _row_lse(logits: torch.Tensor, acc: torch.dtype) -> torch.Tensor:

@@ -89,6 +89,21 @@ def test_keeps_no_logits():
     assert unfused >= 64 * 512 * 4  # the float32 logits/softmax
 
 
+def test_shard_of_only_padding_rows():
+    """A TP rank whose vocabulary rows are all padding (real_rows 0, e.g. tp 4 over a small
+    vocabulary) computes no logits and gives its rows no gradient (its peers' log-sum-exps make
+    the loss; the 4-rank case runs in test_precision_layouts)."""
+    from megatron_ext.layers.lm_head_loss import _chunks
+
+    assert _chunks(6, 0, 2, 1 << 20) == []
+    assert _chunks(6, 300, 2, 1) == [(0, 128), (128, 256), (256, 300)]
+    hidden, weight, labels = _case(n=6, h=4, rows=8)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = lm_head_cross_entropy(h, w, labels, GROUP, start=0, real_rows=0)
+    loss.backward(torch.zeros_like(loss))
+    assert float(h.grad.abs().max()) == 0.0 and float(w.grad.abs().max()) == 0.0
+
+
 def test_head_loss_method_equals_forward_then_loss():
     head = VocabParallelLMHead(16, 50, GROUP, vocab_multiple=64, dtype=torch.float64)
     hidden, _, labels = _case(n=12, h=16)
