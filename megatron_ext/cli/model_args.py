@@ -16,7 +16,7 @@ def add_model_build_arguments(parser: argparse.ArgumentParser) -> None:
                         default=TransformerImpl.AUTO,
                         help="layer implementation: native, te (TransformerEngine, CUDA) or auto "
                              "(where TE imports on CUDA: each module on whichever measured "
-                             "faster — today TE only for p2p CP attention; native otherwise)")
+                             "faster — today native for every module kind)")
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                         help="pad the vocabulary in memory to a multiple of this x attn_tp "
                              "(Megatron's default 128; files keep the real size)")

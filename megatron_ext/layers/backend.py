@@ -70,12 +70,13 @@ def resolve_transformer_impl(requested: str, *, cuda_available: Optional[bool] =
 
 
 #: What ``auto`` takes from TE when TE imports: the module kinds where TE measured faster on the
-#: GPU (BENCHMARKS.md §13, 2×H200 bf16): CP attention with the ``p2p`` strategy (TE 121.4 ms vs
-#: ours 127.3 at 64K tokens). Ours stayed faster for everything else — column linear 853 vs
-#: 927 µs, row linear 462 vs 937, RMSNorm 901 vs 912, grouped experts 1492 vs 5095, CP attention
-#: with ``all_gather`` 124.7 vs 149.5 ms — so ``auto`` keeps those native.
-AUTO_TE_KINDS: frozenset[str] = frozenset({"cp_attention_p2p"})
-_AUTO_NATIVE_WHY = "native (faster than TE: BENCHMARKS §13)"
+#: GPU (2×H200 bf16). None today. Ours was faster for the column linear (853 vs 927 µs), row
+#: linear (462 vs 937), RMSNorm (901 vs 912), grouped experts (1492 vs 5095; BENCHMARKS §13) and,
+#: since session 3's reverse-ring backward and one-pass merge, for CP attention too: our best
+#: 1.004–1.031× TE's p2p from 32K to 128K tokens (MHA and GQA) at 0.71–0.88× its memory, and
+#: 1.2–1.4× TE's all_gather (§13c). Until then this held ``cp_attention_p2p``.
+AUTO_TE_KINDS: frozenset[str] = frozenset()
+_AUTO_NATIVE_WHY = "native (faster than TE: BENCHMARKS §13, §13c)"
 
 
 @dataclass
@@ -195,7 +196,7 @@ class LayerBackend:
         """The ``backend`` argument of CP attention: ``torch`` natively; ``auto`` with TE (TE's
         ``DotProductAttention`` for every standard one-document split, ours for packed or
         padded batches, which TE's CP does not take — each reason logged once there). Under
-        ``auto`` only the ``p2p`` strategy goes to TE (:data:`AUTO_TE_KINDS`)."""
+        ``auto`` a strategy goes to TE only if :data:`AUTO_TE_KINDS` names it (none today)."""
         if self._te_for(f"cp_attention_{cp_strategy}"):
             self._record("cp_attention", f"te {cp_strategy} (torch for packed/padded batches)")
             return "auto"

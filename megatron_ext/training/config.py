@@ -56,7 +56,7 @@ class TrainConfig:
     cp_comm: str = _help("CP attention K/V exchange: all_gather or p2p", default="all_gather")
     transformer_impl: str = _help("layer implementation: native, te (TransformerEngine; CUDA) or "
                                   "auto (where TE imports on CUDA: each module on whichever "
-                                  "measured faster, today TE only for p2p CP attention)",
+                                  "measured faster; today ours for every module kind)",
                                   default="auto")
     make_vocab_size_divisible_by: int = _help(
         "pad the vocabulary in memory to a multiple of this x attn_tp (Megatron's default; "

@@ -77,17 +77,22 @@ def test_commands_refuse_te_with_one_line_and_exit_2(tmp_path, command, argv, pr
 
 
 def test_auto_with_te_takes_te_only_where_it_measured_faster(monkeypatch):
-    """With TE importable, ``auto`` builds every module kind natively except CP attention with
-    the p2p strategy (BENCHMARKS §13), and says so per kind. TE itself is faked here: only the
-    choice is checked (no TE module is built)."""
+    """With TE importable, ``auto`` builds a module kind on TE only where TE measured faster
+    (``AUTO_TE_KINDS``: none since §13c), and says so per kind. TE itself is faked here: only the
+    choice is checked (no TE module is built); the mechanism is checked with a faked entry."""
     import megatron_ext.layers.backend as backend_mod
     from megatron_ext.layers.norm import RMSNorm
 
     monkeypatch.setattr(backend_mod, "te_unavailable_reason", lambda *a, **k: None)
     assert resolve_transformer_impl("auto", cuda_available=True) == "auto"
     assert resolve_transformer_impl("te", cuda_available=True) == "te"
+    assert backend_mod.AUTO_TE_KINDS == frozenset()
     auto = LayerBackend.resolve("auto")
     assert auto.impl == "auto" and not auto.uses_te
+    assert auto.attention_kernel("p2p") == auto.attention_kernel("all_gather") == "torch"
+    assert "faster than TE" in auto.describe()
+    monkeypatch.setattr(backend_mod, "AUTO_TE_KINDS", frozenset({"cp_attention_p2p"}))
+    auto = LayerBackend.resolve("auto")
     assert auto.attention_kernel("p2p") == "auto"          # TE's DotProductAttention
     assert auto.attention_kernel("all_gather") == "torch"  # ours
     assert isinstance(auto.rms_norm(8, 1e-6), RMSNorm)
