@@ -75,7 +75,7 @@ def _memory_line(trainer: Trainer) -> str:
     cfg = trainer.cfg
     kw = dict(seq_len=cfg.seq_len, micro_batch_size=cfg.micro_batch_size, bf16=trainer.use_bf16,
               distributed=trainer.optimizer.distributed,
-              micro_batches=trainer.micro_batches_per_rank)
+              micro_batches=trainer.micro_batches_per_rank, cp_comm=cfg.cp_comm)
     mc, topo = trainer.plan.model_config, trainer.groups.topology
     line = "memory estimate per rank: " + estimate(mc, topo, recompute=cfg.recompute,
                                                    **kw).describe()

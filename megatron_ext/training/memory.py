@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from megatron_ext.communication.choices import RECOMPUTE_MODES, Recompute
+from megatron_ext.communication.choices import CP_STRATEGIES, RECOMPUTE_MODES, Recompute
 from megatron_ext.layers.lm_head_loss import CHUNK_BYTES
 from megatron_ext.parallel.groups import ParallelGroups
 from megatron_ext.parallel.param_meta import get_spec
@@ -135,10 +135,12 @@ def _norm_bytes(width: int, b: int, kernels: str) -> int:
 
 def activation_bytes(config, topo: Topology, seq_len: int, micro_batch_size: int,
                      recompute: str, bf16: bool, stage: int = 0, micro_batches: int = 1,
-                     kernels: str = "cuda") -> int:
+                     kernels: str = "cuda", cp_comm: str = "all_gather") -> int:
     """What autograd keeps for one stage's forward (see the module doc), times the micro-batches
     in flight on ``stage`` (1F1B: ``min(pp - stage, micro_batches)``). ``kernels``: the layers'
-    CUDA paths (Triton norm and SwiGLU: what a GPU run keeps) or their torch compositions (CPU)."""
+    CUDA paths (Triton norm and SwiGLU: what a GPU run keeps) or their torch compositions (CPU).
+    ``cp_comm``: CP attention's ``p2p`` keeps the K/V its forward ring ended with (one more local
+    K/V per layer when ``attn_cp > 1``)."""
     if kernels not in KERNELS:
         raise ValueError(f"kernels={kernels!r} must be one of {KERNELS}")
     from megatron_ext.parallel.stages import stage_layer_range
@@ -156,6 +158,8 @@ def activation_bytes(config, topo: Topology, seq_len: int, micro_batch_size: int
         if config.qk_norm:  # per head (RoPE keeps neither its input nor its output)
             attn += _norm_bytes((nq + nkv) * d, b, kernels) + (nq + nkv - 1) * 4
         attn += (nq + 2 * nkv) * d * b + nq * d * b + nq * 4  # rotated q/k, v, output, lse
+        if cp > 1 and cp_comm == "p2p":
+            attn += 2 * nkv * d * b                       # the peer K/V kept for backward
         if config.is_sparse(i):
             k = _moe_rows_per_token(topo)
             rows = k * config.num_experts_per_tok / topo.moe_ep  # expert rows per local token
@@ -210,12 +214,12 @@ def buffer_bytes(config, topo: Topology, seq_len: int, micro_batch_size: int, bf
 
 
 def estimate(config, topo: Topology, *, seq_len: int, micro_batch_size: int, recompute: str,
-             bf16: bool = True, distributed: bool = True, micro_batches: int = 1
-             ) -> MemoryEstimate:
+             bf16: bool = True, distributed: bool = True, micro_batches: int = 1,
+             cp_comm: str = "all_gather") -> MemoryEstimate:
     """The estimate for the first stage's rank 0 (the busiest under 1F1B)."""
     params, main, grads, optim = model_state_bytes(config, topo, 0, bf16, distributed)
     acts = activation_bytes(config, topo, seq_len, micro_batch_size, recompute, bf16, 0,
-                            micro_batches)
+                            micro_batches, cp_comm=cp_comm)
     return MemoryEstimate(params, main, grads, optim, acts,
                           buffer_bytes(config, topo, seq_len, micro_batch_size, bf16),
                           optimizer_step_bytes(config, topo, 0, distributed))
@@ -271,6 +275,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--micro-batches", type=int, default=1, help="per rank per step")
     parser.add_argument("--recompute", choices=RECOMPUTE_MODES, default="none")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--cp-comm", choices=CP_STRATEGIES, default="all_gather",
+                        help="CP attention's K/V exchange (p2p keeps one more K/V per layer)")
     parser.add_argument("--distributed-optimizer", type=int, choices=(0, 1), default=1)
     parser.add_argument("--gpu-memory-gb", type=float, default=None,
                         help="list every layout of --world that fits this memory")
@@ -282,7 +288,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(note)
         kw = dict(seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,
                   bf16=args.dtype == "bf16", distributed=bool(args.distributed_optimizer),
-                  micro_batches=args.micro_batches)
+                  micro_batches=args.micro_batches, cp_comm=args.cp_comm)
         if args.gpu_memory_gb is None:
             sizes = {k: getattr(args, k) for k in LAYOUT_SIZES if getattr(args, k) is not None}
             topo = Topology(world=args.world, **sizes)

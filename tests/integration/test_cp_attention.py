@@ -104,7 +104,7 @@ def _world4(rank, world):
                                                                s, packed, seed=s + hkv)
     return {"errors": errors, "skip": _check_skipping(groups[2]),
             "counts": _check_counts(groups[4]), "decode": _check_decode(groups),
-            "diagonal": _check_diagonal(groups[2]),
+            "diagonal": _check_diagonal(groups[2]), "kept": _check_kept_bytes(groups[2]),
             "bad": _check_bad_input(groups[4])}
 
 
@@ -119,6 +119,30 @@ def _check_skipping(group):
            for key, groups in plan.groups.items()}
     out["calls"] = {src: [(c.q_range, c.group.kind.value, c.group.ranges, c.part)
                           for c in source_calls(plan, src)] for src in range(2)}
+    return out
+
+
+def _check_kept_bytes(group):
+    """Bytes autograd keeps for one cp 2 call per strategy (the training estimator counts the
+    difference: p2p keeps the K/V its forward ring ended with)."""
+    from megatron_ext.layers.attention.cp_attention import context_parallel_attention
+
+    batch = split_batch_for_cp(torch.zeros(1, 16, dtype=torch.long), None, 2, group.rank)
+    q = torch.randn(1, 8, 4, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 8, 2, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 8, 2, 8, dtype=torch.float64, requires_grad=True)
+    out = {"kv_bytes": 2 * k.numel() * k.element_size()}
+    for strategy in ("all_gather", "p2p"):
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            context_parallel_attention(q, k, v, group, token_index=batch.token_index,
+                                       strategy=strategy)
+        out[strategy] = sum(seen.values())
     return out
 
 
@@ -270,6 +294,12 @@ def test_cp_attention_skips_fully_masked_blocks(world4):
                            1: [((4, 8), full, ((0, 8),), 1)]}
     assert calls["r1"] == {0: [((0, 8), full, ((0, 4),), None)],
                            1: [((0, 8), causal, ((0, 8),), None)]}
+
+
+def test_p2p_keeps_one_more_local_kv_than_all_gather(world4):
+    for res in world4:
+        kept = res["kept"]
+        assert kept["p2p"] - kept["all_gather"] == kept["kv_bytes"], kept
 
 
 def test_cp_attention_collective_counts(world4):

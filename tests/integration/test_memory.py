@@ -62,6 +62,19 @@ def test_activation_estimate_matches_saved_bytes(name):
                 assert abs(est - measured) <= 0.10 * measured, what
 
 
+def test_p2p_estimate_counts_the_kept_kv():
+    """CP attention's p2p keeps one more local K/V per layer than all_gather (measured in
+    test_cp_attention::test_p2p_keeps_one_more_local_kv_than_all_gather): the estimate differs
+    by exactly that, and not at all without CP."""
+    config = load_model_config("tiny-qwen3-moe")
+    kv = 2 * config.num_kv_heads * config.head_dim * 2  # bf16 K and V per token
+    for cp, want in ((2, config.num_layers * (B * S // 2) * kv), (1, 0)):
+        topo = Topology(world=cp, attn_cp=cp)
+        ag, p2p = (activation_bytes(config, topo, S, B, "none", True, cp_comm=c)
+                   for c in ("all_gather", "p2p"))
+        assert p2p - ag == want
+
+
 def test_model_state_estimate_equals_optimizer_accounting():
     """One process, bf16 with fp32 main weights and fp32: parameter bytes, main weights + AdamW
     moments as the optimizer counts them, gradients as the buckets hold them."""
