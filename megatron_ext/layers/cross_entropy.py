@@ -31,7 +31,8 @@ from megatron_ext.parallel.groups import AxisGroup
 from megatron_ext.kernels.triton_loader import kernel_module
 
 
-def _check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Integer labels in ``[0, vocab_size)`` or ``ignore_index`` (one host sync), else ValueError."""
     if labels.is_floating_point():
         raise ValueError(f"labels must be integers, got {labels.dtype}")
     if labels.numel() == 0:
@@ -54,9 +55,27 @@ def _kernels():
 _BLOCK = 4096
 
 
-def _triton_applies(logits: torch.Tensor) -> bool:
+def triton_applies(logits: torch.Tensor) -> bool:
+    """Whether the Triton kernels take these ``[rows, cols]`` logits (CUDA fp16/bf16)."""
     return (logits.is_cuda and logits.dtype in (torch.bfloat16, torch.float16)
             and logits.numel() > 0 and _kernels() is not None)
+
+
+def triton_row_lse(logits: torch.Tensor) -> torch.Tensor:
+    """Per-row float32 log-sum-exp of contiguous ``[rows, cols]`` logits (one Triton pass)."""
+    lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    _kernels()[0][(logits.shape[0],)](logits, lse, logits.shape[1], BLOCK=_BLOCK, num_warps=8)
+    return lse
+
+
+def triton_logit_grad(logits: torch.Tensor, lse: torch.Tensor, target: torch.Tensor,
+                      scale: torch.Tensor) -> torch.Tensor:
+    """``(softmax(logits) - onehot(target)) · scale`` per row in the logits' dtype (``target``
+    -1: the label is not among these columns), recomputing the softmax from ``lse``."""
+    grad = torch.empty_like(logits)
+    _kernels()[1][(logits.shape[0],)](logits, lse, target, scale, grad, logits.shape[1],
+                                      BLOCK=_BLOCK, num_warps=8)
+    return grad
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -65,13 +84,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
                 ignore_index: int, for_backward: bool = True) -> torch.Tensor:
         shard = logits.shape[-1]
         start = group.rank * shard
-        fused = _triton_applies(logits)
+        fused = triton_applies(logits)
         if fused:
             logits = logits.contiguous()
             lf = logits
-            local_lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-            _kernels()[0][(logits.shape[0],)](logits, local_lse, shard, BLOCK=_BLOCK,
-                                              num_warps=8)
+            local_lse = triton_row_lse(logits)
         else:
             # a private copy: the softmax is computed in it in place (one [tokens, V/p] float32
             # buffer, as Megatron's cross-entropy keeps), never in the caller's logits; none
@@ -107,10 +124,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         if ctx.fused:
             logits, lse, target, keep = ctx.saved_tensors
             scale = (grad_loss.to(torch.float32) * keep).contiguous()
-            grad = torch.empty_like(logits)
-            _kernels()[1][(logits.shape[0],)](logits, lse, target, scale, grad, logits.shape[-1],
-                                              BLOCK=_BLOCK, num_warps=8)
-            return grad, None, None, None, None
+            return triton_logit_grad(logits, lse, target, scale), None, None, None, None
         softmax, idx, mine, keep = ctx.saved_tensors
         grad = softmax  # reused in place: [tokens, V/p] float32 is the largest buffer here
         grad.scatter_add_(-1, idx.unsqueeze(-1), -mine.to(grad.dtype).unsqueeze(-1))
@@ -149,11 +163,11 @@ def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, labels: torch.Tenso
                          f"{tuple(labels.shape)} (need logits [..., V/p] and labels [...])")
     if vocab_size is None:
         vocab_size = logits_shard.shape[-1] * tp_group.size
-    _check_labels(labels, vocab_size, ignore_index)
+    check_labels(labels, vocab_size, ignore_index)
     flat, flat_labels = logits_shard.reshape(-1, logits_shard.shape[-1]), labels.reshape(-1)
     if torch.is_grad_enabled() and flat.requires_grad:
         loss = _VocabParallelCrossEntropy.apply(flat, flat_labels, tp_group, ignore_index)
-    elif tp_group.is_trivial and not _triton_applies(flat):
+    elif tp_group.is_trivial and not triton_applies(flat):
         loss = _one_rank_loss(flat, flat_labels, ignore_index)
     else:
         loss = _VocabParallelCrossEntropy.apply(flat, flat_labels, tp_group, ignore_index, False)

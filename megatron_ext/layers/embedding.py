@@ -24,7 +24,7 @@ from megatron_ext.layers.linear import InitFn, default_init, shard_axis_name
 from megatron_ext.communication.collectives import all_gather, all_reduce, copy_to_region
 from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import AxisGroup
-from megatron_ext.layers.cross_entropy import _check_labels
+from megatron_ext.layers.cross_entropy import check_labels
 from megatron_ext.layers.lm_head_loss import CHUNK_BYTES, lm_head_cross_entropy
 from megatron_ext.parallel.param_meta import ParamSpec, Split, set_spec
 
@@ -178,7 +178,7 @@ class VocabParallelLMHead(nn.Module):
             raise ValueError(f"VocabParallelLMHead.loss expects hidden [..., {self.hidden_size}] "
                              f"and labels of its leading shape, got {tuple(hidden.shape)} and "
                              f"{tuple(labels.shape)}")
-        _check_labels(labels, self.vocab_size, ignore_index)
+        check_labels(labels, self.vocab_size, ignore_index)
         if self.sync_input_grad:
             hidden = copy_to_region(hidden, self.tp_group)
         real = max(0, min(self.end, self.vocab_size) - self.start)

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from megatron_ext.communication.collectives import all_gather, all_reduce
-from megatron_ext.layers.cross_entropy import _kernels, _triton_applies, _BLOCK
+from megatron_ext.layers.cross_entropy import triton_applies, triton_logit_grad, triton_row_lse
 from megatron_ext.parallel.groups import AxisGroup
 
 #: Logit bytes computed at once (one chunk of columns for all tokens).
@@ -40,10 +40,8 @@ def _chunks(tokens: int, cols: int, itemsize: int, chunk_bytes: int) -> list[tup
 
 
 def _row_lse(logits: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    if _triton_applies(logits):
-        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-        _kernels()[0][(logits.shape[0],)](logits, lse, logits.shape[1], BLOCK=_BLOCK, num_warps=8)
-        return lse
+    if triton_applies(logits):
+        return triton_row_lse(logits)
     return torch.logsumexp(logits.to(acc), dim=-1)
 
 
@@ -51,11 +49,8 @@ def _logit_grad(logits: torch.Tensor, lse: torch.Tensor, target: torch.Tensor,
                 scale: torch.Tensor) -> torch.Tensor:
     """``(softmax - onehot(target)) · scale`` in the logits' dtype (``target`` -1: no label
     among these columns)."""
-    if _triton_applies(logits):
-        grad = torch.empty_like(logits)
-        _kernels()[1][(logits.shape[0],)](logits, lse, target, scale, grad, logits.shape[1],
-                                          BLOCK=_BLOCK, num_warps=8)
-        return grad
+    if triton_applies(logits):
+        return triton_logit_grad(logits, lse, target, scale)
     p = torch.exp(logits.to(lse.dtype) - lse.unsqueeze(-1))
     hit = target >= 0
     p[hit, target[hit]] -= 1
