@@ -31,10 +31,14 @@ Layout everywhere: ``q [b, s_q, hq, d]``, ``k, v [b, s_k, hkv, d]`` with ``hq % 
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from typing import Optional
 
 import torch
+
+from megatron_ext.kernels.launch import next_power_of_2
+from megatron_ext.kernels.triton_loader import kernel_module
 
 # Bound on score-matrix elements the math path materialises at once (b * hq * chunk * s_k).
 MATH_CHUNK_ELEMENTS = 1 << 26
@@ -297,35 +301,40 @@ def block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     return _math_backward(dout, q, k, v, out, lse, scale, kind, mask)
 
 
-def _merge_kernel_applies(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """The Triton merge takes CUDA outputs ``[b, s, h, d]`` whose tokens are ``h·d`` contiguous
-    values, with ``d`` a power of two (the kernel's inner block)."""
-    d, h = b.shape[-1], b.shape[-2]
-    return (b.is_cuda and a.dtype in _FUSED_DTYPES and b.dtype in _FUSED_DTYPES
-            and d & (d - 1) == 0 and 8 <= d <= 256
-            and all(t.stride(-1) == 1 and t.stride(-2) == d for t in (a, b)))
+_MERGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+@functools.lru_cache(maxsize=None)
+def _merge_kernel():
+    """The Triton merge (:mod:`megatron_ext.kernels.attention_merge`); ``None`` without Triton."""
+    k = kernel_module("attention_merge")
+    return None if k is None else k.merge_two
+
+
+def _merge_kernel_applies(*ts: Optional[torch.Tensor]) -> bool:
+    """The Triton merge takes CUDA tensors ``[b, s, h, d]`` whose tokens are ``h·d`` contiguous
+    values, with ``d`` a power of two (the kernel's inner block); ``None`` entries are skipped."""
+    ts = tuple(t for t in ts if t is not None)
+    d = ts[0].shape[-1]
+    return (ts[0].is_cuda and d & (d - 1) == 0 and 8 <= d <= 256
+            and all(t.dtype in _MERGE_DTYPES and t.stride(-1) == 1 and t.stride(-2) == d
+                    for t in ts)
+            and _merge_kernel() is not None)
 
 
 def _merge_triton(acc_out, acc_lse, out, lse, into):
-    from megatron_ext.kernels.launch import next_power_of_2
-    from megatron_ext.kernels.triton_loader import kernel_module
-
+    """One pass: ``(acc_out, acc_lse)`` and ``(out, lse)`` → the merged output (``into``, or a new
+    float32 tensor) and log-sum-exp; the log-sum-exps are float32 ``[b, h, s]``."""
     bsz, s, h, d = out.shape
     res = into if into is not None else torch.empty(out.shape, dtype=torch.float32,
                                                      device=out.device)
     new_lse = torch.empty((bsz, h, s), dtype=torch.float32, device=out.device)
     if not res.numel():
         return res, new_lse
-    acc_lse, lse = acc_lse.float(), lse.float()
-    if acc_lse.stride(-1) != 1:
-        acc_lse = acc_lse.contiguous()
-    if lse.stride(-1) != 1:
-        lse = lse.contiguous()
+    acc_lse = acc_lse if acc_lse.stride(-1) == 1 else acc_lse.contiguous()
+    lse = lse if lse.stride(-1) == 1 else lse.contiguous()
     block_h = min(next_power_of_2(h), max(1, 4096 // d))
-    kernel_module("attention_merge").merge_two[(bsz * s, -(-h // block_h))](
+    _merge_kernel()[(bsz * s, -(-h // block_h))](
         acc_out, out, acc_lse, lse, res, new_lse, s, h,
         acc_out.stride(0), acc_out.stride(1), out.stride(0), out.stride(1),
         res.stride(0), res.stride(1), acc_lse.stride(0), acc_lse.stride(1),
@@ -347,12 +356,8 @@ def merge_partial(acc_out: Optional[torch.Tensor], acc_lse: Optional[torch.Tenso
         if into is not None:
             into.copy_(out)
         return (into if into is not None else out), lse
-    if dtype == torch.float32 and _merge_kernel_applies(acc_out, out) and (
-            into is None or into.stride(-1) == 1 and into.stride(-2) == out.shape[-1]):
-        from megatron_ext.kernels.triton_loader import triton_available
-
-        if triton_available():
-            return _merge_triton(acc_out, acc_lse, out, lse, into)
+    if dtype == torch.float32 and _merge_kernel_applies(acc_out, out, into):
+        return _merge_triton(acc_out, acc_lse, out, lse, into)
     new_lse = torch.logaddexp(acc_lse, lse)
     safe = torch.where(torch.isinf(new_lse), 0.0, new_lse)
     w_old = torch.exp(acc_lse - safe).transpose(1, 2).unsqueeze(-1).to(dtype)
