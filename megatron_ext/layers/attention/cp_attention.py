@@ -183,18 +183,25 @@ def _parts_in(plan: CPAttentionPlan, q_range: tuple[int, int]):
     return [(i, a - a0, e - a0) for i, (a, e) in enumerate(plan.parts) if a0 <= a and e <= e0]
 
 
+def _all_calls(plan: CPAttentionPlan) -> tuple[list[tuple[_Call, ...]], list[int]]:
+    """Every source's calls, and how many calls cover each local query part (the merges a
+    part's output takes, the contributions its dq sums)."""
+    calls = [source_calls(plan, r) for r in range(plan.cp_size)]
+    per_part = [0] * len(plan.parts)
+    for source in calls:
+        for call in source:
+            for i, _, _ in _parts_in(plan, call.q_range):
+                per_part[i] += 1
+    return calls, per_part
+
+
 class _Forward:
     """Running (out, lse) per local query part; a part's last merge writes straight into the
     output (no float32 accumulator left to copy)."""
 
     def __init__(self, q: torch.Tensor, plan: CPAttentionPlan, scale: float):
         self.q, self.plan, self.scale = q, plan, scale
-        self.calls = [source_calls(plan, r) for r in range(plan.cp_size)]
-        self.left = [0] * len(plan.parts)  # calls still to come per part
-        for calls in self.calls:
-            for call in calls:
-                for i, _, _ in _parts_in(plan, call.q_range):
-                    self.left[i] += 1
+        self.calls, self.left = _all_calls(plan)  # left: calls still to come per part
         self.out = q.new_empty(q.shape)
         self.acc = [(None, None) for _ in plan.parts]
         self.done = [False] * len(plan.parts)
@@ -245,12 +252,7 @@ class _Backward:
         self.plan, self.scale, self.aux = plan, scale, aux
         self.dout, self.q, self.out = dout, q, out
         self.lse = torch.cat(lses, -1) if len(lses) > 1 else lses[0]
-        self.calls = [source_calls(plan, r) for r in range(plan.cp_size)]
-        counts = [0] * len(plan.parts)
-        for calls in self.calls:
-            for call in calls:
-                for i, _, _ in _parts_in(plan, call.q_range):
-                    counts[i] += 1
+        self.calls, counts = _all_calls(plan)
         self.dq = _GradSum(q.shape, q.dtype, q.device, plan.parts, counts)
 
     def kv_sums(self, k: torch.Tensor, v: torch.Tensor, src: int, extra: int = 0
