@@ -51,6 +51,8 @@ from megatron_ext.serving.kv_cache import KVCache  # noqa: E402
 
 LAYOUTS = {
     "a cp2 moe_dp1": dict(attn_cp=2, moe_tp=2, moe_ep=1, moe_dp=1),
+    # the same layout with the MoE shard split by expert instead of by expert width
+    "a-ep cp2 moe_dp1 moe_ep2": dict(attn_cp=2, moe_ep=2, moe_tp=1, moe_dp=1),
     "b cp2 moe_dp2": dict(attn_cp=2, moe_dp=2, moe_tp=1, moe_ep=1),
     "c tp2": dict(attn_tp=2, moe_tp=2, moe_ep=1),
 }
@@ -250,7 +252,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="*", default=[16, 64, 256])
     parser.add_argument("--prompt", type=int, nargs="*", default=[1024, 8192])
     parser.add_argument("--new", type=int, default=128)
-    parser.add_argument("--layouts", nargs="*", default=list(LAYOUTS),
+    parser.add_argument("--layouts", nargs="*", default=["a cp2 moe_dp1", "b cp2 moe_dp2", "c tp2"],
                         help="layouts to run (none: only --hf / --moe-reduction)")
     parser.add_argument("--moe-reduction", action="store_true")
     parser.add_argument("--hf", action="store_true",
@@ -328,10 +330,12 @@ def main() -> None:
                     by = {r["layout"].split(" [")[0]: r for r in results
                           if r["prompt"] == prompt and r["batch"] == batch
                           and r["decode_kernel"] == kern}
-                    a, b = by.get("a cp2 moe_dp1"), by.get("b cp2 moe_dp2")
-                    if a and b:
-                        print(f"prompt {prompt} batch {batch} [{kern}]: a / b tokens/s = "
-                              f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x")
+                    b = by.get("b cp2 moe_dp2")
+                    for name in ("a cp2 moe_dp1", "a-ep cp2 moe_dp1 moe_ep2"):
+                        if b and name in by:
+                            print(f"prompt {prompt} batch {batch} [{kern}]: {name.split()[0]} "
+                                  f"/ b tokens/s = "
+                                  f"{by[name]['tokens_per_s'] / b['tokens_per_s']:.2f}x")
     if args.moe_reduction:
         red = moe_reduction(device, world, [16, 64, 256])
         out["moe_reduction"] = red

@@ -127,13 +127,47 @@ def test_grouped_mm_fallback_exact_with_empty_groups():
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
     out.sum().backward()
     assert w.grad is not None and torch.equal(w.grad[1], torch.zeros(6, 5, dtype=torch.float64))
-    with pytest.raises(ValueError, match="counts sum to 6"):
-        grouped_mm(x, w, [3, 0, 3, 0])
+    # rows past the groups (a fixed-size dispatch's other-rank rows) are not computed: zeros
+    short = grouped_mm(x, w, [3, 0, 3, 0])
+    torch.testing.assert_close(short[:6], ref[:6], atol=1e-12, rtol=0)
+    assert torch.equal(short[6], torch.zeros(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="counts sum to 8"):
+        grouped_mm(x, w, [3, 0, 5, 0])
     with pytest.raises(ValueError, match="3 counts for 4 groups"):
         grouped_mm(x, w, [3, 0, 4])
 
 
 @pytest.mark.gpu
+def test_fixed_size_local_dispatch_equals_the_exact_one():
+    """The CUDA-graph-safe dispatch (every assignment gets a row, other experts' rows last and
+    zeroed) gives the same combined output and gradients as the data-sized one, float64, for a
+    rank holding experts 2..3 of 4 — even when the rows it does not compute hold NaN."""
+    from megatron_ext.layers.moe.dispatch import (combine, drop_foreign_rows, gather_rows,
+                                                  local_dispatch, row_weights)
+
+    g = torch.Generator().manual_seed(4)
+    tokens, top_k, hidden = 9, 2, 6
+    experts = torch.stack([torch.randperm(4, generator=g)[:top_k] for _ in range(tokens)])
+    x0 = torch.randn(tokens, hidden, generator=g, dtype=torch.float64)
+    w0 = torch.rand(tokens, top_k, generator=g, dtype=torch.float64)
+    stack0 = torch.randn(2, hidden, hidden, generator=g, dtype=torch.float64)
+    results = []
+    for fixed in (False, True):
+        x, w, stack = (t.clone().requires_grad_() for t in (x0, w0, stack0))
+        a = local_dispatch(experts, 2, 2, 4, fixed_size=fixed)
+        assert (a.valid_rows is not None) == fixed
+        y = grouped_mm(gather_rows(x, a, top_k), stack, a.counts)
+        if fixed:  # what the fused kernel may leave in rows it does not compute
+            y = torch.where(a.valid_rows.unsqueeze(-1), y, float("nan"))
+        y = y * row_weights(w, a).unsqueeze(-1)
+        out = combine(drop_foreign_rows(y, a), a, top_k)
+        out.backward(torch.ones_like(out))
+        results.append((out.detach(), x.grad, w.grad, stack.grad))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    assert torch.isfinite(results[1][0]).all()
+
+
 @pytest.mark.gpu
 def test_grouped_mm_kernel_and_moe_layer_on_cuda():
     """The CUDA path (``torch._grouped_mm`` in bf16): the kernel alone against the float32 loop

@@ -42,6 +42,8 @@ class LocalAssignments:
     token_index: torch.Tensor  # [N] token of each assignment
     counts: torch.Tensor       # [E_local] assignments per local expert (int64)
     slot_row: Optional[torch.Tensor] = None  # [T*k] sorted row of each slot; N = not here
+    # [N] False for rows that are not this rank's (only ``fixed_size`` dispatches have them)
+    valid_rows: Optional[torch.Tensor] = None
 
 
 def _sorted_counts(sorted_keys: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -60,15 +62,29 @@ def slot_rows(flat_index: torch.Tensor, num_slots: int) -> torch.Tensor:
 
 
 def local_dispatch(experts: torch.Tensor, first_expert: int, num_local: int,
-                   num_experts: Optional[int] = None) -> LocalAssignments:
+                   num_experts: Optional[int] = None, fixed_size: bool = False
+                   ) -> LocalAssignments:
     """Select and sort the assignments of ``experts`` ``[T, k]`` that fall in
     ``[first_expert, first_expert + num_local)`` (a stable sort keeps token order per expert).
     When this rank holds every expert (``num_local == num_experts``) nothing is filtered, so no
-    host sync is needed (the CUDA grouped GEMM takes the counts as a device tensor)."""
+    host sync is needed (the CUDA grouped GEMM takes the counts as a device tensor).
+
+    ``fixed_size`` (a CUDA-graph capture, where the row count must not depend on the data and a
+    host sync is illegal): every one of the ``T·k`` assignments gets a row, other ranks' sorted
+    after this rank's (their key is ``num_local``) and marked in ``valid_rows``; the counts
+    cover only this rank's, so the grouped GEMMs leave the rest alone and the caller zeroes
+    their outputs (:func:`drop_foreign_rows`). This rank's rows are the same rows in the same
+    order as without it."""
     top_k = experts.shape[-1]
     local = experts.reshape(-1) - first_expert
     if first_expert == 0 and num_local == num_experts:
         keys, sel = torch.sort(local, stable=True)
+    elif fixed_size:
+        mine = (local >= 0) & (local < num_local)
+        keys, sel = torch.sort(torch.where(mine, local, num_local), stable=True)
+        counts = _sorted_counts(keys, num_local)
+        return LocalAssignments(sel, torch.div(sel, top_k, rounding_mode="floor"), counts,
+                                slot_rows(sel, local.numel()), keys < num_local)
     else:
         sel = ((local >= 0) & (local < num_local)).nonzero().squeeze(1)
         keys, order = torch.sort(local[sel], stable=True)
@@ -170,6 +186,14 @@ class _PermuteRows(torch.autograd.Function):
 def gather_rows(x: torch.Tensor, assignments: LocalAssignments, top_k: int) -> torch.Tensor:
     """Rows of ``x`` ``[T, H]`` for every assignment, in the assignments' (expert) order."""
     return _GatherTokenRows.apply(x, assignments.token_index, assignments.slot_row, top_k)
+
+
+def drop_foreign_rows(rows: torch.Tensor, assignments: LocalAssignments) -> torch.Tensor:
+    """Expert outputs with the rows of other ranks' assignments zeroed (a ``fixed_size``
+    dispatch computes none of them: their values are whatever the grouped GEMMs left)."""
+    if assignments.valid_rows is None:
+        return rows
+    return rows.masked_fill(~assignments.valid_rows.unsqueeze(-1), 0)
 
 
 def row_weights(weights: torch.Tensor, assignments: LocalAssignments) -> torch.Tensor:

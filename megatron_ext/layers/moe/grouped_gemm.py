@@ -29,7 +29,8 @@ def group_offsets(counts: Counts, device) -> torch.Tensor:
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: Counts,
                use_kernel: bool = True, offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x`` ``[N, K]`` rows sorted by group, ``w`` ``[G, K, M]`` (a transposed view is fine),
-    ``counts`` ``[G]`` rows per group (sum ``N``) → ``[N, M]``. ``offsets``: the
+    ``counts`` ``[G]`` rows per group (sum at most ``N``: rows past the groups are not computed;
+    their outputs are zeros here, unspecified in the fused kernel) → ``[N, M]``. ``offsets``: the
     :func:`group_offsets` of ``counts`` when the caller runs several GEMMs over the same groups."""
     if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[1]:
         raise ValueError(f"grouped_mm: x {tuple(x.shape)} and w {tuple(w.shape)} must be "
@@ -40,6 +41,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: Counts,
         offs = offsets if offsets is not None else group_offsets(counts, x.device)
         return torch._grouped_mm(x, w, offs=offs)
     sizes = counts.tolist() if isinstance(counts, torch.Tensor) else [int(c) for c in counts]
-    if sum(sizes) != x.shape[0]:
+    if sum(sizes) > x.shape[0]:
         raise ValueError(f"grouped_mm: counts sum to {sum(sizes)} but x has {x.shape[0]} rows")
-    return torch.cat([chunk @ w[g] for g, chunk in enumerate(torch.split(x, sizes))])
+    rest = x.shape[0] - sum(sizes)  # rows past the groups (a fixed-size dispatch): zeros here
+    parts = [chunk @ w[g] for g, chunk in enumerate(torch.split(x, sizes + [rest])[:len(sizes)])]
+    return torch.cat(parts + [x.new_zeros(rest, w.shape[-1])])

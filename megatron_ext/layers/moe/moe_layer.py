@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from megatron_ext.layers.moe.dispatch import (AllToAllDispatch, combine, gather_rows,
-                                              local_dispatch, row_weights)
+                                              drop_foreign_rows, local_dispatch,
+                                              row_weights)
 from megatron_ext.layers.backend import LayerBackend
 from megatron_ext.layers.moe.router import RouterStats, TopKRouter
 from megatron_ext.layers.moe.shared_expert import SharedExpert
@@ -42,6 +43,12 @@ class MoEOutput(NamedTuple):
 
 def _join(prefix: Optional[str], name: str) -> Optional[str]:
     return f"{prefix}.{name}" if prefix else name
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    """Whether ``x``'s CUDA stream is being captured into a graph (the local dispatch of a rank
+    holding some of the experts then keeps a data-independent row count, without host sync)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 class MoELayer(nn.Module):
@@ -107,10 +114,11 @@ class MoELayer(nn.Module):
             x = copy_to_region(x, self.groups.moe_shard)
         routing = self.gate(x, mask, with_stats)
         assign = local_dispatch(routing.experts, self.experts.first_expert,
-                                self.experts.num_local, self.num_experts)
+                                self.experts.num_local, self.num_experts,
+                                fixed_size=_capturing(x))
         y = self.experts(gather_rows(x, assign, self.top_k), assign.counts,
                          row_weights(routing.weights, assign))
-        out = combine(y, assign, self.top_k)
+        out = combine(drop_foreign_rows(y, assign), assign, self.top_k)
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)
         return out, routing.stats
