@@ -46,9 +46,11 @@ def _join(prefix: Optional[str], name: str) -> Optional[str]:
 
 
 def _capturing(x: torch.Tensor) -> bool:
-    """Whether ``x``'s CUDA stream is being captured into a graph (the local dispatch of a rank
-    holding some of the experts then keeps a data-independent row count, without host sync)."""
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+    """Whether an inference step on ``x``'s CUDA stream is being captured into a graph (the
+    local dispatch of a rank holding some of the experts then keeps a data-independent row
+    count, without host sync; training keeps the data-sized dispatch, whose backward never
+    sees the rows the fused GEMMs leave unspecified)."""
+    return x.is_cuda and not torch.is_grad_enabled() and torch.cuda.is_current_stream_capturing()
 
 
 class MoELayer(nn.Module):
