@@ -55,6 +55,15 @@ def _kernels():
 _BLOCK = 4096
 
 
+def merge_shards(local_lse: torch.Tensor, target: torch.Tensor, group: AxisGroup
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token ``(log-sum-exp, label logit)`` over the whole vocabulary from each rank's shard:
+    the shards' log-sum-exps all-gathered (``[p, tokens]``, tiny) and merged, the label logit
+    summed (only the rank holding the label has it; the others pass 0)."""
+    lse = torch.logsumexp(all_gather(local_lse.unsqueeze(0), group, dim=0), dim=0)
+    return lse, all_reduce(target, group)
+
+
 def triton_applies(logits: torch.Tensor) -> bool:
     """Whether the Triton kernels take these ``[rows, cols]`` logits (CUDA fp16/bf16)."""
     return (logits.is_cuda and logits.dtype in (torch.bfloat16, torch.float16)
@@ -95,13 +104,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             # without backward (no softmax then)
             lf = logits.to(torch.promote_types(logits.dtype, torch.float32), copy=for_backward)
             local_lse = torch.logsumexp(lf, dim=-1)                               # [N]
-        lse = torch.logsumexp(all_gather(local_lse.unsqueeze(0), group, dim=0), dim=0)
         local_label = labels - start
         mine = (local_label >= 0) & (local_label < shard) & (labels != ignore_index)
         idx = torch.where(mine, local_label, torch.zeros_like(local_label))
-        target = torch.gather(lf, -1, idx.unsqueeze(-1)).squeeze(-1).to(lse.dtype)
+        target = torch.gather(lf, -1, idx.unsqueeze(-1)).squeeze(-1).to(local_lse.dtype)
         target = torch.where(mine, target, torch.zeros_like(target))  # -inf padding x 0 is nan
-        target = all_reduce(target, group)
+        lse, target = merge_shards(local_lse, target, group)
         keep = labels != ignore_index
         loss = (lse - target) * keep
         ctx.fused, ctx.dtype = fused, logits.dtype

@@ -142,6 +142,7 @@ class VocabParallelLMHead(nn.Module):
         super().__init__()
         self.padded_vocab = padded_vocab_size(vocab_size, tp_group.size, vocab_multiple)
         self.start, self.end = vocab_range(self.padded_vocab, tp_group)
+        self.real_rows = max(0, min(self.end, vocab_size) - self.start)  # the rest: padding
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.tp_group, self.sync_input_grad = tp_group, sync_input_grad
         self.tied = tied_embedding is not None
@@ -181,10 +182,9 @@ class VocabParallelLMHead(nn.Module):
         check_labels(labels, self.vocab_size, ignore_index)
         if self.sync_input_grad:
             hidden = copy_to_region(hidden, self.tp_group)
-        real = max(0, min(self.end, self.vocab_size) - self.start)
         loss = lm_head_cross_entropy(hidden.reshape(-1, self.hidden_size), self.table,
                                      labels.reshape(-1), self.tp_group, start=self.start,
-                                     real_rows=real, ignore_index=ignore_index,
+                                     real_rows=self.real_rows, ignore_index=ignore_index,
                                      chunk_bytes=chunk_bytes)
         return loss.view(labels.shape)
 
@@ -197,9 +197,8 @@ class VocabParallelLMHead(nn.Module):
         if self.sync_input_grad:
             hidden = copy_to_region(hidden, self.tp_group)
         logits = F.linear(hidden, self.table)
-        real = max(0, min(self.end, self.vocab_size) - self.start)
-        if real < self.end - self.start:  # masked_fill: no gradient reaches the padding rows
-            padding = torch.arange(self.end - self.start, device=logits.device) >= real
+        if self.real_rows < self.end - self.start:  # masked_fill: no gradient to padding rows
+            padding = torch.arange(self.end - self.start, device=logits.device) >= self.real_rows
             logits = logits.masked_fill(padding, float("-inf"))
         return logits
 

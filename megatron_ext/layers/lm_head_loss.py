@@ -20,12 +20,10 @@ all-reduce of the label logits, as the unfused loss.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from megatron_ext.communication.collectives import all_gather, all_reduce
-from megatron_ext.layers.cross_entropy import triton_applies, triton_logit_grad, triton_row_lse
+from megatron_ext.layers.cross_entropy import (merge_shards, triton_applies, triton_logit_grad,
+                                               triton_row_lse)
 from megatron_ext.parallel.groups import AxisGroup
 
 #: Logit bytes computed at once (one chunk of columns for all tokens).
@@ -76,10 +74,9 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
             picked = logits.gather(1, torch.where(here, local - a, 0).unsqueeze(1)).squeeze(1)
             target = torch.where(here, picked.to(acc), target)
             del logits
-        lse = torch.logsumexp(all_gather(local_lse.unsqueeze(0), group, dim=0), dim=0)
-        target = all_reduce(target, group)
+        lse, target = merge_shards(local_lse, target, group)
         ctx.save_for_backward(hidden, weight, lse, torch.where(mine, local, -1), keep)
-        ctx.spans, ctx.padded_rows = spans, weight.shape[0]
+        ctx.spans = spans
         return (lse - target) * keep
 
     @staticmethod

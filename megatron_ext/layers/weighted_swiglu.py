@@ -25,6 +25,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from megatron_ext.kernels.launch import next_power_of_2
 from megatron_ext.kernels.triton_loader import kernel_module
 
 _BLOCK = 2048
@@ -73,8 +74,6 @@ def _forward_triton(gate: torch.Tensor, up: torch.Tensor, w: torch.Tensor) -> to
 
 def _backward_triton(gate: torch.Tensor, up: torch.Tensor, w: torch.Tensor, dout: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from megatron_ext.kernels.launch import next_power_of_2
-
     _, bwd = _kernels()
     dgate, dup, dw = torch.empty_like(gate), torch.empty_like(up), torch.empty_like(w)
     cols = gate.shape[1]

@@ -24,7 +24,8 @@ from typing import Optional
 
 import torch
 
-from megatron_ext.communication.choices import CP_STRATEGIES, RECOMPUTE_MODES, Recompute
+from megatron_ext.communication.choices import (CP_STRATEGIES, RECOMPUTE_MODES, Recompute,
+                                                check_choice)
 from megatron_ext.layers.lm_head_loss import CHUNK_BYTES
 from megatron_ext.parallel.groups import ParallelGroups
 from megatron_ext.parallel.param_meta import get_spec
@@ -133,6 +134,14 @@ def _norm_bytes(width: int, b: int, kernels: str) -> int:
     return width * b + 4 if kernels == "cuda" else width * max(b, 4) + width * b + 4
 
 
+def _swiglu_kept(recompute: str, kernels: str) -> int:
+    """``[tokens, I]`` tensors a plain SwiGLU MLP keeps per token: gate and up, + the activation
+    for ``down_proj`` without selective recompute, + ``silu(gate)`` in the torch composition."""
+    if recompute == Recompute.SELECTIVE:
+        return 2
+    return 3 if kernels == "cuda" else 4
+
+
 def activation_bytes(config, topo: Topology, seq_len: int, micro_batch_size: int,
                      recompute: str, bf16: bool, stage: int = 0, micro_batches: int = 1,
                      kernels: str = "cuda", cp_comm: str = "all_gather") -> int:
@@ -141,8 +150,7 @@ def activation_bytes(config, topo: Topology, seq_len: int, micro_batch_size: int
     CUDA paths (Triton norm and SwiGLU: what a GPU run keeps) or their torch compositions (CPU).
     ``cp_comm``: CP attention's ``p2p`` keeps the K/V its forward ring ended with (one more local
     K/V per layer when ``attn_cp > 1``)."""
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels={kernels!r} must be one of {KERNELS}")
+    check_choice("kernels", kernels, KERNELS)
     from megatron_ext.parallel.stages import stage_layer_range
 
     b = 2 if bf16 else 4
@@ -172,13 +180,10 @@ def activation_bytes(config, topo: Topology, seq_len: int, micro_batch_size: int
             if config.shared_expert_intermediate_size:
                 si = config.shared_expert_intermediate_size // topo.moe_shard_size
                 # its input is the router's (one saved tensor): only its SwiGLU counts
-                kept = 2 if recompute == Recompute.SELECTIVE else (3 if kernels == "cuda" else 4)
-                mlp += k * kept * si * b
+                mlp += k * _swiglu_kept(recompute, kernels) * si * b
         else:
             inter = config.intermediate_size // tp
-            # gate, up (+ the activation for down_proj without selective; + silu(gate) in torch)
-            kept = 2 if recompute == Recompute.SELECTIVE else (3 if kernels == "cuda" else 4)
-            mlp = h * b + kept * inter * b
+            mlp = h * b + _swiglu_kept(recompute, kernels) * inter * b
         per_token = norms + attn + mlp
         if recompute == Recompute.FULL:
             per_token = 2 * h * b                        # the layer's inputs: hidden, residual

@@ -131,6 +131,12 @@ class _GradSum:
         return self.out
 
 
+def _add_share(sums: tuple[_GradSum, _GradSum], share) -> None:
+    """Add another rank's partial dK, dV (each a whole ``[b, s, h, d]`` tensor) into ``sums``."""
+    for total, part in zip(sums, share):
+        total.add(((0, total.shape[1]),), part)
+
+
 # ----------------------------------------------------------------------------- block loops
 def diagonal_is_one_causal_block(plan: CPAttentionPlan) -> bool:
     """Whether this rank's own blocks (queries against its own K/V) together are exactly one
@@ -338,7 +344,6 @@ def _backward_all_gather(bwd: _Backward, k, v, plan, group, kept=()):
                    cp * (k.numel() * k.element_size() + v.numel() * v.element_size()))
     bwd.grads(k, v, me, *own)  # while K/V travel
     pending.wait()
-    whole = ((0, k.shape[1]),)
     in_flight = None
     for t in range(1, cp):
         src, frm = (me - t) % cp, (me + t) % cp
@@ -350,14 +355,12 @@ def _backward_all_gather(bwd: _Backward, k, v, plan, group, kept=()):
         del dks, dvs
         if in_flight is not None:
             in_flight[0].wait()
-            own[0].add(whole, in_flight[1][0])
-            own[1].add(whole, in_flight[1][1])
+            _add_share(own, in_flight[1])
         recv = [torch.empty_like(k), torch.empty_like(v)]
         in_flight = (exchange_async(send, recv, src, frm, group, log_as=None, tag=t), recv)
         del send, recv
     in_flight[0].wait()
-    own[0].add(whole, in_flight[1][0])
-    own[1].add(whole, in_flight[1][1])
+    _add_share(own, in_flight[1])
     return own[0].result(), own[1].result()
 
 
@@ -391,7 +394,6 @@ def _backward_p2p(bwd: _Backward, k, v, plan, group, kept=()):
         bwd.grads(k, v, me, *own)
         return own[0].result(), own[1].result()
     up, down = (me + 1) % cp, (me - 1) % cp
-    whole = ((0, k.shape[1]),)
     cur, kv_next, dkv_in, pending = tuple(kept), None, None, None
     for u in range(cp):
         src = (me + 1 + u) % cp
@@ -402,8 +404,7 @@ def _backward_p2p(bwd: _Backward, k, v, plan, group, kept=()):
         bwd.grads(*((k, v) if src == me else cur), src, *sums)
         if pending is not None:  # the partial of this source from rank me + 1
             pending.wait()
-            sums[0].add(whole, dkv_in[0])
-            sums[1].add(whole, dkv_in[1])
+            _add_share(sums, dkv_in)
         if src == me:
             return own[0].result(), own[1].result()
         send = [sm.result() for sm in sums]

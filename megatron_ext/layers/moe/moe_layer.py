@@ -115,9 +115,10 @@ class MoELayer(nn.Module):
         if self.sync_input_grad:
             x = copy_to_region(x, self.groups.moe_shard)
         routing = self.gate(x, mask, with_stats)
+        partial = self.experts.num_local != self.num_experts  # a rank holding some experts
         assign = local_dispatch(routing.experts, self.experts.first_expert,
                                 self.experts.num_local, self.num_experts,
-                                fixed_size=_capturing(x))
+                                fixed_size=partial and _capturing(x))
         y = self.experts(gather_rows(x, assign, self.top_k), assign.counts,
                          row_weights(routing.weights, assign))
         out = combine(drop_foreign_rows(y, assign), assign, self.top_k)
