@@ -122,7 +122,7 @@ def bytes_per_step(model: CausalLM, cfg: ModelConfig, moe_tokens: int, kv_bytes:
     return dense + hit * experts + kv_bytes
 
 
-def profile_steps(state, cache, steps: int = 3, rows: int = 25) -> str:
+def profile_steps(state, cache, steps: int = 3, rows: int = 90) -> str:
     """Kernel-time table of ``steps`` eager decode steps (the graph runs the same kernels)."""
     from torch.profiler import ProfilerActivity, profile
 
