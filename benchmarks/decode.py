@@ -41,7 +41,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._common import (device_name, init_nccl, require_cuda, table, time_graph,  # noqa: E402
                                 write_results)
 from megatron_ext.layers.attention.cp_decode import DECODE_KERNELS, set_decode_kernel  # noqa: E402
+from megatron_ext.communication.symm_collectives import with_symm_collectives  # noqa: E402
 from megatron_ext.models.config import ModelConfig  # noqa: E402
+from megatron_ext.parallel.axes import GROUP_AXES  # noqa: E402
 from megatron_ext.models.decoder import CausalLM  # noqa: E402
 from megatron_ext.parallel.groups import build_groups  # noqa: E402
 from megatron_ext.parallel.topology import Topology  # noqa: E402
@@ -57,6 +59,14 @@ LAYOUTS = {
     "c tp2": dict(attn_tp=2, moe_tp=2, moe_ep=1),
 }
 BF16 = torch.bfloat16
+
+
+def set_symm_active(groups, active: bool) -> None:
+    """Route the decode collectives through symmetric memory (True) or NCCL (False)."""
+    for axis in GROUP_AXES:
+        fast = getattr(groups, axis).fast
+        if fast is not None:
+            fast.active = active
 
 
 def random_model(cfg: ModelConfig, groups, device) -> CausalLM:
@@ -183,6 +193,7 @@ def decode_case(model, groups, cfg, batch: int, prompt: int, new: int, device,
                   if device.type == "cuda" else 0.0)
     if kernels is not None:
         result["profile"] = kernels
+    result["tokens"] = state.tokens[:, :new + warm].cpu()   # same inputs: same tokens per variant
     del state, runner, cache
     gc.collect()
     if device.type == "cuda":
@@ -261,6 +272,9 @@ def main() -> None:
     parser.add_argument("--decode-kernel", nargs="+", default=["auto"], choices=DECODE_KERNELS,
                         help="decode attention: auto (split-K Triton kernel on CUDA) and/or "
                              "torch (batched matmuls); several = A/B in the same run")
+    parser.add_argument("--collectives", nargs="+", default=["symm"], choices=["symm", "nccl"],
+                        help="decode-size collectives through symmetric memory (one Triton "
+                             "kernel each) and/or NCCL; several = A/B in the same run")
     parser.add_argument("--profile", action="store_true",
                         help="print each case's kernel-time table (3 eager steps, rank 0)")
     args = parser.parse_args()
@@ -276,8 +290,7 @@ def main() -> None:
         rank, world, device = init_nccl()
     cfg = ModelConfig.preset(args.preset)
     if args.layers is not None and args.layers != cfg.num_layers:
-        import dataclasses
-        cfg = dataclasses.replace(cfg, num_layers=args.layers)
+        cfg = cfg.replace(num_layers=args.layers, sparse_layers=cfg.sparse_layers[:1] * args.layers)
     bandwidth = hbm_bandwidth(device) if device.type == "cuda" else 1e12
     if rank == 0:
         print(f"device: {device_name() if device.type == 'cuda' else 'cpu'}; "
@@ -286,12 +299,17 @@ def main() -> None:
     rows, results = [], []
     for name in args.layouts:
         groups = build_groups(Topology(world=world, **LAYOUTS[name]))
+        if device.type == "cuda":
+            groups = with_symm_collectives(groups, device)
         model = random_model(cfg, groups, device)
+        variants = [(k, c) for k in args.decode_kernel for c in args.collectives]
+        seen_tokens: dict = {}
         for prompt in args.prompt:
             for batch in args.batch:
-                for kern in args.decode_kernel:
+                for kern, coll in variants:
                     set_decode_kernel(kern)
-                    label = name if len(args.decode_kernel) == 1 else f"{name} [{kern}]"
+                    set_symm_active(groups, coll == "symm")
+                    label = name if len(variants) == 1 else f"{name} [{kern} {coll}]"
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats()
                     try:
@@ -304,14 +322,18 @@ def main() -> None:
                     if r is None:
                         rows.append([label, prompt, batch, "OOM", None, None, None, None])
                         continue
+                    tokens = r.pop("tokens")
+                    first = seen_tokens.setdefault((prompt, batch, kern), tokens)
+                    r["tokens_match_first_variant"] = bool(torch.equal(first, tokens))
                     bound_ms = r["bytes_per_step"] / bandwidth * 1000
                     r.update(layout=label, prompt=prompt, batch=batch, bound_ms=bound_ms,
-                             decode_kernel=kern)
+                             decode_kernel=kern, collectives=coll)
                     results.append(r)
                     rows.append([label, prompt, batch, r["ms_per_step"], r["tokens_per_s"],
                                  bound_ms, r["ms_per_step"] / bound_ms, r["peak_GiB"]])
                     if rank == 0:
-                        print(rows[-1], flush=True)
+                        print(rows[-1], "tokens == first variant's:",
+                              r["tokens_match_first_variant"], flush=True)
                         if "profile" in r:
                             print(r.pop("profile"), flush=True)
         del model
@@ -326,14 +348,15 @@ def main() -> None:
                      "x bound", "peak GiB"], rows))
         for prompt in args.prompt:
             for batch in args.batch:
-                for kern in args.decode_kernel:
+                for kern, coll in [(k, c) for k in args.decode_kernel for c in args.collectives]:
                     by = {r["layout"].split(" [")[0]: r for r in results
                           if r["prompt"] == prompt and r["batch"] == batch
-                          and r["decode_kernel"] == kern}
+                          and r["decode_kernel"] == kern and r["collectives"] == coll}
                     b = by.get("b cp2 moe_dp2")
                     for name in ("a cp2 moe_dp1", "a-ep cp2 moe_dp1 moe_ep2"):
                         if b and name in by:
-                            print(f"prompt {prompt} batch {batch} [{kern}]: {name.split()[0]} "
+                            print(f"prompt {prompt} batch {batch} [{kern} {coll}]: "
+                                  f"{name.split()[0]} "
                                   f"/ b tokens/s = "
                                   f"{by[name]['tokens_per_s'] / b['tokens_per_s']:.2f}x")
     if args.moe_reduction:

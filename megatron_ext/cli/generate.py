@@ -36,6 +36,7 @@ from megatron_ext.communication.choices import CP_STRATEGIES, CPStrategy
 from megatron_ext.data.tokenizer import load_tokenizer, resolve_tokenizer
 from megatron_ext.layers.backend import resolve_transformer_impl
 from megatron_ext.parallel.axes import Axis
+from megatron_ext.communication.symm_collectives import with_symm_collectives
 from megatron_ext.parallel.groups import (AxisGroup, ParallelGroups, build_groups,
                                           init_distributed)
 from megatron_ext.parallel.topology import (GROUP_AXES, add_layout_arguments,
@@ -161,6 +162,8 @@ def _run(argv: list[str] | None = None) -> int:
     groups = build_groups(topo)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    if cuda:  # decode-size collectives through symmetric memory (NCCL where it can't serve)
+        groups = with_symm_collectives(groups, device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     # the config as checked above (it may carry --max-positions-scale), the directory's weights
     model = CausalLM.for_stage(config, groups, cp_strategy=args.cp_comm, dtype=dtype,

@@ -92,6 +92,16 @@ def _use_native(group: AxisGroup) -> bool:
     return _is_nccl(group)
 
 
+def _fast(group: AxisGroup, x: torch.Tensor, phase: str,
+          sizes: Optional[tuple[int, ...]] = None, chunks: int = 1):
+    """The group's symmetric-memory collectives (``AxisGroup.fast``) when they serve this forward
+    call (equal pieces, CUDA, within a slot), else ``None`` (NCCL / gloo)."""
+    fast = group.fast
+    if fast is None or phase != "forward" or (sizes is not None and len(set(sizes)) > 1):
+        return None
+    return fast if fast.serves(x, chunks) else None
+
+
 # ------------------------------------------------------------------------------ raw collectives
 # All raw ops work along dim 0 of a contiguous tensor; the autograd wrappers move ``dim`` there.
 def _to_dim0(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -109,6 +119,10 @@ def _raw_all_gather(x0: torch.Tensor, group: AxisGroup, sizes: Optional[tuple[in
     if sizes is not None and x0.shape[0] != sizes[group.rank]:
         raise ValueError(f"all_gather over {group.name}: this rank (group rank {group.rank}) has "
                          f"{x0.shape[0]} rows but sizes={sizes} says {sizes[group.rank]}")
+    fast = _fast(group, x0, phase, sizes)
+    if fast is not None:
+        record("all_gather", group.name, _nbytes(x0) * n, phase)
+        return fast.all_gather(x0)
     if x0.shape[0] < rows:  # pad to the longest piece
         x0 = torch.cat([x0, x0.new_zeros((rows - x0.shape[0],) + tuple(x0.shape[1:]))])
     out = x0.new_empty((n * rows,) + tuple(x0.shape[1:]))
@@ -127,6 +141,9 @@ def _raw_reduce_scatter(x0: torch.Tensor, group: AxisGroup, sizes: Optional[tupl
                         phase: str) -> torch.Tensor:
     start, length = _own_range(x0.shape[0], group, sizes, f"reduce_scatter over {group.name}")
     record("reduce_scatter", group.name, _nbytes(x0), phase)
+    fast = _fast(group, x0, phase, sizes, group.size)
+    if fast is not None:
+        return fast.reduce_scatter(x0)
     if not _use_native(group):  # gloo: all-reduce + own slice
         return summed_slice(x0, group, start, length)
     n = group.size
@@ -145,6 +162,10 @@ def _raw_reduce_scatter(x0: torch.Tensor, group: AxisGroup, sizes: Optional[tupl
 
 
 def _raw_all_reduce(x: torch.Tensor, group: AxisGroup, phase: str) -> torch.Tensor:
+    fast = _fast(group, x, phase)
+    if fast is not None:
+        record("all_reduce", group.name, _nbytes(x), phase)
+        return fast.all_reduce(x)
     out = x.contiguous().clone()
     all_reduce_(out, group, phase=phase)
     return out
@@ -155,6 +176,10 @@ def _raw_all_to_all(x: torch.Tensor, group: AxisGroup, output_split_sizes: list[
     x = x.contiguous()
     out = x.new_empty((sum(output_split_sizes),) + tuple(x.shape[1:]))
     record("all_to_all", group.name, _nbytes(x), phase)
+    equal = len(set(output_split_sizes + input_split_sizes)) == 1
+    fast = _fast(group, x, phase, None, group.size) if equal else None
+    if fast is not None:
+        return fast.all_to_all(x)
     dist.all_to_all_single(out, x, output_split_sizes, input_split_sizes, group=group.group)
     return out
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -26,6 +26,9 @@ class AxisGroup:
     ranks: tuple[int, ...]
     rank: int
     group: Optional[dist.ProcessGroup]
+    # small-message collectives through symmetric memory (inference on one NVLink host), set by
+    # ``communication.symm_collectives.with_symm_collectives``; None: every call goes to NCCL/gloo
+    fast: Optional[Any] = field(default=None, compare=False, repr=False)
 
     @property
     def size(self) -> int:

@@ -26,6 +26,7 @@ GPU_ONLY = {
     "benchmarks/train_scale.py": ["--impl", "ours"],
     "benchmarks/train_step.py": [],
     "scripts/gpu_parity.py": [],
+    "scripts/symm_collectives_check.py": [],
 }
 CPU_CAPABLE = {"benchmarks/_common.py", "benchmarks/cpu_forward.py",
                "benchmarks/train_memory_cpu.py", "scripts/checkpoint_vs_transformers.py",
