@@ -19,12 +19,13 @@ import triton.language as tl
 
 
 @triton.jit
-def decode_split_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, scale,
+def decode_split_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, len_ptr, scale,
                         stride_qb, stride_qh, stride_kb, stride_kh, stride_ks,
                         stride_vb, stride_vh, stride_vs, stride_mb, seq_len, split_len,
                         num_q_heads, num_splits,
                         G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-                        BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr):
+                        BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
+                        HAS_LEN: tl.constexpr):
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -39,10 +40,12 @@ def decode_split_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, scale,
     acc = tl.zeros([BLOCK_G, D], tl.float32)
     start = split * split_len
     stop = tl.minimum(start + split_len, seq_len)
+    if HAS_LEN:   # no valid slot at or past len: read no further (a split may read nothing)
+        stop = tl.minimum(stop, tl.load(len_ptr).to(tl.int32))
     k_base = k_ptr + row * stride_kb + kv_head * stride_kh
     v_base = v_ptr + row * stride_vb + kv_head * stride_vh
-    for n0 in range(0, split_len, BLOCK_N):       # scalar bounds (the last split is masked)
-        offs_n = start + n0 + tl.arange(0, BLOCK_N)
+    for n0 in range(start, stop, BLOCK_N):        # the last tile of a split is masked
+        offs_n = n0 + tl.arange(0, BLOCK_N)
         in_range = offs_n < stop
         keep = in_range
         if HAS_MASK:

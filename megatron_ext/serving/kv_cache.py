@@ -109,6 +109,11 @@ class LayerKVCache:
         self.v.index_copy_(2, p.length_t.view(1), v.detach().transpose(1, 2))
         return self.k, self.v, p.step_valid()
 
+    def valid_slots(self) -> torch.Tensor:
+        """Device scalar: this step's valid slots all lie below it (the attention reads no
+        further; the buffers are allocated for the whole generation)."""
+        return self._parent.step_filled()
+
     def select_rows(self, index: torch.Tensor) -> None:
         if self.k is not None:
             self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
@@ -159,6 +164,7 @@ class KVCache:
         self.stored: set[int] = set()
         self._layers: dict[int, LayerKVCache] = {}
         self._valid: Optional[torch.Tensor] = None
+        self._filled: Optional[torch.Tensor] = None
 
     def layer(self, layer_idx: int) -> LayerKVCache:
         if layer_idx not in self._layers:
@@ -183,15 +189,21 @@ class KVCache:
         """``[batch, capacity + 1]`` slots attended to this step (computed once per step, shared
         by every layer)."""
         if self._valid is None:
-            filled = self.length_t + self.owns_step_t().to(torch.long)
-            self._valid = self.base_valid & (self.slot_ids < filled)[None]
+            self._valid = self.base_valid & (self.slot_ids < self.step_filled())[None]
         return self._valid
+
+    def step_filled(self) -> torch.Tensor:
+        """Device scalar: slots filled on this rank this step (the new token's counted on its
+        owner); computed once per step."""
+        if self._filled is None:
+            self._filled = self.length_t + self.owns_step_t().to(torch.long)
+        return self._filled
 
     def device_step_end(self) -> None:
         """Close a decode step on the device: the owner's new slot counts from now on."""
         self.length_t.add_(self.owns_step_t().to(torch.long))
         self.step_t.add_(1)
-        self._valid = None
+        self._valid = self._filled = None
 
     def host_step_end(self) -> None:
         """The host's mirror of :meth:`device_step_end` (accounting, ``first_step``)."""
@@ -200,7 +212,7 @@ class KVCache:
         if decode_owner(self.step, self.cp_size) == self.cp_rank:
             self.length += 1
         self.step += 1
-        self._valid = None
+        self._valid = self._filled = None
 
     def end_step(self) -> None:
         self.device_step_end()
@@ -212,7 +224,7 @@ class KVCache:
             layer.select_rows(index)
         self.base_valid = self.base_valid.index_select(0, index)
         self.batch = int(index.numel())
-        self._valid = None
+        self._valid = self._filled = None
 
     # ------------------------------------------------------------------ accounting
     @property

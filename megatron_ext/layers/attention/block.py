@@ -164,6 +164,7 @@ class AttentionBlock(nn.Module):
             k_all, v_all, valid = kv_cache.append(k, v)
             # shapes are fixed for a whole generation: agree on them across CP at its first step
             out = cp_decode_attention(q, k_all, v_all, self.cp_group, kv_valid=valid,
+                                      kv_len=kv_cache.valid_slots(),
                                       softmax_scale=self.softmax_scale,
                                       check=kv_cache.first_step, owner_rows=owner_rows,
                                       heads_first_cache=True)

@@ -48,12 +48,12 @@ def _triton_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
             and kernel_module("decode_attention") is not None)
 
 
-def split_plan(rows: int, kv_heads: int, seq: int, sm_count: int, block_n: int
-               ) -> tuple[int, int]:
+def split_plan(rows: int, kv_heads: int, seq: int, sm_count: int, block_n: int,
+               min_split: int = 256) -> tuple[int, int]:
     """``(splits, split_len)`` of a cache of ``seq`` slots: enough programs to fill the GPU
-    (about four per SM) but no split shorter than 256 slots; ``split_len`` a multiple of
-    ``block_n``. Depends on shapes only (a captured graph keeps it)."""
-    want = max(1, min(-(-seq // 256), -(-4 * sm_count // max(1, rows * kv_heads))))
+    (about four per SM) but no split shorter than ``min_split`` slots; ``split_len`` a multiple
+    of ``block_n``. Depends on shapes only (a captured graph keeps it)."""
+    want = max(1, min(-(-seq // min_split), -(-4 * sm_count // max(1, rows * kv_heads))))
     split_len = -(-(-(-seq // want)) // block_n) * block_n
     return -(-seq // split_len), split_len
 
@@ -66,9 +66,16 @@ def _merge_launch(parts: torch.Tensor, out: torch.Tensor, items: int, num_parts:
         BLOCK_S=max(2, 1 << (num_parts - 1).bit_length()), WRITE_LSE=write_lse)
 
 
+#: launch settings of the split-K kernel: cache slots per tile, software-pipeline stages, warps,
+#: shortest split (``benchmarks/decode_attention.py --sweep`` on the target GPU chooses them)
+DECODE_LAUNCH = dict(block_n=64, num_stages=3, num_warps=4, min_split=256)
+
+
 def triton_decode_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          kv_valid: Optional[torch.Tensor], scale: float,
-                         sm_count: Optional[int] = None) -> torch.Tensor:
+                         sm_count: Optional[int] = None,
+                         launch: Optional[dict] = None,
+                         kv_len: Optional[torch.Tensor] = None) -> torch.Tensor:
     """This rank's partial decode attention for one query per row through the split-K kernel:
     ``q [b, 1, hq, d]``, heads-first ``k, v [b, hkv, s, d]``, ``kv_valid`` ``[b, 1, s]`` /
     ``[b, s]`` bool or None → packed ``[b, 1, hq, d + 1]`` float32 (``out`` then ``lse``:
@@ -77,20 +84,24 @@ def triton_decode_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     b, _, hq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     g = hq // hkv
-    block_n = 64 if d <= 128 else 32
+    cfg = {**DECODE_LAUNCH, **(launch or {})}
+    block_n = cfg["block_n"] if d <= 128 else min(32, cfg["block_n"])
     if sm_count is None:
         sm_count = _sm_count(q.device.index or 0) if q.is_cuda else 8
-    splits, split_len = split_plan(b, hkv, sk, sm_count, block_n)
+    splits, split_len = split_plan(b, hkv, sk, sm_count, block_n, cfg["min_split"])
     part = torch.empty(b * hq * splits, d + 1, dtype=torch.float32, device=q.device)
     valid = None
     if kv_valid is not None:
         valid = (kv_valid[:, 0] if kv_valid.dim() == 3 else kv_valid).view(torch.uint8)
     kern.decode_split_kernel[(b, hkv, splits)](
-        q, k, v, valid if valid is not None else part, part, scale,
+        q, k, v, valid if valid is not None else part, part,
+        kv_len if kv_len is not None else part, scale,
         q.stride(0), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), valid.stride(0) if valid is not None else 0,
         sk, split_len, hq, splits, G=g, BLOCK_G=max(16, 1 << (g - 1).bit_length()), D=d,
-        BLOCK_N=block_n, HAS_MASK=valid is not None, num_warps=4)
+        BLOCK_N=block_n, HAS_MASK=valid is not None, HAS_LEN=kv_len is not None,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     packed = torch.empty(b, 1, hq, d + 1, dtype=torch.float32, device=q.device)
     _merge_launch(part, packed, b * hq, splits, splits * (d + 1), d + 1, d + 1, d, True)
     return packed
@@ -184,7 +195,8 @@ def cp_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         cp_group: AxisGroup, *, kv_valid: Optional[torch.Tensor] = None,
                         softmax_scale: Optional[float] = None, check: bool = True,
                         owner_rows: Optional[Sequence[int]] = None,
-                        heads_first_cache: bool = False) -> torch.Tensor:
+                        heads_first_cache: bool = False,
+                        kv_len: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``q [b, s_q, hq, d]`` (identical on every CP rank) against this rank's cache share
     ``k_cache, v_cache [b, s_cache_local, hkv, d]`` (``[b, hkv, s_cache_local, d]`` with
     ``heads_first_cache``, the KV cache's own layout; lengths may differ between ranks).
@@ -194,7 +206,9 @@ def cp_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     owned by each CP rank, CP order, contiguous blocks summing to ``b``: decode with one owner
     per token), only this rank's own rows (one all-to-all: each rank receives the partials of
     its rows only). A query that sees no valid slot anywhere gets zeros. Collective over
-    ``cp_group``. ``check=False`` skips the cross-rank agreement on shapes (one small
+    ``cp_group``. ``kv_len`` (device scalar, optional): every valid slot lies below it — the
+    split-K kernel reads no further (the torch composition ignores it: the mask says the same).
+    ``check=False`` skips the cross-rank agreement on shapes (one small
     all-gather) for callers whose shapes cannot change since a checked call, e.g. later steps of
     one generation; local problems still raise."""
     errs = _local_problems(q, k_cache, v_cache, kv_valid, heads_first_cache)
@@ -223,7 +237,7 @@ def cp_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         rows = slice(0, b)
     use_kernel = sk > 0 and _triton_applies(q, k, v)
     if use_kernel:
-        packed = triton_decode_packed(q, k, v, kv_valid, scale)
+        packed = triton_decode_packed(q, k, v, kv_valid, scale, kv_len=kv_len)
     else:
         if sk == 0:
             out = torch.zeros(b, sq, hq, d, dtype=acc, device=q.device)

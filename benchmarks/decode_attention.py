@@ -1,0 +1,75 @@
+"""The split-K decode-attention kernel at the decode step's shapes: launch settings swept, with
+and without the filled-length bound (``kv_len``), timed from CUDA graphs.
+
+    python benchmarks/decode_attention.py [--rows 16 64 256] [--prompt 1024 8192] [--sweep]
+
+Shapes: one CP rank of attn_cp 2 with Qwen3-30B-A3B attention (32 query / 4 KV heads × 128):
+``prompt / 2`` cached slots per row plus room for 128 decode tokens (the cache is allocated for
+the whole generation), 16 of them filled. Prints µs per call and the GB/s of the valid K/V
+bytes (what a step must read) for the current settings (``DECODE_LAUNCH``) with and without
+``kv_len``, and with ``--sweep`` the best of a grid of (block_n, num_stages, num_warps,
+min_split) per shape.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks._common import device_name, require_cuda, table, time_graph  # noqa: E402
+from megatron_ext.layers.attention.cp_decode import DECODE_LAUNCH, triton_decode_packed  # noqa: E402
+
+GRID = dict(block_n=(32, 64), num_stages=(1, 2, 3), num_warps=(4, 8), min_split=(64, 128, 256))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, nargs="*", default=[16, 64, 256])
+    parser.add_argument("--prompt", type=int, nargs="*", default=[1024, 8192])
+    parser.add_argument("--sweep", action="store_true")
+    args = parser.parse_args()
+    require_cuda(__file__)
+    dev = torch.device("cuda")
+    hq, hkv, d, new = 32, 4, 128, 128
+    rows_out, best_out = [], []
+    for prompt in args.prompt:
+        for b in args.rows:
+            cap, filled = prompt // 2 + new // 2 + 1, prompt // 2 + 16
+            q = torch.randn(b, 1, hq, d, device=dev, dtype=torch.bfloat16)
+            k = torch.randn(b, hkv, cap, d, device=dev, dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+            valid = torch.zeros(b, cap, dtype=torch.bool, device=dev)
+            valid[:, :filled] = True
+            kv_len = torch.tensor(filled, device=dev)
+            nbytes = 2 * b * hkv * filled * d * 2
+
+            def run(launch=None, bound=True):
+                return time_graph(lambda: triton_decode_packed(
+                    q, k, v, valid, 0.088, launch=launch, kv_len=kv_len if bound else None))
+            base, bounded = run(bound=False), run()
+            rows_out.append([prompt, b, base, bounded, nbytes / bounded / 1e3])
+            if args.sweep:
+                results = []
+                for values in itertools.product(*GRID.values()):
+                    launch = dict(zip(GRID, values))
+                    t = run(launch)
+                    if t is not None:
+                        results.append((t, launch))
+                t, launch = min(results, key=lambda r: r[0])
+                best_out.append([prompt, b, bounded, t, nbytes / t / 1e3, str(launch)])
+            del q, k, v
+    print(f"device: {device_name()}; current settings {DECODE_LAUNCH}")
+    print(table(["prompt", "rows", "µs (reads capacity)", "µs (kv_len)", "GB/s (kv_len)"],
+                rows_out))
+    if best_out:
+        print(table(["prompt", "rows", "µs current", "µs best", "GB/s best", "best settings"],
+                    best_out))
+
+
+if __name__ == "__main__":
+    main()
