@@ -70,8 +70,9 @@ class LayerKVCache:
         p = self._parent
         if self.k is None:
             shape = (p.batch, like.shape[2], p.capacity + 1, like.shape[3])
-            self.k = like.new_zeros(shape)
-            self.v = like.new_zeros(shape)
+            device = p.base_valid.device if like.is_meta else like.device
+            self.k = torch.zeros(shape, dtype=like.dtype, device=device)
+            self.v = torch.zeros(shape, dtype=like.dtype, device=device)
         elif (like.shape[2], like.shape[3]) != (self.k.shape[1], self.k.shape[3]) \
                 or like.dtype != self.k.dtype:
             raise ValueError(f"layer {self.layer_idx}: K/V {tuple(like.shape)} {like.dtype} do "
@@ -108,6 +109,22 @@ class LayerKVCache:
         self.k.index_copy_(2, p.length_t.view(1), k.detach().transpose(1, 2))
         self.v.index_copy_(2, p.length_t.view(1), v.detach().transpose(1, 2))
         return self.k, self.v, p.step_valid()
+
+    def reserve(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decode step, for a caller that writes the new K/V itself (one fused kernel):
+        ``(k, v, slot)`` — this rank's buffers and the device scalar slot to write (what
+        :meth:`append` would write at). Follow with :meth:`appended`."""
+        p = self._parent
+        if batch != p.batch:
+            raise ValueError(f"layer {self.layer_idx}: a decode step of {batch} rows, the cache "
+                             f"has {p.batch}")
+        self._alloc(torch.empty((batch, 1, kv_heads, head_dim), dtype=dtype, device="meta"))
+        return self.k, self.v, p.length_t
+
+    def appended(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """After :meth:`reserve` and the write: ``(k, v, valid)`` as :meth:`append` returns."""
+        return self.k, self.v, self._parent.step_valid()
 
     def valid_slots(self) -> torch.Tensor:
         """Device scalar: this step's valid slots all lie below it (the attention reads no

@@ -248,3 +248,64 @@ def test_fused_rotary_matches_float64_in_inference():
     assert not _fused_applies(xg, cos_c, sin_c)
     apply_rotary(xg, cos_c, sin_c).sum().backward()
     assert xg.grad is not None
+
+
+@pytest.mark.parametrize("qk_norm", [True, False], ids=["qk-norm", "no-norm"])
+def test_fused_qkv_decode_pass_matches_the_separate_kernels(qk_norm):
+    """The decode step's fused q/k/v GEMM + norm/RoPE/cache-write pass against the separate
+    projections, Triton RMSNorm, fused rotary and cache append on the GPU (same rounding points:
+    within one bf16 ulp), and against float64 on the CPU; the projections' weights end up as
+    views of the fused buffer with their values unchanged."""
+    from megatron_ext.layers.attention.block import AttentionBlock
+    from megatron_ext.layers.rope import apply_rotary
+    from megatron_ext.serving.kv_cache import KVCache
+
+    groups = ParallelGroups.single_process()
+    torch.manual_seed(0)
+    blk = AttentionBlock(256, 16, 4, 64, groups, qk_norm=qk_norm, dtype=BF16,
+                         device="cuda").eval()
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.normal_(0, 0.2)
+    before = {n: p.detach().clone() for n, p in blk.named_parameters()}
+    b = 5
+    x = torch.randn(b, 1, 256, device="cuda", dtype=BF16)
+    prefill = torch.randn(b, 7, 4, 64, device="cuda", dtype=BF16)
+    pos = torch.full((b, 1), 7, device="cuda")
+    results = []
+    for fused in (True, False):
+        cache = KVCache(groups.attn_cp, b, 7, 3, device="cuda")
+        layer = cache.layer(0)
+        layer.store(prefill, -prefill)
+        cache.start_decoding()
+        cos, sin = blk._rotary(pos, BF16, None, None)
+        with torch.no_grad():
+            if fused:
+                assert blk.fused_qkv.applies(x, 1, 64)
+                q = blk.fused_qkv.decode(x, cos, sin, 16, 4, 64, layer)
+                k_all, v_all, _ = layer.appended()
+            else:
+                q = blk.q_proj(x).view(b, 1, 16, 64)
+                k = blk.k_proj(x).view(b, 1, 4, 64)
+                v = blk.v_proj(x).view(b, 1, 4, 64)
+                if qk_norm:
+                    q, k = blk.q_norm(q), blk.k_norm(k)
+                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+                k_all, v_all, _ = layer.append(k, v)
+        results.append((q.clone(), k_all.clone(), v_all.clone()))
+    assert blk.fused_qkv._fused()
+    for n, p in blk.named_parameters():
+        assert torch.equal(p, before[n]), n
+    for got, want in zip(*results):
+        ulp = 2 ** -7 * want.float().abs().clamp_min(2 ** -10)
+        assert ((got.float() - want.float()).abs() <= ulp).all()
+    # float64 reference of q (the projections, norm and rotation in float64)
+    w = {n: p.double().cpu() for n, p in blk.named_parameters()}
+    x64 = x.double().cpu().view(b, 256)
+    q64 = (x64 @ w["q_proj.weight"].T).view(b, 16, 64)
+    if qk_norm:
+        q64 = q64 * torch.rsqrt(q64.pow(2).mean(-1, keepdim=True) + blk.q_norm.eps) \
+            * w["q_norm.weight"]
+    c, s = cos.double().cpu().view(b, 1, 64), sin.double().cpu().view(b, 1, 64)
+    q64 = q64 * c + torch.cat([-q64[..., 32:], q64[..., :32]], -1) * s
+    assert _rel(results[0][0].view(b, 16, 64), q64) < 1e-2

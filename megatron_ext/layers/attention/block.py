@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from megatron_ext.layers.attention.fused_qkv import FusedQKV
 from megatron_ext.layers.backend import LayerBackend
 from megatron_ext.layers.rope import RotaryEmbedding, apply_rotary
 from megatron_ext.communication.choices import CP_STRATEGIES, check_choice
@@ -107,6 +108,23 @@ class AttentionBlock(nn.Module):
             self.q_norm = self.k_norm = None
         self.rope = rope if rope is not None else RotaryEmbedding(head_dim, rope_theta,
                                                                   device=device)
+        # not a submodule (no parameters of its own): the decode fast path over the projections
+        self.fused_qkv = FusedQKV(self.q_proj, self.k_proj, self.v_proj,
+                                              self.q_norm, self.k_norm)
+
+    def _decode_attention(self, q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor,
+                          valid: torch.Tensor, kv_cache, owner_rows) -> torch.Tensor:
+        """A decode step's attention of ``q`` ``[b, 1, heads, d]`` against the cache (already
+        holding the step's K/V) spread over the CP ranks, then ``o_proj``."""
+        from megatron_ext.layers.attention.cp_decode import cp_decode_attention
+
+        # shapes are fixed for a whole generation: agree on them across CP at its first step
+        out = cp_decode_attention(q, k_all, v_all, self.cp_group, kv_valid=valid,
+                                  kv_len=kv_cache.valid_slots(), softmax_scale=self.softmax_scale,
+                                  check=kv_cache.first_step, owner_rows=owner_rows,
+                                  heads_first_cache=True)
+        return self.o_proj(out.reshape(out.shape[0], q.shape[1],
+                                       self.local_heads * self.head_dim))
 
     def _rotary(self, positions: torch.Tensor, dtype: torch.dtype,
                 rope_seq_len: Optional[torch.Tensor], cache: Optional[dict]):
@@ -146,6 +164,14 @@ class AttentionBlock(nn.Module):
         if positions.shape[-1] != s:
             raise ValueError(f"positions shape {tuple(positions.shape)} does not match "
                              f"{s} tokens per sequence")
+        decoding = kv_cache is not None and kv_cache.decoding
+        if owner_rows is not None and not decoding:
+            raise ValueError("owner_rows (one owner per decode token) needs a decoding kv_cache")
+        if decoding and self.fused_qkv.applies(hidden, s, self.head_dim):
+            cos, sin = self._rotary(positions, hidden.dtype, rope_seq_len, rotary_cache)
+            q = self.fused_qkv.decode(hidden, cos, sin, self.local_heads, self.local_kv_heads,
+                                      self.head_dim, kv_cache)
+            return self._decode_attention(q, *kv_cache.appended(), kv_cache, owner_rows)
         x = copy_to_region(hidden, self.tp_group) if self.sync_input_grad else hidden
         q = self.q_proj(x).view(b, s, self.local_heads, self.head_dim)
         k = self.k_proj(x).view(b, s, self.local_kv_heads, self.head_dim)
@@ -155,20 +181,8 @@ class AttentionBlock(nn.Module):
         cos, sin = self._rotary(positions, q.dtype, rope_seq_len, rotary_cache)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = _in_autocast_dtype(q, k, v)
-        decoding = kv_cache is not None and kv_cache.decoding
-        if owner_rows is not None and not decoding:
-            raise ValueError("owner_rows (one owner per decode token) needs a decoding kv_cache")
         if decoding:
-            from megatron_ext.layers.attention.cp_decode import cp_decode_attention
-
-            k_all, v_all, valid = kv_cache.append(k, v)
-            # shapes are fixed for a whole generation: agree on them across CP at its first step
-            out = cp_decode_attention(q, k_all, v_all, self.cp_group, kv_valid=valid,
-                                      kv_len=kv_cache.valid_slots(),
-                                      softmax_scale=self.softmax_scale,
-                                      check=kv_cache.first_step, owner_rows=owner_rows,
-                                      heads_first_cache=True)
-            return self.o_proj(out.reshape(out.shape[0], s, self.local_heads * self.head_dim))
+            return self._decode_attention(q, *kv_cache.append(k, v), kv_cache, owner_rows)
         out = context_parallel_attention(
             q, k, v, self.cp_group, token_index=positions if token_index is None else token_index,
             segment_ids=segment_ids, strategy=self.cp_strategy, softmax_scale=self.softmax_scale,
