@@ -8,7 +8,7 @@ Shapes: one CP rank of attn_cp 2 with Qwen3-30B-A3B attention (32 query / 4 KV h
 the whole generation), 16 of them filled. Prints µs per call and the GB/s of the valid K/V
 bytes (what a step must read) for the current settings (``DECODE_LAUNCH``) with and without
 ``kv_len``, and with ``--sweep`` the best of a grid of (block_n, num_stages, num_warps,
-min_split) per shape.
+min_split, programs_per_sm) per shape.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._common import device_name, require_cuda, table, time_graph  # noqa: E402
 from megatron_ext.layers.attention.cp_decode import DECODE_LAUNCH, triton_decode_packed  # noqa: E402
 
-GRID = dict(block_n=(32, 64), num_stages=(1, 2, 3), num_warps=(4, 8), min_split=(64, 128, 256))
+GRID = dict(block_n=(32, 64), num_stages=(2, 3), num_warps=(4,), min_split=(64, 128, 256),
+            programs_per_sm=(4, 8, 16))
 
 
 def main() -> None:

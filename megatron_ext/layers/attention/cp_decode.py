@@ -49,11 +49,12 @@ def _triton_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def split_plan(rows: int, kv_heads: int, seq: int, sm_count: int, block_n: int,
-               min_split: int = 256) -> tuple[int, int]:
+               min_split: int = 256, programs_per_sm: int = 4) -> tuple[int, int]:
     """``(splits, split_len)`` of a cache of ``seq`` slots: enough programs to fill the GPU
-    (about four per SM) but no split shorter than ``min_split`` slots; ``split_len`` a multiple
-    of ``block_n``. Depends on shapes only (a captured graph keeps it)."""
-    want = max(1, min(-(-seq // min_split), -(-4 * sm_count // max(1, rows * kv_heads))))
+    (``programs_per_sm`` per SM) but no split shorter than ``min_split`` slots; ``split_len`` a
+    multiple of ``block_n``. Depends on shapes only (a captured graph keeps it)."""
+    want = max(1, min(-(-seq // min_split),
+                      -(-programs_per_sm * sm_count // max(1, rows * kv_heads))))
     split_len = -(-(-(-seq // want)) // block_n) * block_n
     return -(-seq // split_len), split_len
 
@@ -68,7 +69,7 @@ def _merge_launch(parts: torch.Tensor, out: torch.Tensor, items: int, num_parts:
 
 #: launch settings of the split-K kernel: cache slots per tile, software-pipeline stages, warps,
 #: shortest split (``benchmarks/decode_attention.py --sweep`` on the target GPU chooses them)
-DECODE_LAUNCH = dict(block_n=64, num_stages=3, num_warps=4, min_split=256)
+DECODE_LAUNCH = dict(block_n=64, num_stages=3, num_warps=4, min_split=256, programs_per_sm=4)
 
 
 def triton_decode_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -88,7 +89,8 @@ def triton_decode_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     block_n = cfg["block_n"] if d <= 128 else min(32, cfg["block_n"])
     if sm_count is None:
         sm_count = _sm_count(q.device.index or 0) if q.is_cuda else 8
-    splits, split_len = split_plan(b, hkv, sk, sm_count, block_n, cfg["min_split"])
+    splits, split_len = split_plan(b, hkv, sk, sm_count, block_n, cfg["min_split"],
+                                   cfg["programs_per_sm"])
     part = torch.empty(b * hq * splits, d + 1, dtype=torch.float32, device=q.device)
     valid = None
     if kv_valid is not None:
