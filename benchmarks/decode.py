@@ -201,25 +201,30 @@ def decode_case(model, groups, cfg, batch: int, prompt: int, new: int, device,
     return result
 
 
-def moe_reduction(device, world: int, tokens_list) -> list:
+def moe_reduction(device, world: int, tokens_list, collectives) -> list:
     """One shared-expert MoE layer (moe_tp over both GPUs, k = 1) at decode batch sizes in a CUDA
-    graph: routed and shared partials all-reduced separately vs added, then one all-reduce."""
+    graph: routed and shared partials all-reduced separately vs added, then one all-reduce —
+    with each of ``collectives`` (``nccl``, ``symm``)."""
     from benchmarks.moe_layer import routed_and_shared
     from megatron_ext.communication.collectives import all_reduce
     from megatron_ext.layers.moe.moe_layer import MoELayer
 
     groups = build_groups(Topology(world=world, attn_tp=world, moe_tp=world, moe_ep=1))
+    groups = with_symm_collectives(groups, device)
     torch.manual_seed(0)
     layer = MoELayer(2048, 128, 8, 768, groups, shared_expert_intermediate_size=4096,
                      shared_expert_gate=True, dtype=BF16, device=device)
     shard = groups.moe_shard
     rows = []
-    for tokens in tokens_list:
-        x = torch.randn(tokens, 2048, device=device, dtype=BF16)
-        with torch.no_grad():
-            two = time_graph(lambda: sum(all_reduce(p, shard) for p in routed_and_shared(layer, x)))
-            one = time_graph(lambda: all_reduce(layer(x).hidden, shard))
-        rows.append([tokens, two, one, (two / one) if two and one else None])
+    for coll in collectives:
+        set_symm_active(groups, coll == "symm")
+        for tokens in tokens_list:
+            x = torch.randn(tokens, 2048, device=device, dtype=BF16)
+            with torch.no_grad():
+                two = time_graph(lambda: sum(all_reduce(p, shard)
+                                             for p in routed_and_shared(layer, x)))
+                one = time_graph(lambda: all_reduce(layer(x).hidden, shard))
+            rows.append([coll, tokens, two, one, (two / one) if two and one else None])
     return rows
 
 
@@ -360,10 +365,10 @@ def main() -> None:
                                   f"/ b tokens/s = "
                                   f"{by[name]['tokens_per_s'] / b['tokens_per_s']:.2f}x")
     if args.moe_reduction:
-        red = moe_reduction(device, world, [16, 64, 256])
+        red = moe_reduction(device, world, [16, 64, 256], args.collectives)
         out["moe_reduction"] = red
         if rank == 0:
-            print(table(["tokens", "two µs", "one µs", "two / one"], red))
+            print(table(["collectives", "tokens", "two µs", "one µs", "two / one"], red))
     if args.hf and rank == 0:
         try:
             hf = hf_generate(cfg, [(p, b) for p in args.prompt for b in args.hf_batch],
