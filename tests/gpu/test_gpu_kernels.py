@@ -4,6 +4,10 @@ forward and gradients. Marked ``gpu``: skipped on machines without CUDA (run wit
 ``pytest -m gpu`` on a GPU machine)."""
 from __future__ import annotations
 
+import contextlib
+import copy
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -309,3 +313,148 @@ def test_fused_qkv_decode_pass_matches_the_separate_kernels(qk_norm):
     c, s = cos.double().cpu().view(b, 1, 64), sin.double().cpu().view(b, 1, 64)
     q64 = q64 * c + torch.cat([-q64[..., 32:], q64[..., :32]], -1) * s
     assert _rel(results[0][0].view(b, 16, 64), q64) < 1e-2
+
+
+# ------------------------------------------------- fused decode experts (layers/moe/decode_experts)
+@contextlib.contextmanager
+def _fused_decode(on: bool):
+    """The MoE layer's fused decode path switched on (as its predicate says) or off (the gather +
+    grouped GEMMs + weighted SwiGLU path)."""
+    from megatron_ext.layers.moe import decode_experts
+
+    real = decode_experts.fused_experts_apply
+    with mock.patch.object(decode_experts, "fused_experts_apply",
+                           lambda *args: on and real(*args)):
+        yield
+
+
+def _decode_rows(num_local: int, tokens: int, seed: int, big: int = 37, past: int = 13):
+    """Rows grouped by local expert: a third of the experts get none, one gets ``big`` (three
+    BLOCK_M chunks), the rest 1-4; then ``past`` rows past the groups (a fixed-size dispatch)
+    whose token index is far out of range, so reading them would fault."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(1, 5, (num_local,), generator=g)
+    counts[::3] = 0
+    counts[num_local // 2 + 1] = big
+    valid = int(counts.sum())
+    token_index = torch.cat([torch.randint(0, tokens, (valid,), generator=g),
+                             torch.full((past,), 10**9)])
+    return counts, token_index, valid
+
+
+def check_fused_decode_experts(num_local: int, inter: int, hidden: int, dtype: torch.dtype,
+                               weighted: bool, device: str = "cuda") -> None:
+    """``RoutedExperts.forward_tokens`` (two fused kernels) against ``forward`` on the gathered
+    rows (grouped GEMMs on CUDA bf16, the matmul loop for fp16) and float64: the same rounding
+    steps, so rounding-level agreement; the activation alone equals the float64 projections
+    rounded to ``dtype`` then weighted-SwiGLU'd in all but a few elements."""
+    from megatron_ext.layers.moe.decode_experts import gate_up_act
+    from megatron_ext.layers.moe.experts import RoutedExperts
+    from megatron_ext.layers.weighted_swiglu import _forward_torch
+
+    torch.manual_seed(num_local + inter)
+    experts = RoutedExperts(num_local, hidden, inter, ParallelGroups.single_process(),
+                            dtype=dtype, device=device)
+    wide = copy.deepcopy(experts).double()
+    tokens = 64
+    counts, token_index, valid = (t.to(device) if isinstance(t, torch.Tensor) else t
+                                  for t in _decode_rows(num_local, tokens, seed=inter))
+    x = torch.randn(tokens, hidden, device=device).to(dtype)
+    w = torch.rand(token_index.numel(), device=device).to(dtype) if weighted else None
+    rows, w_valid = x[token_index[:valid]], None if w is None else w[:valid]
+    with torch.no_grad():
+        assert experts.fused_decode_applies(x, token_index.numel())
+        fused = experts.forward_tokens(x, token_index, counts, w)[:valid]
+        act = gate_up_act(x, token_index, counts, w, experts.gate_proj, experts.up_proj)[:valid]
+        plain = experts(rows, counts, w_valid)
+        ref = wide(rows.double(), counts.cpu(), None if w is None else w_valid.double())
+        # the activation: float64 GEMMs rounded to dtype, then the weighted SwiGLU's rounding
+        sizes = counts.tolist()
+        gate = torch.cat([r @ g.T for r, g in zip(rows.double().split(sizes), wide.gate_proj)])
+        up = torch.cat([r @ u.T for r, u in zip(rows.double().split(sizes), wide.up_proj)])
+        ones = torch.ones(valid, device=device, dtype=dtype)
+        want = _forward_torch(gate.to(dtype), up.to(dtype), ones if w is None else w_valid)
+    assert fused.dtype == dtype and _rel(fused, plain) < 5e-3
+    assert _rel(fused, ref) <= 1.5 * _rel(plain, ref) + 1e-4
+    assert (act != want).float().mean() < 0.02 and _rel(act, want) < 2e-3
+
+
+@pytest.mark.parametrize("num_local,inter,hidden", [(128, 384, 2048), (64, 768, 2048),
+                                                    (8, 40, 72)])
+@pytest.mark.parametrize("dtype", [BF16, torch.float16])
+def test_fused_decode_experts_match_grouped_gemms_and_float64(num_local, inter, hidden, dtype):
+    for weighted in (True, False):
+        check_fused_decode_experts(num_local, inter, hidden, dtype, weighted)
+
+
+def check_fused_decode_moe_layer(dtype: torch.dtype, device: str = "cuda") -> None:
+    """A decode-sized MoE layer forward without grad, fused path vs the gather + grouped GEMM
+    path: the whole layer (every expert local) and each rank of moe_ep 2 (with the fixed-size
+    dispatch a captured step uses) and of moe_tp 2, built from the same weights."""
+    from megatron_ext.layers.moe import moe_layer
+    from megatron_ext.parallel.param_meta import get_spec
+    from megatron_ext.parallel.topology import Topology
+
+    hidden, experts, top_k, inter, tokens = 256, 16, 4, 96, 24
+    torch.manual_seed(1)
+    full = MoELayer(hidden, experts, top_k, inter, ParallelGroups.single_process(),
+                    norm_topk_prob=True, dtype=dtype, device=device)
+    with torch.no_grad():
+        full.gate.weight.normal_(0, 0.5)
+    x = torch.randn(tokens, hidden, device=device).to(dtype)
+    layers = [(full, False)]
+    for ep, tp in ((2, 1), (1, 2)):
+        for rank in range(2):
+            groups = ParallelGroups.without_process_groups(
+                Topology(world=2, moe_ep=ep, moe_tp=tp, moe_dp=1), rank)
+            part = MoELayer(hidden, experts, top_k, inter, groups, norm_topk_prob=True,
+                            dtype=dtype, device=device)
+            with torch.no_grad():
+                for p, q in zip(part.parameters(), full.parameters()):
+                    p.copy_(get_spec(p).take_local(q))
+            layers.append((part, ep > 1))
+    sums = {}
+    with torch.no_grad():
+        for layer, partial in layers:
+            assert layer.experts.fused_decode_applies(x, tokens * top_k)
+            outs = []
+            for on in (True, False):
+                with _fused_decode(on), mock.patch.object(moe_layer, "_capturing",
+                                                         lambda _x: partial):
+                    outs.append(layer(x, with_stats=False).hidden)
+            assert _rel(outs[0], outs[1]) < 5e-3
+            key = "full" if layer is full else ("ep" if partial else "tp")
+            sums[key] = sums.get(key, 0) + outs[0].double()
+    assert _rel(sums["ep"], sums["full"]) < 5e-3 and _rel(sums["tp"], sums["full"]) < 5e-3
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float16])
+def test_fused_decode_experts_in_moe_layer(dtype):
+    check_fused_decode_moe_layer(dtype)
+
+
+def test_fused_decode_experts_capture_in_a_cuda_graph():
+    """A moe_ep 2 rank's decode forward captured in a CUDA graph (fixed-size dispatch, counts on
+    the device, no host sync) replays to the eager fused result; new inputs copied in change it
+    as eager does (the same rows summed in the same order: equal bits)."""
+    from megatron_ext.parallel.topology import Topology
+
+    groups = ParallelGroups.without_process_groups(Topology(world=2, moe_ep=2, moe_dp=1), 1)
+    layer = MoELayer(2048, 128, 8, 384, groups, dtype=BF16, device="cuda")
+    static = torch.randn(64, 2048, device="cuda").to(BF16)
+    with torch.no_grad():
+        eager = layer(static, with_stats=False).hidden
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            layer(static, with_stats=False)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer(static, with_stats=False).hidden
+        for _ in range(2):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, eager)
+            static.copy_(torch.randn_like(static, dtype=torch.float32).to(BF16))
+            eager = layer(static, with_stats=False).hidden

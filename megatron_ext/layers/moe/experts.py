@@ -19,6 +19,7 @@ from torch import nn
 
 from megatron_ext.layers.linear import default_init
 from megatron_ext.layers.mlp import swiglu_projected
+from megatron_ext.layers.moe import decode_experts
 from megatron_ext.layers.moe.grouped_gemm import (Counts, group_offsets, grouped_mm,
                                                    grouped_mm_available)
 from megatron_ext.parallel.axes import Axis
@@ -88,6 +89,28 @@ class RoutedExperts(nn.Module):
         return swiglu_projected(
             gate, up, lambda a: grouped_mm(a, self.down_proj.transpose(1, 2), counts, k, offs),
             self.recompute_activation, row_weights)
+
+    def fused_decode_applies(self, x: torch.Tensor, num_rows: int) -> bool:
+        """Whether :meth:`forward_tokens` applies to ``num_rows`` assignment rows of tokens
+        ``x``: inference (no autograd) of decode-sized batches on CUDA fp16/bf16 with Triton
+        (:func:`~megatron_ext.layers.moe.decode_experts.fused_experts_apply`); ``use_kernel``
+        False keeps the matmul loop."""
+        return self.use_kernel and decode_experts.fused_experts_apply(
+            x, self.gate_proj, num_rows, self.num_local)
+
+    def forward_tokens(self, x: torch.Tensor, token_index: torch.Tensor, counts: torch.Tensor,
+                       row_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """:meth:`forward` of ``x[token_index]`` without gathering it: ``x`` ``[T, H]`` tokens,
+        ``token_index`` ``[N]`` the token of each row (rows grouped by local expert, ``counts``
+        int64 on the device; rows past ``counts.sum()`` are left unspecified) → ``[N, H]``. Two
+        fused kernels, inference only (check :meth:`fused_decode_applies`)."""
+        self.check_rows(x, None)
+        if row_weights is not None and tuple(row_weights.shape) != tuple(token_index.shape):
+            raise ValueError(f"RoutedExperts: row_weights {tuple(row_weights.shape)} must be "
+                             f"{tuple(token_index.shape)} (one per row)")
+        act = decode_experts.gate_up_act(x, token_index, counts, row_weights, self.gate_proj,
+                                         self.up_proj)
+        return decode_experts.down_proj_rows(act, counts, self.down_proj)
 
     def check_rows(self, x_sorted: torch.Tensor, row_weights: Optional[torch.Tensor]) -> None:
         """ValueError unless ``x_sorted`` is ``[N, H]`` and ``row_weights`` (if given) ``[N]``."""

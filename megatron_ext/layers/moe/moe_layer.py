@@ -119,8 +119,11 @@ class MoELayer(nn.Module):
         assign = local_dispatch(routing.experts, self.experts.first_expert,
                                 self.experts.num_local, self.num_experts,
                                 fixed_size=partial and _capturing(x))
-        y = self.experts(gather_rows(x, assign, self.top_k), assign.counts,
-                         row_weights(routing.weights, assign))
+        weights = row_weights(routing.weights, assign)
+        if self.experts.fused_decode_applies(x, assign.token_index.numel()):
+            y = self.experts.forward_tokens(x, assign.token_index, assign.counts, weights)
+        else:
+            y = self.experts(gather_rows(x, assign, self.top_k), assign.counts, weights)
         out = combine(drop_foreign_rows(y, assign), assign, self.top_k)
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)
