@@ -99,6 +99,24 @@ def time_graph(fn: Callable[[], object], iters: int = 20, repeats: int = 5,
     return statistics.median(samples)
 
 
+def hbm_bandwidth(device) -> float:
+    """Bytes/s of a 4 GiB device-to-device copy (read + write counted)."""
+    src = torch.empty(2 ** 31, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(2):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    end.synchronize()
+    seconds = start.elapsed_time(end) / 1000 / 10
+    del src, dst
+    return 2 * 2 ** 32 / seconds
+
+
 def fmt_bytes(n: int) -> str:
     for unit, scale in (("MB", 2**20), ("KB", 2**10)):
         if n >= scale:

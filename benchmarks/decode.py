@@ -38,8 +38,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import (device_name, init_nccl, require_cuda, table, time_graph,  # noqa: E402
-                                write_results)
+from benchmarks._common import (device_name, hbm_bandwidth, init_nccl, require_cuda, table,  # noqa: E402
+                                time_graph, write_results)
 from megatron_ext.layers.attention.cp_decode import DECODE_KERNELS, set_decode_kernel  # noqa: E402
 from megatron_ext.communication.symm_collectives import with_symm_collectives  # noqa: E402
 from megatron_ext.models.config import ModelConfig  # noqa: E402
@@ -97,24 +97,6 @@ def elapsed_ms(fn, device) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end)
-
-
-def hbm_bandwidth(device) -> float:
-    """Bytes/s of a 4 GiB device-to-device copy (read + write counted)."""
-    src = torch.empty(2 ** 31, dtype=BF16, device=device)
-    dst = torch.empty_like(src)
-    for _ in range(2):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        dst.copy_(src)
-    end.record()
-    end.synchronize()
-    seconds = start.elapsed_time(end) / 1000 / 10
-    del src, dst
-    return 2 * 2 ** 32 / seconds
 
 
 def bytes_per_step(model: CausalLM, cfg: ModelConfig, moe_tokens: int, kv_bytes: int) -> float:

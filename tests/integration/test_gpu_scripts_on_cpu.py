@@ -20,6 +20,7 @@ GPU_ONLY = {
     "benchmarks/decode_attention.py": [],
     "benchmarks/eval_position_loss.py": [],
     "benchmarks/fused_reduce_norm.py": [],
+    "benchmarks/moe_decode_experts.py": [],
     "benchmarks/moe_layer.py": [],
     "benchmarks/prefill.py": [],
     "benchmarks/reduction_latency.py": [],
