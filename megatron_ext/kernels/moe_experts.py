@@ -24,6 +24,13 @@ def _expert_rows(counts_ptr, e, E_POW2: tl.constexpr):
 
 
 @triton.jit
+def _chunk(start, count, m0, BLOCK_M: tl.constexpr):
+    """Rows ``m0 .. m0 + BLOCK_M`` of an expert whose rows start at ``start``, and which exist."""
+    m = m0 + tl.arange(0, BLOCK_M)
+    return start + m, m < count
+
+
+@triton.jit
 def gate_up_act(x_ptr, tok_ptr, counts_ptr, rw_ptr, g_ptr, u_ptr, out_ptr, H, I,
                 HAS_W: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -37,9 +44,7 @@ def gate_up_act(x_ptr, tok_ptr, counts_ptr, rw_ptr, g_ptr, u_ptr, out_ptr, H, I,
     w_off = e * I * H + cols[None, :].to(tl.int64) * H          # [1, BLOCK_N]
     dtype = out_ptr.dtype.element_ty
     for m0 in range(0, count, BLOCK_M):
-        m = m0 + tl.arange(0, BLOCK_M)
-        row_ok = m < count
-        rows = start + m
+        rows, row_ok = _chunk(start, count, m0, BLOCK_M)
         tok = tl.load(tok_ptr + rows, mask=row_ok, other=0)
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -72,9 +77,7 @@ def down(a_ptr, counts_ptr, w_ptr, out_ptr, H, I, E_POW2: tl.constexpr, BLOCK_M:
     start, count = _expert_rows(counts_ptr, e, E_POW2)
     w_off = e * H * I + cols[None, :].to(tl.int64) * I          # [1, BLOCK_N]
     for m0 in range(0, count, BLOCK_M):
-        m = m0 + tl.arange(0, BLOCK_M)
-        row_ok = m < count
-        rows = start + m
+        rows, row_ok = _chunk(start, count, m0, BLOCK_M)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, I, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
