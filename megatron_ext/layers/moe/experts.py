@@ -19,7 +19,7 @@ from torch import nn
 
 from megatron_ext.layers.linear import default_init
 from megatron_ext.layers.mlp import swiglu_projected
-from megatron_ext.layers.moe import decode_experts
+import megatron_ext.layers.moe.decode_experts as decode_experts
 from megatron_ext.layers.moe.grouped_gemm import (Counts, group_offsets, grouped_mm,
                                                    grouped_mm_available)
 from megatron_ext.parallel.axes import Axis
