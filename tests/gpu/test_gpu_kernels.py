@@ -458,3 +458,156 @@ def test_fused_decode_experts_capture_in_a_cuda_graph():
             assert torch.equal(out, eager)
             static.copy_(torch.randn_like(static, dtype=torch.float32).to(BF16))
             eager = layer(static, with_stats=False).hidden
+
+
+# ------------------------------------------------------------ MoE routing kernels (issue 16)
+ROUTE_TOKENS, ROUTE_EXPERTS, ROUTE_TOP_K = (1, 7, 64, 256, 1024), (8, 60, 128), (1, 2, 8)
+
+
+def _dispatch_modes(num_experts: int):
+    """``(first_expert, num_local, fixed_size)`` of the kernel's two modes: a rank holding every
+    expert, and every rank's share under moe_ep 2 and 4 during a capture (``fixed_size``)."""
+    yield 0, num_experts, False
+    for ep in (2, 4):
+        if num_experts % ep == 0:
+            share = num_experts // ep
+            for r in range(ep):
+                yield r * share, share, True
+
+
+def check_align_kernel(tokens: int, num_experts: int, top_k: int, device: str) -> int:
+    """:func:`local_dispatch` (the kernel where it applies) against its torch path on the same
+    expert ids (each token's ``top_k`` distinct experts, as a router picks them): every field
+    bit-identical, same dtypes. Returns the number of dispatches compared."""
+    from dataclasses import fields
+
+    from megatron_ext.layers.moe.dispatch import LocalAssignments, local_dispatch
+
+    g = torch.Generator().manual_seed(tokens * 1000 + num_experts * 10 + top_k)
+    experts = torch.rand(tokens, num_experts, generator=g).topk(top_k, dim=-1).indices
+    experts = experts.to(device)
+    done = 0
+    for first, num_local, fixed in _dispatch_modes(num_experts):
+        got = local_dispatch(experts, first, num_local, num_experts, fixed_size=fixed)
+        want = local_dispatch(experts, first, num_local, num_experts, fixed_size=fixed,
+                              use_kernel=False)
+        for f in fields(LocalAssignments):
+            a, b = getattr(got, f.name), getattr(want, f.name)
+            case = (tokens, num_experts, top_k, first, num_local, f.name)
+            assert (a is None) == (b is None), case
+            if b is not None:
+                assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), case
+        done += 1
+    return done
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance in units in the last place between same-signed floats ``a`` and ``b``."""
+    as_int = {torch.float32: torch.int32, torch.bfloat16: torch.int16,
+              torch.float16: torch.int16}[a.dtype]
+    return int((a.view(as_int).long() - b.view(as_int).long()).abs().max())
+
+
+def check_top_k_kernel(tokens: int, num_experts: int, top_k: int, dtype: torch.dtype,
+                       device: str, max_ulps: int = 1) -> None:
+    """The fused top-k softmax against the router's torch path, with and without
+    ``norm_topk_prob``, on (a) rows of distinct logits (no near-ties): equal experts, weights
+    within ``max_ulps``; (b) normal logits (bf16 has exact ties): the kernel's experts are a
+    top-k of torch's probabilities (where they differ, torch's probabilities there are equal)
+    and the weights agree as in (a)."""
+    from megatron_ext.layers.moe.fused_routing import fused_top_k_softmax
+    from megatron_ext.layers.moe.router import top_k_softmax
+
+    g = torch.Generator().manual_seed(tokens + num_experts + top_k)
+    distinct = torch.stack([torch.randperm(num_experts, generator=g)
+                            for _ in range(tokens)]).sub(num_experts // 2).div(8)
+    normal = 2 * torch.randn(tokens, num_experts, generator=g)
+    for kind, logits in (("distinct", distinct), ("normal", normal)):
+        logits = logits.to(device=device, dtype=dtype)
+        for norm in (False, True):
+            case = (kind, tokens, num_experts, top_k, dtype, norm)
+            weights, experts = fused_top_k_softmax(logits, top_k, norm)
+            probs, want_w, want_e = top_k_softmax(logits, top_k, norm)
+            assert weights.dtype == dtype and experts.dtype == torch.int64, case
+            assert weights.shape == experts.shape == (tokens, top_k), case
+            if kind == "distinct":
+                assert torch.equal(experts, want_e), case
+            else:
+                assert torch.equal(probs.gather(1, experts), probs.gather(1, want_e)), case
+                ordered = experts.sort(1).values
+                assert bool((ordered[:, 1:] != ordered[:, :-1]).all()), case
+            assert _ulps(weights, want_w) <= max_ulps, case
+
+
+def test_moe_align_kernel_equals_torch_dispatch():
+    """Issue 16: the one-program counting sort == the torch sort/searchsorted/scatter dispatch,
+    bit for bit, for both modes (all experts here; a capture's ``fixed_size`` share)."""
+    from megatron_ext.layers.moe.fused_routing import align_kernel_applies
+
+    assert align_kernel_applies(torch.zeros(1024, 8, dtype=torch.int64, device="cuda"), 128)
+    done = sum(check_align_kernel(t, e, k, "cuda") for t in ROUTE_TOKENS
+               for e in ROUTE_EXPERTS for k in ROUTE_TOP_K if k <= e)
+    assert done == len(ROUTE_TOKENS) * len(ROUTE_EXPERTS) * len(ROUTE_TOP_K) * (1 + 2 + 4)
+
+
+def test_moe_top_k_kernel_matches_torch_router():
+    """Issue 16: the fused top-k softmax == the router's torch path (experts equal without
+    near-ties, weights within one unit in the last place), bf16/fp16/fp32 logits."""
+    from megatron_ext.layers.moe.fused_routing import top_k_kernel_applies
+
+    with torch.no_grad():
+        assert top_k_kernel_applies(torch.zeros(64, 128, dtype=BF16, device="cuda"))
+    assert not top_k_kernel_applies(torch.zeros(64, 128, dtype=BF16, device="cuda"))  # grad on
+    for dtype in (BF16, torch.float16, torch.float32):
+        for t in ROUTE_TOKENS:
+            for e in ROUTE_EXPERTS:
+                for k in ROUTE_TOP_K:
+                    check_top_k_kernel(t, e, k, dtype, "cuda")
+
+
+def test_moe_route_kernels_replay_in_a_cuda_graph():
+    """A captured router + dispatch (a rank with every expert, and a moe_ep 2 share as
+    ``fixed_size``) replays new inputs to exactly what the eager kernels give, and its
+    dispatches equal the torch dispatch of the same experts."""
+    from dataclasses import fields
+
+    from megatron_ext.layers.moe.dispatch import LocalAssignments, local_dispatch
+    from megatron_ext.layers.moe.router import TopKRouter
+
+    torch.manual_seed(0)
+    router = TopKRouter(256, 128, 8, norm_topk_prob=True, dtype=BF16, device="cuda")
+    x = torch.randn(64, 256, dtype=BF16, device="cuda")
+
+    def step():
+        out = router(x, with_stats=False)
+        return (out.weights, out.experts, local_dispatch(out.experts, 0, 128, 128),
+                local_dispatch(out.experts, 64, 64, 128, fixed_size=True))
+
+    def flat(result):
+        w, e, full, share = result
+        return [w, e] + [getattr(a, f.name) for a in (full, share)
+                         for f in fields(LocalAssignments) if getattr(a, f.name) is not None]
+
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = flat(step())
+        for seed in (1, 2, 3):
+            x.copy_(torch.randn(64, 256, generator=torch.Generator().manual_seed(seed))
+                    .to(BF16))
+            graph.replay()
+            eager = flat(step())
+            assert all(torch.equal(a, b) for a, b in zip(captured, eager)), seed
+            experts = eager[1]
+            for first, num_local, fixed in ((0, 128, False), (64, 64, True)):
+                want = local_dispatch(experts, first, num_local, 128, fixed_size=fixed,
+                                      use_kernel=False)
+                got = local_dispatch(experts, first, num_local, 128, fixed_size=fixed)
+                assert all(torch.equal(getattr(got, f.name), getattr(want, f.name))
+                           for f in fields(LocalAssignments)
+                           if getattr(want, f.name) is not None), (seed, first)

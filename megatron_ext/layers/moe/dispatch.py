@@ -19,7 +19,9 @@ backward (a weighted combine would keep the expert outputs ``y`` for the weights
 slot sum reads each token's ``k`` rows and sums them in float32: one Triton kernel on CUDA
 fp16/bf16 (no ``[T·k, H]`` intermediate), torch gathers elsewhere. A rank holding every expert
 needs no host sync: the counts per expert come from the sorted keys (``searchsorted``), not
-``bincount`` (which syncs on CUDA).
+``bincount`` (which syncs on CUDA). On CUDA that rank, and a ``fixed_size`` dispatch, sort in one
+Triton kernel instead (a counting sort with the same results, :mod:`.fused_routing`): in a
+decode step the torch radix sort and its bookkeeping are a dozen small kernels per layer.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import torch
 from megatron_ext.communication.collectives import all_to_all
 from megatron_ext.parallel.groups import AxisGroup
 from megatron_ext.kernels.triton_loader import kernel_module
+from megatron_ext.layers.moe.fused_routing import align_kernel_applies, fused_align
 
 
 @dataclass
@@ -62,8 +65,8 @@ def slot_rows(flat_index: torch.Tensor, num_slots: int) -> torch.Tensor:
 
 
 def local_dispatch(experts: torch.Tensor, first_expert: int, num_local: int,
-                   num_experts: Optional[int] = None, fixed_size: bool = False
-                   ) -> LocalAssignments:
+                   num_experts: Optional[int] = None, fixed_size: bool = False,
+                   use_kernel: bool = True) -> LocalAssignments:
     """Select and sort the assignments of ``experts`` ``[T, k]`` that fall in
     ``[first_expert, first_expert + num_local)`` (a stable sort keeps token order per expert).
     When this rank holds every expert (``num_local == num_experts``) nothing is filtered, so no
@@ -74,10 +77,18 @@ def local_dispatch(experts: torch.Tensor, first_expert: int, num_local: int,
     after this rank's (their key is ``num_local``) and marked in ``valid_rows``; the counts
     cover only this rank's, so the grouped GEMMs leave the rest alone and the caller zeroes
     their outputs (:func:`drop_foreign_rows`). This rank's rows are the same rows in the same
-    order as without it."""
+    order as without it.
+
+    Both of these modes sort on CUDA in one Triton kernel (:func:`fused_align`, the same
+    results) unless ``use_kernel=False``."""
     top_k = experts.shape[-1]
+    every_expert = first_expert == 0 and num_local == num_experts
+    if ((every_expert or fixed_size) and use_kernel
+            and align_kernel_applies(experts, num_local)):
+        return LocalAssignments(*fused_align(experts, first_expert, num_local,
+                                             with_valid=not every_expert))
     local = experts.reshape(-1) - first_expert
-    if first_expert == 0 and num_local == num_experts:
+    if every_expert:
         keys, sel = torch.sort(local, stable=True)
     elif fixed_size:
         mine = (local >= 0) & (local < num_local)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_ext.layers.linear import default_init
+from megatron_ext.layers.moe.fused_routing import fused_top_k_softmax, top_k_kernel_applies
 from megatron_ext.communication.collectives import all_reduce
 from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import AxisGroup
@@ -44,6 +45,18 @@ class RouterOutput:
     weights: torch.Tensor   # [T, k], input dtype (HF casts the top-k probabilities back)
     experts: torch.Tensor   # [T, k], int64
     stats: Optional[RouterStats]   # None: not asked for (with_stats=False)
+
+
+def top_k_softmax(logits: torch.Tensor, top_k: int, norm_topk_prob: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HF Qwen2/3-MoE routing of ``logits`` ``[T, E]`` → ``(probs [T, E]`` float32 or wider,
+    ``weights [T, k]`` in the logits' dtype, ``experts [T, k]`` int64): the softmax in float32,
+    its ``top_k`` largest in descending order, optionally divided by their sum, cast back."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    top_vals, top_ids = torch.topk(probs, top_k, dim=-1)
+    if norm_topk_prob:
+        top_vals = top_vals / top_vals.sum(dim=-1, keepdim=True)
+    return probs, top_vals.to(logits.dtype), top_ids
 
 
 class TopKRouter(nn.Module):
@@ -75,7 +88,8 @@ class TopKRouter(nn.Module):
         """``x`` ``[T, H]``; ``token_mask`` ``[T]`` bool, False for padding (excluded from the
         load-balancing statistics only; padded tokens are still routed). ``with_stats=False``
         (inference without the auxiliary loss, e.g. a decode step): no statistics, ``stats`` is
-        None — five small kernels per layer fewer."""
+        None — five small kernels per layer fewer; on CUDA without autograd the softmax and top-k
+        are then one Triton kernel (same results, :mod:`~megatron_ext.layers.moe.fused_routing`)."""
         if x.dim() != 2 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"TopKRouter expects x [T, {self.hidden_size}], got "
                              f"{tuple(x.shape)}")
@@ -83,15 +97,12 @@ class TopKRouter(nn.Module):
             raise ValueError(f"token_mask shape {tuple(token_mask.shape)} must be "
                              f"({x.shape[0]},)")
         logits = F.linear(x, self.weight)
-        probs = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype,
-                                                                        torch.float32))
-        top_vals, top_ids = torch.topk(probs, self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            top_vals = top_vals / top_vals.sum(dim=-1, keepdim=True)
-        weights = top_vals.to(logits.dtype)
+        if not with_stats and top_k_kernel_applies(logits):
+            weights, top_ids = fused_top_k_softmax(logits, self.top_k, self.norm_topk_prob)
+            return RouterOutput(logits, weights, top_ids, None)
+        probs32, weights, top_ids = top_k_softmax(logits, self.top_k, self.norm_topk_prob)
         if not with_stats:
             return RouterOutput(logits, weights, top_ids, None)
-        probs32 = probs  # float32 or wider
         if token_mask is None:
             prob_sum = probs32.sum(0)
             flat_ids, flat_w = top_ids.reshape(-1), None
