@@ -34,36 +34,30 @@ def _exp(x, PRECISE: tl.constexpr):
 
 
 @triton.jit
-def _xor_butterfly_sum(acc, WIDTH: tl.constexpr):
-    """The value a ``__shfl_xor`` butterfly over ``WIDTH`` lanes leaves in lane 0: lanes ``l`` and
-    ``l + WIDTH/2`` first, then halving (``acc`` ``[WIDTH]``, a power of two ≤ 32)."""
-    if WIDTH >= 32:
-        acc = tl.sum(tl.reshape(acc, [2, 16]), 0)
-    if WIDTH >= 16:
-        acc = tl.sum(tl.reshape(acc, [2, 8]), 0)
-    if WIDTH >= 8:
-        acc = tl.sum(tl.reshape(acc, [2, 4]), 0)
-    if WIDTH >= 4:
-        acc = tl.sum(tl.reshape(acc, [2, 2]), 0)
-    if WIDTH >= 2:
-        acc = tl.sum(tl.reshape(acc, [2, 1]), 0)
-    return tl.sum(acc, 0)
+def _halve(acc, HALF: tl.constexpr, ADJACENT: tl.constexpr):
+    """``[2·HALF]`` → ``[HALF]`` pair sums: ``(2i, 2i+1)`` when ``ADJACENT``, else ``(i, i+HALF)``."""
+    if ADJACENT:
+        return tl.sum(tl.reshape(acc, [HALF, 2]), 1)
+    else:
+        return tl.sum(tl.reshape(acc, [2, HALF]), 0)
 
 
 @triton.jit
-def _adjacent_pairs_sum(acc, WIDTH: tl.constexpr):
-    """The value a ``__shfl_down`` tree (offsets 1, 2, 4, ...) leaves in lane 0: adjacent pairs
-    first (``acc`` ``[WIDTH]``, a power of two ≤ 32)."""
+def _lane_tree_sum(acc, WIDTH: tl.constexpr, ADJACENT: tl.constexpr):
+    """The value a warp reduction over ``WIDTH`` lanes (``acc`` ``[WIDTH]``, a power of two ≤ 32)
+    leaves in lane 0: a ``__shfl_xor`` butterfly (lanes ``l`` and ``l + WIDTH/2`` first, then
+    halving) or, ``ADJACENT``, a ``__shfl_down`` tree (offsets 1, 2, 4, ...: adjacent pairs
+    first)."""
     if WIDTH >= 32:
-        acc = tl.sum(tl.reshape(acc, [16, 2]), 1)
+        acc = _halve(acc, 16, ADJACENT)
     if WIDTH >= 16:
-        acc = tl.sum(tl.reshape(acc, [8, 2]), 1)
+        acc = _halve(acc, 8, ADJACENT)
     if WIDTH >= 8:
-        acc = tl.sum(tl.reshape(acc, [4, 2]), 1)
+        acc = _halve(acc, 4, ADJACENT)
     if WIDTH >= 4:
-        acc = tl.sum(tl.reshape(acc, [2, 2]), 1)
+        acc = _halve(acc, 2, ADJACENT)
     if WIDTH >= 2:
-        acc = tl.sum(tl.reshape(acc, [1, 2]), 1)
+        acc = _halve(acc, 1, ADJACENT)
     return tl.sum(acc, 0)
 
 
@@ -75,9 +69,9 @@ def _top_k_sum(p, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr):
     if TOP_K > 32:
         return tl.sum(p, 0)
     elif BLOCK_K == TOP_K:
-        return _adjacent_pairs_sum(p, BLOCK_K)
+        return _lane_tree_sum(p, BLOCK_K, True)
     else:
-        return _adjacent_pairs_sum(tl.sum(tl.reshape(p, [2, BLOCK_K // 2]), 0), BLOCK_K // 2)
+        return _lane_tree_sum(_halve(p, BLOCK_K // 2, False), BLOCK_K // 2, True)
 
 
 @triton.jit
@@ -99,7 +93,7 @@ def top_k_softmax(logits_ptr, weights_ptr, ids_ptr, n_experts, stride_row,
         c = it * WARP + lanes
         xi = tl.load(row + c, mask=c < n_experts, other=float("-inf")).to(tl.float32)
         acc = acc + _exp(xi - top, PRECISE)
-    total = _xor_butterfly_sum(acc, WARP)
+    total = _lane_tree_sum(acc, WARP, False)
 
     rank = tl.where(x == x, x, float("inf"))          # NaN first, like torch.topk
     ks = tl.arange(0, BLOCK_K)
