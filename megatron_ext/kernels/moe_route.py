@@ -12,10 +12,12 @@ the same work in two launches and return the same results.
   adjacent pairs), so the weights match torch's to the bit where the exponentials do (libdevice
   ``expf`` is CUDA's ``expf``). The experts are ranked by logit (the softmax is monotone), ties
   lowest index first; NaN ranks first, as in ``torch.topk``.
-* :func:`align_assignments`: one program. A histogram of the local expert keys gives the counts
-  and each expert's first row; then chunks of assignments, in order, each get their row as that
-  expert's running count plus their rank among the chunk's earlier assignments of the same key:
-  a stable counting sort. Assignments of experts not held here sort last (key ``num_local``).
+* :func:`align_assignments`: a stable counting sort, one program per chunk of assignments. A
+  histogram of all local expert keys gives the counts and each expert's first row; one of the
+  keys before the chunk, the rows those took; a slot's row is then its expert's next free row
+  plus the number of earlier slots of the chunk with the same key. Each program reads all the
+  (at most a few thousand) ids, so no program waits for another. Assignments of experts not
+  held here sort last (key ``num_local``).
 
 Imported only through :func:`megatron_ext.kernels.triton_loader.kernel_module` (needs Triton).
 """
@@ -134,30 +136,37 @@ def align_assignments(ids_ptr, flat_ptr, token_ptr, slot_ptr, counts_ptr, valid_
     """The ``n_slots`` expert ids (token-major, ``TOP_K`` per token) stably sorted by local expert
     (other ranks' last): ``flat[row]`` slot of each row, ``token[row] = flat // TOP_K``,
     ``slot[s]`` row of each slot, ``counts[e]`` rows of local expert ``e`` and, with
-    ``STORE_VALID``, ``valid[row]`` (uint8) whether the row's expert is held here."""
+    ``STORE_VALID``, ``valid[row]`` (uint8) whether the row's expert is held here.
+
+    Program ``c`` places the slots ``[c·CHUNK, (c+1)·CHUNK)``: it histograms all keys (each
+    expert's first row) and those before its chunk (the rows they already took), so programs
+    need nothing from each other; within the chunk a slot comes after its earlier same-key
+    slots."""
+    chunk_start = tl.program_id(0) * CHUNK
     experts = tl.arange(0, BLOCK_E)
-    hist = tl.zeros([BLOCK_E], tl.int32)
+    hist_all = tl.zeros([BLOCK_E], tl.int32)
+    hist_before = tl.zeros([BLOCK_E], tl.int32)
+    others_before = 0
     for start in range(0, n_slots, HIST_CHUNK):
-        key, mine, ok = _local_keys(ids_ptr, start + tl.arange(0, HIST_CHUNK), n_slots,
-                                    first_expert, num_local)
-        hist += tl.histogram(tl.where(mine, key, 0), BLOCK_E, mask=mine)
-    tl.store(counts_ptr + experts, hist.to(tl.int64), mask=experts < num_local)
-    run = tl.cumsum(hist, 0) - hist        # next row of each local expert
-    run_other = tl.sum(hist, 0)            # next row of another rank's assignment
-    offs = tl.arange(0, CHUNK)
-    earlier = offs[None, :] < offs[:, None]
-    for start in range(0, n_slots, CHUNK):
-        slots = start + offs
+        slots = start + tl.arange(0, HIST_CHUNK)
         key, mine, ok = _local_keys(ids_ptr, slots, n_slots, first_expert, num_local)
         local = tl.where(mine, key, 0)
-        same = (key[:, None] == key[None, :]) & earlier
-        before = tl.sum(same.to(tl.int32), 1)     # earlier slots of this chunk, same key
-        base = tl.where(mine, tl.gather(run, local, 0), run_other)
-        pos = base + before
-        run += tl.histogram(local, BLOCK_E, mask=mine)
-        run_other += tl.sum((ok & ~mine).to(tl.int32), 0)
-        tl.store(slot_ptr + slots, pos.to(tl.int64), mask=ok)
-        tl.store(flat_ptr + pos, slots.to(tl.int64), mask=ok)
-        tl.store(token_ptr + pos, (slots // TOP_K).to(tl.int64), mask=ok)
-        if STORE_VALID:
-            tl.store(valid_ptr + pos, mine.to(tl.uint8), mask=ok)
+        early = slots < chunk_start
+        hist_all += tl.histogram(local, BLOCK_E, mask=mine)
+        hist_before += tl.histogram(local, BLOCK_E, mask=mine & early)
+        others_before += tl.sum((ok & ~mine & early).to(tl.int32), 0)
+    tl.store(counts_ptr + experts, hist_all.to(tl.int64),
+             mask=(experts < num_local) & (chunk_start == 0))
+    first_row = tl.cumsum(hist_all, 0) - hist_all + hist_before
+    first_other = tl.sum(hist_all, 0) + others_before
+    offs = tl.arange(0, CHUNK)
+    slots = chunk_start + offs
+    key, mine, ok = _local_keys(ids_ptr, slots, n_slots, first_expert, num_local)
+    same = (key[:, None] == key[None, :]) & (offs[None, :] < offs[:, None])
+    pos = (tl.where(mine, tl.gather(first_row, tl.where(mine, key, 0), 0), first_other)
+           + tl.sum(same.to(tl.int32), 1))
+    tl.store(slot_ptr + slots, pos.to(tl.int64), mask=ok)
+    tl.store(flat_ptr + pos, slots.to(tl.int64), mask=ok)
+    tl.store(token_ptr + pos, (slots // TOP_K).to(tl.int64), mask=ok)
+    if STORE_VALID:
+        tl.store(valid_ptr + pos, mine.to(tl.uint8), mask=ok)

@@ -540,7 +540,7 @@ def check_top_k_kernel(tokens: int, num_experts: int, top_k: int, dtype: torch.d
 
 
 def test_moe_align_kernel_equals_torch_dispatch():
-    """Issue 16: the one-program counting sort == the torch sort/searchsorted/scatter dispatch,
+    """Issue 16: the one-launch counting sort == the torch sort/searchsorted/scatter dispatch,
     bit for bit, for both modes (all experts here; a capture's ``fixed_size`` share)."""
     from megatron_ext.layers.moe.fused_routing import align_kernel_applies
 

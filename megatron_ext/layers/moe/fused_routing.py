@@ -14,13 +14,13 @@ from typing import Optional
 
 import torch
 
-from megatron_ext.kernels.launch import next_power_of_2
+from megatron_ext.kernels.launch import cdiv, next_power_of_2
 from megatron_ext.kernels.triton_loader import kernel_module
 
 MAX_EXPERTS = 512          # one program holds a row of logits / the per-expert counters
-MAX_ALIGN_SLOTS = 8192     # T·k sorted by one program (decode: 1024 tokens × top-8)
-_ALIGN_CHUNK = 64          # assignments ranked at once (a [64, 64] comparison)
-_HIST_CHUNK = 1024
+MAX_ALIGN_SLOTS = 8192     # T·k of one sort (decode: 1024 tokens × top-8); each program reads all
+_ALIGN_CHUNK = 64          # assignments placed by one program (a [64, 64] comparison)
+_HIST_CHUNK = 1024         # ids histogrammed at once
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,7 +54,7 @@ def fused_top_k_softmax(logits: torch.Tensor, top_k: int, renormalize: bool
 
 
 def align_kernel_applies(experts: torch.Tensor, num_local: int) -> bool:
-    """The one-program counting sort serves ``experts`` (CUDA integer ids, at most
+    """The one-launch counting sort serves ``experts`` (CUDA integer ids, at most
     :data:`MAX_ALIGN_SLOTS` of them) for ``1 <= num_local <= MAX_EXPERTS`` local experts."""
     return (experts.is_cuda and experts.dtype in (torch.int64, torch.int32)
             and 0 < experts.numel() <= MAX_ALIGN_SLOTS and 0 < num_local <= MAX_EXPERTS
@@ -76,10 +76,10 @@ def fused_align(experts: torch.Tensor, first_expert: int, num_local: int, with_v
                                          for _ in range(3))
     counts = torch.empty(num_local, dtype=torch.int64, device=dev)
     valid = torch.empty(n, dtype=torch.bool, device=dev) if with_valid else None
-    _kernels().align_assignments[(1,)](
+    chunk = min(_ALIGN_CHUNK, next_power_of_2(n))
+    _kernels().align_assignments[(cdiv(n, chunk),)](
         ids, flat_index, token_index, slot_row, counts,
         valid.view(torch.uint8) if with_valid else slot_row, n, first_expert, num_local,
-        TOP_K=top_k, BLOCK_E=next_power_of_2(num_local),
-        CHUNK=min(_ALIGN_CHUNK, next_power_of_2(n)),
+        TOP_K=top_k, BLOCK_E=next_power_of_2(num_local), CHUNK=chunk,
         HIST_CHUNK=min(_HIST_CHUNK, next_power_of_2(n)), STORE_VALID=with_valid, num_warps=4)
     return flat_index, token_index, counts, slot_row, valid
