@@ -22,6 +22,7 @@ GPU_ONLY = {
     "benchmarks/fused_reduce_norm.py": [],
     "benchmarks/moe_decode_experts.py": [],
     "benchmarks/moe_layer.py": [],
+    "benchmarks/moe_route.py": [],
     "benchmarks/prefill.py": [],
     "benchmarks/reduction_latency.py": [],
     "benchmarks/te_backend.py": [],
