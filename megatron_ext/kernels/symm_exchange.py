@@ -10,7 +10,8 @@ peer's program ``p`` wrote before raising its flag: no separate copy kernel, no 
 ``CHUNKS`` input chunks of ``n`` elements each (1 for all-gather / all-reduce, the world size
 for all-to-all / reduce-scatter); a program reads chunk ``SRC_CHUNK`` of every peer's slot and
 either concatenates them in group-rank order (``SUM=False``) or sums them in float32, in
-group-rank order so every rank holds identical bits (``SUM=True``).
+group-rank order so every rank holds identical bits (``SUM=True``). Peer loads are volatile
+(no L1 line of an earlier call's data can answer them).
 
 Imported only through :func:`megatron_ext.kernels.triton_loader.kernel_module` (needs Triton)."""
 import triton
@@ -40,10 +41,11 @@ def exchange(x_ptr, peers_ptr, signals_ptr, out_ptr, n, nprog, src_chunk,
             acc = tl.zeros([BLOCK], dtype=tl.float32)
             for r in tl.static_range(WORLD):
                 src = tl.load(peers_ptr + r).to(tl.pointer_type(ty))
-                acc += tl.load(src + src_chunk * n + offs, mask=mask, other=0.0).to(tl.float32)
+                acc += tl.load(src + src_chunk * n + offs, mask=mask, other=0.0,
+                               volatile=True).to(tl.float32)
             tl.store(out_ptr + offs, acc.to(ty), mask=mask)
         else:
             for r in tl.static_range(WORLD):
                 src = tl.load(peers_ptr + r).to(tl.pointer_type(ty))
-                tl.store(out_ptr + r * n + offs, tl.load(src + src_chunk * n + offs, mask=mask),
-                         mask=mask)
+                tl.store(out_ptr + r * n + offs,
+                         tl.load(src + src_chunk * n + offs, mask=mask, volatile=True), mask=mask)
