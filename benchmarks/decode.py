@@ -140,7 +140,8 @@ def decode_case(model, groups, cfg, batch: int, prompt: int, new: int, device,
     for layer in model.layers:
         shape = (batch, prompt // cp, attn.local_kv_heads, attn.head_dim)
         k = torch.randn(shape, generator=gen, device=device, dtype=BF16)
-        cache.layer(layer.layer_idx).store(k, torch.randn_like(k))
+        cache.layer(layer.layer_idx).store(k, torch.randn(shape, generator=gen, device=device,
+                                                          dtype=BF16))
         del k
     cache.start_decoding()
     requests = DecodeBatch((tuple(range(batch)),))
@@ -203,9 +204,10 @@ def moe_reduction(device, world: int, tokens_list, collectives) -> list:
         for tokens in tokens_list:
             x = torch.randn(tokens, 2048, device=device, dtype=BF16)
             with torch.no_grad():
+                # as in a decode step: no router statistics
                 two = time_graph(lambda: sum(all_reduce(p, shard)
-                                             for p in routed_and_shared(layer, x)))
-                one = time_graph(lambda: all_reduce(layer(x).hidden, shard))
+                                             for p in routed_and_shared(layer, x, False)))
+                one = time_graph(lambda: all_reduce(layer(x, with_stats=False).hidden, shard))
             rows.append([coll, tokens, two, one, (two / one) if two and one else None])
     return rows
 

@@ -27,8 +27,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._common import (device_name, init_nccl, require_cuda, table, time_eager,  # noqa: E402
                                 write_results)
-from megatron_ext.layers.moe.dispatch import (combine, gather_rows, local_dispatch,  # noqa: E402
-                                              row_weights)
 from megatron_ext.layers.moe.moe_layer import MoELayer  # noqa: E402
 from megatron_ext.communication.collectives import all_reduce  # noqa: E402
 from megatron_ext.parallel.groups import build_groups  # noqa: E402
@@ -38,14 +36,9 @@ from megatron_ext.parallel.topology import Topology  # noqa: E402
 TOKENS = [512, 1024, 2048, 4096, 8192, 16384]
 
 
-def routed_and_shared(layer: MoELayer, x: torch.Tensor):
-    """The layer's two partial sums, before they are added (mirrors ``MoELayer._local``)."""
-    routing = layer.gate(x, None)
-    assign = local_dispatch(routing.experts, layer.experts.first_expert, layer.experts.num_local,
-                            layer.num_experts)
-    y = layer.experts(gather_rows(x, assign, layer.top_k), assign.counts,
-                      row_weights(routing.weights, assign))
-    return combine(y, assign, layer.top_k), layer.shared_expert(x)
+def routed_and_shared(layer: MoELayer, x: torch.Tensor, with_stats: bool = True):
+    """The layer's two partial sums, before ``MoELayer`` adds them (its own two parts)."""
+    return layer.routed(x, with_stats=with_stats)[0], layer.shared_expert(x)
 
 
 def main() -> None:

@@ -232,11 +232,10 @@ def _per_request(sampling: Union[SamplingParams, Sequence[SamplingParams]],
 
 def cuda_graphs_supported(model) -> tuple[bool, str]:
     """Whether the decode step of ``model`` can be captured (no host sync inside): CUDA, half
-    precision (the grouped-GEMM kernel takes device counts) and MoE layers that hold every expert
-    of their shard locally (``moe_ep == 1``, local dispatcher: nothing filtered by host-known
-    sizes). The local dispatch of a rank holding some experts has a capture-safe form (fixed
-    row count, :func:`~megatron_ext.layers.moe.dispatch.local_dispatch`), but a captured
-    ``moe_ep > 1`` step has not run on a GPU yet, so it decodes eagerly until it has. Returns
+    precision (the grouped-GEMM kernel takes device counts) and MoE layers on the local
+    dispatcher (nothing sized on the host; a rank holding some of the experts, ``moe_ep > 1``,
+    dispatches a fixed row count while capturing, :func:`~megatron_ext.layers.moe.dispatch.
+    local_dispatch` — captured and replayed on 2x H200, BENCHMARKS.md §11d). Returns
     ``(ok, why not)``."""
     param = next(model.parameters())
     if param.device.type != "cuda":
@@ -249,9 +248,8 @@ def cuda_graphs_supported(model) -> tuple[bool, str]:
         return True, ""
     if param.dtype not in (torch.bfloat16, torch.float16):
         return False, f"MoE grouped GEMM in {param.dtype} syncs (counts on the host)"
-    if model.groups.topology.moe_ep != 1 or any(m.dispatcher != "local" for m in sparse):
-        return False, ("moe_ep > 1 (capture not yet verified on a GPU) or the all_to_all "
-                       "dispatcher (rows with host-known sizes)")
+    if any(m.dispatcher != "local" for m in sparse):
+        return False, "the all_to_all dispatcher exchanges rows of host-known sizes"
     return True, ""
 
 

@@ -562,7 +562,10 @@ def test_moe_top_k_kernel_matches_torch_router():
         for t in ROUTE_TOKENS:
             for e in ROUTE_EXPERTS:
                 for k in ROUTE_TOP_K:
-                    check_top_k_kernel(t, e, k, dtype, "cuda")
+                    # float32: the renormalising sum may round differently from torch's
+                    # reduction (2 ulps seen on an H200); half precision rounds that away
+                    check_top_k_kernel(t, e, k, dtype, "cuda",
+                                       max_ulps=2 if dtype == torch.float32 else 1)
 
 
 def test_moe_route_kernels_replay_in_a_cuda_graph():

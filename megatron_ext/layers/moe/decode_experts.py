@@ -37,14 +37,16 @@ class LaunchConfig(NamedTuple):
 
 
 DEFAULT_CONFIG = LaunchConfig(64, 128, 4, 3)
-# (intermediate I_local, hidden H) → config; keys of the Qwen3-30B-A3B shapes (moe_tp 2 and 1)
+# (intermediate I_local, hidden H) → config; keys of the Qwen3-30B-A3B shapes (moe_tp 2 and 1),
+# from the sweep on 2x H200 (BENCHMARKS.md §11d): gate_up 64x384 / 64x768 at 32-256 tokens best
+# as (64, 128, 4, 3); down (128, 128, 4, 4) / (64, 128, 4, 4)
 GATE_UP_CONFIGS: dict[tuple[int, int], LaunchConfig] = {
     (384, 2048): LaunchConfig(64, 128, 4, 3),
     (768, 2048): LaunchConfig(64, 128, 4, 3),
 }
 DOWN_CONFIGS: dict[tuple[int, int], LaunchConfig] = {
-    (384, 2048): LaunchConfig(64, 128, 4, 3),
-    (768, 2048): LaunchConfig(64, 128, 4, 3),
+    (384, 2048): LaunchConfig(128, 128, 4, 4),
+    (768, 2048): LaunchConfig(64, 128, 4, 4),
 }
 
 

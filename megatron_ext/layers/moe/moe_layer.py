@@ -114,6 +114,15 @@ class MoELayer(nn.Module):
     def _local(self, x: torch.Tensor, mask: Optional[torch.Tensor], with_stats: bool = True):
         if self.sync_input_grad:
             x = copy_to_region(x, self.groups.moe_shard)
+        out, stats = self.routed(x, mask, with_stats)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(x)
+        return out, stats
+
+    def routed(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+               with_stats: bool = True) -> tuple[torch.Tensor, Optional[RouterStats]]:
+        """The routed experts' partial sum over ``moe_shard`` of MOE_FULL rows ``x`` ``[T, H]``
+        (the ``"local"`` dispatcher, without the shared expert) and the router statistics."""
         routing = self.gate(x, mask, with_stats)
         partial = self.experts.num_local != self.num_experts  # a rank holding some experts
         assign = local_dispatch(routing.experts, self.experts.first_expert,
@@ -124,10 +133,7 @@ class MoELayer(nn.Module):
             y = self.experts.forward_tokens(x, assign.token_index, assign.counts, weights)
         else:
             y = self.experts(gather_rows(x, assign, self.top_k), assign.counts, weights)
-        out = combine(drop_foreign_rows(y, assign), assign, self.top_k)
-        if self.shared_expert is not None:
-            out = out + self.shared_expert(x)
-        return out, routing.stats
+        return combine(drop_foreign_rows(y, assign), assign, self.top_k), routing.stats
 
     def _all_to_all(self, x: torch.Tensor, mask: Optional[torch.Tensor],
                     token_counts: Optional[Sequence[int]], with_stats: bool = True):
