@@ -14,6 +14,9 @@ run as a CUDA graph (the production step: :class:`megatron_ext.serving.decode_st
 with one owner per token, greedy sampling on the owner). Layouts of the same 2 GPUs:
 
 * ``a cp2 moe_dp1`` — attn_cp 2, experts split over both GPUs (moe_tp 2), MOE_FULL k = 2;
+* ``a-rep cp2 moe_dp1 replicated`` — the same, every CP rank running every decode row
+  (``decode_rows="replicated"``: the CP partials all-gathered, the MoE sum all-reduced, no other
+  collective);
 * ``b cp2 moe_dp2`` — attn_cp 2, every GPU holds every expert (the seed's baseline);
 * ``c tp2``         — attn_tp 2, moe_tp 2 (k = 1).
 
@@ -53,11 +56,14 @@ from megatron_ext.serving.kv_cache import KVCache  # noqa: E402
 
 LAYOUTS = {
     "a cp2 moe_dp1": dict(attn_cp=2, moe_tp=2, moe_ep=1, moe_dp=1),
+    # the same layout with the decode rows replicated over CP (two collectives per layer)
+    "a-rep cp2 moe_dp1 replicated": dict(attn_cp=2, moe_tp=2, moe_ep=1, moe_dp=1),
     # the same layout with the MoE shard split by expert instead of by expert width
     "a-ep cp2 moe_dp1 moe_ep2": dict(attn_cp=2, moe_ep=2, moe_tp=1, moe_dp=1),
     "b cp2 moe_dp2": dict(attn_cp=2, moe_dp=2, moe_tp=1, moe_ep=1),
     "c tp2": dict(attn_tp=2, moe_tp=2, moe_ep=1),
 }
+REPLICATED = {"a-rep cp2 moe_dp1 replicated"}   # decode_rows="replicated"; the rest: one owner
 BF16 = torch.bfloat16
 
 
@@ -129,7 +135,7 @@ def profile_steps(state, cache, steps: int = 3, rows: int = 90) -> str:
 
 
 def decode_case(model, groups, cfg, batch: int, prompt: int, new: int, device,
-                profile: bool = False) -> dict:
+                profile: bool = False, replicate_cp: bool = False) -> dict:
     topo, coords = groups.topology, groups.coords
     cp = topo.attn_cp
     warm = 2
@@ -144,7 +150,7 @@ def decode_case(model, groups, cfg, batch: int, prompt: int, new: int, device,
                                                           dtype=BF16))
         del k
     cache.start_decoding()
-    requests = DecodeBatch((tuple(range(batch)),))
+    requests = DecodeBatch((tuple(range(batch)),), replicate_cp)
     owned = requests.owned_requests(groups, coords.attn_dp, coords.attn_cp)
     params = [SamplingParams(new + warm + extra)] * len(owned)
     state = DecodeState(model, groups, cache, requests,
@@ -166,7 +172,7 @@ def decode_case(model, groups, cfg, batch: int, prompt: int, new: int, device,
     ms = elapsed_ms(lambda: steps(new), device) / new
     kernels = profile_steps(state, cache) if profile and device.type == "cuda" else None
     # the MoE sees its token group's owned rows once: k x (this rank's rows) for MOE_FULL
-    moe_tokens = len(owned) * topo.token_group_size
+    moe_tokens = len(owned) * (1 if replicate_cp else topo.token_group_size)
     filled = cache.length
     kv = sum(2 * layer.k[:, :, :filled].numel() * layer.k.element_size()
              for layer in cache._layers.values())
@@ -286,13 +292,13 @@ def main() -> None:
               f"{cfg.num_layers} layers; HBM copy bandwidth "
               f"{bandwidth / 1e12:.2f} TB/s", flush=True)
     rows, results = [], []
+    seen_tokens: dict = {}   # same topology (same weights), same inputs: compare the tokens
     for name in args.layouts:
         groups = build_groups(Topology(world=world, **LAYOUTS[name]))
         if device.type == "cuda":
             groups = with_symm_collectives(groups, device)
         model = random_model(cfg, groups, device)
         variants = [(k, c) for k in args.decode_kernel for c in args.collectives]
-        seen_tokens: dict = {}
         for prompt in args.prompt:
             for batch in args.batch:
                 for kern, coll in variants:
@@ -303,7 +309,7 @@ def main() -> None:
                         torch.cuda.reset_peak_memory_stats()
                     try:
                         r = decode_case(model, groups, cfg, batch, prompt, args.new, device,
-                                        args.profile)
+                                        args.profile, name in REPLICATED)
                     except torch.cuda.OutOfMemoryError:
                         r = None
                         gc.collect()
@@ -312,7 +318,8 @@ def main() -> None:
                         rows.append([label, prompt, batch, "OOM", None, None, None, None])
                         continue
                     tokens = r.pop("tokens")
-                    first = seen_tokens.setdefault((prompt, batch, kern), tokens)
+                    key = (prompt, batch, kern, tuple(sorted(LAYOUTS[name].items())))
+                    first = seen_tokens.setdefault(key, tokens)
                     r["tokens_match_first_variant"] = bool(torch.equal(first, tokens))
                     bound_ms = r["bytes_per_step"] / bandwidth * 1000
                     r.update(layout=label, prompt=prompt, batch=batch, bound_ms=bound_ms,
@@ -342,7 +349,8 @@ def main() -> None:
                           if r["prompt"] == prompt and r["batch"] == batch
                           and r["decode_kernel"] == kern and r["collectives"] == coll}
                     b = by.get("b cp2 moe_dp2")
-                    for name in ("a cp2 moe_dp1", "a-ep cp2 moe_dp1 moe_ep2"):
+                    for name in ("a cp2 moe_dp1", "a-ep cp2 moe_dp1 moe_ep2",
+                                 "a-rep cp2 moe_dp1 replicated"):
                         if b and name in by:
                             print(f"prompt {prompt} batch {batch} [{kern} {coll}]: "
                                   f"{name.split()[0]} "

@@ -20,7 +20,8 @@ partial over attn_tp (TP_ATTN_FULL rows)
 partial over moe_shard (MOE_FULL rows; TP_ATTN_FULL rows when shard == attn-TP group)
   → SCATTERED      reduce_scatter(moe_shard); without reduce-scatter all_reduce(moe_shard) +
                    own rows(moe_shard)
-  → TP_ATTN_FULL   all_reduce(moe_shard) + own rows(moe_cp) (the slice only when k > 1);
+  → TP_ATTN_FULL   all_reduce(moe_shard) + own rows(moe_cp) (the slice only when k > 1;
+                   none for decode rows replicated over CP, ``layout.cp_replicated``);
                    g > 1: the move to SCATTERED above + all_gather(attn_tp, backward own rows)
                    (the shard holds 1/g of the group's rows: still one reduction)
 complete on SCATTERED (all-to-all MoE)
@@ -70,7 +71,7 @@ def check_rows(x: torch.Tensor, mode: ScatterMode, layout: TokenLayout, what: st
 def moe_rows_mode(layout: TokenLayout) -> ScatterMode:
     """The rows a MoE partial lives on: MOE_FULL, which is TP_ATTN_FULL when the shard is one
     attention-TP group."""
-    return M if layout.topology.uses_moe_full else T
+    return M if layout.topology.uses_moe_full and not layout.cp_replicated else T
 
 
 def _canonical(mode: ScatterMode, layout: TokenLayout) -> ScatterMode:
@@ -79,7 +80,7 @@ def _canonical(mode: ScatterMode, layout: TokenLayout) -> ScatterMode:
         if layout.topology.moe_dp != 1:
             raise ValueError("FULL (all tokens of the stage) is not a block mode when moe_dp > 1")
         mode = M
-    if mode is M and not layout.topology.uses_moe_full:
+    if mode is M and (not layout.topology.uses_moe_full or layout.cp_replicated):
         mode = T
     return mode
 
@@ -128,6 +129,8 @@ def complete_sum(partial: torch.Tensor, partial_axis: Optional[str], source_mode
             return C.all_gather(own, groups.attn_tp, sizes=layout.attn_tp_sizes,
                                 backward="own_rows")
         whole = C.all_reduce(partial, shard)
+        if layout.cp_replicated:   # every rank of the token group keeps every row
+            return whole
         return C.take_own_rows(whole, groups.moe_cp, sizes=layout.moe_cp_sizes)
     raise ValueError(f"partial_axis={partial_axis!r} must be one of {PARTIAL_AXES} or None")
 

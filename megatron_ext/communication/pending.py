@@ -68,7 +68,8 @@ class PendingReduction:
         otherwise."""
         if self.target_mode is not ScatterMode.TP_ATTN_FULL:
             return None
-        if self.axis == Axis.MOE_SHARD and self.layout.topology.uses_moe_full:
+        if self.axis == Axis.MOE_SHARD and self.layout.topology.uses_moe_full \
+                and not self.layout.cp_replicated:
             return None
         return groups.axis(self.axis)
 

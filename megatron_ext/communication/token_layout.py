@@ -17,6 +17,14 @@ gather brings every token once. Only attention reads more: each CP rank scores e
 its CP group against its own KV share, so the attention input is gathered over ``attn_cp``
 (``attention_rows`` rows, CP order) and the block keeps this rank's rows of its output
 (``attn_cp_sizes`` says whose rows are where).
+
+**Decode with rows replicated over CP** (``cp_replicated``; attn_tp 1, MoE token group = CP
+group): every CP rank holds every decode row of its attention-DP group and runs the same
+residual stream on them (the dense work is repeated, reading the weights each rank reads
+anyway). The MoE shard then already holds its whole token set — MOE_FULL is these rows, no
+gather — and each token's expert work is still done once, split over the shard; the MoE sum
+completes with one all-reduce, and the attention's CP partials are all-gathered so every rank
+merges every row. Two collectives per layer instead of four.
 """
 from __future__ import annotations
 
@@ -50,8 +58,18 @@ class TokenLayout:
     global_rank: int
     tokens_per_attn_group: tuple[int, ...]
     attn_gathers_cp: bool = False
+    cp_replicated: bool = False
 
     def __post_init__(self) -> None:
+        topo = self.topology
+        if self.cp_replicated and (self.attn_gathers_cp or topo.attn_tp != 1
+                                   or topo.token_group_size != topo.attn_cp):
+            raise ValueError(
+                f"cp_replicated (decode rows replicated over the CP group) needs attn_tp=1, "
+                f"no attn_gathers_cp, and the MoE token group to be the CP group (moe_dp 1 "
+                f"within one attention-DP group); got attn_tp={topo.attn_tp}, attn_cp="
+                f"{topo.attn_cp}, token group {topo.token_group_size}, attn_gathers_cp="
+                f"{self.attn_gathers_cp}")
         n_groups = self.topology.attn_dp * self.topology.attn_cp
         counts = tuple(self.tokens_per_attn_group)
         if len(counts) != n_groups:
@@ -70,9 +88,10 @@ class TokenLayout:
 
     @classmethod
     def from_counts(cls, groups: ParallelGroups, tokens_per_attn_group: Sequence[int], *,
-                    attn_gathers_cp: bool = False) -> "TokenLayout":
+                    attn_gathers_cp: bool = False, cp_replicated: bool = False
+                    ) -> "TokenLayout":
         return cls(groups.topology, groups.global_rank, tuple(tokens_per_attn_group),
-                   attn_gathers_cp)
+                   attn_gathers_cp, cp_replicated)
 
     @classmethod
     def exchange(cls, groups: ParallelGroups, local_tokens: int) -> "TokenLayout":
@@ -149,8 +168,9 @@ class TokenLayout:
 
     @property
     def moe_full_tokens(self) -> int:
-        """Rows of MOE_FULL: every token of this rank's MoE shard."""
-        return sum(self.moe_shard_sizes)
+        """Rows of MOE_FULL: every token of this rank's MoE shard (``cp_replicated``: the rows
+        this rank holds already are all of them)."""
+        return self.local_tokens if self.cp_replicated else sum(self.moe_shard_sizes)
 
     @property
     def stage_tokens(self) -> int:

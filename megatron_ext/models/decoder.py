@@ -331,6 +331,9 @@ class CausalLM(nn.Module):
         if layout.local_tokens != b * s:
             raise ValueError(f"layout says this rank's attention group holds "
                              f"{layout.local_tokens} tokens but the batch has b*s_local={b * s}")
+        if layout.cp_replicated and (kv_cache is None or not kv_cache.decoding):
+            raise ValueError("a layout with cp_replicated (decode rows replicated over CP) is "
+                             "for decode steps with a decoding kv_cache")
         if layout.attn_gathers_cp:
             if kv_cache is None or not kv_cache.decoding:
                 raise ValueError("a layout with attn_gathers_cp (one owner per decode token) is "

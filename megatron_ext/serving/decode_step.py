@@ -45,26 +45,60 @@ def batch_bucket(n: int) -> int:
     return -(-n // 8) * 8
 
 
+DECODE_ROWS = ("auto", "owner", "replicated")
+
+
+def replication_applies(groups: ParallelGroups) -> bool:
+    """Whether decode rows may be replicated over CP (``TokenLayout.cp_replicated``): CP > 1,
+    attn_tp 1, and the MoE token group is the CP group (so no expert work is repeated)."""
+    topo = groups.topology
+    return topo.attn_cp > 1 and topo.attn_tp == 1 and topo.token_group_size == topo.attn_cp
+
+
+def resolve_decode_rows(decode_rows: str, groups: ParallelGroups) -> bool:
+    """``decode_rows`` → whether rows are replicated over CP: ``"owner"`` never (one owner per
+    token), ``"replicated"`` always (ValueError where it does not apply), ``"auto"`` where it
+    applies (two collectives per layer instead of four; the same tokens)."""
+    if decode_rows not in DECODE_ROWS:
+        raise ValueError(f"decode_rows={decode_rows!r} must be one of {DECODE_ROWS}")
+    if decode_rows == "replicated" and not replication_applies(groups):
+        topo = groups.topology
+        raise ValueError(f"decode_rows='replicated' needs attn_cp > 1, attn_tp 1 and the MoE "
+                         f"token group = the CP group; this topology has attn_cp={topo.attn_cp}, "
+                         f"attn_tp={topo.attn_tp}, token group {topo.token_group_size}")
+    return decode_rows == "replicated" or (decode_rows == "auto" and replication_applies(groups))
+
+
 @dataclass(frozen=True)
 class DecodeBatch:
     """Which requests every attention-DP group decodes, in cache-row order (the same on every
-    rank of the stage)."""
+    rank of the stage). ``replicate_cp``: every CP rank runs every row of its group
+    (:func:`resolve_decode_rows`); otherwise each row has one owner."""
 
     requests: tuple[tuple[int, ...], ...]   # [attn_dp][row] -> request id
+    replicate_cp: bool = False
 
     def rows(self, dp_rank: int) -> int:
         return len(self.requests[dp_rank])
 
     def layout(self, groups: ParallelGroups) -> TokenLayout:
-        """Owned rows of every attention group (``attn_gathers_cp``)."""
+        """The rows every attention group runs: its owned rows (``attn_gathers_cp``), or all
+        rows of its DP group (``cp_replicated``)."""
         cp = groups.topology.attn_cp
+        if self.replicate_cp:
+            counts = [len(rows) for rows in self.requests for _ in range(cp)]
+            return TokenLayout.from_counts(groups, counts, cp_replicated=True)
         counts = [len(range(len(rows))[owned_rows(len(rows), cp, c)])
                   for rows in self.requests for c in range(cp)]
         return TokenLayout.from_counts(groups, counts, attn_gathers_cp=True)
 
     def owned_requests(self, groups: ParallelGroups, dp_rank: int, cp_rank: int
                        ) -> tuple[int, ...]:
+        """Requests whose tokens CP rank ``cp_rank`` computes (all of its group's when
+        replicated)."""
         rows = self.requests[dp_rank]
+        if self.replicate_cp:
+            return rows
         return rows[owned_rows(len(rows), groups.topology.attn_cp, cp_rank)]
 
 
@@ -87,8 +121,9 @@ class DecodeState:
         self.serial = next(DecodeState._serials)   # graphs belong to one state's buffers
         self.model, self.groups, self.cache, self.batch = model, groups, cache, batch
         self.layout = batch.layout(groups)
-        self.own = owned_rows(batch.rows(coords.attn_dp), groups.topology.attn_cp,
-                              coords.attn_cp)
+        rows = batch.rows(coords.attn_dp)
+        self.own = (slice(0, rows) if batch.replicate_cp
+                    else owned_rows(rows, groups.topology.attn_cp, coords.attn_cp))
         self.positions = positions
         self.own_positions = positions[self.own]   # a view: updated with ``positions``
         self.input_ids, self.finished, self.tokens = input_ids, finished, tokens
@@ -103,8 +138,8 @@ class DecodeState:
 
     @property
     def key(self) -> tuple:
-        """What a captured graph depends on: the rows of every DP group."""
-        return tuple(len(r) for r in self.batch.requests)
+        """What a captured graph depends on: the rows of every DP group (and their mode)."""
+        return tuple(len(r) for r in self.batch.requests) + (self.batch.replicate_cp,)
 
     @torch.no_grad()
     def step(self) -> None:

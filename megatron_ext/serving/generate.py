@@ -46,7 +46,8 @@ import torch
 from megatron_ext.communication.collectives import all_gather
 from megatron_ext.data.cp_split import required_padded_length, split_batch_for_cp
 from megatron_ext.parallel.groups import ParallelGroups
-from megatron_ext.serving.decode_step import (DecodeBatch, DecodeState, StepRunner, batch_bucket)
+from megatron_ext.serving.decode_step import (DecodeBatch, DecodeState, StepRunner, batch_bucket,
+                                               resolve_decode_rows)
 from megatron_ext.serving.kv_cache import KVCache
 from megatron_ext.serving.sampling import SamplingParams
 from megatron_ext.communication.token_layout import TokenLayout, split_rows
@@ -283,7 +284,7 @@ def _shrink(batch: DecodeBatch, finished: list[bool]) -> DecodeBatch:
         pad = [r for r in rows if finished[r]][:target - len(live)]
         keep = set(live + pad)
         groups_rows.append(tuple(r for r in rows if r in keep))
-    return DecodeBatch(tuple(groups_rows))
+    return DecodeBatch(tuple(groups_rows), batch.replicate_cp)
 
 
 @torch.no_grad()
@@ -293,15 +294,20 @@ def generate_batch(model, groups: ParallelGroups, prompt_ids: torch.Tensor,
                    attention_mask: Optional[torch.Tensor] = None,
                    pad_token_id: Optional[int] = None, check_every: int = 8,
                    return_logits: bool = False, use_cuda_graphs: Optional[bool] = None,
-                   on_check: Optional[Callable[[int, int], None]] = None) -> GenerationOutput:
+                   on_check: Optional[Callable[[int, int], None]] = None,
+                   decode_rows: str = "auto") -> GenerationOutput:
     """Generate for ``prompt_ids`` ``[B, S]`` (the same on every rank; left-padded rows marked by
     ``attention_mask``) with ``model`` (a :class:`megatron_ext.models.decoder.CausalLM` built on
     ``groups``, pp = 1), one ``SamplingParams`` for all requests or one each. Collective over the
     stage; see the module doc. ``check_every``: decode steps between host checks;
     ``use_cuda_graphs``: default :func:`cuda_graphs_supported`; ``on_check(steps, finished)``:
-    called at every check (progress bars)."""
+    called at every check (progress bars); ``decode_rows``: ``"owner"`` (one CP rank per
+    decode row), ``"replicated"`` (every CP rank runs every row: two collectives per layer
+    instead of four, the same tokens) or ``"auto"`` (replicated where it applies,
+    :func:`~megatron_ext.serving.decode_step.resolve_decode_rows`)."""
     if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
         raise ValueError(f"check_every={check_every!r} must be a positive int")
+    replicate_cp = resolve_decode_rows(decode_rows, groups)
     B = prompt_ids.shape[0] if isinstance(prompt_ids, torch.Tensor) and prompt_ids.dim() else 0
     params = _per_request(sampling, B)
     max_new = [p.max_new_tokens for p in params]
@@ -337,7 +343,7 @@ def generate_batch(model, groups: ParallelGroups, prompt_ids: torch.Tensor,
     last_logits = torch.zeros(B, vocab, dtype=torch.float64) if return_logits else None
     starts = [sum(rows[:d]) for d in range(topo.attn_dp)]
     batch = DecodeBatch(tuple(tuple(range(starts[d], starts[d] + rows[d]))
-                              for d in range(topo.attn_dp)))
+                              for d in range(topo.attn_dp)), replicate_cp)
 
     def build(batch: DecodeBatch, t: int) -> DecodeState:
         mine = batch.requests[coords.attn_dp]

@@ -16,7 +16,7 @@ MODELS = ("tiny-qwen3-moe", "tiny-qwen2-moe")
 LAYOUTS = [
     dict(world=4, attn_tp=2),                                 # attn_dp 2 (rows 2 + 1), moe_tp 2
     dict(world=4, attn_tp=2, attn_cp=2, moe_dp=1),            # seed: MOE_FULL k=2, moe_tp 4
-    dict(world=4, attn_cp=4, moe_ep=4, moe_tp=1, moe_dp=1),   # k=4, 1/4 of the KV per rank
+    dict(world=4, attn_cp=4, moe_ep=4, moe_tp=1, moe_dp=1),   # k=4 = cp: rows replicated
     dict(world=4, attn_cp=2, moe_ep=2, moe_tp=1, moe_dp=2),   # attn_dp 2 x cp 2, k=2
     dict(world=4, attn_tp=2, attn_cp=2, moe_ep=2, moe_tp=2, moe_dp=1),  # moe_ep x moe_tp, k=2
 ]
@@ -34,7 +34,9 @@ VARIANTS = [
 ]
 SEED = 1
 EOS_LAYOUT = 3
-COUNTED = (1, 3, 4)    # layouts whose per-step collectives are pinned
+COUNTED = (1, 2, 3, 4)    # layouts whose per-step collectives are pinned
+REPLICATED = (2, 3)   # attn_tp 1, token group = CP group: decode rows replicated ("auto")
+OWNER = 3             # ... also run with one owner per token (decode_rows="owner")
 VARIED_LAYOUTS = (2, 3)  # layouts that also run requests with their own max_new_tokens
 VARIED = (6, 2, 4)       # max_new_tokens per request (row 1 leaves the batch after 2 steps)
 LENGTHS = (11, 6, 9)   # left-padded to 11
@@ -88,12 +90,20 @@ def _generate_rank(rank, world, paths, ids, mask, eos):
                                     pad_token_id=0, check_every=1)
                 item["varied"] = (v.tokens, v.last_logits, v.rows_per_step)
             if mi == 0 and li in COUNTED:
-                counts = []
-                for n in (2, 3):   # three decode steps minus two = one decode step
-                    with count_collectives() as log:
-                        greedy_generate(model, groups, ids, n, attention_mask=mask)
-                    counts.append(log.records)
-                item["step_collectives"] = _difference(*counts)
+                for key, rows in (("step_collectives", "auto"), ("owner_collectives", "owner")):
+                    if rows == "owner" and li != OWNER:
+                        continue
+                    counts = []
+                    for n in (2, 3):   # three decode steps minus two = one decode step
+                        with count_collectives() as log:
+                            greedy_generate(model, groups, ids, n, attention_mask=mask,
+                                            decode_rows=rows)
+                        counts.append(log.records)
+                    item[key] = _difference(*counts)
+            if li == OWNER:
+                r = greedy_generate(model, groups, ids, NEW, attention_mask=mask,
+                                    decode_rows="owner")
+                item["owner"] = (r.tokens, r.last_logits)
             if li == SEED and mi == 0:
                 # bad input: the same ValueError on every rank, before any collective
                 item["bad_input"] = [_error(lambda: greedy_generate(model, groups, ids + 128, 2,
@@ -329,6 +339,11 @@ def test_generation_matches_transformers_in_every_layout(reference, single_proce
                 assert it["steps"] == NEW
                 if "eos_tokens" in it:
                     assert torch.equal(it["eos_tokens"], ref["eos_tokens"][mi])
+                if "owner" in it:   # one owner per token: the same tokens and logits
+                    assert torch.equal(it["owner"][0], ref["tokens"][mi])
+                    torch.testing.assert_close(it["owner"][1],
+                                               single_process["greedy"][mi].last_logits,
+                                               atol=EXACT_ATOL, rtol=0)
             _check_cache_balance(items, topo, S)
     for vi in range(len(VARIANTS)):
         for per_rank in results:
@@ -352,7 +367,10 @@ def test_generation_matches_transformers_in_every_layout(reference, single_proce
 
 
 def _check_step_collectives(results) -> None:
-    """One later decode step with one owner per token: per layer the attention input gathered
+    """One later decode step with rows replicated over CP (layout ``REPLICATED``): per layer the
+    CP partials all-gathered (every rank merges every row) and the MoE sum all-reduced over the
+    shard, nothing else (no gather of the attention input or of the MoE rows). With one owner per
+    token: per layer the attention input gathered
     over attn_cp, the attention sum over attn_tp, the partial (out, lse) all-to-all over attn_cp
     (each owner receives its rows' partials; shapes were agreed at the first step), the MOE_FULL
     gather over moe_cp of *owned* rows (each token once: the bytes are the DP group's rows,
@@ -369,6 +387,13 @@ def _check_step_collectives(results) -> None:
         for per_rank in results:
             it = next(it for it in per_rank if it.get("layout") == li and it.get("model") == 0)
             rows = split_rows(len(LENGTHS), topo.attn_dp)[it["dp_rank"]]
+            if li in REPLICATED:   # every CP rank runs every row: two collectives per layer
+                want = {("all_gather", "attn_cp"): (L, L * cp * rows * cfg.num_heads
+                                                    * (cfg.head_dim + 1) * f64),
+                        ("all_reduce", "moe_shard"): (L, L * rows * H * f64)}
+                assert it["step_collectives"] == want, (LAYOUTS[li], it["step_collectives"])
+                if li != OWNER:
+                    continue
             row_bytes = cp * max(split_rows(rows, cp)) * H * f64   # one gather over cp owners
             want = {("all_gather", "attn_cp"): (L, L * row_bytes),
                     ("all_to_all", "attn_cp"): (L, L * rows * (cfg.num_heads // tp)
@@ -378,7 +403,7 @@ def _check_step_collectives(results) -> None:
             if tp > 1:
                 want[("all_reduce", "attn_tp")] = (1 + L, None)
                 want[("all_gather", "attn_tp")] = (1, None)
-            got = it["step_collectives"]
+            got = it["owner_collectives" if li == OWNER else "step_collectives"]
             assert set(got) == set(want), (LAYOUTS[li], got)
             for key, (n, nbytes) in want.items():
                 assert got[key][0] == n, (LAYOUTS[li], key, got)
