@@ -31,10 +31,11 @@ def _chunk(start, count, m0, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def gate_up_act(x_ptr, tok_ptr, counts_ptr, rw_ptr, g_ptr, u_ptr, out_ptr, H, I,
-                HAS_W: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[r, n] = act(x[tok[r]] @ gate[e, n]ᵀ, x[tok[r]] @ up[e, n]ᵀ) (· rw[r] with ``HAS_W``)
+def gate_up_act(x_ptr, tok_ptr, counts_ptr, rw_ptr, rw_index_ptr, g_ptr, u_ptr, out_ptr, H, I,
+                HAS_W: tl.constexpr, W_INDEX: tl.constexpr, E_POW2: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[r, n] = act(x[tok[r]] @ gate[e, n]ᵀ, x[tok[r]] @ up[e, n]ᵀ) (· rw[r] with ``HAS_W``;
+    ``rw[rw_index[r]]`` with ``W_INDEX``: the routing weights read in place, no gather kernel)
     for the rows r of local expert e = program_id(0), columns n of block program_id(1).
     x [T, H], gate/up [E, I, H], out [N, I], all contiguous."""
     e = tl.program_id(0).to(tl.int64)
@@ -61,7 +62,10 @@ def gate_up_act(x_ptr, tok_ptr, counts_ptr, rw_ptr, g_ptr, u_ptr, out_ptr, H, I,
         # the grouped GEMMs' outputs are rounded to the weight dtype before the activation
         act = _act(acc_g.to(dtype).to(tl.float32), acc_u.to(dtype).to(tl.float32), dtype)
         if HAS_W:
-            act = act * tl.load(rw_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+            at = rows
+            if W_INDEX:
+                at = tl.load(rw_index_ptr + rows, mask=row_ok, other=0)
+            act = act * tl.load(rw_ptr + at, mask=row_ok, other=0.0).to(tl.float32)[:, None]
         tl.store(out_ptr + rows[:, None] * I + cols[None, :], act.to(dtype),
                  mask=row_ok[:, None] & col_ok[None, :])
 

@@ -562,10 +562,11 @@ def test_moe_top_k_kernel_matches_torch_router():
         for t in ROUTE_TOKENS:
             for e in ROUTE_EXPERTS:
                 for k in ROUTE_TOP_K:
-                    # float32: the renormalising sum may round differently from torch's
-                    # reduction (2 ulps seen on an H200); half precision rounds that away
+                    # float32: the renormalising sum of k probabilities adds in another
+                    # order than torch's reduction, which bounds the difference by ~k ulps
+                    # (3 seen at k 8 on an H200); half precision rounds that away
                     check_top_k_kernel(t, e, k, dtype, "cuda",
-                                       max_ulps=2 if dtype == torch.float32 else 1)
+                                       max_ulps=k if dtype == torch.float32 else 1)
 
 
 def test_moe_route_kernels_replay_in_a_cuda_graph():

@@ -76,11 +76,14 @@ def _check(counts: torch.Tensor, num_local: int, rows: torch.Tensor, what: str) 
 
 def gate_up_act(x: torch.Tensor, token_index: torch.Tensor, counts: torch.Tensor,
                 row_weights: Optional[torch.Tensor], gate_proj: torch.Tensor,
-                up_proj: torch.Tensor, config: Optional[LaunchConfig] = None) -> torch.Tensor:
+                up_proj: torch.Tensor, config: Optional[LaunchConfig] = None,
+                weight_index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x`` ``[T, H]`` token rows, ``token_index`` ``[N]`` int64 (rows grouped by local expert,
     ``counts`` ``[E]`` int64 per expert; rows past ``counts.sum()`` are left unwritten),
-    ``row_weights`` ``[N]`` or ``None``, ``gate_proj``/``up_proj`` ``[E, I, H]`` → ``[N, I]`` the
-    (row-weighted) SwiGLU of ``x[token_index]``'s projections by each row's expert."""
+    ``row_weights`` ``[N]`` or ``None`` — or, with ``weight_index`` ``[N]`` int64, any 1-d tensor
+    read at those indices (the router's flattened ``[T·k]`` weights by the rows' slots) —,
+    ``gate_proj``/``up_proj`` ``[E, I, H]`` → ``[N, I]`` the (row-weighted) SwiGLU of
+    ``x[token_index]``'s projections by each row's expert."""
     num_local, inter, hidden = gate_proj.shape
     _check(counts, num_local, token_index, "gate_up_act")
     if x.shape[-1] != hidden or up_proj.shape != gate_proj.shape or token_index.dtype != torch.int64:
@@ -92,10 +95,16 @@ def gate_up_act(x: torch.Tensor, token_index: torch.Tensor, counts: torch.Tensor
         return out
     c = config or GATE_UP_CONFIGS.get((inter, hidden), DEFAULT_CONFIG)
     rw = row_weights.contiguous() if row_weights is not None else out
+    if weight_index is not None and (row_weights is None
+                                     or tuple(weight_index.shape) != tuple(token_index.shape)):
+        raise ValueError(f"gate_up_act: weight_index {tuple(weight_index.shape)} needs "
+                         f"row_weights and one index per row {tuple(token_index.shape)}")
+    rw_index = weight_index.contiguous() if weight_index is not None else token_index
     _kernels().gate_up_act[(num_local, cdiv(inter, c.block_n))](
-        x.contiguous(), token_index.contiguous(), counts.contiguous(), rw,
+        x.contiguous(), token_index.contiguous(), counts.contiguous(), rw, rw_index,
         gate_proj.contiguous(), up_proj.contiguous(), out, hidden, inter,
-        HAS_W=row_weights is not None, E_POW2=next_power_of_2(num_local), BLOCK_M=BLOCK_M,
+        HAS_W=row_weights is not None, W_INDEX=weight_index is not None,
+        E_POW2=next_power_of_2(num_local), BLOCK_M=BLOCK_M,
         BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages)
     return out
 

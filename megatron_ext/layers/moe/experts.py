@@ -99,12 +99,19 @@ class RoutedExperts(nn.Module):
             x, self.gate_proj, num_rows, self.num_local)
 
     def forward_tokens(self, x: torch.Tensor, token_index: torch.Tensor, counts: torch.Tensor,
-                       row_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       row_weights: Optional[torch.Tensor] = None,
+                       weight_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """:meth:`forward` of ``x[token_index]`` without gathering it: ``x`` ``[T, H]`` tokens,
         ``token_index`` ``[N]`` the token of each row (rows grouped by local expert, ``counts``
         int64 on the device; rows past ``counts.sum()`` are left unspecified) → ``[N, H]``. Two
-        fused kernels, inference only (check :meth:`fused_decode_applies`)."""
+        fused kernels, inference only (check :meth:`fused_decode_applies`). ``weight_index``:
+        ``row_weights`` is read at these indices (the router's ``[T·k]`` weights by slot)."""
         self.check_rows(x, None)
+        if weight_index is not None:
+            act = decode_experts.gate_up_act(x, token_index, counts, row_weights,
+                                             self.gate_proj, self.up_proj,
+                                             weight_index=weight_index)
+            return decode_experts.down_proj_rows(act, counts, self.down_proj)
         if row_weights is not None and tuple(row_weights.shape) != tuple(token_index.shape):
             raise ValueError(f"RoutedExperts: row_weights {tuple(row_weights.shape)} must be "
                              f"{tuple(token_index.shape)} (one per row)")

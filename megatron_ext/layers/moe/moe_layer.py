@@ -128,11 +128,12 @@ class MoELayer(nn.Module):
         assign = local_dispatch(routing.experts, self.experts.first_expert,
                                 self.experts.num_local, self.num_experts,
                                 fixed_size=partial and _capturing(x))
-        weights = row_weights(routing.weights, assign)
         if self.experts.fused_decode_applies(x, assign.token_index.numel()):
-            y = self.experts.forward_tokens(x, assign.token_index, assign.counts, weights)
+            y = self.experts.forward_tokens(x, assign.token_index, assign.counts,
+                                            routing.weights.reshape(-1), assign.flat_index)
         else:
-            y = self.experts(gather_rows(x, assign, self.top_k), assign.counts, weights)
+            y = self.experts(gather_rows(x, assign, self.top_k), assign.counts,
+                             row_weights(routing.weights, assign))
         return combine(drop_foreign_rows(y, assign), assign, self.top_k), routing.stats
 
     def _all_to_all(self, x: torch.Tensor, mask: Optional[torch.Tensor],
