@@ -615,3 +615,36 @@ def test_moe_route_kernels_replay_in_a_cuda_graph():
                 assert all(torch.equal(getattr(got, f.name), getattr(want, f.name))
                            for f in fields(LocalAssignments)
                            if getattr(want, f.name) is not None), (seed, first)
+
+
+def test_router_logits_kernel_matches_cublas_and_float64():
+    """The one-launch router GEMM of a decode batch: within one bf16/fp16 ulp of cuBLAS (both
+    accumulate in float32 and round once; only the order differs) and close to float64; the
+    router uses it (no autograd, no statistics) and routes as with cuBLAS's logits."""
+    from megatron_ext.layers.moe.fused_routing import fused_router_logits, router_logits_applies
+    from megatron_ext.layers.moe.router import TopKRouter
+
+    torch.manual_seed(0)
+    for dtype in (BF16, torch.float16):
+        for tokens, experts, hidden in ((1, 128, 2048), (64, 128, 2048), (37, 60, 200),
+                                        (300, 8, 64)):
+            x = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
+            w = torch.randn(experts, hidden, device="cuda", dtype=dtype) * 0.05
+            with torch.no_grad():
+                assert router_logits_applies(x, w)
+                got = fused_router_logits(x, w).float()
+            want = torch.nn.functional.linear(x, w).float()
+            ulp = 2 ** -7 if dtype == BF16 else 2 ** -10
+            assert ((got - want).abs() <= ulp * want.abs() + 1e-6).all(), (dtype, tokens)
+            ref = x.double() @ w.double().T
+            assert _rel(got, ref) < 5e-3
+    assert not router_logits_applies(x, w.requires_grad_())
+    router = TopKRouter(2048, 128, 8, norm_topk_prob=True, dtype=BF16, device="cuda")
+    x = torch.randn(64, 2048, device="cuda", dtype=BF16)
+    with torch.no_grad():
+        fast = router(x, None, with_stats=False)
+        slow = router(x, None, with_stats=True)   # cuBLAS logits, torch top-k
+    probs = torch.softmax(slow.logits.float(), -1)
+    assert torch.equal(probs.gather(1, fast.experts), probs.gather(1, slow.experts)) or \
+        (fast.logits.float() - slow.logits.float()).abs().max() > 0   # a near-tie moved
+    torch.testing.assert_close(fast.logits.float(), slow.logits.float(), atol=0.02, rtol=0.02)
