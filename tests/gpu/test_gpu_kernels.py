@@ -644,7 +644,9 @@ def test_router_logits_kernel_matches_cublas_and_float64():
     with torch.no_grad():
         fast = router(x, None, with_stats=False)
         slow = router(x, None, with_stats=True)   # cuBLAS logits, torch top-k
-    probs = torch.softmax(slow.logits.float(), -1)
-    assert torch.equal(probs.gather(1, fast.experts), probs.gather(1, slow.experts)) or \
-        (fast.logits.float() - slow.logits.float()).abs().max() > 0   # a near-tie moved
     torch.testing.assert_close(fast.logits.float(), slow.logits.float(), atol=0.02, rtol=0.02)
+    # the fused path routes to a top-8 of its own logits (ties in bf16 logits are common, so
+    # compare the probabilities chosen, not the ids)
+    probs = torch.softmax(fast.logits.float(), -1)
+    chosen = probs.gather(1, fast.experts).sort(1, descending=True).values
+    assert torch.equal(chosen, probs.topk(8, dim=1).values)
