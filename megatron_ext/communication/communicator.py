@@ -196,5 +196,7 @@ class LayerCommunicator:
                 return self.fused_reduce_add_norm(hidden.partial, residual, norm, group)
             hidden = hidden.complete(self.groups)
         check_rows(hidden, mode, layout, f"hidden in {mode.name}")
+        if residual is not None and hasattr(norm, "add_norm"):   # one pass where it can
+            return norm.add_norm(hidden, residual)
         h = hidden if residual is None else hidden + residual
         return norm(h), h

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from megatron_ext.communication.fused_reduce_norm import add_rms_norm
 from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.param_meta import ParamSpec, set_spec
 from megatron_ext.kernels.reference import rms_norm_reference
@@ -118,6 +119,17 @@ class RMSNorm(nn.Module):
             raise ValueError(f"RMSNorm expects last dim {self.hidden_size}, got shape "
                              f"{tuple(x.shape)}")
         return rms_norm(x, self.weight, self.eps)
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(self(x + residual), x + residual)``: in inference on CUDA one Triton pass (the
+        residual add and the norm of a decode step are two small kernels otherwise), the same
+        roundings (the sum rounded to the dtype first)."""
+        if x.is_cuda and not torch.is_grad_enabled() and x.dtype == residual.dtype == \
+                self.weight.dtype and x.shape == residual.shape:
+            return add_rms_norm(x, residual, self.weight, self.eps)
+        h = x + residual
+        return self(h), h
 
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.eps}"
