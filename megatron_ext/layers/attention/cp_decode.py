@@ -14,8 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_ext.layers.attention.attention_math import accum_dtype, default_scale
-from megatron_ext.communication.collectives import all_to_all
-from megatron_ext.communication.raw import all_gather_async
+from megatron_ext.communication.collectives import all_gather, all_to_all
 from megatron_ext.kernels.triton_loader import kernel_module
 from megatron_ext.layers.attention.cp_plan import check_across_ranks
 from megatron_ext.parallel.groups import AxisGroup
@@ -253,8 +252,9 @@ def cp_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     if cp_group.is_trivial:
         return packed[rows, ..., :d].to(q.dtype)
     if owner_rows is None:
-        gathered, pending = all_gather_async(packed, cp_group)
-        pending.wait()
+        # [cp * b, ...] → [cp, b, ...]; through the group's symmetric memory where it serves
+        gathered = all_gather(packed.contiguous(), cp_group, backward="own_rows")
+        gathered = gathered.view(cp_group.size, *packed.shape)
     else:   # every rank's partials of this rank's rows
         n = rows.stop - rows.start
         gathered = all_to_all(packed, cp_group, [n] * cp_group.size, owner_rows)

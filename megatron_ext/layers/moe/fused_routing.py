@@ -55,7 +55,9 @@ def fused_top_k_softmax(logits: torch.Tensor, top_k: int, renormalize: bool
 
 
 #: router-logits launch: (token rows, expert columns, reduction step, warps, stages) per program
-LOGITS_LAUNCH = (16, 32, 128, 4, 4)
+#: (2x H200 sweep, BENCHMARKS.md §11d: 4.8-6.1 µs at 16-1024 tokens vs cuBLAS's 5.2-5.8 for its
+#: split-K GEMM alone, plus its reduction kernel)
+LOGITS_LAUNCH = (32, 16, 256, 4, 4)
 MAX_LOGITS_TOKENS = 1024   # decode batches; bigger ones keep cuBLAS
 
 
