@@ -72,36 +72,6 @@ def check(logits: torch.Tensor, experts: torch.Tensor) -> list[str]:
     return bad
 
 
-LOGITS_GRID = [(bt, be, bk, w, st) for bt in (16, 32) for be in (16, 32, 64) for bk in (128, 256)
-               for w in (4,) for st in (3, 4)]
-
-
-def logits_sweep(gate: torch.Tensor, tokens_list) -> dict:
-    """The router logits ``x @ gate.T``: cuBLAS (``F.linear``) vs the Triton kernel at its
-    current launch and at the best of :data:`LOGITS_GRID` (results checked within one bf16 ulp
-    of cuBLAS first). Prints a table; returns the timings."""
-    from megatron_ext.layers.moe.fused_routing import LOGITS_LAUNCH, fused_router_logits
-
-    rows, out = [], {}
-    with torch.no_grad():
-        for tokens in tokens_list:
-            x = torch.randn(tokens, HIDDEN, device=gate.device, dtype=gate.dtype)
-            want = torch.nn.functional.linear(x, gate).float()
-            err = (fused_router_logits(x, gate).float() - want).abs()
-            ok = bool((err <= 2 ** -7 * want.abs() + 1e-6).all())
-            cublas = time_graph(lambda: torch.nn.functional.linear(x, gate))
-            current = time_graph(lambda: fused_router_logits(x, gate))
-            timed = [(time_graph(lambda c=c: fused_router_logits(x, gate, c)), c)
-                     for c in LOGITS_GRID]
-            best = min((t, c) for t, c in timed if t is not None)
-            rows.append([tokens, cublas, current, best[0], str(best[1]), ok])
-            out[tokens] = dict(cublas=cublas, kernel=current, best=best[0],
-                               best_launch=best[1], within_one_ulp=ok)
-    print(table(["T", "cuBLAS µs", f"kernel {LOGITS_LAUNCH} µs", "best µs", "best launch",
-                 "within 1 ulp"], rows), flush=True)
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, nargs="*", default=[16, 64, 256, 1024])
@@ -132,7 +102,6 @@ def main() -> None:
     headers = ["T"] + [f"{n} {c}" for n in ("top-k", "dispatch", "ep2 share", "route")
                        for c in ("torch", "kernel", "gain")]
     print(table(headers, rows), flush=True)
-    results["logits"] = logits_sweep(gate, args.tokens)
     write_results("moe_route", {"device": device_name(), "experts": EXPERTS, "top_k": TOP_K,
                                 "results": results})
 

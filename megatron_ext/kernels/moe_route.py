@@ -171,25 +171,3 @@ def align_assignments(ids_ptr, flat_ptr, token_ptr, slot_ptr, counts_ptr, valid_
     if STORE_VALID:
         tl.store(valid_ptr + pos, mine.to(tl.uint8), mask=ok)
 
-
-@triton.jit
-def router_logits(x_ptr, w_ptr, out_ptr, n_tokens, n_experts, hidden,
-                  BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``out[t, e] = Σ_h x[t, h] · w[e, h]`` accumulated in float32, rounded once to the output
-    dtype (as a cuBLAS GEMM rounds): the router's logits of a decode batch, one launch (cuBLAS
-    runs a split-K GEMM and its reduction for these shapes). ``x`` ``[T, H]``, ``w`` ``[E, H]``,
-    ``out`` ``[T, E]``, contiguous."""
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
-    row_ok, col_ok = rows < n_tokens, cols < n_experts
-    acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < hidden
-        xs = tl.load(x_ptr + rows[:, None].to(tl.int64) * hidden + k[None, :],
-                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        ws = tl.load(w_ptr + cols[None, :].to(tl.int64) * hidden + k[:, None],
-                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(xs, ws, acc)
-    tl.store(out_ptr + rows[:, None] * n_experts + cols[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

@@ -617,36 +617,42 @@ def test_moe_route_kernels_replay_in_a_cuda_graph():
                            if getattr(want, f.name) is not None), (seed, first)
 
 
-def test_router_logits_kernel_matches_cublas_and_float64():
-    """The one-launch router GEMM of a decode batch: within one bf16/fp16 ulp of cuBLAS (both
-    accumulate in float32 and round once; only the order differs) and close to float64; the
-    router uses it (no autograd, no statistics) and routes as with cuBLAS's logits."""
-    from megatron_ext.layers.moe.fused_routing import fused_router_logits, router_logits_applies
+def test_skinny_linear_matches_cublas_and_float64():
+    """The one-launch decode projection (router logits, fused q/k/v, output projection): within
+    one bf16/fp16 ulp of cuBLAS (both accumulate in float32 and round once; only the order
+    differs), bias added as F.linear adds it, close to float64; never with autograd; the router
+    routes to a top-8 of its own logits."""
     from megatron_ext.layers.moe.router import TopKRouter
+    from megatron_ext.layers.skinny_linear import SkinnyLaunch, skinny_applies, skinny_linear
 
     torch.manual_seed(0)
+    launch = SkinnyLaunch(16, 32, 128, 4, 3)
     for dtype in (BF16, torch.float16):
-        for tokens, experts, hidden in ((1, 128, 2048), (64, 128, 2048), (37, 60, 200),
-                                        (300, 8, 64)):
-            x = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
-            w = torch.randn(experts, hidden, device="cuda", dtype=dtype) * 0.05
+        for rows, n, k, bias in ((1, 128, 2048, False), (64, 5120, 2048, True),
+                                 (37, 60, 200, False), (256, 2048, 4096, False)):
+            x = torch.randn(rows, k, device="cuda", dtype=dtype)
+            w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.05
+            b = torch.randn(n, device="cuda", dtype=dtype) if bias else None
             with torch.no_grad():
-                assert router_logits_applies(x, w)
-                got = fused_router_logits(x, w).float()
-            want = torch.nn.functional.linear(x, w).float()
+                assert skinny_applies(x, w, launch)
+                got = skinny_linear(x, w, b, launch).float()
+            want = torch.nn.functional.linear(x, w, b).float()
             ulp = 2 ** -7 if dtype == BF16 else 2 ** -10
-            assert ((got - want).abs() <= ulp * want.abs() + 1e-6).all(), (dtype, tokens)
-            ref = x.double() @ w.double().T
+            # with a bias, cancellation can leave F.linear's rounding of the larger term
+            scale = want.abs() + (b.float().abs() if bias else 0)
+            assert ((got - want).abs() <= ulp * scale + 1e-6).all(), (dtype, rows, n)
+            ref = x.double() @ w.double().T + (b.double() if bias else 0)
             assert _rel(got, ref) < 5e-3
-    assert not router_logits_applies(x, w.requires_grad_())
+    assert not skinny_applies(x, w.requires_grad_(), launch)   # autograd: cuBLAS
     router = TopKRouter(2048, 128, 8, norm_topk_prob=True, dtype=BF16, device="cuda")
     x = torch.randn(64, 2048, device="cuda", dtype=BF16)
     with torch.no_grad():
         fast = router(x, None, with_stats=False)
+    with torch.enable_grad():
         slow = router(x, None, with_stats=True)   # cuBLAS logits, torch top-k
-    torch.testing.assert_close(fast.logits.float(), slow.logits.float(), atol=0.02, rtol=0.02)
-    # the fused path routes to a top-8 of its own logits (ties in bf16 logits are common, so
-    # compare the probabilities chosen, not the ids)
+    torch.testing.assert_close(fast.logits.float(), slow.logits.detach().float(), atol=0.02,
+                               rtol=0.02)
+    # a top-8 of its own logits (ties in bf16 logits are common: compare the probabilities)
     probs = torch.softmax(fast.logits.float(), -1)
     chosen = probs.gather(1, fast.experts).sort(1, descending=True).values
     assert torch.equal(chosen, probs.topk(8, dim=1).values)

@@ -25,6 +25,7 @@ GPU_ONLY = {
     "benchmarks/moe_route.py": [],
     "benchmarks/prefill.py": [],
     "benchmarks/reduction_latency.py": [],
+    "benchmarks/skinny_linear.py": [],
     "benchmarks/te_backend.py": [],
     "benchmarks/train_scale.py": ["--impl", "ours"],
     "benchmarks/train_step.py": [],

@@ -13,12 +13,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron_ext.kernels.triton_loader import kernel_module
 from megatron_ext.layers.linear import ColumnParallelLinear
 from megatron_ext.layers.norm import RMSNorm
+from megatron_ext.layers.skinny_linear import linear
 
 
 class FusedQKV:
@@ -80,7 +80,7 @@ class FusedQKV:
         if not self._fused():
             self._fuse()
         b = x.shape[0]
-        qkv = F.linear(x.reshape(b, -1), self._weight, self._bias)   # [b, (hq + 2 hkv) d]
+        qkv = linear(x.reshape(b, -1), self._weight, self._bias)   # [b, (hq + 2 hkv) d]
         k_buf, v_buf, slot = kv_cache.reserve(b, kv_heads, head_dim, x.dtype)
         q = torch.empty(b, 1, q_heads, head_dim, dtype=x.dtype, device=x.device)
         q_norm, k_norm = self.norms

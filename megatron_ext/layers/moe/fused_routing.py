@@ -1,7 +1,6 @@
 """Launchers of the Triton routing kernels (:mod:`megatron_ext.kernels.moe_route`) and when they
-apply: the router's logits GEMM, its top-k softmax and the local dispatch's sort by expert, each
-one launch instead of ~7 small torch kernels (or, for the logits, cuBLAS's split-K GEMM and its
-reduction) — what a decode step of a many-layer MoE spends its time on.
+apply: the router's top-k softmax and the local dispatch's sort by expert, each one launch
+instead of ~7 small torch kernels (what a decode step of a many-layer MoE spends its time on).
 
 Both return exactly what the torch paths in :mod:`~megatron_ext.layers.moe.router` and
 :mod:`~megatron_ext.layers.moe.dispatch` return; those modules ask :func:`top_k_kernel_applies` /
@@ -52,36 +51,6 @@ def fused_top_k_softmax(logits: torch.Tensor, top_k: int, renormalize: bool
         BLOCK_K=next_power_of_2(top_k), BLOCK_E=block_e, WARP=min(block_e, 32),
         RENORM=renormalize, PRECISE=logits.is_cuda, num_warps=1 if block_e <= 256 else 2)
     return weights, experts
-
-
-#: router-logits launch: (token rows, expert columns, reduction step, warps, stages) per program
-#: (2x H200 sweep, BENCHMARKS.md §11d: 4.8-6.1 µs at 16-1024 tokens vs cuBLAS's 5.2-5.8 for its
-#: split-K GEMM alone, plus its reduction kernel)
-LOGITS_LAUNCH = (32, 16, 256, 4, 4)
-MAX_LOGITS_TOKENS = 1024   # decode batches; bigger ones keep cuBLAS
-
-
-def router_logits_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The one-launch router GEMM serves ``x`` ``[T, H]`` against ``weight`` ``[E, H]``: CUDA
-    half precision of one dtype, no autograd, a decode-sized batch, Triton present."""
-    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
-            and x.dim() == 2 and 0 < x.shape[0] <= MAX_LOGITS_TOKENS
-            and 0 < weight.shape[0] <= MAX_EXPERTS and not torch.is_grad_enabled()
-            and _kernels() is not None)
-
-
-def fused_router_logits(x: torch.Tensor, weight: torch.Tensor,
-                        launch: Optional[tuple] = None) -> torch.Tensor:
-    """``x @ weight.T`` ``[T, E]`` in ``x``'s dtype (float32 accumulation, one rounding)."""
-    block_t, block_e, block_k, warps, stages = launch or LOGITS_LAUNCH
-    x, weight = x.contiguous(), weight.contiguous()
-    tokens, hidden = x.shape
-    experts = weight.shape[0]
-    out = torch.empty((tokens, experts), dtype=x.dtype, device=x.device)
-    _kernels().router_logits[(cdiv(tokens, block_t), cdiv(experts, block_e))](
-        x, weight, out, tokens, experts, hidden, BLOCK_T=block_t, BLOCK_E=block_e,
-        BLOCK_K=block_k, num_warps=warps, num_stages=stages)
-    return out
 
 
 def align_kernel_applies(experts: torch.Tensor, num_local: int) -> bool:

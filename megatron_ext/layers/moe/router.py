@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron_ext.layers.linear import default_init
-from megatron_ext.layers.moe.fused_routing import (fused_router_logits, fused_top_k_softmax,
-                                                   router_logits_applies, top_k_kernel_applies)
+from megatron_ext.layers.moe.fused_routing import fused_top_k_softmax, top_k_kernel_applies
+from megatron_ext.layers.skinny_linear import linear
 from megatron_ext.communication.collectives import all_reduce
 from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.groups import AxisGroup
@@ -97,10 +96,7 @@ class TopKRouter(nn.Module):
         if token_mask is not None and tuple(token_mask.shape) != (x.shape[0],):
             raise ValueError(f"token_mask shape {tuple(token_mask.shape)} must be "
                              f"({x.shape[0]},)")
-        if not with_stats and router_logits_applies(x, self.weight):
-            logits = fused_router_logits(x, self.weight)
-        else:
-            logits = F.linear(x, self.weight)
+        logits = linear(x, self.weight)   # one launch for a decode batch (no autograd)
         if not with_stats and top_k_kernel_applies(logits):
             weights, top_ids = fused_top_k_softmax(logits, self.top_k, self.norm_topk_prob)
             return RouterOutput(logits, weights, top_ids, None)
