@@ -5,7 +5,7 @@ kernel (:mod:`megatron_ext.layers.skinny_linear`), each timed from a CUDA graph,
 
 Shapes of Qwen3-30B-A3B on one rank of attn_cp 2: the router ``[128, 2048]``, the fused q/k/v
 ``[5120, 2048]``, the output projection ``[2048, 4096]``. Results are first checked within one
-bf16 ulp of cuBLAS. ``--sweep`` times a grid of launches per shape and prints, per shape, the
+bf16 ulp of cuBLAS (plus float32 summation-order differences). ``--sweep`` times a grid of launches per shape and prints, per shape, the
 best launch and whether it beats cuBLAS at every row count — the ``SKINNY_LAUNCH`` lines to
 table (a shape where cuBLAS wins somewhere stays off the table).
 """
@@ -51,8 +51,11 @@ def main() -> None:
                 best = None
                 for c in grid:
                     got = skinny_linear(x, w, None, c).float()
-                    if not bool(((got - want).abs() <= 2 ** -7 * want.abs() + 1e-6).all()):
-                        print(f"{name} rows={rows} {c}: not within one ulp of cuBLAS", flush=True)
+                    terms = x.float().abs() @ w.float().abs().T   # float32 order differences
+                    if not bool(((got - want).abs() <= 2 ** -7 * want.abs()
+                                 + k * 2 ** -23 * terms).all()):
+                        print(f"{name} rows={rows} {c}: differs from cuBLAS beyond rounding",
+                              flush=True)
                         continue
                     t = time_graph(lambda c=c: skinny_linear(x, w, None, c))
                     if t is None:
@@ -63,9 +66,9 @@ def main() -> None:
                 if best is None:
                     print(f"{name} rows={rows}: no launch ran", flush=True)
                     continue
-                mb = n * k * 2 / 1e6
+                gb_per_s = n * k * 2 / best[0] / 1e3   # weight bytes / µs → GB/s
                 out_rows.append([name, rows, cublas, best[0], f"{cublas / best[0]:.2f}x",
-                                 f"{mb / best[0]:.0f}", str(best[1])])
+                                 f"{gb_per_s:.0f}", str(best[1])])
             full = {c: r for c, r in per_launch.items() if len(r) == len(args.rows)}
             if not full:
                 continue
