@@ -93,13 +93,14 @@ def _use_native(group: AxisGroup) -> bool:
 
 
 def _fast(group: AxisGroup, x: torch.Tensor, phase: str,
-          sizes: Optional[tuple[int, ...]] = None, chunks: int = 1):
+          sizes: Optional[tuple[int, ...]] = None, chunks: int = 1, total: bool = False):
     """The group's symmetric-memory collectives (``AxisGroup.fast``) when they serve this forward
-    call (equal pieces, CUDA, within a slot), else ``None`` (NCCL / gloo)."""
+    call (equal pieces, CUDA, within a slot; sums of floating point), else ``None`` (NCCL /
+    gloo)."""
     fast = group.fast
     if fast is None or phase != "forward" or (sizes is not None and len(set(sizes)) > 1):
         return None
-    return fast if fast.serves(x, chunks) else None
+    return fast if fast.serves(x, chunks, total) else None
 
 
 # ------------------------------------------------------------------------------ raw collectives
@@ -141,7 +142,7 @@ def _raw_reduce_scatter(x0: torch.Tensor, group: AxisGroup, sizes: Optional[tupl
                         phase: str) -> torch.Tensor:
     start, length = _own_range(x0.shape[0], group, sizes, f"reduce_scatter over {group.name}")
     record("reduce_scatter", group.name, _nbytes(x0), phase)
-    fast = _fast(group, x0, phase, sizes, group.size)
+    fast = _fast(group, x0, phase, sizes, group.size, total=True)
     if fast is not None:
         return fast.reduce_scatter(x0)
     if not _use_native(group):  # gloo: all-reduce + own slice
@@ -162,7 +163,7 @@ def _raw_reduce_scatter(x0: torch.Tensor, group: AxisGroup, sizes: Optional[tupl
 
 
 def _raw_all_reduce(x: torch.Tensor, group: AxisGroup, phase: str) -> torch.Tensor:
-    fast = _fast(group, x, phase)
+    fast = _fast(group, x, phase, total=True)
     if fast is not None:
         record("all_reduce", group.name, _nbytes(x), phase)
         return fast.all_reduce(x)

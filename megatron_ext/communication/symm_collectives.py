@@ -48,11 +48,12 @@ class SymmCollectives:
         return self.reducer.reason if not self.reducer.enabled else (
             None if self.enabled else "Triton is not available")
 
-    def serves(self, x: torch.Tensor, chunks: int = 1) -> bool:
-        """Whether ``x`` (contiguous pieces along dim 0) goes through symmetric memory."""
+    def serves(self, x: torch.Tensor, chunks: int = 1, total: bool = False) -> bool:
+        """Whether ``x`` (``chunks`` equal pieces along dim 0) goes through symmetric memory; a
+        sum (``total``) only of floating-point values (it accumulates in float32)."""
         return (self.active and self.enabled and x.is_cuda and x.device == self.reducer.device
                 and x.numel() * x.element_size() <= self.reducer.config.slot_bytes
-                and x.numel() % chunks == 0)
+                and x.numel() % chunks == 0 and (x.is_floating_point() or not total))
 
     def _run(self, x: torch.Tensor, out: torch.Tensor, chunks: int, src_chunk: int,
              total: bool) -> torch.Tensor:
@@ -61,7 +62,7 @@ class SymmCollectives:
         n = x.numel() // chunks
         if n == 0:
             return out
-        slot = r._slot(r._take_slot(), x.numel() * x.element_size()).view(x.dtype)
+        slot = r.next_slot(x.numel() * x.element_size()).view(x.dtype)
         if self._sms is None:
             self._sms = torch.cuda.get_device_properties(r.device).multi_processor_count
         grid = max(1, min(-(-n // _BLOCK), 2 * self._sms, r.signal_slots // r.world_size))

@@ -261,6 +261,14 @@ class SymmMemAllReduce:
             return torch.empty(shape, dtype=dtype, device=self.device)
         return self._slot(self._take_slot(), nbytes).view(dtype).view(shape)
 
+    def next_slot(self, nbytes: int) -> torch.Tensor:
+        """The next of the two slots (alternating), as ``nbytes`` raw bytes: for kernels that
+        copy their input in themselves (:mod:`~megatron_ext.communication.symm_collectives`)."""
+        if not self.enabled or nbytes > self.config.slot_bytes:
+            raise ValueError(f"next_slot: {nbytes} bytes need an enabled buffer with slots of at "
+                             f"least that ({self.describe()})")
+        return self._slot(self._take_slot(), nbytes)
+
     def _take_slot(self) -> int:
         slot = self._next_slot
         self._next_slot ^= 1
