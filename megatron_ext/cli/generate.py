@@ -42,7 +42,7 @@ from megatron_ext.parallel.groups import (AxisGroup, ParallelGroups, build_group
 from megatron_ext.parallel.topology import (GROUP_AXES, add_layout_arguments,
                                             topology_from_args)
 from megatron_ext.serving import (SamplingParams, check_generate_inputs, generate_batch,
-                                  left_pad)
+                                  left_pad, resolve_decode_rows)
 from megatron_ext.models.config import ModelConfig
 from megatron_ext.cli.model_args import (add_model_build_arguments,
                                          add_position_scale_arguments, apply_position_scale)
@@ -77,6 +77,11 @@ def _args(argv):
                    help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--cp-comm", choices=CP_STRATEGIES, default=CPStrategy.ALL_GATHER,
                    help="K/V exchange of the CP prefill")
+    p.add_argument("--decode-rows", default="auto",
+                   help="decode rows under CP: 'owner' (one CP rank per row), 'replicated' "
+                        "(every CP rank runs every row: 2 collectives per layer instead of 4; "
+                        "needs attn_tp 1 and --moe-dp covering the CP group) or 'auto' "
+                        "(replicated where it applies, the default)")
     add_model_build_arguments(p)
     add_position_scale_arguments(p)
     add_layout_arguments(p, (Axis.ATTN_TP, Axis.ATTN_CP, Axis.MOE_TP, Axis.MOE_EP, Axis.MOE_DP))
@@ -153,6 +158,10 @@ def _run(argv: list[str] | None = None) -> int:
                               [p.max_new_tokens for p in params], eos, mask)
         if isinstance(args.check_every, bool) or args.check_every < 1:
             raise ValueError(f"--check-every={args.check_every} must be >= 1")
+        try:
+            resolve_decode_rows(args.decode_rows, topo)
+        except ValueError as err:
+            raise ValueError(f"--decode-rows: {err}") from None
     except (ValueError, OSError) as err:
         return refuse("generate.py", err, "invalid generation")
     note = config.ignored_fields_note(args.model)
@@ -181,7 +190,8 @@ def _run(argv: list[str] | None = None) -> int:
                   f"{steps} steps", end="", file=sys.stderr, flush=True)
 
     out = generate_batch(model, groups, ids, params, eos, attention_mask=mask,
-                         pad_token_id=eos, check_every=args.check_every, on_check=progress)
+                         pad_token_id=eos, check_every=args.check_every, on_check=progress,
+                         decode_rows=args.decode_rows)
     if rank0:
         print(file=sys.stderr)
         S = ids.shape[1]

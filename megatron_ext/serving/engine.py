@@ -13,6 +13,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from megatron_ext.parallel.groups import ParallelGroups
+from megatron_ext.serving.decode_step import resolve_decode_rows
 from megatron_ext.serving.generate import GenerationOutput, generate_batch
 from megatron_ext.serving.sampling import SamplingParams
 
@@ -47,14 +48,17 @@ class Engine:
     """Offline batched generation on ``model`` (a ``CausalLM`` built on ``groups``, pp = 1).
     Every rank of the stage calls :meth:`generate` with the same prompts and gets the same
     completions. ``check_every``: decode steps between host checks (finished requests leave
-    the batch there)."""
+    the batch there); ``decode_rows``: one owner per decode token or rows replicated over CP
+    (:func:`~megatron_ext.serving.decode_step.resolve_decode_rows`)."""
 
     def __init__(self, model, groups: ParallelGroups, *, eos_token_id: Optional[int] = None,
                  pad_token_id: Optional[int] = None, check_every: int = 8,
-                 use_cuda_graphs: Optional[bool] = None):
+                 use_cuda_graphs: Optional[bool] = None, decode_rows: str = "auto"):
+        resolve_decode_rows(decode_rows, groups.topology)   # a bad choice fails here
         self.model, self.groups = model, groups
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
         self.check_every, self.use_cuda_graphs = check_every, use_cuda_graphs
+        self.decode_rows = decode_rows
         self.last_output: Optional[GenerationOutput] = None
 
     def generate(self, prompts: Sequence[Sequence[int]],
@@ -66,7 +70,7 @@ class Engine:
         out = generate_batch(self.model, self.groups, ids, sampling, self.eos_token_id,
                              attention_mask=mask, pad_token_id=pad,
                              check_every=self.check_every, use_cuda_graphs=self.use_cuda_graphs,
-                             on_check=on_check)
+                             on_check=on_check, decode_rows=self.decode_rows)
         self.last_output = out
         S = ids.shape[1]
         done = []

@@ -307,7 +307,7 @@ def generate_batch(model, groups: ParallelGroups, prompt_ids: torch.Tensor,
     :func:`~megatron_ext.serving.decode_step.resolve_decode_rows`)."""
     if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
         raise ValueError(f"check_every={check_every!r} must be a positive int")
-    replicate_cp = resolve_decode_rows(decode_rows, groups)
+    replicate_cp = resolve_decode_rows(decode_rows, groups.topology)
     B = prompt_ids.shape[0] if isinstance(prompt_ids, torch.Tensor) and prompt_ids.dim() else 0
     params = _per_request(sampling, B)
     max_new = [p.max_new_tokens for p in params]

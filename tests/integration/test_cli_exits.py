@@ -84,6 +84,22 @@ def test_bad_input_is_one_line_on_rank_0_and_exit_2(hf_dir, tmp_path):
                              env=_one_process(), capture_output=True, text=True, timeout=120)
     assert allowed.returncode == 0 and "over 599 tokens" in allowed.stdout, allowed.stderr
 
+    # replicated decode rows need CP (and attn_tp 1): refused with the topology named, on rank 0
+    ranks = _ranks("megatron_ext.cli.generate", ["--model", hf_dir, "--prompt", "x", "--attn-tp",
+                                                 "2", "--decode-rows", "replicated"], 2)
+    assert [r.returncode for r in ranks] == [2, 2], [r.stderr for r in ranks]
+    assert ranks[0].stderr.strip().splitlines() == [
+        "generate.py: invalid generation: --decode-rows: decode_rows='replicated' needs "
+        "attn_cp > 1, attn_tp 1 and the MoE token group = the CP group; this topology has "
+        "attn_cp=1, attn_tp=2, token group 1"], ranks[0].stderr
+    assert ranks[1].stderr.strip() == ""
+    bad = subprocess.run([sys.executable, "-m", "megatron_ext.cli.generate", "--model", hf_dir,
+                          "--prompt", "x", "--decode-rows", "everywhere"], env=_one_process(),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "generate.py: invalid generation: --decode-rows: decode_rows='everywhere' must be one "
+        "of ('auto', 'owner', 'replicated')"], bad.stderr
+
     weights = os.path.join(hf_dir, "model.safetensors")
     with open(weights, "r+b") as f:  # one flipped bit in the tensor data
         f.seek(os.path.getsize(weights) - 100)
