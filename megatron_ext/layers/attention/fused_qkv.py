@@ -4,7 +4,9 @@ The q, k and v projections are three column-parallel linears (three checkpoint t
 ParamSpecs). For inference their weights become views of one ``[nq + 2·nkv, H]`` buffer (made on
 the first no-grad call, the old storage freed: no extra memory), so the three projections run as
 one GEMM; :mod:`megatron_ext.kernels.qkv_decode` then applies the QK-norm and RoPE and writes the
-new K/V into the cache in one kernel. Training never takes this path (autograd needs the three
+new K/V into the cache in one kernel. Only weights that own their storage are re-pointed: a
+trainer's gradient buckets make parameters views of flat buffers the optimizer updates, and such
+a model keeps the separate projections. Training never takes this path (autograd needs the three
 parameters' own products), and a parameter whose storage was replaced since (a checkpoint loaded
 with ``assign``, ``.to()``) is noticed and fused again.
 """
@@ -44,7 +46,18 @@ class FusedQKV:
                 and not torch.is_autocast_enabled() and x.dtype == w.dtype
                 and x.dtype in (torch.float16, torch.bfloat16) and head_dim >= 16
                 and head_dim & (head_dim - 1) == 0 and kernel_module("qkv_decode") is not None
-                and (self._fused() or not torch.cuda.is_current_stream_capturing()))
+                and (self._fused() or (self.standalone()
+                                       and not torch.cuda.is_current_stream_capturing())))
+
+    def standalone(self) -> bool:
+        """Whether each weight (and bias) owns its whole storage, so re-pointing it at a part of
+        the fused buffer cannot cut a link someone else holds — a trainer's gradient buckets make
+        parameters views of their flat buffers, which the optimizer updates (such a model keeps
+        the separate projections)."""
+        tensors = [t for m in self.linears for t in (m.weight, m.bias) if t is not None]
+        return all(t.storage_offset() == 0 and t.is_contiguous()
+                   and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+                   for t in tensors)
 
     def _fused(self) -> bool:
         """Whether the three weights (and biases) are still the parts of the fused buffers."""
