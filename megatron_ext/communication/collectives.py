@@ -175,12 +175,12 @@ def _raw_all_reduce(x: torch.Tensor, group: AxisGroup, phase: str) -> torch.Tens
 def _raw_all_to_all(x: torch.Tensor, group: AxisGroup, output_split_sizes: list[int],
                     input_split_sizes: list[int], phase: str) -> torch.Tensor:
     x = x.contiguous()
-    out = x.new_empty((sum(output_split_sizes),) + tuple(x.shape[1:]))
     record("all_to_all", group.name, _nbytes(x), phase)
     equal = len(set(output_split_sizes + input_split_sizes)) == 1
     fast = _fast(group, x, phase, None, group.size) if equal else None
     if fast is not None:
         return fast.all_to_all(x)
+    out = x.new_empty((sum(output_split_sizes),) + tuple(x.shape[1:]))
     dist.all_to_all_single(out, x, output_split_sizes, input_split_sizes, group=group.group)
     return out
 

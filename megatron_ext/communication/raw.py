@@ -49,15 +49,6 @@ class Pending:
         self.works = []
 
 
-def all_gather_async(x: torch.Tensor, group: AxisGroup) -> tuple[torch.Tensor, Pending]:
-    """``[cp, *x.shape]`` holding every rank's ``x`` (valid after ``wait()``)."""
-    x = x.contiguous()
-    out = x.new_empty((group.size,) + tuple(x.shape))
-    record("all_gather", group.name, _nbytes(out))
-    work = gather_into(out, x, group, async_op=True)
-    return out, Pending([work])
-
-
 def reduce_scatter(x: torch.Tensor, group: AxisGroup) -> torch.Tensor:
     """``x [cp, ...]``: sum over ranks of ``x[i]`` lands on rank ``i``."""
     x = x.contiguous()

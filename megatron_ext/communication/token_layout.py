@@ -45,6 +45,12 @@ def split_rows(n: int, parts: int) -> tuple[int, ...]:
     return tuple(base + (1 if i < extra else 0) for i in range(parts))
 
 
+def cp_replication_applies(topo: Topology) -> bool:
+    """Whether decode rows may be replicated over CP (``TokenLayout.cp_replicated``): CP > 1,
+    attn_tp 1, and the MoE token group is the CP group (so no expert work is repeated)."""
+    return topo.attn_cp > 1 and topo.attn_tp == 1 and topo.token_group_size == topo.attn_cp
+
+
 @dataclass(frozen=True)
 class TokenLayout:
     """Tokens (TP_ATTN_FULL rows) of every attention group of this rank's stage.
@@ -62,12 +68,11 @@ class TokenLayout:
 
     def __post_init__(self) -> None:
         topo = self.topology
-        if self.cp_replicated and (self.attn_gathers_cp or topo.attn_tp != 1
-                                   or topo.token_group_size != topo.attn_cp):
+        if self.cp_replicated and (self.attn_gathers_cp or not cp_replication_applies(topo)):
             raise ValueError(
-                f"cp_replicated (decode rows replicated over the CP group) needs attn_tp=1, "
-                f"no attn_gathers_cp, and the MoE token group to be the CP group (moe_dp 1 "
-                f"within one attention-DP group); got attn_tp={topo.attn_tp}, attn_cp="
+                f"cp_replicated (decode rows replicated over the CP group) needs attn_cp > 1, "
+                f"attn_tp=1, no attn_gathers_cp, and the MoE token group to be the CP group "
+                f"(moe_dp 1 within one attention-DP group); got attn_tp={topo.attn_tp}, attn_cp="
                 f"{topo.attn_cp}, token group {topo.token_group_size}, attn_gathers_cp="
                 f"{self.attn_gathers_cp}")
         n_groups = self.topology.attn_dp * self.topology.attn_cp

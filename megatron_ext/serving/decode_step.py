@@ -24,7 +24,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from megatron_ext.communication.token_layout import TokenLayout, split_rows
+from megatron_ext.communication.token_layout import (TokenLayout, cp_replication_applies,
+                                                     split_rows)
 from megatron_ext.parallel.groups import ParallelGroups
 from megatron_ext.parallel.topology import Topology
 from megatron_ext.serving.kv_cache import KVCache
@@ -49,12 +50,6 @@ def batch_bucket(n: int) -> int:
 DECODE_ROWS = ("auto", "owner", "replicated")
 
 
-def replication_applies(topo: Topology) -> bool:
-    """Whether decode rows may be replicated over CP (``TokenLayout.cp_replicated``): CP > 1,
-    attn_tp 1, and the MoE token group is the CP group (so no expert work is repeated)."""
-    return topo.attn_cp > 1 and topo.attn_tp == 1 and topo.token_group_size == topo.attn_cp
-
-
 def resolve_decode_rows(decode_rows: str, topo: Topology) -> bool:
     """``decode_rows`` → whether rows are replicated over CP: ``"owner"`` never (one owner per
     token), ``"replicated"`` always (ValueError where it does not apply), ``"auto"`` where it
@@ -62,11 +57,11 @@ def resolve_decode_rows(decode_rows: str, topo: Topology) -> bool:
     any process group exists."""
     if decode_rows not in DECODE_ROWS:
         raise ValueError(f"decode_rows={decode_rows!r} must be one of {DECODE_ROWS}")
-    if decode_rows == "replicated" and not replication_applies(topo):
+    if decode_rows == "replicated" and not cp_replication_applies(topo):
         raise ValueError(f"decode_rows='replicated' needs attn_cp > 1, attn_tp 1 and the MoE "
                          f"token group = the CP group; this topology has attn_cp={topo.attn_cp}, "
                          f"attn_tp={topo.attn_tp}, token group {topo.token_group_size}")
-    return decode_rows == "replicated" or (decode_rows == "auto" and replication_applies(topo))
+    return decode_rows == "replicated" or (decode_rows == "auto" and cp_replication_applies(topo))
 
 
 @dataclass(frozen=True)

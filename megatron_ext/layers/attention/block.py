@@ -109,8 +109,8 @@ class AttentionBlock(nn.Module):
         self.rope = rope if rope is not None else RotaryEmbedding(head_dim, rope_theta,
                                                                   device=device)
         # not a submodule (no parameters of its own): the decode fast path over the projections
-        self.fused_qkv = FusedQKV(self.q_proj, self.k_proj, self.v_proj,
-                                              self.q_norm, self.k_norm)
+        self.fused_qkv = FusedQKV(self.q_proj, self.k_proj, self.v_proj, self.q_norm,
+                                  self.k_norm)
 
     def _decode_attention(self, q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor,
                           valid: torch.Tensor, kv_cache, owner_rows) -> torch.Tensor:

@@ -67,8 +67,8 @@ def _merge_launch(parts: torch.Tensor, out: torch.Tensor, items: int, num_parts:
 
 
 #: launch settings of the split-K kernel: cache slots per tile, software-pipeline stages, warps,
-#: shortest split (``benchmarks/decode_attention.py --sweep`` on the target GPU chooses them)
-#: (2x H200 sweep, BENCHMARKS.md §11d: 32-slot tiles fastest at 64 rows, 1K and 8K slots)
+#: shortest split, programs per SM; from ``benchmarks/decode_attention.py --sweep`` on 2x H200
+#: (BENCHMARKS.md §11d: 32-slot tiles fastest at 64 rows, 1K and 8K slots)
 DECODE_LAUNCH = dict(block_n=32, num_stages=3, num_warps=4, min_split=256, programs_per_sm=4)
 
 

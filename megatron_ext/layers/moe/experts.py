@@ -107,16 +107,12 @@ class RoutedExperts(nn.Module):
         fused kernels, inference only (check :meth:`fused_decode_applies`). ``weight_index``:
         ``row_weights`` is read at these indices (the router's ``[T·k]`` weights by slot)."""
         self.check_rows(x, None)
-        if weight_index is not None:
-            act = decode_experts.gate_up_act(x, token_index, counts, row_weights,
-                                             self.gate_proj, self.up_proj,
-                                             weight_index=weight_index)
-            return decode_experts.down_proj_rows(act, counts, self.down_proj)
-        if row_weights is not None and tuple(row_weights.shape) != tuple(token_index.shape):
+        if weight_index is None and row_weights is not None \
+                and tuple(row_weights.shape) != tuple(token_index.shape):
             raise ValueError(f"RoutedExperts: row_weights {tuple(row_weights.shape)} must be "
                              f"{tuple(token_index.shape)} (one per row)")
         act = decode_experts.gate_up_act(x, token_index, counts, row_weights, self.gate_proj,
-                                         self.up_proj)
+                                         self.up_proj, weight_index=weight_index)
         return decode_experts.down_proj_rows(act, counts, self.down_proj)
 
     def check_rows(self, x_sorted: torch.Tensor, row_weights: Optional[torch.Tensor]) -> None:
