@@ -261,6 +261,8 @@ def main() -> None:
     parser.add_argument("--layouts", nargs="*", default=["a cp2 moe_dp1", "b cp2 moe_dp2", "c tp2"],
                         help="layouts to run (none: only --hf / --moe-reduction)")
     parser.add_argument("--moe-reduction", action="store_true")
+    parser.add_argument("--moe-reduction-tokens", type=int, nargs="*", default=[1, 4, 16, 64, 256],
+                        help="decode batch sizes (tokens of the MoE layer) of --moe-reduction")
     parser.add_argument("--hf", action="store_true",
                         help="also transformers' generate on one GPU (rank 0; other ranks wait)")
     parser.add_argument("--hf-batch", type=int, nargs="*", default=[16, 64])
@@ -357,7 +359,7 @@ def main() -> None:
                                   f"/ b tokens/s = "
                                   f"{by[name]['tokens_per_s'] / b['tokens_per_s']:.2f}x")
     if args.moe_reduction:
-        red = moe_reduction(device, world, [16, 64, 256], ["nccl", "symm"])
+        red = moe_reduction(device, world, args.moe_reduction_tokens, ["nccl", "symm"])
         out["moe_reduction"] = red
         if rank == 0:
             print(table(["collectives", "tokens", "two µs", "one µs", "two / one"], red))

@@ -12,7 +12,8 @@ median of 5 replays). "weights" are the bytes of the experts that got a row (wha
 read); GB/s and % are those bytes over the time, against a 4 GiB device copy of the same run.
 
 ``--sweep`` times each kernel alone over a grid of (BLOCK_N, BLOCK_K, num_warps, num_stages) at
-``--sweep-tokens`` and prints per shape the config with the least total time, as the lines of
+``--sweep-tokens`` and prints per shape and rows-per-chunk (16 or 32, by the tokens' rows per
+expert) the config with the least total time, as the lines of
 ``GATE_UP_CONFIGS`` / ``DOWN_CONFIGS`` to paste (a few minutes: one compile per config).
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ from megatron_ext.parallel.groups import ParallelGroups  # noqa: E402
 SHAPES = {"128x384": (128, 384), "64x768": (64, 768), "128x768": (128, 768)}
 BF16 = torch.bfloat16
 GRID = dict(block_n=(32, 64, 128), block_k=(64, 128, 256), num_warps=(4, 8), num_stages=(3, 4))
+# the sweep's config for each block_m is chosen from the --sweep-tokens that take that block_m
 
 
 def make_experts(num_local: int, inter: int, hidden: int, device) -> RoutedExperts:
@@ -65,6 +67,17 @@ def fused_path(experts: RoutedExperts, x, assign, weights) -> torch.Tensor:
                                   row_weights(weights, assign))
 
 
+def fused_16_rows(experts: RoutedExperts, x, assign, weights) -> torch.Tensor:
+    """The fused path with 16-row chunks whatever the rows per expert (session 4's kernels: the
+    same-run baseline of the 32-row chunks)."""
+    inter, hidden = experts.gate_proj.shape[1:]
+    gate_up = de.GATE_UP_CONFIGS.get((inter, hidden, 16), de.default_config(16))
+    down = de.DOWN_CONFIGS.get((inter, hidden, 16), de.default_config(16))
+    act = de.gate_up_act(x, assign.token_index, assign.counts, row_weights(weights, assign),
+                         experts.gate_proj, experts.up_proj, gate_up)
+    return de.down_proj_rows(act, assign.counts, experts.down_proj, down)
+
+
 def touched_bytes(experts: RoutedExperts, counts: torch.Tensor) -> int:
     """Bytes of the weights of the experts that got rows (gate, up and down)."""
     per_expert = sum(p[0].numel() * p.element_size()
@@ -75,7 +88,8 @@ def touched_bytes(experts: RoutedExperts, counts: torch.Tensor) -> int:
 def compare(args, device, bandwidth: float) -> list[dict]:
     gen = torch.Generator(device=device).manual_seed(0)
     results, rows = [], []
-    for shape, (num_local, inter) in SHAPES.items():
+    for shape in args.shapes:
+        num_local, inter = SHAPES[shape]
         experts = make_experts(num_local, inter, args.hidden, device)
         for tokens in args.tokens:
             x, assign, weights = make_step(num_local, args.experts, args.top_k, tokens,
@@ -88,15 +102,19 @@ def compare(args, device, bandwidth: float) -> list[dict]:
                 err = float((old - new).norm() / old.norm())
                 t_old = time_graph(lambda: current_path(experts, x, assign, weights, args.top_k))
                 t_new = time_graph(lambda: fused_path(experts, x, assign, weights))
+                block_m = de.block_rows(n_rows, num_local)
+                t_16 = t_new if block_m == 16 else time_graph(
+                    lambda: fused_16_rows(experts, x, assign, weights))
                 taken = experts.fused_decode_applies(x, n_rows)
             nbytes = touched_bytes(experts, assign.counts)
             r = dict(shape=shape, tokens=tokens, rows=valid, weight_bytes=nbytes,
-                     current_us=t_old, fused_us=t_new, rel_diff=err,
+                     current_us=t_old, fused_us=t_new, fused_16_rows_us=t_16, block_m=block_m,
+                     rel_diff=err,
                      fused_taken=taken)
             results.append(r)
             gbs = [None if t is None else nbytes / t / 1e3 for t in (t_old, t_new)]
             pct = [None if g is None else 100 * g * 1e9 / bandwidth for g in gbs]
-            rows.append([shape, tokens, valid, f"{nbytes / 1e6:.0f}", t_old, t_new,
+            rows.append([shape, tokens, valid, f"{nbytes / 1e6:.0f}", t_old, t_16, block_m, t_new,
                          None if None in (t_old, t_new) else t_old / t_new, gbs[0], gbs[1],
                          pct[0], pct[1], f"{err:.1e}", "yes" if r["fused_taken"] else "no"])
             print(r, flush=True)
@@ -106,62 +124,71 @@ def compare(args, device, bandwidth: float) -> list[dict]:
           f"{args.experts}, bf16, CUDA graphs; {device_name()}; HBM copy "
           f"{bandwidth / 1e12:.2f} TB/s")
     print(table(["local experts x width", "tokens", "rows", "weights MB", "current µs",
-                 "fused µs", "speedup", "current GB/s", "fused GB/s", "current %HBM",
+                 "fused 16-row µs", "block_m", "fused µs", "speedup", "current GB/s", "fused GB/s", "current %HBM",
                  "fused %HBM", "rel diff", "layer uses fused"], rows), flush=True)
     return results
 
 
 def sweep(args, device) -> dict:
-    """Each kernel alone over :data:`GRID` at ``--sweep-tokens``; best config per shape."""
+    """Each kernel alone over :data:`GRID` × ``--sweep-block-m``; per shape and block_m the config
+    with the least total time over the ``--sweep-tokens`` whose rows per expert take that block_m
+    (:func:`~megatron_ext.layers.moe.decode_experts.block_rows`)."""
     gen = torch.Generator(device=device).manual_seed(1)
-    configs = [de.LaunchConfig(*c) for c in itertools.product(*GRID.values())]
     best = {}
-    for shape, (num_local, inter) in SHAPES.items():
+    for shape in args.shapes:
+        num_local, inter = SHAPES[shape]
         experts = make_experts(num_local, inter, args.hidden, device)
-        steps = []
+        steps: dict[int, list] = {}
         for tokens in args.sweep_tokens:
             x, assign, weights = make_step(num_local, args.experts, args.top_k, tokens,
                                            args.hidden, gen, device)
+            block_m = de.block_rows(assign.token_index.numel(), num_local)
+            if block_m not in args.sweep_block_m:
+                continue
             rw = row_weights(weights, assign)
             with torch.no_grad():
                 act = de.gate_up_act(x, assign.token_index, assign.counts, rw,
                                      experts.gate_proj, experts.up_proj)
-            steps.append((x, assign, rw, act))
+            steps.setdefault(block_m, []).append((tokens, x, assign, rw, act))
         tabled = {"gate_up": de.GATE_UP_CONFIGS, "down": de.DOWN_CONFIGS}
         kernels = {
-            "gate_up": lambda c, s: de.gate_up_act(s[0], s[1].token_index, s[1].counts, s[2],
+            "gate_up": lambda c, s: de.gate_up_act(s[1], s[2].token_index, s[2].counts, s[3],
                                                    experts.gate_proj, experts.up_proj, c),
-            "down": lambda c, s: de.down_proj_rows(s[3], s[1].counts, experts.down_proj, c),
+            "down": lambda c, s: de.down_proj_rows(s[4], s[2].counts, experts.down_proj, c),
         }
-        for name, kernel in kernels.items():
-            timed = []
-            for c in configs:
-                try:
-                    with torch.no_grad():
-                        times = [time_graph(lambda: kernel(c, s), iters=10, repeats=3)
-                                 for s in steps]
-                except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
-                    print(f"{shape} {name} {tuple(c)}: {type(exc).__name__}", flush=True)
-                    continue
-                if None not in times:
-                    timed.append((sum(times), times, c))
-            timed.sort(key=lambda t: t[0])
-            now = tabled[name].get((inter, args.hidden), de.DEFAULT_CONFIG)
-            current = next((t for t in timed if t[2] == now), None)
-            best[(shape, name)] = timed[0]
-            print(f"{shape} {name}: best {tuple(timed[0][2])} µs at tokens "
-                  f"{args.sweep_tokens}: {[round(t, 1) for t in timed[0][1]]}; tabled {tuple(now)}: "
-                  f"{None if current is None else [round(t, 1) for t in current[1]]}; "
-                  f"runners-up {[tuple(t[2]) for t in timed[1:4]]}", flush=True)
+        for block_m, cases in steps.items():
+            configs = [de.LaunchConfig(block_m, *c) for c in itertools.product(*GRID.values())]
+            for name, kernel in kernels.items():
+                timed = []
+                for c in configs:
+                    try:
+                        with torch.no_grad():
+                            times = [time_graph(lambda: kernel(c, s), iters=10, repeats=3)
+                                     for s in cases]
+                    except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
+                        print(f"{shape} {name} {tuple(c)}: {type(exc).__name__}", flush=True)
+                        continue
+                    if None not in times:
+                        timed.append((sum(times), times, c))
+                timed.sort(key=lambda t: t[0])
+                now = tabled[name].get((inter, args.hidden, block_m), de.default_config(block_m))
+                current = next((t for t in timed if t[2] == now), None)
+                best[(shape, name, block_m)] = timed[0]
+                print(f"{shape} {name} block_m {block_m}: best {tuple(timed[0][2])} µs at tokens "
+                      f"{[s[0] for s in cases]}: {[round(t, 1) for t in timed[0][1]]}; tabled "
+                      f"{tuple(now)}: "
+                      f"{None if current is None else [round(t, 1) for t in current[1]]}; "
+                      f"runners-up {[tuple(t[2]) for t in timed[1:4]]}", flush=True)
         del experts, steps
         torch.cuda.empty_cache()
     for name, table_name in (("gate_up", "GATE_UP_CONFIGS"), ("down", "DOWN_CONFIGS")):
         print(f"{table_name} = {{")
-        for shape, (num_local, inter) in SHAPES.items():
-            print(f"    ({inter}, {args.hidden}): LaunchConfig{tuple(best[(shape, name)][2])},"
-                  f"  # {shape}")
+        for (shape, kernel, block_m), found in best.items():
+            if kernel == name:
+                print(f"    ({SHAPES[shape][1]}, {args.hidden}, {block_m}): "
+                      f"LaunchConfig{tuple(found[2])},  # {shape}")
         print("}", flush=True)
-    return {f"{s} {n}": {"config": tuple(v[2]), "us": v[1]} for (s, n), v in best.items()}
+    return {f"{s} {n} {m}": {"config": tuple(v[2]), "us": v[1]} for (s, n, m), v in best.items()}
 
 
 def main() -> None:
@@ -171,7 +198,9 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=128, help="global experts")
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--sweep", action="store_true")
-    parser.add_argument("--sweep-tokens", type=int, nargs="*", default=[32, 64, 256])
+    parser.add_argument("--sweep-tokens", type=int, nargs="*", default=[32, 64, 128, 256])
+    parser.add_argument("--sweep-block-m", type=int, nargs="*", default=[16, 32])
+    parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     args = parser.parse_args()
     require_cuda(__file__)
     device = torch.device("cuda", torch.cuda.current_device())

@@ -343,12 +343,13 @@ def _decode_rows(num_local: int, tokens: int, seed: int, big: int = 37, past: in
 
 
 def check_fused_decode_experts(num_local: int, inter: int, hidden: int, dtype: torch.dtype,
-                               weighted: bool, device: str = "cuda") -> None:
+                               weighted: bool, device: str = "cuda", big: int = 37) -> None:
     """``RoutedExperts.forward_tokens`` (two fused kernels) against ``forward`` on the gathered
     rows (grouped GEMMs on CUDA bf16, the matmul loop for fp16) and float64: the same rounding
     steps, so rounding-level agreement; the activation alone equals the float64 projections
-    rounded to ``dtype`` then weighted-SwiGLU'd in all but a few elements."""
-    from megatron_ext.layers.moe.decode_experts import gate_up_act
+    rounded to ``dtype`` then weighted-SwiGLU'd in all but a few elements. ``big``: the rows of
+    the one big expert (several chunks; enough of them make the kernels take 32-row chunks)."""
+    from megatron_ext.layers.moe.decode_experts import block_rows, gate_up_act
     from megatron_ext.layers.moe.experts import RoutedExperts
     from megatron_ext.layers.weighted_swiglu import _forward_torch
 
@@ -358,10 +359,12 @@ def check_fused_decode_experts(num_local: int, inter: int, hidden: int, dtype: t
     wide = copy.deepcopy(experts).double()
     tokens = 64
     counts, token_index, valid = (t.to(device) if isinstance(t, torch.Tensor) else t
-                                  for t in _decode_rows(num_local, tokens, seed=inter))
+                                  for t in _decode_rows(num_local, tokens, seed=inter, big=big))
     x = torch.randn(tokens, hidden, device=device).to(dtype)
     w = torch.rand(token_index.numel(), device=device).to(dtype) if weighted else None
     rows, w_valid = x[token_index[:valid]], None if w is None else w[:valid]
+    block_m = block_rows(token_index.numel(), num_local)
+    assert big > 2 * block_m     # the big expert walks three chunks or more
     with torch.no_grad():
         assert experts.fused_decode_applies(x, token_index.numel())
         fused = experts.forward_tokens(x, token_index, counts, w)[:valid]
@@ -379,12 +382,14 @@ def check_fused_decode_experts(num_local: int, inter: int, hidden: int, dtype: t
     assert (act != want).float().mean() < 0.02 and _rel(act, want) < 2e-3
 
 
-@pytest.mark.parametrize("num_local,inter,hidden", [(128, 384, 2048), (64, 768, 2048),
-                                                    (8, 40, 72)])
+@pytest.mark.parametrize("num_local,inter,hidden,big", [(128, 384, 2048, 37), (64, 768, 2048, 37),
+                                                        (8, 40, 72, 37), (8, 40, 72, 90)])
 @pytest.mark.parametrize("dtype", [BF16, torch.float16])
-def test_fused_decode_experts_match_grouped_gemms_and_float64(num_local, inter, hidden, dtype):
+def test_fused_decode_experts_match_grouped_gemms_and_float64(num_local, inter, hidden, big,
+                                                              dtype):
+    """16-row chunks, and 32-row ones (``big`` 90: ~13 rows per expert on average)."""
     for weighted in (True, False):
-        check_fused_decode_experts(num_local, inter, hidden, dtype, weighted)
+        check_fused_decode_experts(num_local, inter, hidden, dtype, weighted, big=big)
 
 
 def check_fused_decode_moe_layer(dtype: torch.dtype, device: str = "cuda") -> None:

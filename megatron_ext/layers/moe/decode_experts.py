@@ -25,29 +25,53 @@ import torch
 from megatron_ext.kernels.launch import cdiv, next_power_of_2
 from megatron_ext.kernels.triton_loader import kernel_module
 
-BLOCK_M = 16               # rows per chunk (the smallest tensor-core tile)
 MAX_ROWS_PER_EXPERT = 32   # decode-sized: rows (assignments) per local expert on average
+SMALL_BLOCK_ROWS = 8       # average rows per expert up to which 16-row chunks serve
 
 
 class LaunchConfig(NamedTuple):
+    block_m: int     # rows per chunk: each weight tile read from HBM serves this many rows
     block_n: int     # output columns per program
     block_k: int     # reduction step
     num_warps: int
     num_stages: int
 
 
-DEFAULT_CONFIG = LaunchConfig(64, 128, 4, 3)
-# (intermediate I_local, hidden H) → config; keys of the Qwen3-30B-A3B shapes (moe_tp 2 and 1),
-# from the sweep on 2x H200 (BENCHMARKS.md §11d): gate_up 64x384 / 64x768 at 32-256 tokens best
-# as (64, 128, 4, 3); down (128, 128, 4, 4) / (64, 128, 4, 4)
-GATE_UP_CONFIGS: dict[tuple[int, int], LaunchConfig] = {
-    (384, 2048): LaunchConfig(64, 128, 4, 3),
-    (768, 2048): LaunchConfig(64, 128, 4, 3),
+def block_rows(num_rows: int, num_local: int) -> int:
+    """Rows per chunk for ``num_rows`` rows over ``num_local`` experts: 16 (the smallest
+    tensor-core tile) while experts average ≤ :data:`SMALL_BLOCK_ROWS` rows, else 32. An expert
+    with more rows than a chunk walks a second chunk whose weight tiles come back from HBM (the
+    step's tiles outgrow L2), so at ~16 rows per expert (Qwen3-30B-A3B, 256 tokens on 2 GPUs)
+    16-row chunks read the weights ~1.5 times."""
+    return 16 if num_rows <= SMALL_BLOCK_ROWS * num_local else 32
+
+
+def default_config(block_m: int) -> LaunchConfig:
+    return LaunchConfig(block_m, 64, 128, 4, 3)
+
+
+# (intermediate I_local, hidden H, block_m) → config; keys of the Qwen3-30B-A3B shapes (moe_tp 2
+# and 1), from ``benchmarks/moe_decode_experts.py --sweep`` on an H200 (BENCHMARKS.md §11d/§11e)
+GATE_UP_CONFIGS: dict[tuple[int, int, int], LaunchConfig] = {
+    (384, 2048, 16): LaunchConfig(16, 64, 128, 4, 3),
+    (768, 2048, 16): LaunchConfig(16, 64, 128, 4, 3),
+    (384, 2048, 32): LaunchConfig(32, 64, 128, 4, 3),
+    (768, 2048, 32): LaunchConfig(32, 64, 128, 4, 3),
 }
-DOWN_CONFIGS: dict[tuple[int, int], LaunchConfig] = {
-    (384, 2048): LaunchConfig(128, 128, 4, 4),
-    (768, 2048): LaunchConfig(64, 128, 4, 4),
+DOWN_CONFIGS: dict[tuple[int, int, int], LaunchConfig] = {
+    (384, 2048, 16): LaunchConfig(16, 128, 128, 4, 4),
+    (768, 2048, 16): LaunchConfig(16, 64, 128, 4, 4),
+    (384, 2048, 32): LaunchConfig(32, 128, 128, 4, 3),
+    (768, 2048, 32): LaunchConfig(32, 64, 128, 4, 3),
 }
+
+
+def launch_config(table: dict, inter: int, hidden: int, num_rows: int,
+                  num_local: int) -> LaunchConfig:
+    """A kernel's tabled config for experts of width ``inter`` and ``num_rows`` rows over
+    ``num_local`` experts (the default one for shapes no sweep has seen)."""
+    block_m = block_rows(num_rows, num_local)
+    return table.get((inter, hidden, block_m), default_config(block_m))
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,7 +117,7 @@ def gate_up_act(x: torch.Tensor, token_index: torch.Tensor, counts: torch.Tensor
     out = torch.empty((n, inter), dtype=x.dtype, device=x.device)
     if n == 0:
         return out
-    c = config or GATE_UP_CONFIGS.get((inter, hidden), DEFAULT_CONFIG)
+    c = config or launch_config(GATE_UP_CONFIGS, inter, hidden, n, num_local)
     rw = row_weights.contiguous() if row_weights is not None else out
     if weight_index is not None and (row_weights is None
                                      or tuple(weight_index.shape) != tuple(token_index.shape)):
@@ -104,7 +128,7 @@ def gate_up_act(x: torch.Tensor, token_index: torch.Tensor, counts: torch.Tensor
         x.contiguous(), token_index.contiguous(), counts.contiguous(), rw, rw_index,
         gate_proj.contiguous(), up_proj.contiguous(), out, hidden, inter,
         HAS_W=row_weights is not None, W_INDEX=weight_index is not None,
-        E_POW2=next_power_of_2(num_local), BLOCK_M=BLOCK_M,
+        E_POW2=next_power_of_2(num_local), BLOCK_M=c.block_m,
         BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages)
     return out
 
@@ -121,9 +145,9 @@ def down_proj_rows(act: torch.Tensor, counts: torch.Tensor, down_proj: torch.Ten
     out = torch.empty((n, hidden), dtype=act.dtype, device=act.device)
     if n == 0:
         return out
-    c = config or DOWN_CONFIGS.get((inter, hidden), DEFAULT_CONFIG)
+    c = config or launch_config(DOWN_CONFIGS, inter, hidden, n, num_local)
     _kernels().down[(num_local, cdiv(hidden, c.block_n))](
         act.contiguous(), counts.contiguous(), down_proj.contiguous(), out, hidden, inter,
-        E_POW2=next_power_of_2(num_local), BLOCK_M=BLOCK_M, BLOCK_N=c.block_n,
+        E_POW2=next_power_of_2(num_local), BLOCK_M=c.block_m, BLOCK_N=c.block_n,
         BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages)
     return out
