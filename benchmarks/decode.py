@@ -120,14 +120,15 @@ def bytes_per_step(model: CausalLM, cfg: ModelConfig, moe_tokens: int, kv_bytes:
     return dense + hit * experts + kv_bytes
 
 
-def profile_steps(state, cache, steps: int = 3, rows: int = 90) -> str:
-    """Kernel-time table of ``steps`` eager decode steps (the graph runs the same kernels)."""
+def profile_steps(step, cache, steps: int = 3, rows: int = 60) -> str:
+    """Kernel-time table of ``steps`` calls of ``step`` (a replay of the captured step: the
+    kernels as the timed graph runs them, a collective's wait for its peer included)."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            state.step()
+            step()
             cache.host_step_end()
         torch.cuda.synchronize()
     return prof.key_averages().table(sort_by="device_time_total", row_limit=rows,
@@ -170,7 +171,8 @@ def decode_case(model, groups, cfg, batch: int, prompt: int, new: int, device,
 
     steps(warm)            # eager warm-up step, then the capture (+ its replay)
     ms = elapsed_ms(lambda: steps(new), device) / new
-    kernels = profile_steps(state, cache) if profile and device.type == "cuda" else None
+    kernels = profile_steps(lambda: runner.run(state), cache) \
+        if profile and device.type == "cuda" else None
     # the MoE sees its token group's owned rows once: k x (this rank's rows) for MOE_FULL
     moe_tokens = len(owned) * (1 if replicate_cp else topo.token_group_size)
     filled = cache.length
@@ -273,7 +275,7 @@ def main() -> None:
                         help="decode-size collectives through symmetric memory (one Triton "
                              "kernel each) and/or NCCL; several = A/B in the same run")
     parser.add_argument("--profile", action="store_true",
-                        help="print each case's kernel-time table (3 eager steps, rank 0)")
+                        help="print each case's kernel-time table (3 graph replays, rank 0)")
     args = parser.parse_args()
     if not args.cpu_smoke:
         require_cuda(__file__, "--cpu-smoke")

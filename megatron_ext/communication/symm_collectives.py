@@ -26,7 +26,9 @@ from megatron_ext.parallel.groups import AxisGroup, ParallelGroups
 
 #: slots of 8 MB (two per group): a decode step's largest message at batch 256 is ~4 MB
 DECODE_SYMM_CONFIG = SymmMemConfig(slot_bytes=8 * 2**20, two_shot_max_bytes=8 * 2**20)
-_BLOCK = 2048
+#: the exchange kernel's launch: elements per program per pass, warps, programs per SM (at most);
+#: ``benchmarks/decode_collectives.py --sweep`` times the alternatives
+EXCHANGE_LAUNCH = dict(block=2048, num_warps=8, programs_per_sm=2)
 
 
 class SymmCollectives:
@@ -65,11 +67,13 @@ class SymmCollectives:
         slot = r.next_slot(x.numel() * x.element_size()).view(x.dtype)
         if self._sms is None:
             self._sms = torch.cuda.get_device_properties(r.device).multi_processor_count
-        grid = max(1, min(-(-n // _BLOCK), 2 * self._sms, r.signal_slots // r.world_size))
+        launch = EXCHANGE_LAUNCH
+        grid = max(1, min(-(-n // launch["block"]), launch["programs_per_sm"] * self._sms,
+                          r.signal_slots // r.world_size))
         kernel_module("symm_exchange").exchange[(grid,)](
             x, r.peer_pointers(slot), r.signal_pointers(), out, n, grid, src_chunk,
-            CHUNKS=chunks, SUM=total, RANK=r.rank, WORLD=r.world_size, BLOCK=_BLOCK,
-            num_warps=8)
+            CHUNKS=chunks, SUM=total, RANK=r.rank, WORLD=r.world_size, BLOCK=launch["block"],
+            num_warps=launch["num_warps"])
         return out
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:

@@ -158,10 +158,11 @@ def test_moe_layer_cuda_path_matches_float64(monkeypatch):
 
 
 @pytest.mark.parametrize("b,hq,hkv,d,sk", [(4, 32, 4, 128, 3000), (64, 8, 8, 64, 513),
-                                           (2, 16, 2, 128, 40000)])
+                                           (2, 16, 2, 128, 40000), (256, 8, 4, 128, 600)])
 def test_split_k_decode_attention_matches_float64(b, hq, hkv, d, sk):
-    """The Triton flash-decoding kernel (bf16 cache, several splits, masked slots, a row that
-    sees nothing) against the float64 composition on the same values: out and log-sum-exp."""
+    """The Triton flash-decoding kernel (bf16 cache, several splits — or one, without the merge
+    kernel: 256 rows —, masked slots, a row that sees nothing) against the float64 composition
+    on the same values: out and log-sum-exp."""
     import math
 
     from megatron_ext.layers.attention import cp_decode

@@ -17,6 +17,7 @@ from tests.helpers.cli import REPO, checkout_env
 GPU_ONLY = {
     "benchmarks/cp_attention.py": [],
     "benchmarks/decode.py": [],  # --cpu-smoke runs it on the CPU
+    "benchmarks/decode_collectives.py": [],
     "benchmarks/decode_attention.py": [],
     "benchmarks/eval_position_loss.py": [],
     "benchmarks/fused_reduce_norm.py": [],

@@ -104,6 +104,8 @@ def triton_decode_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         BLOCK_N=block_n, HAS_MASK=valid is not None, HAS_LEN=kv_len is not None,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
+    if splits == 1:   # the one split's partial is already the packed (out, lse)
+        return part.view(b, 1, hq, d + 1)
     packed = torch.empty(b, 1, hq, d + 1, dtype=torch.float32, device=q.device)
     _merge_launch(part, packed, b * hq, splits, splits * (d + 1), d + 1, d + 1, d, True)
     return packed

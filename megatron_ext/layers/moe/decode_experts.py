@@ -51,18 +51,19 @@ def default_config(block_m: int) -> LaunchConfig:
 
 
 # (intermediate I_local, hidden H, block_m) → config; keys of the Qwen3-30B-A3B shapes (moe_tp 2
-# and 1), from ``benchmarks/moe_decode_experts.py --sweep`` on an H200 (BENCHMARKS.md §11d/§11e)
+# and 1), from ``benchmarks/moe_decode_experts.py --sweep`` on an H200 (BENCHMARKS.md §11d; the
+# 32-row ones §11e: 192 and 256 tokens)
 GATE_UP_CONFIGS: dict[tuple[int, int, int], LaunchConfig] = {
     (384, 2048, 16): LaunchConfig(16, 64, 128, 4, 3),
     (768, 2048, 16): LaunchConfig(16, 64, 128, 4, 3),
-    (384, 2048, 32): LaunchConfig(32, 64, 128, 4, 3),
+    (384, 2048, 32): LaunchConfig(32, 64, 64, 4, 3),
     (768, 2048, 32): LaunchConfig(32, 64, 128, 4, 3),
 }
 DOWN_CONFIGS: dict[tuple[int, int, int], LaunchConfig] = {
     (384, 2048, 16): LaunchConfig(16, 128, 128, 4, 4),
     (768, 2048, 16): LaunchConfig(16, 64, 128, 4, 4),
-    (384, 2048, 32): LaunchConfig(32, 128, 128, 4, 3),
-    (768, 2048, 32): LaunchConfig(32, 64, 128, 4, 3),
+    (384, 2048, 32): LaunchConfig(32, 64, 64, 4, 4),
+    (768, 2048, 32): LaunchConfig(32, 128, 128, 4, 3),
 }
 
 
