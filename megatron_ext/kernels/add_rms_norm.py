@@ -4,7 +4,7 @@ Imported only through :func:`megatron_ext.kernels.triton_loader.kernel_module` (
 import triton
 import triton.language as tl
 
-from megatron_ext.kernels.symm_barrier import symm_barrier
+from megatron_ext.kernels.symm_barrier import peer_buffer, symm_barrier
 
 
 @triton.jit
@@ -26,7 +26,7 @@ def add_rmsnorm_rows(x_ptr, peers_ptr, signals_ptr, residual_ptr, h_out_ptr, y_o
         if FROM_PEERS:
             acc = tl.zeros([BLOCK], dtype=tl.float32)
             for r in tl.static_range(WORLD):  # rank order: identical bits on every rank
-                src = tl.load(peers_ptr + r).to(tl.pointer_type(out_ty))
+                src = peer_buffer(peers_ptr, r, out_ty)
                 acc += tl.load(src + off, mask=mask, other=0.0).to(tl.float32)
         else:
             acc = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)

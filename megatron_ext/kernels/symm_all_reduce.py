@@ -15,7 +15,7 @@ twice, and every flag ends at 0, so torch's own symmetric kernels can share the 
 import triton
 import triton.language as tl
 
-from megatron_ext.kernels.symm_barrier import symm_barrier
+from megatron_ext.kernels.symm_barrier import peer_buffer, symm_barrier
 
 
 @triton.jit
@@ -29,6 +29,6 @@ def one_shot_sum(peers_ptr, signals_ptr, out_ptr, numel, nprog,
         mask = offs < numel
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for r in tl.static_range(WORLD):  # group-rank order: identical bits everywhere
-            src = tl.load(peers_ptr + r).to(tl.pointer_type(out_ty))
+            src = peer_buffer(peers_ptr, r, out_ty)
             acc += tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + offs, acc.to(out_ty), mask=mask)

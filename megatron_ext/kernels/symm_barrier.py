@@ -28,3 +28,12 @@ def symm_barrier(signals_ptr, pid, RANK: tl.constexpr, WORLD: tl.constexpr):
             old = tl.atomic_cas(flag, 1, 0, sem="acquire", scope="sys")
             while old != 1:
                 old = tl.atomic_cas(flag, 1, 0, sem="acquire", scope="sys")
+
+
+@triton.jit
+def peer_buffer(peers_ptr, rank, ty: tl.constexpr):
+    """Rank ``rank``'s buffer from the table of peer addresses, as a ``ty`` pointer marked 16-byte
+    aligned (symmetric buffers and their slots are). Triton cannot see the alignment of a pointer
+    loaded from memory, and without the mark it moved peer data 2-4 bytes per instruction: a 4 MB
+    all-gather ran at 72 GB/s over NVLink (BENCHMARKS.md §11e)."""
+    return tl.multiple_of(tl.load(peers_ptr + rank).to(tl.pointer_type(ty)), 16)

@@ -17,7 +17,7 @@ Imported only through :func:`megatron_ext.kernels.triton_loader.kernel_module` (
 import triton
 import triton.language as tl
 
-from megatron_ext.kernels.symm_barrier import symm_barrier
+from megatron_ext.kernels.symm_barrier import peer_buffer, symm_barrier
 
 
 @triton.jit
@@ -26,7 +26,7 @@ def exchange(x_ptr, peers_ptr, signals_ptr, out_ptr, n, nprog, src_chunk,
              BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     ty = out_ptr.dtype.element_ty
-    own = tl.load(peers_ptr + RANK).to(tl.pointer_type(ty))
+    own = peer_buffer(peers_ptr, RANK, ty)
     for start in range(0, n, nprog * BLOCK):          # copy in: this program's share
         offs = start + pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
@@ -40,12 +40,12 @@ def exchange(x_ptr, peers_ptr, signals_ptr, out_ptr, n, nprog, src_chunk,
         if SUM:
             acc = tl.zeros([BLOCK], dtype=tl.float32)
             for r in tl.static_range(WORLD):
-                src = tl.load(peers_ptr + r).to(tl.pointer_type(ty))
+                src = peer_buffer(peers_ptr, r, ty)
                 acc += tl.load(src + src_chunk * n + offs, mask=mask, other=0.0,
                                volatile=True).to(tl.float32)
             tl.store(out_ptr + offs, acc.to(ty), mask=mask)
         else:
             for r in tl.static_range(WORLD):
-                src = tl.load(peers_ptr + r).to(tl.pointer_type(ty))
+                src = peer_buffer(peers_ptr, r, ty)
                 tl.store(out_ptr + r * n + offs,
                          tl.load(src + src_chunk * n + offs, mask=mask, volatile=True), mask=mask)
