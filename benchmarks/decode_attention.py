@@ -9,7 +9,7 @@ the whole generation), 16 of them filled. Prints µs per call and the GB/s of th
 bytes (what a step must read) for the current settings (``decode_launch``) with and without
 ``kv_len``, and with ``--sweep`` the best of a grid of (block_n, num_stages, num_warps,
 min_split, programs_per_sm) per shape, and per row count the best over all prompts (what one
-entry of ``DECODE_LAUNCH_BY_PAIRS`` must serve).
+entry of ``DECODE_LAUNCHES`` serves when it covers every prompt).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._common import device_name, require_cuda, table, time_graph  # noqa: E402
-from megatron_ext.layers.attention.cp_decode import DECODE_LAUNCH_BY_PAIRS, triton_decode_packed  # noqa: E402,E501  # noqa: E402
+from megatron_ext.layers.attention.cp_decode import DECODE_LAUNCHES, triton_decode_packed  # noqa: E402
 
 GRID = dict(block_n=(32, 64), num_stages=(2, 3), num_warps=(4,), min_split=(64, 128, 256, 512),
             programs_per_sm=(4, 8, 16))
@@ -69,7 +69,7 @@ def main() -> None:
                 best_out.append([prompt, b, bounded, t, nbytes / t / 1e3, str(launch)])
                 current_of_rows.setdefault(b, []).append(bounded)
             del q, k, v
-    print(f"device: {device_name()}; current settings {DECODE_LAUNCH_BY_PAIRS}")
+    print(f"device: {device_name()}; current settings {DECODE_LAUNCHES}")
     print(table(["prompt", "rows", "µs (reads capacity)", "µs (kv_len)", "GB/s (kv_len)"],
                 rows_out))
     if best_out:

@@ -70,14 +70,22 @@ def _merge_launch(parts: torch.Tensor, out: torch.Tensor, items: int, num_parts:
 #: shortest split, programs per SM; from ``benchmarks/decode_attention.py --sweep`` on 2x H200
 #: (BENCHMARKS.md §11d: 32-slot tiles fastest at 64 rows, 1K and 8K slots)
 DECODE_LAUNCH = dict(block_n=32, num_stages=3, num_warps=4, min_split=256, programs_per_sm=4)
-#: (rows × KV heads at least, settings): a big batch fills the GPU without splitting the cache,
-#: and its best tiles differ (BENCHMARKS.md §11e: 256 rows, 1K and 8K slots)
-DECODE_LAUNCH_BY_PAIRS: tuple[tuple[int, dict], ...] = ((0, DECODE_LAUNCH),)
+#: (rows × KV heads at least, cache slots at most or None, settings), first match wins: a big
+#: batch fills the GPU without splitting the cache, and its best tiles and splits depend on the
+#: cache length (``--sweep`` at 16-256 rows, 1K and 8K prompts: BENCHMARKS.md §11e)
+DECODE_LAUNCHES: tuple[tuple[int, Optional[int], dict], ...] = (
+    (1024, 2048, dict(block_n=64, num_stages=2, num_warps=4, min_split=64, programs_per_sm=4)),
+    (1024, None, dict(block_n=32, num_stages=3, num_warps=4, min_split=512, programs_per_sm=16)),
+    (512, None, dict(block_n=32, num_stages=3, num_warps=4, min_split=512, programs_per_sm=8)),
+    (0, None, DECODE_LAUNCH),
+)
 
 
-def decode_launch(rows: int, kv_heads: int) -> dict:
-    """The tabled launch settings for ``rows`` decode rows of ``kv_heads`` KV heads."""
-    return [cfg for least, cfg in DECODE_LAUNCH_BY_PAIRS if rows * kv_heads >= least][-1]
+def decode_launch(rows: int, kv_heads: int, slots: int) -> dict:
+    """The tabled launch settings for ``rows`` decode rows of ``kv_heads`` KV heads against a
+    cache of ``slots`` slots (per rank)."""
+    return next(cfg for least, most, cfg in DECODE_LAUNCHES
+                if rows * kv_heads >= least and (most is None or slots <= most))
 
 
 def triton_decode_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -93,7 +101,7 @@ def triton_decode_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     b, _, hq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     g = hq // hkv
-    cfg = {**decode_launch(b, hkv), **(launch or {})}
+    cfg = {**decode_launch(b, hkv, sk), **(launch or {})}
     block_n = cfg["block_n"] if d <= 128 else min(32, cfg["block_n"])
     if sm_count is None:
         sm_count = _sm_count(q.device.index or 0) if q.is_cuda else 8
