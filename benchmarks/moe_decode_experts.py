@@ -124,7 +124,8 @@ def compare(args, device, bandwidth: float) -> list[dict]:
           f"{args.experts}, bf16, CUDA graphs; {device_name()}; HBM copy "
           f"{bandwidth / 1e12:.2f} TB/s")
     print(table(["local experts x width", "tokens", "rows", "weights MB", "current µs",
-                 "fused 16-row µs", "block_m", "fused µs", "speedup", "current GB/s", "fused GB/s", "current %HBM",
+                 "fused 16-row µs", "block_m", "fused µs", "speedup", "current GB/s",
+                 "fused GB/s", "current %HBM",
                  "fused %HBM", "rel diff", "layer uses fused"], rows), flush=True)
     return results
 
