@@ -135,8 +135,13 @@ def profile_steps(step, cache, steps: int = 3, rows: int = 60) -> str:
                                      max_name_column_width=60)
 
 
+#: ``--sampling``: what a chat/eval user sets (per-request seeds); "greedy" = argmax only
+SAMPLED = dict(temperature=0.7, top_k=0, top_p=0.9)
+
+
 def decode_case(model, groups, cfg, batch: int, prompt: int, new: int, device,
-                profile: bool = False, replicate_cp: bool = False) -> dict:
+                profile: bool = False, replicate_cp: bool = False,
+                sampling: str = "greedy") -> dict:
     topo, coords = groups.topology, groups.coords
     cp = topo.attn_cp
     warm = 2
@@ -153,7 +158,8 @@ def decode_case(model, groups, cfg, batch: int, prompt: int, new: int, device,
     cache.start_decoding()
     requests = DecodeBatch((tuple(range(batch)),), replicate_cp)
     owned = requests.owned_requests(groups, coords.attn_dp, coords.attn_cp)
-    params = [SamplingParams(new + warm + extra)] * len(owned)
+    params = [SamplingParams(new + warm + extra, seed=r,
+                             **(SAMPLED if sampling == "sampled" else {})) for r in owned]
     state = DecodeState(model, groups, cache, requests,
                         positions=torch.full((batch,), prompt, dtype=torch.long, device=device),
                         input_ids=torch.ones(len(owned), dtype=torch.long, device=device),
@@ -274,6 +280,9 @@ def main() -> None:
     parser.add_argument("--collectives", nargs="+", default=["symm"], choices=["symm", "nccl"],
                         help="decode-size collectives through symmetric memory (one Triton "
                              "kernel each) and/or NCCL; several = A/B in the same run")
+    parser.add_argument("--sampling", nargs="+", default=["greedy"], choices=["greedy", "sampled"],
+                        help=f"greedy (argmax) and/or sampled ({SAMPLED}, a seed per request); "
+                             "several = A/B in the same run")
     parser.add_argument("--profile", action="store_true",
                         help="print each case's kernel-time table (3 graph replays, rank 0)")
     args = parser.parse_args()
@@ -302,18 +311,19 @@ def main() -> None:
         if device.type == "cuda":
             groups = with_symm_collectives(groups, device)
         model = random_model(cfg, groups, device)
-        variants = [(k, c) for k in args.decode_kernel for c in args.collectives]
+        variants = [(k, c, s) for k in args.decode_kernel for c in args.collectives
+                    for s in args.sampling]
         for prompt in args.prompt:
             for batch in args.batch:
-                for kern, coll in variants:
+                for kern, coll, sampling in variants:
                     set_decode_kernel(kern)
                     set_symm_active(groups, coll == "symm")
-                    label = name if len(variants) == 1 else f"{name} [{kern} {coll}]"
+                    label = name if len(variants) == 1 else f"{name} [{kern} {coll} {sampling}]"
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats()
                     try:
                         r = decode_case(model, groups, cfg, batch, prompt, args.new, device,
-                                        args.profile, name in REPLICATED)
+                                        args.profile, name in REPLICATED, sampling)
                     except torch.cuda.OutOfMemoryError:
                         r = None
                         gc.collect()
@@ -322,12 +332,12 @@ def main() -> None:
                         rows.append([label, prompt, batch, "OOM", None, None, None, None])
                         continue
                     tokens = r.pop("tokens")
-                    key = (prompt, batch, kern, tuple(sorted(LAYOUTS[name].items())))
+                    key = (prompt, batch, kern, sampling, tuple(sorted(LAYOUTS[name].items())))
                     first = seen_tokens.setdefault(key, tokens)
                     r["tokens_match_first_variant"] = bool(torch.equal(first, tokens))
                     bound_ms = r["bytes_per_step"] / bandwidth * 1000
                     r.update(layout=label, prompt=prompt, batch=batch, bound_ms=bound_ms,
-                             decode_kernel=kern, collectives=coll)
+                             decode_kernel=kern, collectives=coll, sampling=sampling)
                     results.append(r)
                     rows.append([label, prompt, batch, r["ms_per_step"], r["tokens_per_s"],
                                  bound_ms, r["ms_per_step"] / bound_ms, r["peak_GiB"]])
@@ -348,15 +358,17 @@ def main() -> None:
                      "x bound", "peak GiB"], rows))
         for prompt in args.prompt:
             for batch in args.batch:
-                for kern, coll in [(k, c) for k in args.decode_kernel for c in args.collectives]:
+                for kern, coll, smp in [(k, c, s) for k in args.decode_kernel
+                                        for c in args.collectives for s in args.sampling]:
                     by = {r["layout"].split(" [")[0]: r for r in results
                           if r["prompt"] == prompt and r["batch"] == batch
-                          and r["decode_kernel"] == kern and r["collectives"] == coll}
+                          and r["decode_kernel"] == kern and r["collectives"] == coll
+                          and r["sampling"] == smp}
                     b = by.get("b cp2 moe_dp2")
                     for name in ("a cp2 moe_dp1", "a-ep cp2 moe_dp1 moe_ep2",
                                  "a-rep cp2 moe_dp1 replicated"):
                         if b and name in by:
-                            print(f"prompt {prompt} batch {batch} [{kern} {coll}]: "
+                            print(f"prompt {prompt} batch {batch} [{kern} {coll} {smp}]: "
                                   f"{name.split()[0]} "
                                   f"/ b tokens/s = "
                                   f"{by[name]['tokens_per_s'] / b['tokens_per_s']:.2f}x")
