@@ -284,7 +284,8 @@ class CausalLM(nn.Module):
                 compute_lm_head: bool = True,
                 attn_position_ids: Optional[torch.Tensor] = None,
                 check_input_ids: bool = True,
-                rope_seq_len: Optional[torch.Tensor] = None) -> CausalLMOutput:
+                rope_seq_len: Optional[torch.Tensor] = None,
+                logit_rows: Optional[slice] = None) -> CausalLMOutput:
         """One stage's forward on this rank's CP-local tokens.
 
         ``position_ids`` ``[b, s_local]`` (RoPE positions; gives the local batch shape);
@@ -309,6 +310,8 @@ class CausalLM(nn.Module):
         ``rope_seq_len`` (dynamic NTK RoPE only): the input length to scale for, when it is not
         ``1 +`` the largest position of this input (a serving prefill of all prompt tokens but
         the last scales for the whole prompt, as ``transformers``' prefill does).
+        ``logit_rows`` (no labels): the batch rows whose logits are computed, e.g. the rows this
+        CP rank samples in a decode step whose rows are replicated over CP.
         """
         if position_ids.dim() != 2:
             raise ValueError(f"position_ids must be [b, s_local], got {tuple(position_ids.shape)}")
@@ -327,6 +330,8 @@ class CausalLM(nn.Module):
             raise ValueError("labels are only used by the last pipeline stage")
         if labels is not None and not compute_lm_head:
             raise ValueError("labels need the LM head: compute_lm_head=False gives no loss")
+        if labels is not None and logit_rows is not None:
+            raise ValueError("logit_rows computes some rows' logits: labels need every row's")
         layout = layout or TokenLayout.uniform(self.groups, b * s)
         if layout.local_tokens != b * s:
             raise ValueError(f"layout says this rank's attention group holds "
@@ -389,6 +394,8 @@ class CausalLM(nn.Module):
             out.hidden_states = last.flush(hidden) + residual
             return out
         x = last.finalize(hidden, residual, self.model.norm, layout)
+        if logit_rows is not None:
+            x = x.view(b, s, x.shape[-1])[logit_rows].reshape(-1, x.shape[-1])
         if labels is not None and not return_logits and torch.is_grad_enabled():
             # training: the loss without keeping the [tokens, V/p] logits (the step's largest
             # activation, and its gradient the largest transient at the start of backward)
@@ -402,7 +409,7 @@ class CausalLM(nn.Module):
         if return_logits:
             if gather_logits:
                 logits = self.lm_head.gather_logits(logits)
-            out.logits = logits.view(b, s, logits.shape[-1])
+            out.logits = logits.view(-1, s, logits.shape[-1])
         return out
 
     def _attention_plan(self, b: int, s: int, inputs: StepInputs):

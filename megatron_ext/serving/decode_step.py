@@ -24,6 +24,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from megatron_ext.communication.collectives import all_gather
 from megatron_ext.communication.token_layout import (TokenLayout, cp_replication_applies,
                                                      split_rows)
 from megatron_ext.parallel.groups import ParallelGroups
@@ -94,6 +95,14 @@ class DecodeBatch:
         rows = self.requests[dp_rank]
         if self.replicate_cp:
             return rows
+        return self.sampled_requests(groups, dp_rank, cp_rank)
+
+    def sampled_requests(self, groups: ParallelGroups, dp_rank: int, cp_rank: int
+                         ) -> tuple[int, ...]:
+        """Requests whose logits and tokens CP rank ``cp_rank`` computes in the LM head and the
+        sampler: its owned rows, also when rows are replicated (each token is sampled once; the
+        tokens are then all-gathered over CP)."""
+        rows = self.requests[dp_rank]
         return rows[owned_rows(len(rows), groups.topology.attn_cp, cp_rank)]
 
 
@@ -103,7 +112,12 @@ class DecodeState:
     ``positions`` ``[b]``: RoPE position of each row's next input token (every row of the DP
     group: the attention reads them all); ``input_ids`` / ``finished`` / ``tokens`` ``[n, ...]``:
     this rank's owned rows (``tokens[:, t]`` = the token generated at step ``t``, pad once
-    finished); ``last_logits`` ``[n, V]`` (optional): logits of each row's last live step."""
+    finished); ``last_logits`` ``[m, V]`` (optional): logits of each row's last live step, for
+    the ``m`` rows this rank samples (:meth:`DecodeBatch.sampled_requests`; ``params`` are the
+    owned rows'). With rows replicated over CP a rank computes the LM head and the sampler for
+    its share of the rows only, and one all-gather over ``attn_cp`` of the sampled tokens gives
+    every rank every row's next input: the LM head's FLOPs and the sampler's sort are not
+    repeated on every CP rank."""
 
     _serials = itertools.count()
 
@@ -117,17 +131,22 @@ class DecodeState:
         self.model, self.groups, self.cache, self.batch = model, groups, cache, batch
         self.layout = batch.layout(groups)
         rows = batch.rows(coords.attn_dp)
+        cp = groups.topology.attn_cp
         self.own = (slice(0, rows) if batch.replicate_cp
-                    else owned_rows(rows, groups.topology.attn_cp, coords.attn_cp))
+                    else owned_rows(rows, cp, coords.attn_cp))
+        # replicated rows: this rank's share of the LM head and sampler, gathered over CP
+        self.logit_rows = owned_rows(rows, cp, coords.attn_cp) if batch.replicate_cp else None
+        self.sampled_sizes = split_rows(rows, cp)
+        sampled = list(params)[self.logit_rows] if batch.replicate_cp else list(params)
         self.positions = positions
         self.own_positions = positions[self.own]   # a view: updated with ``positions``
         self.input_ids, self.finished, self.tokens = input_ids, finished, tokens
         dev = positions.device
-        self.sampling = SamplingTensors.build(params, dev)
+        self.sampling = SamplingTensors.build(sampled, dev)
         self.max_new = torch.tensor([p.max_new_tokens for p in params], dtype=torch.long,
                                     device=dev)
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
-        self.last_logits = (torch.zeros(len(params), vocab_size, device=dev,
+        self.last_logits = (torch.zeros(len(sampled), vocab_size, device=dev,
                                         dtype=next(model.parameters()).dtype)
                             if keep_logits else None)
 
@@ -144,15 +163,21 @@ class DecodeState:
         out = self.model(self.input_ids[:, None], position_ids=self.own_positions[:, None],
                          attn_position_ids=self.positions[:, None], layout=self.layout,
                          kv_cache=cache, gather_logits=True, compute_aux_loss=False,
-                         check_input_ids=False)  # the sampler's own tokens: no host sync
+                         check_input_ids=False,  # the sampler's own tokens: no host sync
+                         logit_rows=self.logit_rows)
         logits = out.logits[:, -1]
         t = cache.step_t
         chosen = sample_tokens(logits, self.sampling, t)
+        if self.last_logits is not None:
+            finished = self.finished if self.logit_rows is None \
+                else self.finished[self.logit_rows]
+            self.last_logits.copy_(torch.where(finished[:, None], self.last_logits,
+                                               logits.to(self.last_logits.dtype)))
+        if self.logit_rows is not None:   # every CP rank: every row's token
+            chosen = all_gather(chosen, self.groups.attn_cp, sizes=self.sampled_sizes,
+                                backward="own_rows")
         chosen = torch.where(self.finished, self.pad_token_id, chosen)
         self.tokens.index_copy_(1, t.view(1), chosen[:, None])
-        if self.last_logits is not None:
-            self.last_logits.copy_(torch.where(self.finished[:, None], self.last_logits,
-                                               logits.to(self.last_logits.dtype)))
         done = t + 1 >= self.max_new
         if self.eos_token_id is not None:
             done = done | (chosen == self.eos_token_id)

@@ -268,9 +268,12 @@ def _collect(state: DecodeState, groups: ParallelGroups, tokens: torch.Tensor,
     tokens[index] = every[:, :-1]
     for r, f in zip(order, every[:, -1].tolist()):
         finished[r] = bool(f)
-    if last_logits is not None:
-        logits = all_gather(state.last_logits, groups.attn_dp_cp, sizes=sizes,
-                            backward="own_rows")
+    if last_logits is not None:   # from the rank that sampled each row
+        sampled = [state.batch.sampled_requests(groups, d, c) for d in range(topo.attn_dp)
+                   for c in range(topo.attn_cp)]
+        logits = all_gather(state.last_logits, groups.attn_dp_cp,
+                            sizes=[len(r) for r in sampled], backward="own_rows")
+        index = torch.tensor([r for rows in sampled for r in rows], dtype=torch.long)
         last_logits[index] = logits.to(device=last_logits.device, dtype=last_logits.dtype)
 
 

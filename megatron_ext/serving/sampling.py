@@ -94,6 +94,7 @@ class SamplingTensors:
     top_p: torch.Tensor         # [n] float64
     seed: torch.Tensor          # [n] int64
     any_sampled: bool           # host-side: False = every row greedy, skip the sort
+    any_top_k: bool = True      # host-side: False = no sampled row has a top-k, skip its mask
 
     @classmethod
     def build(cls, params: Sequence[SamplingParams], device) -> "SamplingTensors":
@@ -104,24 +105,30 @@ class SamplingTensors:
                    t((p.top_k for p in params), torch.int64),
                    t((float(p.top_p) for p in params), torch.float64),
                    t((p.seed for p in params), torch.int64),
-                   any(not p.greedy for p in params))
+                   any(not p.greedy for p in params),
+                   any(p.top_k > 0 for p in params if not p.greedy))
 
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams | "SamplingTensors"
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The distribution a sampled row draws from: temperature, then top-k, then top-p (the
     smallest set of best tokens whose mass reaches ``top_p``; the best token always stays).
-    Returns ``(probs, order)``: ``probs [n, V]`` in descending-logit order (zeros for filtered
-    tokens, not renormalised) and ``order`` the vocabulary index of each column."""
+    Returns ``(probs, order)``: ``probs [n, V]`` in descending-logit order, equal logits in
+    vocabulary order (zeros for filtered tokens, not renormalised) and ``order`` the vocabulary
+    index of each column."""
     if isinstance(params, SamplingParams):
         params = SamplingTensors.build([params] * logits.shape[0], logits.device)
     n, vocab = logits.shape
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     temp = torch.where(params.temperature > 0, params.temperature, 1.0).to(acc)
-    scaled, order = torch.sort(logits.to(acc) / temp[:, None], dim=-1, descending=True)
+    # descending logits, ties in vocabulary order: a stable sort of the logits as they come
+    # (bf16 logits sort on 16-bit keys); dividing by a positive temperature keeps the order
+    ordered, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+    scaled = ordered.to(acc) / temp[:, None]
     rank = torch.arange(vocab, device=logits.device)
-    k = torch.where(params.top_k > 0, params.top_k.clamp(max=vocab), vocab)
-    scaled = scaled.masked_fill(rank[None] >= k[:, None], float("-inf"))
+    if params.any_top_k:
+        k = torch.where(params.top_k > 0, params.top_k.clamp(max=vocab), vocab)
+        scaled = scaled.masked_fill(rank[None] >= k[:, None], float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
     before = probs.cumsum(-1) - probs                   # mass of the better tokens
     keep = (before < params.top_p.to(acc)[:, None]) | (rank[None] == 0)

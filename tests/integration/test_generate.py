@@ -369,8 +369,9 @@ def test_generation_matches_transformers_in_every_layout(reference, single_proce
 def _check_step_collectives(results) -> None:
     """One later decode step with rows replicated over CP (layout ``REPLICATED``): per layer the
     CP partials all-gathered (every rank merges every row) and the MoE sum all-reduced over the
-    shard, nothing else (no gather of the attention input or of the MoE rows). With one owner per
-    token: per layer the attention input gathered
+    shard, nothing else (no gather of the attention input or of the MoE rows); per step the
+    sampled tokens all-gathered over CP (each row's LM head and sampling on one rank). With one
+    owner per token: per layer the attention input gathered
     over attn_cp, the attention sum over attn_tp, the partial (out, lse) all-to-all over attn_cp
     (each owner receives its rows' partials; shapes were agreed at the first step), the MOE_FULL
     gather over moe_cp of *owned* rows (each token once: the bytes are the DP group's rows,
@@ -388,8 +389,10 @@ def _check_step_collectives(results) -> None:
             it = next(it for it in per_rank if it.get("layout") == li and it.get("model") == 0)
             rows = split_rows(len(LENGTHS), topo.attn_dp)[it["dp_rank"]]
             if li in REPLICATED:   # every CP rank runs every row: two collectives per layer
-                want = {("all_gather", "attn_cp"): (L, L * cp * rows * cfg.num_heads
-                                                    * (cfg.head_dim + 1) * f64),
+                # and the sampled tokens (each row sampled on one CP rank) gathered once
+                want = {("all_gather", "attn_cp"): (L + 1, L * cp * rows * cfg.num_heads
+                                                    * (cfg.head_dim + 1) * f64
+                                                    + cp * max(split_rows(rows, cp)) * 8),
                         ("all_reduce", "moe_shard"): (L, L * rows * H * f64)}
                 assert it["step_collectives"] == want, (LAYOUTS[li], it["step_collectives"])
                 if li != OWNER:

@@ -26,6 +26,7 @@ GPU_ONLY = {
     "benchmarks/moe_route.py": [],
     "benchmarks/prefill.py": [],
     "benchmarks/reduction_latency.py": [],
+    "benchmarks/sampling.py": [],
     "benchmarks/skinny_linear.py": [],
     "benchmarks/te_backend.py": [],
     "benchmarks/train_scale.py": ["--impl", "ours"],

@@ -83,3 +83,19 @@ def test_greedy_rows_take_the_argmax_in_a_mixed_batch():
 def test_bad_sampling_parameters_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_equal_logits_are_ordered_by_vocabulary_index():
+    """The sampler's order (the inverse CDF walks it) is descending logit, ties in vocabulary
+    order, for logits of any dtype — bf16 logits are sorted as they come, before the
+    temperature: the same order as their float64 values divided by it."""
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.bfloat16, torch.float32, torch.float64):
+        logits = (torch.randint(-4, 5, (3, 50), generator=g) / 4).to(dtype)   # many ties
+        params = SamplingTensors.build([SamplingParams(temperature=t, top_p=0.9)
+                                        for t in (0.3, 1.0, 7.0)], "cpu")
+        _, order = filtered_probs(logits, params)
+        for row, temp in enumerate((0.3, 1.0, 7.0)):
+            scaled = logits[row].double() / temp
+            want = sorted(range(50), key=lambda i: (-scaled[i].item(), i))
+            assert order[row].tolist() == want, (dtype, row)
