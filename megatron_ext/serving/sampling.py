@@ -109,6 +109,49 @@ class SamplingTensors:
                    any(p.top_k > 0 for p in params if not p.greedy))
 
 
+#: elements per chunk of :func:`cumsum_rows`
+SCAN_CHUNK = 1024
+
+
+def cumsum_rows(x: torch.Tensor) -> torch.Tensor:
+    """Inclusive sum along the last dim of ``x`` ``[n, V]``, in chunks of :data:`SCAN_CHUNK`:
+    the chunks' own sums, plus the sum of the chunks before. torch's scan of a few long rows
+    runs one row per thread block (~250 µs for 64 × 151936 float32 on an H200, BENCHMARKS.md
+    §11e); short chunks and a scan of the chunk totals use the whole GPU. One fixed order of
+    additions on every device: the same bits wherever the same logits are sampled."""
+    n, vocab = x.shape
+    if vocab <= SCAN_CHUNK:
+        return x.cumsum(-1)
+    inner = torch.nn.functional.pad(x, (0, -vocab % SCAN_CHUNK)).view(n, -1, SCAN_CHUNK)
+    inner = inner.cumsum(-1)
+    before = torch.nn.functional.pad(inner[..., -1].cumsum(-1)[:, :-1], (1, 0))
+    return (inner + before[..., None]).view(n, -1)[:, :vocab]
+
+
+def _nucleus(logits: torch.Tensor, params: "SamplingTensors"
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(probs, cum, kept, order)``: the temperature- and top-k-filtered probabilities in
+    descending-logit order (equal logits in vocabulary order), their running sum, the number
+    of leading tokens top-p keeps (``[n, 1]``, at least 1) and the vocabulary index of each
+    column."""
+    n, vocab = logits.shape
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    temp = torch.where(params.temperature > 0, params.temperature, 1.0).to(acc)
+    # descending logits, ties in vocabulary order: a stable sort of the logits as they come
+    # (bf16 logits sort on 16-bit keys); dividing by a positive temperature keeps the order
+    ordered, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+    scaled = ordered.to(acc) / temp[:, None]
+    if params.any_top_k:
+        rank = torch.arange(vocab, device=logits.device)
+        k = torch.where(params.top_k > 0, params.top_k.clamp(max=vocab), vocab)
+        scaled = scaled.masked_fill(rank[None] >= k[:, None], float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    cum = cumsum_rows(probs)
+    # the smallest set of best tokens whose mass reaches top_p: those with less mass before
+    kept = ((cum - probs) < params.top_p.to(acc)[:, None]).sum(-1, keepdim=True).clamp(min=1)
+    return probs, cum, kept, order
+
+
 def filtered_probs(logits: torch.Tensor, params: SamplingParams | "SamplingTensors"
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The distribution a sampled row draws from: temperature, then top-k, then top-p (the
@@ -118,35 +161,26 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams | "SamplingTenso
     index of each column."""
     if isinstance(params, SamplingParams):
         params = SamplingTensors.build([params] * logits.shape[0], logits.device)
-    n, vocab = logits.shape
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    temp = torch.where(params.temperature > 0, params.temperature, 1.0).to(acc)
-    # descending logits, ties in vocabulary order: a stable sort of the logits as they come
-    # (bf16 logits sort on 16-bit keys); dividing by a positive temperature keeps the order
-    ordered, order = torch.sort(logits, dim=-1, descending=True, stable=True)
-    scaled = ordered.to(acc) / temp[:, None]
-    rank = torch.arange(vocab, device=logits.device)
-    if params.any_top_k:
-        k = torch.where(params.top_k > 0, params.top_k.clamp(max=vocab), vocab)
-        scaled = scaled.masked_fill(rank[None] >= k[:, None], float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)
-    before = probs.cumsum(-1) - probs                   # mass of the better tokens
-    keep = (before < params.top_p.to(acc)[:, None]) | (rank[None] == 0)
-    return probs * keep, order
+    probs, _, kept, order = _nucleus(logits, params)
+    rank = torch.arange(logits.shape[1], device=logits.device)
+    return probs * (rank[None] < kept), order
 
 
 def sample_tokens(logits: torch.Tensor, params: SamplingTensors,
                   counter: torch.Tensor) -> torch.Tensor:
     """Tokens ``[n]`` from full-vocabulary ``logits`` ``[n, V]``: the argmax for greedy rows,
     else the inverse CDF of :func:`filtered_probs` at ``request_uniform(seed, counter)``
-    (``counter``: the request's token index, a device scalar). No host sync."""
+    (``counter``: the request's token index, a device scalar): the first token whose running
+    mass exceeds ``u`` times the kept mass. No host sync."""
     greedy = logits.argmax(-1)
     if not params.any_sampled or logits.shape[0] == 0:
         return greedy
-    probs, order = filtered_probs(logits, params)
-    cdf = probs.cumsum(-1)
-    u = request_uniform(params.seed, counter.expand(logits.shape[0])).to(cdf.dtype) * cdf[:, -1]
-    pick = torch.searchsorted(cdf, u[:, None].contiguous(), right=True)
-    pick = torch.minimum(pick, (probs > 0).sum(-1, keepdim=True) - 1)
+    probs, cum, kept, order = _nucleus(logits, params)
+    cum = cum.contiguous()
+    total = cum.gather(1, kept - 1)                      # the kept tokens' mass
+    u = request_uniform(params.seed, counter.expand(logits.shape[0])).to(cum.dtype)[:, None]
+    pick = torch.searchsorted(cum, (u * total).contiguous(), right=True)
+    # never past the kept tokens, nor onto a token top-k left with no mass
+    pick = torch.minimum(torch.minimum(pick, kept - 1), (probs > 0).sum(-1, keepdim=True) - 1)
     sampled = order.gather(1, pick).squeeze(1)
     return torch.where(params.temperature > 0, sampled, greedy)

@@ -99,3 +99,19 @@ def test_equal_logits_are_ordered_by_vocabulary_index():
             scaled = logits[row].double() / temp
             want = sorted(range(50), key=lambda i: (-scaled[i].item(), i))
             assert order[row].tolist() == want, (dtype, row)
+
+
+def test_chunked_running_sum_matches_cumsum():
+    """The sampler's running sum in chunks equals a float64 cumsum to rounding, is monotone for
+    non-negative input, and equals torch's cumsum when a row fits one chunk."""
+    from megatron_ext.serving.sampling import SCAN_CHUNK, cumsum_rows
+
+    g = torch.Generator().manual_seed(6)
+    for vocab in (7, SCAN_CHUNK, SCAN_CHUNK + 1, 3 * SCAN_CHUNK + 17):
+        x = torch.rand(3, vocab, generator=g) ** 4
+        got = cumsum_rows(x)
+        assert got.shape == x.shape
+        torch.testing.assert_close(got.double(), x.double().cumsum(-1), rtol=1e-6, atol=1e-5)
+        assert (got[:, 1:] >= got[:, :-1]).all()
+        if vocab <= SCAN_CHUNK:
+            assert torch.equal(got, x.cumsum(-1))
