@@ -371,7 +371,9 @@ def main() -> None:
                             print(f"prompt {prompt} batch {batch} [{kern} {coll} {smp}]: "
                                   f"{name.split()[0]} "
                                   f"/ b tokens/s = "
-                                  f"{by[name]['tokens_per_s'] / b['tokens_per_s']:.2f}x")
+                                  f"{by[name]['tokens_per_s'] / b['tokens_per_s']:.2f}x "
+                                  f"(weight-read bounds: "
+                                  f"{b['bound_ms'] / by[name]['bound_ms']:.2f}x)")
     if args.moe_reduction:
         red = moe_reduction(device, world, args.moe_reduction_tokens, ["nccl", "symm"])
         out["moe_reduction"] = red
