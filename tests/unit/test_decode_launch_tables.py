@@ -34,7 +34,8 @@ def test_every_tabled_expert_config_matches_its_key():
 
 
 @pytest.mark.parametrize("rows,kv_heads,slots,entry", [
-    (16, 4, 577, 3), (64, 4, 577, 3), (64, 4, 4160, 3),   # the session-4 settings
+    (1, 4, 577, 4), (16, 4, 577, 4), (16, 4, 4160, 4),    # few rows: shorter splits
+    (64, 4, 577, 3), (64, 4, 4160, 3),                     # the session-4 settings
     (128, 4, 577, 2), (128, 4, 4160, 2),
     (256, 4, 577, 0),                                      # a big batch, short cache
     (256, 4, 4160, 1), (512, 4, 2049, 1),

@@ -77,7 +77,8 @@ DECODE_LAUNCHES: tuple[tuple[int, Optional[int], dict], ...] = (
     (1024, 2048, dict(block_n=64, num_stages=2, num_warps=4, min_split=64, programs_per_sm=4)),
     (1024, None, dict(block_n=32, num_stages=3, num_warps=4, min_split=512, programs_per_sm=16)),
     (512, None, dict(block_n=32, num_stages=3, num_warps=4, min_split=512, programs_per_sm=8)),
-    (0, None, DECODE_LAUNCH),
+    (256, None, DECODE_LAUNCH),
+    (0, None, dict(DECODE_LAUNCH, min_split=64)),   # few rows: shorter splits fill the GPU
 )
 
 
