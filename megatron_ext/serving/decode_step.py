@@ -132,12 +132,12 @@ class DecodeState:
         self.layout = batch.layout(groups)
         rows = batch.rows(coords.attn_dp)
         cp = groups.topology.attn_cp
-        self.own = (slice(0, rows) if batch.replicate_cp
-                    else owned_rows(rows, cp, coords.attn_cp))
+        owned = owned_rows(rows, cp, coords.attn_cp)
+        self.own = slice(0, rows) if batch.replicate_cp else owned
         # replicated rows: this rank's share of the LM head and sampler, gathered over CP
-        self.logit_rows = owned_rows(rows, cp, coords.attn_cp) if batch.replicate_cp else None
+        self.logit_rows = owned if batch.replicate_cp else None
         self.sampled_sizes = split_rows(rows, cp)
-        sampled = list(params)[self.logit_rows] if batch.replicate_cp else list(params)
+        sampled = list(params)[self.sampled_rows]
         self.positions = positions
         self.own_positions = positions[self.own]   # a view: updated with ``positions``
         self.input_ids, self.finished, self.tokens = input_ids, finished, tokens
@@ -149,6 +149,12 @@ class DecodeState:
         self.last_logits = (torch.zeros(len(sampled), vocab_size, device=dev,
                                         dtype=next(model.parameters()).dtype)
                             if keep_logits else None)
+
+    @property
+    def sampled_rows(self) -> slice:
+        """This rank's rows (of ``tokens``, ``finished``, the owned rows' ``params``) that it
+        samples: all of them, or its share when rows are replicated over CP."""
+        return slice(None) if self.logit_rows is None else self.logit_rows
 
     @property
     def key(self) -> tuple:
@@ -169,8 +175,7 @@ class DecodeState:
         t = cache.step_t
         chosen = sample_tokens(logits, self.sampling, t)
         if self.last_logits is not None:
-            finished = self.finished if self.logit_rows is None \
-                else self.finished[self.logit_rows]
+            finished = self.finished[self.sampled_rows]
             self.last_logits.copy_(torch.where(finished[:, None], self.last_logits,
                                                logits.to(self.last_logits.dtype)))
         if self.logit_rows is not None:   # every CP rank: every row's token

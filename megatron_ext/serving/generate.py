@@ -256,24 +256,24 @@ def cuda_graphs_supported(model) -> tuple[bool, str]:
 
 def _collect(state: DecodeState, groups: ParallelGroups, tokens: torch.Tensor,
              finished: list[bool], last_logits: Optional[torch.Tensor]) -> None:
-    """Periodic check: every owner's tokens, finished flags (and logits) to every rank (one
-    all-gather over ``attn_dp_cp``; a host sync), written into the host arrays by request id."""
+    """Periodic check: the tokens, finished flags (and logits) of every row, from the rank that
+    sampled it, to every rank (one all-gather over ``attn_dp_cp``; a host sync), written into
+    the host arrays by request id."""
     topo = groups.topology
-    sizes = state.layout.tokens_per_attn_group
-    packed = torch.cat([state.tokens, state.finished.to(torch.long)[:, None]], 1)
+    sampled = [state.batch.sampled_requests(groups, d, c) for d in range(topo.attn_dp)
+               for c in range(topo.attn_cp)]
+    sizes = [len(rows) for rows in sampled]
+    mine = state.sampled_rows
+    packed = torch.cat([state.tokens[mine], state.finished[mine].to(torch.long)[:, None]], 1)
     every = all_gather(packed, groups.attn_dp_cp, sizes=sizes, backward="own_rows").cpu()
-    order = [r for d in range(topo.attn_dp) for c in range(topo.attn_cp)
-             for r in state.batch.owned_requests(groups, d, c)]
+    order = [r for rows in sampled for r in rows]
     index = torch.tensor(order, dtype=torch.long)
     tokens[index] = every[:, :-1]
     for r, f in zip(order, every[:, -1].tolist()):
         finished[r] = bool(f)
-    if last_logits is not None:   # from the rank that sampled each row
-        sampled = [state.batch.sampled_requests(groups, d, c) for d in range(topo.attn_dp)
-                   for c in range(topo.attn_cp)]
-        logits = all_gather(state.last_logits, groups.attn_dp_cp,
-                            sizes=[len(r) for r in sampled], backward="own_rows")
-        index = torch.tensor([r for rows in sampled for r in rows], dtype=torch.long)
+    if last_logits is not None:
+        logits = all_gather(state.last_logits, groups.attn_dp_cp, sizes=sizes,
+                            backward="own_rows")
         last_logits[index] = logits.to(device=last_logits.device, dtype=last_logits.dtype)
 
 
