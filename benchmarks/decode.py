@@ -16,7 +16,8 @@ with one owner per token, greedy sampling on the owner). Layouts of the same 2 G
 * ``a cp2 moe_dp1`` — attn_cp 2, experts split over both GPUs (moe_tp 2), MOE_FULL k = 2;
 * ``a-rep cp2 moe_dp1 replicated`` — the same, every CP rank running every decode row
   (``decode_rows="replicated"``: the CP partials all-gathered, the MoE sum all-reduced, no other
-  collective);
+  collective); ``a-rep-ep ...`` the same with the experts split whole (moe_ep 2: 64 experts of
+  width 768 per GPU) instead of by width (moe_tp 2: 128 of width 384);
 * ``b cp2 moe_dp2`` — attn_cp 2, every GPU holds every expert (the seed's baseline);
 * ``c tp2``         — attn_tp 2, moe_tp 2 (k = 1).
 
@@ -60,19 +61,23 @@ LAYOUTS = {
     "a-rep cp2 moe_dp1 replicated": dict(attn_cp=2, moe_tp=2, moe_ep=1, moe_dp=1),
     # the same layout with the MoE shard split by expert instead of by expert width
     "a-ep cp2 moe_dp1 moe_ep2": dict(attn_cp=2, moe_ep=2, moe_tp=1, moe_dp=1),
+    # ... with the decode rows replicated over CP: whole experts per GPU (64 x 768)
+    "a-rep-ep cp2 moe_dp1 moe_ep2 replicated": dict(attn_cp=2, moe_ep=2, moe_tp=1, moe_dp=1),
     "b cp2 moe_dp2": dict(attn_cp=2, moe_dp=2, moe_tp=1, moe_ep=1),
     "c tp2": dict(attn_tp=2, moe_tp=2, moe_ep=1),
 }
-REPLICATED = {"a-rep cp2 moe_dp1 replicated"}   # decode_rows="replicated"; the rest: one owner
+# decode_rows="replicated"; the rest: one owner
+REPLICATED = {"a-rep cp2 moe_dp1 replicated", "a-rep-ep cp2 moe_dp1 moe_ep2 replicated"}
 BF16 = torch.bfloat16
 
 
-def set_symm_active(groups, active: bool) -> None:
-    """Route the decode collectives through symmetric memory (True) or NCCL (False)."""
+def set_symm_active(groups, active: bool, fuse: bool = True) -> None:
+    """Route the decode collectives through symmetric memory (True) or NCCL (False); ``fuse``:
+    the fused exchange + merge / reduce + add + norm kernels where they apply."""
     for axis in GROUP_AXES:
         fast = getattr(groups, axis).fast
         if fast is not None:
-            fast.active = active
+            fast.active, fast.fuse = active, fuse
 
 
 def random_model(cfg: ModelConfig, groups, device) -> CausalLM:
@@ -277,9 +282,12 @@ def main() -> None:
     parser.add_argument("--decode-kernel", nargs="+", default=["auto"], choices=DECODE_KERNELS,
                         help="decode attention: auto (split-K Triton kernel on CUDA) and/or "
                              "torch (batched matmuls); several = A/B in the same run")
-    parser.add_argument("--collectives", nargs="+", default=["symm"], choices=["symm", "nccl"],
+    parser.add_argument("--collectives", nargs="+", default=["symm"],
+                        choices=["symm", "symm-unfused", "nccl"],
                         help="decode-size collectives through symmetric memory (one Triton "
-                             "kernel each) and/or NCCL; several = A/B in the same run")
+                             "kernel each; 'symm' also fuses the CP merge and the MoE sum's add + "
+                             "norm into them, 'symm-unfused' does not) and/or NCCL; several = "
+                             "A/B in the same run")
     parser.add_argument("--sampling", nargs="+", default=["greedy"], choices=["greedy", "sampled"],
                         help=f"greedy (argmax) and/or sampled ({SAMPLED}, a seed per request); "
                              "several = A/B in the same run")
@@ -317,7 +325,7 @@ def main() -> None:
             for batch in args.batch:
                 for kern, coll, sampling in variants:
                     set_decode_kernel(kern)
-                    set_symm_active(groups, coll == "symm")
+                    set_symm_active(groups, coll != "nccl", coll == "symm")
                     label = name if len(variants) == 1 else f"{name} [{kern} {coll} {sampling}]"
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats()
@@ -366,7 +374,8 @@ def main() -> None:
                           and r["sampling"] == smp}
                     b = by.get("b cp2 moe_dp2")
                     for name in ("a cp2 moe_dp1", "a-ep cp2 moe_dp1 moe_ep2",
-                                 "a-rep cp2 moe_dp1 replicated"):
+                                 "a-rep cp2 moe_dp1 replicated",
+                                 "a-rep-ep cp2 moe_dp1 moe_ep2 replicated"):
                         if b and name in by:
                             print(f"prompt {prompt} batch {batch} [{kern} {coll} {smp}]: "
                                   f"{name.split()[0]} "

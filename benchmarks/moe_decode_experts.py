@@ -36,7 +36,8 @@ from megatron_ext.parallel.groups import ParallelGroups  # noqa: E402
 
 SHAPES = {"128x384": (128, 384), "64x768": (64, 768), "128x768": (128, 768)}
 BF16 = torch.bfloat16
-GRID = dict(block_n=(32, 64, 128), block_k=(64, 128, 256), num_warps=(4, 8), num_stages=(3, 4))
+GRID = dict(block_n=(32, 64, 128, 256), block_k=(64, 128, 256), num_warps=(4, 8),
+            num_stages=(2, 3, 4))
 # the sweep's config for each block_m is chosen from the --sweep-tokens that take that block_m
 
 
@@ -76,6 +77,67 @@ def fused_16_rows(experts: RoutedExperts, x, assign, weights) -> torch.Tensor:
     act = de.gate_up_act(x, assign.token_index, assign.counts, row_weights(weights, assign),
                          experts.gate_proj, experts.up_proj, gate_up)
     return de.down_proj_rows(act, assign.counts, experts.down_proj, down)
+
+
+#: same-run variants of the tabled configs (``--variants``): ``down`` launched without PDL (the
+#: tables start it while ``gate_up`` drains). A bulk L2 prefetch of each program's weight tile
+#: was measured this way too and rejected (BENCHMARKS.md §11f)
+VARIANTS = {"without pdl": (dict(pdl=False), dict(pdl=False))}
+
+
+def fused_variant(experts: RoutedExperts, x, assign, weights, gate_up_change: dict,
+                  down_change: dict) -> torch.Tensor:
+    """The fused path with the tabled configs changed by ``gate_up_change`` / ``down_change``."""
+    inter, hidden = experts.gate_proj.shape[1:]
+    n = assign.token_index.numel()
+    num_local = experts.gate_proj.shape[0]
+    gate_up = de.launch_config(de.GATE_UP_CONFIGS, inter, hidden, n, num_local)
+    down = de.launch_config(de.DOWN_CONFIGS, inter, hidden, n, num_local)
+    act = de.gate_up_act(x, assign.token_index, assign.counts, row_weights(weights, assign),
+                         experts.gate_proj, experts.up_proj, gate_up._replace(**gate_up_change))
+    return de.down_proj_rows(act, assign.counts, experts.down_proj, down._replace(**down_change))
+
+
+def variants(args, device, bandwidth: float) -> list:
+    """µs of each :data:`VARIANTS` entry next to the tabled configs, same run, same steps; each
+    checked bit-equal to the tabled configs' output (prefetch and PDL change no arithmetic)."""
+    gen = torch.Generator(device=device).manual_seed(2)
+    rows, out = [], []
+    for shape in args.shapes:
+        num_local, inter = SHAPES[shape]
+        experts = make_experts(num_local, inter, args.hidden, device)
+        for tokens in args.tokens:
+            x, assign, weights = make_step(num_local, args.experts, args.top_k, tokens,
+                                           args.hidden, gen, device)
+            valid = int(assign.counts.sum())
+            nbytes = touched_bytes(experts, assign.counts)
+            with torch.no_grad():
+                ref = fused_path(experts, x, assign, weights)[:valid]
+                base = time_graph(lambda: fused_path(experts, x, assign, weights))
+                line = [shape, tokens, base, 100 * nbytes / base / 1e-6 / bandwidth]
+                record = dict(shape=shape, tokens=tokens, tabled_us=base)
+                for name, (gu, dn) in VARIANTS.items():
+                    try:
+                        got = fused_variant(experts, x, assign, weights, gu, dn)[:valid]
+                        same = bool(torch.equal(got, ref))
+                        t = time_graph(lambda: fused_variant(experts, x, assign, weights, gu, dn))
+                    except Exception as exc:  # noqa: BLE001 - report, keep the others
+                        print(f"{shape} {tokens} {name}: {type(exc).__name__}: {exc}"[:300])
+                        same, t = False, None
+                    record[name] = dict(us=t, equal=same)
+                    line += [t, None if t is None else 100 * nbytes / t / 1e-6 / bandwidth,
+                             "=" if same else "DIFF"]
+            rows.append(line)
+            out.append(record)
+            print(record, flush=True)
+        del experts
+        torch.cuda.empty_cache()
+    head = ["shape", "tokens", "tabled µs", "%HBM"]
+    for name in VARIANTS:
+        head += [f"{name} µs", "%HBM", "bits"]
+    print(f"\nVariants of the fused experts, same run; {device_name()}")
+    print(table(head, rows), flush=True)
+    return out
 
 
 def touched_bytes(experts: RoutedExperts, counts: torch.Tensor) -> int:
@@ -157,9 +219,13 @@ def sweep(args, device) -> dict:
                                                    experts.gate_proj, experts.up_proj, c),
             "down": lambda c, s: de.down_proj_rows(s[4], s[2].counts, experts.down_proj, c),
         }
+        grid = dict(GRID, **args.grid)
         for block_m, cases in steps.items():
-            configs = [de.LaunchConfig(block_m, *c) for c in itertools.product(*GRID.values())]
+            configs = [de.LaunchConfig(block_m, *c, pdl=True)
+                       for c in itertools.product(*grid.values())]
             for name, kernel in kernels.items():
+                if name not in args.sweep_kernels:
+                    continue
                 timed = []
                 for c in configs:
                     try:
@@ -192,6 +258,13 @@ def sweep(args, device) -> dict:
     return {f"{s} {n} {m}": {"config": tuple(v[2]), "us": v[1]} for (s, n, m), v in best.items()}
 
 
+def _grid_entry(text: str) -> tuple[str, tuple[int, ...]]:
+    name, _, values = text.partition("=")
+    if name not in GRID or not values:
+        raise argparse.ArgumentTypeError(f"{text!r}: use NAME=V1,V2 with NAME in {list(GRID)}")
+    return name, tuple(int(v) for v in values.split(","))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, nargs="*", default=[16, 32, 64, 128, 256])
@@ -202,10 +275,22 @@ def main() -> None:
     parser.add_argument("--sweep-tokens", type=int, nargs="*", default=[32, 64, 128, 256])
     parser.add_argument("--sweep-block-m", type=int, nargs="*", default=[16, 32])
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--sweep-kernels", nargs="*", default=["gate_up", "down"],
+                        choices=["gate_up", "down"])
+    parser.add_argument("--grid", nargs="*", default=[], type=_grid_entry,
+                        help="narrow the sweep's GRID, e.g. block_n=128,256 num_stages=2,3")
+    parser.add_argument("--variants", action="store_true",
+                        help="only the same-run variants of the tabled configs (VARIANTS)")
     args = parser.parse_args()
+    args.grid = dict(args.grid)
     require_cuda(__file__)
     device = torch.device("cuda", torch.cuda.current_device())
     bandwidth = hbm_bandwidth(device)
+    if args.variants:
+        write_results("moe_decode_experts_variants",
+                      {"device": device_name(), "args": vars(args), "hbm_bytes_per_s": bandwidth,
+                       "variants": variants(args, device, bandwidth)})
+        return
     payload = {"device": device_name(), "args": vars(args), "hbm_bytes_per_s": bandwidth,
                "compare": compare(args, device, bandwidth)}
     if args.sweep:

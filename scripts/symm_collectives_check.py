@@ -1,5 +1,6 @@
 """2+ GPUs: the symmetric-memory collectives equal NCCL's, eagerly and replayed from a CUDA
-graph, and a batched decode through them returns the tokens of the NCCL decode.
+graph; the fused decode step (MoE sum + residual add + RMSNorm, one kernel) equals NCCL followed
+by the unfused kernel, bit for bit.
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
         torchrun --nproc-per-node 2 scripts/symm_collectives_check.py
@@ -21,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._common import init_nccl, require_cuda  # noqa: E402
 from megatron_ext.communication import collectives as C  # noqa: E402
 from megatron_ext.communication.symm_collectives import with_symm_collectives  # noqa: E402
+from megatron_ext.layers.norm import RMSNorm  # noqa: E402
 from megatron_ext.parallel.groups import build_groups  # noqa: E402
 from megatron_ext.parallel.topology import Topology  # noqa: E402
 
@@ -48,6 +50,20 @@ def _reference_sums(group, x, xs):
         total += pieces_s[r]
     n = xs.shape[0] // w
     return whole.to(x.dtype), total[group.rank * n:(group.rank + 1) * n].to(xs.dtype)
+
+
+def _fused_steps(g_fast, g_nccl, rows: int, gen, device) -> dict:
+    """name → (fused result, unfused reference through NCCL)."""
+    w = g_fast.size
+    out = {}
+    x = torch.randn(rows, 2048, device=device, dtype=torch.bfloat16, generator=gen)
+    residual = torch.randn(rows, 2048, device=device, dtype=torch.bfloat16, generator=gen)
+    norm = RMSNorm(2048, 1e-6, dtype=torch.bfloat16, device=device)
+    norm.weight.uniform_(0.5, 1.5, generator=gen)
+    fused = C.fused_all_reduce_add_norm(x, residual, norm, g_fast)
+    summed = _reference_sums(g_nccl, x, x.repeat(w, 1))[0]   # rank-order float32, one rounding
+    out["all_reduce + add + rms_norm"] = (fused, norm.add_norm(summed, residual))
+    return out
 
 
 def main() -> int:
@@ -87,6 +103,12 @@ def main() -> int:
                     err = (got[op].float() - want[op].float()).abs().max().item()
                     check(f"{op} ~ NCCL", err <= 2e-2 * want[op].float().abs().max().item(),
                           f"{tag} max err {err:.3g}")
+        for rows in (1, 16, 64, 250):
+            for name, (fused, want) in _fused_steps(g_fast, g_nccl, rows, gen, device).items():
+                ok = fused is not None and (all(torch.equal(a, b) for a, b in zip(fused, want))
+                                            if isinstance(want, tuple) else
+                                            torch.equal(fused, want))
+                check(f"fused {name} == NCCL + kernel", ok, f"rows={rows}")
         # replayed from a CUDA graph with new inputs each time
         x = torch.zeros(64, 2048, device=device, dtype=torch.bfloat16)
         xs = torch.zeros(64 * world, 2048, device=device, dtype=torch.bfloat16)

@@ -369,3 +369,22 @@ def all_to_all(x: torch.Tensor, group: AxisGroup, output_split_sizes: Sequence[i
         raise ValueError(f"all_to_all over {group.name}: input_split_sizes={in_splits} sum to "
                          f"{sum(in_splits)} but x has {x.shape[0]} rows")
     return _AllToAll.apply(x, group, out_splits, in_splits)
+
+
+# ------------------------------------------------------------------- fused decode collectives
+def fused_all_reduce_add_norm(partial: torch.Tensor, residual: Optional[torch.Tensor], norm,
+                              group: Optional[AxisGroup]
+                              ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """Inference: ``h = Σ_group partial + residual`` and ``(norm(h), h)`` in one symmetric-memory
+    kernel, for a norm with the :class:`~megatron_ext.layers.norm.RMSNorm` contract
+    (``add_norm``, ``weight``, ``eps``). ``None`` where it does not apply (the caller
+    all-reduces, then ``norm.add_norm``: the same kernel math, so the same bits). No residual
+    (a first layer's embedding sum) is left to the caller too: its ``norm(h)`` rounds
+    differently. Counted as the all-reduce."""
+    if group is None or group.is_trivial or group.fast is None or residual is None or \
+            getattr(norm, "add_norm", None) is None:
+        return None
+    out = group.fast.all_reduce_add_rms_norm(partial, residual, norm.weight, norm.eps)
+    if out is not None:
+        record("all_reduce", group.name, _nbytes(partial), "forward")
+    return out

@@ -34,6 +34,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
+from megatron_ext.communication.collectives import fused_all_reduce_add_norm
 from megatron_ext.communication.mode_transitions import (check_rows, complete_sum,
                                                         gather_attention_rows, moe_rows_mode,
                                                         to_consumer)
@@ -194,6 +195,9 @@ class LayerCommunicator:
             if (self.fused_reduce_add_norm is not None and group is not None
                     and not group.is_trivial):
                 return self.fused_reduce_add_norm(hidden.partial, residual, norm, group)
+            fused = fused_all_reduce_add_norm(hidden.partial, residual, norm, group)
+            if fused is not None:   # inference over symmetric memory: one kernel
+                return fused
             hidden = hidden.complete(self.groups)
         check_rows(hidden, mode, layout, f"hidden in {mode.name}")
         if residual is not None and hasattr(norm, "add_norm"):   # one pass where it can

@@ -79,7 +79,10 @@ def triton_available(device: torch.device) -> bool:
 def _launch(x2: Optional[torch.Tensor], residual2: Optional[torch.Tensor], weight: torch.Tensor,
             eps: float, rows: int, cols: int, dtype: torch.dtype, device: torch.device,
             reducer: Optional[SymmMemAllReduce] = None,
-            staged: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+            staged: Optional[torch.Tensor] = None,
+            copy_in: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel: ``x2`` alone (no reducer), or every rank's partial from the reducer's buffer
+    ``staged`` — already there, or (``copy_in``) copied there from ``x2`` by the kernel."""
     kernel = _triton_kernel()
     h = torch.empty((rows, cols), dtype=dtype, device=device)
     y_dtype = torch.promote_types(dtype, weight.dtype)
@@ -92,9 +95,10 @@ def _launch(x2: Optional[torch.Tensor], residual2: Optional[torch.Tensor], weigh
         world = reducer.world_size
         grid = max(1, min(rows, 2 * sms, reducer.signal_slots // world))
         peers, signals = reducer.peer_pointers(staged), reducer.signal_pointers()
-        kernel[(grid,)](staged, peers, signals, residual2 if has_res else h, h, y, weight,
-                        rows, cols, eps, grid, RANK=reducer.rank, WORLD=world, FROM_PEERS=True,
-                        HAS_RESIDUAL=has_res, BLOCK=block, num_warps=warps)
+        kernel[(grid,)](x2 if copy_in else staged, peers, signals,
+                        residual2 if has_res else h, h, y, weight, rows, cols, eps, grid,
+                        RANK=reducer.rank, WORLD=world, FROM_PEERS=True, HAS_RESIDUAL=has_res,
+                        BLOCK=block, COPY_IN=copy_in, num_warps=warps)
     else:
         grid = max(1, min(rows, 4 * sms))
         kernel[(grid,)](x2, x2, x2, residual2 if has_res else h, h, y, weight,
@@ -194,6 +198,23 @@ def reduce_add_rms_norm(partial: torch.Tensor, residual: Optional[torch.Tensor],
                                        for t in (partial, residual, weight)):
         return _ReduceAddRMSNorm.apply(partial, residual, weight, eps, reducer, method)
     return _forward(partial, residual, weight, eps, reducer, method)  # inference: no graph
+
+
+def copy_in_reduce_add_rms_norm(partial: torch.Tensor, residual: Optional[torch.Tensor],
+                                weight: torch.Tensor, eps: float, reducer: SymmMemAllReduce
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inference: :func:`reduce_add_rms_norm`'s ``fused`` method with the partial copied into the
+    next buffer slot by the kernel itself (no staging copy): one kernel, one barrier. The caller
+    checks that it applies (CUDA, Triton, a partial that fits a slot, one dtype)."""
+    _check(partial, residual, weight)
+    cols = partial.shape[-1]
+    rows = partial.numel() // cols
+    slot = reducer.next_slot(partial.numel() * partial.element_size()).view(partial.dtype)
+    res2 = None if residual is None else residual.reshape(rows, cols).contiguous()
+    y, h = _launch(partial.reshape(rows, cols).contiguous(), res2, weight.contiguous(), eps, rows,
+                   cols, partial.dtype, partial.device, reducer=reducer,
+                   staged=slot[:rows * cols].view(rows, cols), copy_in=True)
+    return y.view(partial.shape), h.view(partial.shape)
 
 
 def add_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,

@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from megatron_ext.communication.fused_reduce_norm import (MAX_TRITON_HIDDEN,
+                                                          copy_in_reduce_add_rms_norm)
 from megatron_ext.communication.symm_mem import SymmMemAllReduce, SymmMemConfig
 from megatron_ext.kernels.triton_loader import kernel_module
 from megatron_ext.parallel.axes import GROUP_AXES
@@ -40,6 +42,7 @@ class SymmCollectives:
         self.reducer = SymmMemAllReduce(axis, device, config, uniform_tokens=True)
         self._sms: Optional[int] = None
         self.active = True   # False: every call to NCCL (same-run A/B in benchmarks)
+        self.fuse = True     # False: no fused reduce + add + norm (same-run A/B in benchmarks)
 
     @property
     def enabled(self) -> bool:
@@ -97,6 +100,22 @@ class SymmCollectives:
         rank's piece for this rank, group-rank order."""
         return self._run(x, torch.empty_like(x, memory_format=torch.contiguous_format),
                          self.reducer.world_size, self.reducer.rank, False)
+
+    def all_reduce_add_rms_norm(self, partial: torch.Tensor, residual: Optional[torch.Tensor],
+                                weight: torch.Tensor, eps: float
+                                ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """``h = Σ_group partial (+ residual)``, returns ``(rms_norm(h) · weight, h)`` in one
+        kernel (copy in, one barrier, sum in group-rank order, add, norm); ``None`` where it does
+        not apply (the caller reduces, adds and normalises): the same roundings as
+        :meth:`all_reduce` followed by the add + RMSNorm kernel."""
+        cols = partial.shape[-1]
+        if not (self.fuse and not torch.is_grad_enabled() and self.serves(partial, 1, True)
+                and cols <= MAX_TRITON_HIDDEN
+                and partial.dtype == weight.dtype and weight.shape == (cols,)
+                and (residual is None or (residual.shape == partial.shape
+                                          and residual.dtype == partial.dtype))):
+            return None
+        return copy_in_reduce_add_rms_norm(partial, residual, weight, eps, self.reducer)
 
 
 def with_symm_collectives(groups: ParallelGroups, device: torch.device,

@@ -24,3 +24,14 @@ def sm_count(device: torch.device) -> int:
 @functools.lru_cache(maxsize=None)
 def _sm_count_of(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def hopper_or_newer(device: torch.device) -> bool:
+    """Whether a CUDA device is sm_90 or newer (programmatic dependent launch)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability_of(index)[0] >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_of(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)

@@ -12,6 +12,7 @@ Imported only through :func:`megatron_ext.kernels.triton_loader.kernel_module` (
 import triton
 import triton.language as tl
 
+from megatron_ext.kernels.grid_dependency import release_dependents, wait_prior_grid
 from megatron_ext.kernels.swiglu import _act
 
 
@@ -33,11 +34,15 @@ def _chunk(start, count, m0, BLOCK_M: tl.constexpr):
 @triton.jit
 def gate_up_act(x_ptr, tok_ptr, counts_ptr, rw_ptr, rw_index_ptr, g_ptr, u_ptr, out_ptr, H, I,
                 HAS_W: tl.constexpr, W_INDEX: tl.constexpr, E_POW2: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                RELEASE: tl.constexpr = False):
     """out[r, n] = act(x[tok[r]] @ gate[e, n]ᵀ, x[tok[r]] @ up[e, n]ᵀ) (· rw[r] with ``HAS_W``;
     ``rw[rw_index[r]]`` with ``W_INDEX``: the routing weights read in place, no gather kernel)
     for the rows r of local expert e = program_id(0), columns n of block program_id(1).
-    x [T, H], gate/up [E, I, H], out [N, I], all contiguous."""
+    x [T, H], gate/up [E, I, H], out [N, I], all contiguous. ``RELEASE``: a PDL-launched
+    ``down`` may start as this kernel's last programs run."""
+    if RELEASE:
+        release_dependents()
     e = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < I
@@ -72,13 +77,17 @@ def gate_up_act(x_ptr, tok_ptr, counts_ptr, rw_ptr, rw_index_ptr, g_ptr, u_ptr, 
 
 @triton.jit
 def down(a_ptr, counts_ptr, w_ptr, out_ptr, H, I, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
-         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, AFTER_PRIOR: tl.constexpr = False):
     """out[r, n] = a[r] @ w[e, n]ᵀ for the rows r of local expert e = program_id(0), columns n
-    of block program_id(1). a [N, I], w [E, H, I], out [N, H], all contiguous."""
+    of block program_id(1). a [N, I], w [E, H, I], out [N, H], all contiguous. ``AFTER_PRIOR``
+    (launched with PDL after ``gate_up_act``): the counts (written before ``gate_up_act``
+    started) are read at once, the activations only after ``gate_up_act`` completes."""
     e = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < H
     start, count = _expert_rows(counts_ptr, e, E_POW2)
+    if AFTER_PRIOR:
+        wait_prior_grid()
     w_off = e * H * I + cols[None, :].to(tl.int64) * I          # [1, BLOCK_N]
     for m0 in range(0, count, BLOCK_M):
         rows, row_ok = _chunk(start, count, m0, BLOCK_M)

@@ -22,7 +22,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from megatron_ext.kernels.launch import cdiv, next_power_of_2
+from megatron_ext.kernels.launch import cdiv, hopper_or_newer, next_power_of_2
 from megatron_ext.kernels.triton_loader import kernel_module
 
 MAX_ROWS_PER_EXPERT = 32   # decode-sized: rows (assignments) per local expert on average
@@ -35,6 +35,7 @@ class LaunchConfig(NamedTuple):
     block_k: int     # reduction step
     num_warps: int
     num_stages: int
+    pdl: bool = False   # down starts while gate_up drains (programmatic launch, sm_90+)
 
 
 def block_rows(num_rows: int, num_local: int) -> int:
@@ -47,23 +48,23 @@ def block_rows(num_rows: int, num_local: int) -> int:
 
 
 def default_config(block_m: int) -> LaunchConfig:
-    return LaunchConfig(block_m, 64, 128, 4, 3)
+    return LaunchConfig(block_m, 64, 128, 4, 3, True)
 
 
 # (intermediate I_local, hidden H, block_m) → config; keys of the Qwen3-30B-A3B shapes (moe_tp 2
 # and 1), from ``benchmarks/moe_decode_experts.py --sweep`` on an H200 (BENCHMARKS.md §11d; the
-# 32-row ones §11e: 192 and 256 tokens)
+# 32-row ones §11e: 192 and 256 tokens; PDL ``--variants``, §11f)
 GATE_UP_CONFIGS: dict[tuple[int, int, int], LaunchConfig] = {
-    (384, 2048, 16): LaunchConfig(16, 64, 128, 4, 3),
-    (768, 2048, 16): LaunchConfig(16, 64, 128, 4, 3),
-    (384, 2048, 32): LaunchConfig(32, 64, 64, 4, 3),
-    (768, 2048, 32): LaunchConfig(32, 64, 128, 4, 3),
+    (384, 2048, 16): LaunchConfig(16, 64, 128, 4, 3, True),
+    (768, 2048, 16): LaunchConfig(16, 64, 128, 4, 3, True),
+    (384, 2048, 32): LaunchConfig(32, 64, 64, 4, 3, True),
+    (768, 2048, 32): LaunchConfig(32, 64, 128, 4, 3, True),
 }
 DOWN_CONFIGS: dict[tuple[int, int, int], LaunchConfig] = {
-    (384, 2048, 16): LaunchConfig(16, 128, 128, 4, 4),
-    (768, 2048, 16): LaunchConfig(16, 64, 128, 4, 4),
-    (384, 2048, 32): LaunchConfig(32, 64, 64, 4, 4),
-    (768, 2048, 32): LaunchConfig(32, 128, 128, 4, 3),
+    (384, 2048, 16): LaunchConfig(16, 128, 128, 4, 4, True),
+    (768, 2048, 16): LaunchConfig(16, 64, 128, 4, 4, True),
+    (384, 2048, 32): LaunchConfig(32, 64, 64, 4, 4, True),
+    (768, 2048, 32): LaunchConfig(32, 128, 128, 4, 3, True),
 }
 
 
@@ -78,6 +79,11 @@ def launch_config(table: dict, inter: int, hidden: int, num_rows: int,
 @functools.lru_cache(maxsize=None)
 def _kernels():
     return kernel_module("moe_experts")
+
+
+def _pdl(c: LaunchConfig, device: torch.device) -> bool:
+    """Whether ``c`` asks for programmatic dependent launch and the GPU has it (sm_90+)."""
+    return c.pdl and hopper_or_newer(device)
 
 
 def fused_experts_apply(x: torch.Tensor, weight: torch.Tensor, num_rows: int,
@@ -130,7 +136,8 @@ def gate_up_act(x: torch.Tensor, token_index: torch.Tensor, counts: torch.Tensor
         gate_proj.contiguous(), up_proj.contiguous(), out, hidden, inter,
         HAS_W=row_weights is not None, W_INDEX=weight_index is not None,
         E_POW2=next_power_of_2(num_local), BLOCK_M=c.block_m,
-        BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages)
+        BLOCK_N=c.block_n, BLOCK_K=c.block_k, RELEASE=_pdl(c, x.device),
+        num_warps=c.num_warps, num_stages=c.num_stages)
     return out
 
 
@@ -147,8 +154,11 @@ def down_proj_rows(act: torch.Tensor, counts: torch.Tensor, down_proj: torch.Ten
     if n == 0:
         return out
     c = config or launch_config(DOWN_CONFIGS, inter, hidden, n, num_local)
+    pdl = _pdl(c, act.device)
+    extra = {"launch_pdl": True} if pdl else {}
     _kernels().down[(num_local, cdiv(hidden, c.block_n))](
         act.contiguous(), counts.contiguous(), down_proj.contiguous(), out, hidden, inter,
         E_POW2=next_power_of_2(num_local), BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-        BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages)
+        BLOCK_K=c.block_k, AFTER_PRIOR=pdl, num_warps=c.num_warps,
+        num_stages=c.num_stages, **extra)
     return out
