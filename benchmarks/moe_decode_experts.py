@@ -98,40 +98,46 @@ def fused_variant(experts: RoutedExperts, x, assign, weights, gate_up_change: di
     return de.down_proj_rows(act, assign.counts, experts.down_proj, down._replace(**down_change))
 
 
-def variants(args, device, bandwidth: float) -> list:
-    """µs of each :data:`VARIANTS` entry next to the tabled configs, same run, same steps; each
-    checked bit-equal to the tabled configs' output (prefetch and PDL change no arithmetic)."""
-    gen = torch.Generator(device=device).manual_seed(2)
-    rows, out = [], []
+def steps(args, device, seed: int):
+    """``(shape, tokens, experts, x, assign, weights)`` for every ``--shapes`` × ``--tokens``,
+    one expert set per shape (freed before the next)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
     for shape in args.shapes:
         num_local, inter = SHAPES[shape]
         experts = make_experts(num_local, inter, args.hidden, device)
         for tokens in args.tokens:
-            x, assign, weights = make_step(num_local, args.experts, args.top_k, tokens,
-                                           args.hidden, gen, device)
-            valid = int(assign.counts.sum())
-            nbytes = touched_bytes(experts, assign.counts)
-            with torch.no_grad():
-                ref = fused_path(experts, x, assign, weights)[:valid]
-                base = time_graph(lambda: fused_path(experts, x, assign, weights))
-                line = [shape, tokens, base, 100 * nbytes / base / 1e-6 / bandwidth]
-                record = dict(shape=shape, tokens=tokens, tabled_us=base)
-                for name, (gu, dn) in VARIANTS.items():
-                    try:
-                        got = fused_variant(experts, x, assign, weights, gu, dn)[:valid]
-                        same = bool(torch.equal(got, ref))
-                        t = time_graph(lambda: fused_variant(experts, x, assign, weights, gu, dn))
-                    except Exception as exc:  # noqa: BLE001 - report, keep the others
-                        print(f"{shape} {tokens} {name}: {type(exc).__name__}: {exc}"[:300])
-                        same, t = False, None
-                    record[name] = dict(us=t, equal=same)
-                    line += [t, None if t is None else 100 * nbytes / t / 1e-6 / bandwidth,
-                             "=" if same else "DIFF"]
-            rows.append(line)
-            out.append(record)
-            print(record, flush=True)
+            yield (shape, tokens, experts) + make_step(num_local, args.experts, args.top_k,
+                                                       tokens, args.hidden, gen, device)
         del experts
         torch.cuda.empty_cache()
+
+
+def variants(args, device, bandwidth: float) -> list:
+    """µs of each :data:`VARIANTS` entry next to the tabled configs, same run, same steps; each
+    checked bit-equal to the tabled configs' output (PDL changes no arithmetic)."""
+    rows, out = [], []
+    for shape, tokens, experts, x, assign, weights in steps(args, device, seed=2):
+        valid = int(assign.counts.sum())
+        nbytes = touched_bytes(experts, assign.counts)
+        with torch.no_grad():
+            ref = fused_path(experts, x, assign, weights)[:valid]
+            base = time_graph(lambda: fused_path(experts, x, assign, weights))
+            line = [shape, tokens, base, 100 * nbytes / base / 1e-6 / bandwidth]
+            record = dict(shape=shape, tokens=tokens, tabled_us=base)
+            for name, (gu, dn) in VARIANTS.items():
+                try:
+                    got = fused_variant(experts, x, assign, weights, gu, dn)[:valid]
+                    same = bool(torch.equal(got, ref))
+                    t = time_graph(lambda: fused_variant(experts, x, assign, weights, gu, dn))
+                except Exception as exc:  # noqa: BLE001 - report, keep the others
+                    print(f"{shape} {tokens} {name}: {type(exc).__name__}: {exc}"[:300])
+                    same, t = False, None
+                record[name] = dict(us=t, equal=same)
+                line += [t, None if t is None else 100 * nbytes / t / 1e-6 / bandwidth,
+                         "=" if same else "DIFF"]
+        rows.append(line)
+        out.append(record)
+        print(record, flush=True)
     head = ["shape", "tokens", "tabled µs", "%HBM"]
     for name in VARIANTS:
         head += [f"{name} µs", "%HBM", "bits"]
@@ -148,40 +154,33 @@ def touched_bytes(experts: RoutedExperts, counts: torch.Tensor) -> int:
 
 
 def compare(args, device, bandwidth: float) -> list[dict]:
-    gen = torch.Generator(device=device).manual_seed(0)
     results, rows = [], []
-    for shape in args.shapes:
-        num_local, inter = SHAPES[shape]
-        experts = make_experts(num_local, inter, args.hidden, device)
-        for tokens in args.tokens:
-            x, assign, weights = make_step(num_local, args.experts, args.top_k, tokens,
-                                           args.hidden, gen, device)
-            valid = int(assign.counts.sum())
-            n_rows = assign.token_index.numel()
-            with torch.no_grad():
-                old = current_path(experts, x, assign, weights, args.top_k)[:valid].float()
-                new = fused_path(experts, x, assign, weights)[:valid].float()
-                err = float((old - new).norm() / old.norm())
-                t_old = time_graph(lambda: current_path(experts, x, assign, weights, args.top_k))
-                t_new = time_graph(lambda: fused_path(experts, x, assign, weights))
-                block_m = de.block_rows(n_rows, num_local)
-                t_16 = t_new if block_m == 16 else time_graph(
-                    lambda: fused_16_rows(experts, x, assign, weights))
-                taken = experts.fused_decode_applies(x, n_rows)
-            nbytes = touched_bytes(experts, assign.counts)
-            r = dict(shape=shape, tokens=tokens, rows=valid, weight_bytes=nbytes,
-                     current_us=t_old, fused_us=t_new, fused_16_rows_us=t_16, block_m=block_m,
-                     rel_diff=err,
-                     fused_taken=taken)
-            results.append(r)
-            gbs = [None if t is None else nbytes / t / 1e3 for t in (t_old, t_new)]
-            pct = [None if g is None else 100 * g * 1e9 / bandwidth for g in gbs]
-            rows.append([shape, tokens, valid, f"{nbytes / 1e6:.0f}", t_old, t_16, block_m, t_new,
-                         None if None in (t_old, t_new) else t_old / t_new, gbs[0], gbs[1],
-                         pct[0], pct[1], f"{err:.1e}", "yes" if r["fused_taken"] else "no"])
-            print(r, flush=True)
-        del experts
-        torch.cuda.empty_cache()
+    for shape, tokens, experts, x, assign, weights in steps(args, device, seed=0):
+        num_local = experts.gate_proj.shape[0]
+        valid = int(assign.counts.sum())
+        n_rows = assign.token_index.numel()
+        with torch.no_grad():
+            old = current_path(experts, x, assign, weights, args.top_k)[:valid].float()
+            new = fused_path(experts, x, assign, weights)[:valid].float()
+            err = float((old - new).norm() / old.norm())
+            t_old = time_graph(lambda: current_path(experts, x, assign, weights, args.top_k))
+            t_new = time_graph(lambda: fused_path(experts, x, assign, weights))
+            block_m = de.block_rows(n_rows, num_local)
+            t_16 = t_new if block_m == 16 else time_graph(
+                lambda: fused_16_rows(experts, x, assign, weights))
+            taken = experts.fused_decode_applies(x, n_rows)
+        nbytes = touched_bytes(experts, assign.counts)
+        r = dict(shape=shape, tokens=tokens, rows=valid, weight_bytes=nbytes,
+                 current_us=t_old, fused_us=t_new, fused_16_rows_us=t_16, block_m=block_m,
+                 rel_diff=err,
+                 fused_taken=taken)
+        results.append(r)
+        gbs = [None if t is None else nbytes / t / 1e3 for t in (t_old, t_new)]
+        pct = [None if g is None else 100 * g * 1e9 / bandwidth for g in gbs]
+        rows.append([shape, tokens, valid, f"{nbytes / 1e6:.0f}", t_old, t_16, block_m, t_new,
+                     None if None in (t_old, t_new) else t_old / t_new, gbs[0], gbs[1],
+                     pct[0], pct[1], f"{err:.1e}", "yes" if r["fused_taken"] else "no"])
+        print(r, flush=True)
     print(f"\nRouted experts of one decode step, hidden {args.hidden}, top-{args.top_k} of "
           f"{args.experts}, bf16, CUDA graphs; {device_name()}; HBM copy "
           f"{bandwidth / 1e12:.2f} TB/s")
