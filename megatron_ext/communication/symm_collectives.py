@@ -118,6 +118,25 @@ class SymmCollectives:
         return copy_in_reduce_add_rms_norm(partial, residual, weight, eps, self.reducer)
 
 
+def symm_reducers(groups: ParallelGroups) -> list[SymmMemAllReduce]:
+    """The distinct symmetric buffers behind ``groups``' fast collectives, in axis order."""
+    seen: dict[int, SymmMemAllReduce] = {}
+    for axis in GROUP_AXES:
+        fast = getattr(groups, axis).fast
+        if fast is not None and fast.enabled:
+            seen.setdefault(id(fast.reducer), fast.reducer)
+    return list(seen.values())
+
+
+def align_slots(groups: ParallelGroups) -> None:
+    """Every symmetric buffer of ``groups`` with slot 0 next
+    (:meth:`~megatron_ext.communication.symm_mem.SymmMemAllReduce.align_slot`): what a CUDA-graph
+    runner calls before a capture, at the end of it and before each replay. Collective over
+    each buffer's group (every rank runs the same steps, so every rank's turn is the same)."""
+    for reducer in symm_reducers(groups):
+        reducer.align_slot(0)
+
+
 def with_symm_collectives(groups: ParallelGroups, device: torch.device,
                           config: SymmMemConfig = DECODE_SYMM_CONFIG) -> ParallelGroups:
     """``groups`` with a :class:`SymmCollectives` on every multi-rank axis (one per distinct rank

@@ -177,6 +177,7 @@ class SymmMemAllReduce:
         self._buffer: Optional[torch.Tensor] = None
         self._handle = None
         self._next_slot = 0
+        self._barrier_ready = False
         self._peer_ptr_cache: dict[int, torch.Tensor] = {}
         self._signal_ptrs: Optional[torch.Tensor] = None
         self._sms: Optional[int] = None
@@ -273,6 +274,28 @@ class SymmMemAllReduce:
         slot = self._next_slot
         self._next_slot ^= 1
         return slot
+
+    def align_slot(self, slot: int = 0) -> None:
+        """Make ``slot`` the next slot, taking the other one's turn with a barrier-only kernel if
+        needed. Slots are safe to rewrite because they alternate (a rank writes a slot again only
+        after the next call's opening barrier); a replayed CUDA graph breaks the alternation when
+        it takes an odd number of slots, or when eager calls between replays leave the turn
+        elsewhere — the same slot twice in a row, a peer possibly still reading it. Aligning to
+        slot 0 before a capture, at its end (inside it) and before every replay keeps every graph
+        boundary alternating. Collective over the group: every rank's turn is the same."""
+        if not self.enabled:
+            return
+        if not self._barrier_ready and not torch.cuda.is_current_stream_capturing():
+            self._turn_without_data()   # compiled outside any capture; two turns: same slot next
+            self._turn_without_data()
+            self._barrier_ready = True
+        if self._next_slot != slot:
+            self._turn_without_data()
+
+    def _turn_without_data(self) -> None:
+        self._take_slot()
+        kernel_module("symm_barrier").barrier_only[(1,)](
+            self.signal_pointers(), RANK=self.rank, WORLD=self.world_size)
 
     def _slot(self, slot: int, nbytes: int) -> torch.Tensor:
         start = slot * self.config.slot_bytes

@@ -31,6 +31,13 @@ def symm_barrier(signals_ptr, pid, RANK: tl.constexpr, WORLD: tl.constexpr):
 
 
 @triton.jit
+def barrier_only(signals_ptr, RANK: tl.constexpr, WORLD: tl.constexpr):
+    """One program's barrier and nothing else: takes a buffer slot's turn without data (see
+    :meth:`~megatron_ext.communication.symm_mem.SymmMemAllReduce.align_slot`)."""
+    symm_barrier(signals_ptr, tl.program_id(0), RANK, WORLD)
+
+
+@triton.jit
 def peer_buffer(peers_ptr, rank, ty: tl.constexpr):
     """Rank ``rank``'s buffer from the table of peer addresses, as a ``ty`` pointer marked 16-byte
     aligned (symmetric buffers and their slots are). Triton cannot see the alignment of a pointer

@@ -25,6 +25,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from megatron_ext.communication.collectives import all_gather
+from megatron_ext.communication.symm_collectives import align_slots
 from megatron_ext.communication.token_layout import (TokenLayout, cp_replication_applies,
                                                      split_rows)
 from megatron_ext.parallel.groups import ParallelGroups
@@ -215,21 +216,27 @@ class StepRunner:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 state.step()
+                align_slots(state.groups)   # eager: the barrier kernel compiles here
             torch.cuda.current_stream().wait_stream(side)
             return
         graph = self._graphs.get(key)
         if graph is None:
-            graph = self._capture(state.step)
+            graph = self._capture(state.step, state.groups)
             self._graphs = {k: g for k, g in self._graphs.items() if k[0] == state.serial}
             self._graphs[key] = graph
+        align_slots(state.groups)   # the graph starts on slot 0: make it the next one
         graph.replay()
 
-    def _capture(self, fn: Callable[[], None]):
+    def _capture(self, fn: Callable[[], None], groups: ParallelGroups):
+        """A graph of ``fn`` whose symmetric-memory calls start on slot 0 and take an even number
+        of slots, so its replays keep the buffers' two slots alternating."""
         torch.cuda.synchronize()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
+        align_slots(groups)
         with torch.cuda.graph(graph, pool=self._pool):
             fn()
+            align_slots(groups)
         self.captures += 1
         return graph

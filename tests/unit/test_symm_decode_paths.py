@@ -1,9 +1,14 @@
-"""When a pending sum completes through the symmetric-memory reduce + add + RMSNorm kernel
-(:func:`megatron_ext.communication.collectives.fused_all_reduce_add_norm`): only with a residual,
-a norm with the RMSNorm contract and a group whose fast collectives take the partial; counted
-once as the all-reduce it replaces. The kernel itself is checked bit-equal to the unfused path on
-two GPUs (``scripts/symm_collectives_check.py``); here a stand-in for the group's ``fast`` object
-records what the communicator hands it."""
+"""The host-side choices of the symmetric-memory decode paths, with stand-ins for the GPU objects.
+
+* When a pending sum completes through the reduce + add + RMSNorm kernel
+  (:func:`megatron_ext.communication.collectives.fused_all_reduce_add_norm`): only with a
+  residual, a norm with the RMSNorm contract and a group whose fast collectives take the partial;
+  counted once as the all-reduce it replaces.
+* Which buffers a CUDA-graph runner aligns to slot 0 at graph boundaries
+  (:func:`megatron_ext.communication.symm_collectives.align_slots`).
+
+The kernels are checked on two GPUs (``scripts/symm_collectives_check.py``: bit-equal to the
+unfused path) and by the decode benchmark (tokens equal to the NCCL run)."""
 import torch
 from torch import nn
 
@@ -65,3 +70,42 @@ def test_fused_sum_declines_without_residual_other_norms_or_a_serving_group():
         assert fused_all_reduce_add_norm(partial, residual, norm, _group(declining)) is None
         assert len(declining.calls) == 1
     assert len(log) == 0   # nothing counted: the caller's all-reduce will be
+
+
+# ---------------------------------------------------------------- slot turns at graph boundaries
+class ReducerStandIn:
+    """Records ``align_slot`` calls (the real one launches a barrier-only kernel when the turn is
+    elsewhere)."""
+
+    def __init__(self):
+        self.aligned = []
+
+    def align_slot(self, slot: int = 0) -> None:
+        self.aligned.append(slot)
+
+
+class FastWithReducer:
+    def __init__(self, reducer, enabled: bool = True):
+        self.reducer, self.enabled = reducer, enabled
+
+
+def test_align_slots_visits_each_symmetric_buffer_once():
+    """A CUDA-graph runner aligns every distinct buffer behind the groups (axes with the same
+    ranks share one) to slot 0; disabled fast collectives have no buffer to align."""
+    import dataclasses
+
+    from megatron_ext.communication.symm_collectives import align_slots, symm_reducers
+    from megatron_ext.parallel.groups import ParallelGroups
+
+    shared, other, off = ReducerStandIn(), ReducerStandIn(), ReducerStandIn()
+    groups = ParallelGroups.single_process()
+    groups = dataclasses.replace(
+        groups,
+        attn_cp=dataclasses.replace(groups.attn_cp, fast=FastWithReducer(shared)),
+        moe_shard=dataclasses.replace(groups.moe_shard, fast=FastWithReducer(shared)),
+        attn_tp=dataclasses.replace(groups.attn_tp, fast=FastWithReducer(other)),
+        moe_ep=dataclasses.replace(groups.moe_ep, fast=FastWithReducer(off, enabled=False)))
+    assert {id(r) for r in symm_reducers(groups)} == {id(shared), id(other)}
+    align_slots(groups)
+    assert shared.aligned == [0] and other.aligned == [0] and off.aligned == []
+    align_slots(ParallelGroups.single_process())   # no fast collectives: nothing to do
