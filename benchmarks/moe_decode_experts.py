@@ -98,7 +98,7 @@ def fused_variant(experts: RoutedExperts, x, assign, weights, gate_up_change: di
     return de.down_proj_rows(act, assign.counts, experts.down_proj, down._replace(**down_change))
 
 
-def steps(args, device, seed: int):
+def decode_steps(args, device, seed: int):
     """``(shape, tokens, experts, x, assign, weights)`` for every ``--shapes`` × ``--tokens``,
     one expert set per shape (freed before the next)."""
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -116,7 +116,7 @@ def variants(args, device, bandwidth: float) -> list:
     """µs of each :data:`VARIANTS` entry next to the tabled configs, same run, same steps; each
     checked bit-equal to the tabled configs' output (PDL changes no arithmetic)."""
     rows, out = [], []
-    for shape, tokens, experts, x, assign, weights in steps(args, device, seed=2):
+    for shape, tokens, experts, x, assign, weights in decode_steps(args, device, seed=2):
         valid = int(assign.counts.sum())
         nbytes = touched_bytes(experts, assign.counts)
         with torch.no_grad():
@@ -155,7 +155,7 @@ def touched_bytes(experts: RoutedExperts, counts: torch.Tensor) -> int:
 
 def compare(args, device, bandwidth: float) -> list[dict]:
     results, rows = [], []
-    for shape, tokens, experts, x, assign, weights in steps(args, device, seed=0):
+    for shape, tokens, experts, x, assign, weights in decode_steps(args, device, seed=0):
         num_local = experts.gate_proj.shape[0]
         valid = int(assign.counts.sum())
         n_rows = assign.token_index.numel()
@@ -200,7 +200,7 @@ def sweep(args, device) -> dict:
     for shape in args.shapes:
         num_local, inter = SHAPES[shape]
         experts = make_experts(num_local, inter, args.hidden, device)
-        steps: dict[int, list] = {}
+        by_block: dict[int, list] = {}
         for tokens in args.sweep_tokens:
             x, assign, weights = make_step(num_local, args.experts, args.top_k, tokens,
                                            args.hidden, gen, device)
@@ -211,7 +211,7 @@ def sweep(args, device) -> dict:
             with torch.no_grad():
                 act = de.gate_up_act(x, assign.token_index, assign.counts, rw,
                                      experts.gate_proj, experts.up_proj)
-            steps.setdefault(block_m, []).append((tokens, x, assign, rw, act))
+            by_block.setdefault(block_m, []).append((tokens, x, assign, rw, act))
         tabled = {"gate_up": de.GATE_UP_CONFIGS, "down": de.DOWN_CONFIGS}
         kernels = {
             "gate_up": lambda c, s: de.gate_up_act(s[1], s[2].token_index, s[2].counts, s[3],
@@ -219,7 +219,7 @@ def sweep(args, device) -> dict:
             "down": lambda c, s: de.down_proj_rows(s[4], s[2].counts, experts.down_proj, c),
         }
         grid = dict(GRID, **args.grid)
-        for block_m, cases in steps.items():
+        for block_m, cases in by_block.items():
             configs = [de.LaunchConfig(block_m, *c, pdl=True)
                        for c in itertools.product(*grid.values())]
             for name, kernel in kernels.items():
@@ -245,7 +245,7 @@ def sweep(args, device) -> dict:
                       f"{tuple(now)}: "
                       f"{None if current is None else [round(t, 1) for t in current[1]]}; "
                       f"runners-up {[tuple(t[2]) for t in timed[1:4]]}", flush=True)
-        del experts, steps
+        del experts, by_block
         torch.cuda.empty_cache()
     for name, table_name in (("gate_up", "GATE_UP_CONFIGS"), ("down", "DOWN_CONFIGS")):
         print(f"{table_name} = {{")
