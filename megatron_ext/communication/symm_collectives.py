@@ -22,6 +22,7 @@ import torch
 from megatron_ext.communication.fused_reduce_norm import (MAX_TRITON_HIDDEN,
                                                           copy_in_reduce_add_rms_norm)
 from megatron_ext.communication.symm_mem import SymmMemAllReduce, SymmMemConfig
+from megatron_ext.kernels.launch import sm_count
 from megatron_ext.kernels.triton_loader import kernel_module
 from megatron_ext.parallel.axes import GROUP_AXES
 from megatron_ext.parallel.groups import AxisGroup, ParallelGroups
@@ -40,7 +41,6 @@ class SymmCollectives:
     def __init__(self, axis: AxisGroup, device: torch.device,
                  config: SymmMemConfig = DECODE_SYMM_CONFIG):
         self.reducer = SymmMemAllReduce(axis, device, config, uniform_tokens=True)
-        self._sms: Optional[int] = None
         self.active = True   # False: every call to NCCL (same-run A/B in benchmarks)
         self.fuse = True     # False: no fused reduce + add + norm (same-run A/B in benchmarks)
 
@@ -68,10 +68,9 @@ class SymmCollectives:
         if n == 0:
             return out
         slot = r.next_slot(x.numel() * x.element_size()).view(x.dtype)
-        if self._sms is None:
-            self._sms = torch.cuda.get_device_properties(r.device).multi_processor_count
         launch = EXCHANGE_LAUNCH
-        grid = max(1, min(-(-n // launch["block"]), launch["programs_per_sm"] * self._sms,
+        grid = max(1, min(-(-n // launch["block"]),
+                          launch["programs_per_sm"] * sm_count(r.device),
                           r.signal_slots // r.world_size))
         kernel_module("symm_exchange").exchange[(grid,)](
             x, r.peer_pointers(slot), r.signal_pointers(), out, n, grid, src_chunk,

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from megatron_ext.parallel.axes import Axis
 from megatron_ext.parallel.comm_counter import record
 from megatron_ext.parallel.groups import AxisGroup
+from megatron_ext.kernels.launch import sm_count
 from megatron_ext.kernels.triton_loader import kernel_module
 from megatron_ext.communication.raw import all_reduce_
 
@@ -180,7 +181,6 @@ class SymmMemAllReduce:
         self._barrier_ready = False
         self._peer_ptr_cache: dict[int, torch.Tensor] = {}
         self._signal_ptrs: Optional[torch.Tensor] = None
-        self._sms: Optional[int] = None
         self._keep_alive: list[torch.Tensor] = []
         if self.reason is None:  # every rank of the group gets here: safe to vote
             self._try_enable(rank_unavailable_reason())
@@ -404,9 +404,8 @@ class SymmMemAllReduce:
     def _one_shot_triton(self, src: torch.Tensor, out: torch.Tensor) -> None:
         """Sum of the slot view ``src`` over the group into ``out`` (one kernel, one barrier)."""
         numel, block = src.numel(), 4096
-        if self._sms is None:
-            self._sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        grid = max(1, min(-(-numel // block), 2 * self._sms, self.signal_slots // self.world_size))
+        grid = max(1, min(-(-numel // block), 2 * sm_count(self.device),
+                          self.signal_slots // self.world_size))
         _one_shot_sum()[(grid,)](self.peer_pointers(src), self.signal_pointers(), out, numel,
                                    grid, RANK=self.rank, WORLD=self.world_size, BLOCK=block,
                                    num_warps=8)

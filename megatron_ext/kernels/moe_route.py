@@ -170,4 +170,3 @@ def align_assignments(ids_ptr, flat_ptr, token_ptr, slot_ptr, counts_ptr, valid_
     tl.store(token_ptr + pos, (slots // TOP_K).to(tl.int64), mask=ok)
     if STORE_VALID:
         tl.store(valid_ptr + pos, mine.to(tl.uint8), mask=ok)
-

@@ -8,13 +8,13 @@ Inference only: no autograd.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Sequence
 
 import torch
 
 from megatron_ext.layers.attention.attention_math import accum_dtype, default_scale
 from megatron_ext.communication.collectives import all_gather, all_to_all
+from megatron_ext.kernels.launch import sm_count as device_sm_count
 from megatron_ext.kernels.triton_loader import kernel_module
 from megatron_ext.layers.attention.cp_plan import check_across_ranks
 from megatron_ext.parallel.groups import AxisGroup
@@ -32,11 +32,6 @@ def set_decode_kernel(name: str) -> None:
     if name not in DECODE_KERNELS:
         raise ValueError(f"decode kernel {name!r} must be one of {DECODE_KERNELS}")
     _decode_kernel = name
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _triton_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -105,7 +100,7 @@ def triton_decode_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cfg = {**decode_launch(b, hkv, sk), **(launch or {})}
     block_n = cfg["block_n"] if d <= 128 else min(32, cfg["block_n"])
     if sm_count is None:
-        sm_count = _sm_count(q.device.index or 0) if q.is_cuda else 8
+        sm_count = device_sm_count(q.device) if q.is_cuda else 8
     splits, split_len = split_plan(b, hkv, sk, sm_count, block_n, cfg["min_split"],
                                    cfg["programs_per_sm"])
     part = torch.empty(b * hq * splits, d + 1, dtype=torch.float32, device=q.device)
